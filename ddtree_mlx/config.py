@@ -1,0 +1,80 @@
+"""One configuration object, read at call time from DDTREE_* env vars.
+
+Explicit arguments win over the environment; the environment wins over the defaults. Every variable is parsed
+strictly: a value that is not understood is a ValueError naming the variable and what it accepts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, fields
+from typing import Any, Mapping
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def parse_bool(name: str, text: str) -> bool:
+    value = text.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError(f"{name}={text!r} is not a boolean; use one of 1/0, true/false, on/off, yes/no")
+
+
+def parse_int(name: str, text: str, minimum: int) -> int:
+    try:
+        value = int(text.strip())
+    except ValueError:
+        raise ValueError(f"{name}={text!r} is not an integer; set it to a whole number >= {minimum}") from None
+    if value < minimum:
+        raise ValueError(f"{name}={value} is too small; set it to a whole number >= {minimum}")
+    return value
+
+
+@dataclass(frozen=True)
+class DDTreeConfig:
+    """Engine settings. Field docs double as the README's env-var table."""
+
+    budget: int = 4
+    """DDTREE_BUDGET: draft-tree nodes per cycle (the root not counted)."""
+    exact_commit: bool = False
+    """DDTREE_EXACT_COMMIT: re-run accepted tokens through the plain model instead of installing captured state."""
+    tree_aware_linear: bool = True
+    """DDTREE_TREE_AWARE_LINEAR: 0 runs recurrent layers along the DFS order in chain segments, forking at branches."""
+    tree_kernel: bool = True
+    """DDTREE_TREE_KERNEL: use the Metal tree recurrence kernel where Metal is available."""
+    tree_conv_kernel: bool = True
+    """DDTREE_TREE_CONV_KERNEL: use the Metal tree conv kernel where Metal is available."""
+    profile_verify: bool = False
+    """DDTREE_PROFILE_VERIFY: synchronize after each phase so phase_timings are exact (slower)."""
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> "DDTreeConfig":
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            name = "DDTREE_" + f.name.upper()
+            if name in env:
+                values[f.name] = _parse_field(f, name, env[name])
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        config = cls(**values)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        if isinstance(self.budget, bool) or not isinstance(self.budget, int) or self.budget < 1:
+            raise ValueError(f"tree budget must be an integer >= 1, got {self.budget!r}")
+
+    def replace(self, **changes: Any) -> "DDTreeConfig":
+        config = dataclasses.replace(self, **changes)
+        config.validate()
+        return config
+
+
+def _parse_field(f: dataclasses.Field, name: str, text: str) -> Any:
+    if f.type in ("bool", bool):
+        return parse_bool(name, text)
+    return parse_int(name, text, minimum=1)

@@ -1,0 +1,89 @@
+"""Drafters: anything that turns the committed context into per-position log-probs for the next block.
+
+The protocol (duck-typed; a test or a user may pass any object with these members):
+
+    block_size: int                 # the block the drafter fills: the root plus block_size - 1 draft positions
+    target_layer_ids: list[int]     # target layers whose outputs it conditions on ([] for none)
+    reset(target, prompt_tokens)    # a new generation starts
+    draft(root_token, context_tokens, context_hidden) -> mx.array [block_size - 1, vocab] log-probs
+
+`context_tokens` are the tokens the target processed since the last call (the prompt on the first call, then
+the root and the accepted nodes of each cycle), and `context_hidden` [len(context_tokens), F] their outputs at
+`target_layer_ids`, concatenated (None when target_layer_ids is empty). Row d of the result is the drafter's
+distribution for the token d + 1 places after the root.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, Sequence
+
+import mlx.core as mx
+from dflash_mlx.model import DFlashDraftModel, FullContextDraftKVCache
+
+from .models.base import TargetAdapter
+
+
+class Drafter(Protocol):
+    block_size: int
+    target_layer_ids: Sequence[int]
+
+    def reset(self, target: TargetAdapter, prompt_tokens: list[int]) -> None: ...
+
+    def draft(self, root_token: int, context_tokens: list[int], context_hidden: mx.array | None) -> mx.array: ...
+
+
+class DFlashDrafter:
+    """dflash-mlx's block-diffusion drafter, run through the target's embedding and LM head."""
+
+    def __init__(self, model: DFlashDraftModel):
+        self.model = model
+        self.block_size = model.block_size
+        self.target_layer_ids = list(model.target_layer_ids)
+        self.target: TargetAdapter | None = None
+        self.cache: list[Any] = []
+
+    def check(self, target: TargetAdapter) -> None:
+        args = self.model.args
+        if args.hidden_size != target.hidden_size:
+            raise ValueError(
+                f"drafter hidden size {args.hidden_size} does not match the target's {target.hidden_size}; "
+                "load the DFlash drafter trained for this target"
+            )
+        if args.vocab_size != target.vocab_size:
+            raise ValueError(
+                f"drafter vocab size {args.vocab_size} does not match the target's {target.vocab_size}; "
+                "load the DFlash drafter trained for this target"
+            )
+        bad = [i for i in self.target_layer_ids if not 0 <= i < len(target.layers)]
+        if bad:
+            raise ValueError(
+                f"drafter target_layer_ids {bad} are outside the target's {len(target.layers)} layers; "
+                "load the DFlash drafter trained for this target"
+            )
+        if self.block_size < 2:
+            raise ValueError(f"drafter block_size {self.block_size} leaves no draft positions; it must be >= 2")
+
+    def reset(self, target: TargetAdapter, prompt_tokens: list[int]) -> None:
+        self.check(target)
+        self.target = target
+        self.cache = [FullContextDraftKVCache() for _ in self.model.layers]
+
+    def draft(self, root_token: int, context_tokens: list[int], context_hidden: mx.array | None) -> mx.array:
+        block = mx.array([root_token] + [self.model.mask_token_id] * (self.block_size - 1))
+        noise = self.target.embed(block[None])
+        hidden = self.model(noise_embedding=noise, target_hidden=context_hidden[None], cache=self.cache)
+        logits = self.target.lm_head(hidden[:, 1:]).astype(mx.float32)[0]
+        return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+
+
+def as_drafter(draft_model: Any) -> Drafter:
+    """Wrap a DFlashDraftModel; pass any object that follows the drafter protocol through unchanged."""
+    if isinstance(draft_model, DFlashDraftModel):
+        return DFlashDrafter(draft_model)
+    missing = [name for name in ("block_size", "target_layer_ids", "reset", "draft") if not hasattr(draft_model, name)]
+    if missing:
+        raise ValueError(
+            f"draft_model {type(draft_model).__name__} lacks {', '.join(missing)}: pass a dflash_mlx "
+            "DFlashDraftModel or an object following the drafter protocol in ddtree_mlx.drafters"
+        )
+    return draft_model

@@ -1,0 +1,261 @@
+"""The generation loop. Each cycle is five named steps:
+
+    draft -> build tree -> verify -> walk -> commit
+
+The root of every tree is the last committed token, which the target has not processed yet. Verify runs the
+target once over the whole tree without touching the cache; walk follows the target's own tokens down the tree;
+commit installs the accepted path's cache state from what verify captured, so the target never runs twice.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+import mlx.core as mx
+import numpy as np
+
+from .config import DDTreeConfig
+from .drafters import Drafter, as_drafter
+from .models import adapter_for
+from .models.base import TargetAdapter, VerifyOutput
+from .tree import DraftTree, build_tree, chain_tree, top_candidates
+
+METHODS = ("ddtree", "dflash", "ar")
+PHASES = ("draft", "build", "verify", "walk", "commit")
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    cycles: int = 0
+    committed: int = 0  # tokens committed by cycles (the first token comes from prefill)
+    fast_path_cycles: int = 0
+    phase_seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
+
+
+@dataclass
+class DecodeStep:
+    """What the stream yields: newly committed tokens; `finish_reason` is set on the last step."""
+
+    tokens: list[int]
+    stats: GenerationStats
+    finish_reason: str | None = None
+
+
+class _Timer:
+    def __init__(self, stats: GenerationStats):
+        self.stats = stats
+        self.last = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.stats.phase_seconds[phase] += now - self.last
+        self.last = now
+
+
+@dataclass
+class Session:
+    """The state of one generation: target, caches, drafter and what the drafter has not seen yet."""
+
+    target: TargetAdapter
+    drafter: Drafter | None
+    config: DDTreeConfig
+    method: str
+    cache: list[Any]
+    root: int = 0
+    pending_tokens: list[int] = field(default_factory=list)
+    pending_hidden: mx.array | None = None
+
+    @property
+    def capture_layers(self) -> list[int]:
+        return list(self.drafter.target_layer_ids) if self.drafter is not None else []
+
+    # --- the five steps -------------------------------------------------------------------------------------
+
+    def draft(self) -> mx.array | None:
+        if self.method == "ar":
+            return None
+        log_probs = self.drafter.draft(self.root, self.pending_tokens, self.pending_hidden)
+        mx.eval(log_probs)
+        return log_probs
+
+    def build_tree(self, log_probs: mx.array | None) -> DraftTree:
+        if log_probs is None:
+            return DraftTree.root_only(self.root)
+        if self.method == "dflash":
+            return chain_tree(top_candidates(log_probs, 1), self.root)
+        return build_tree(top_candidates(log_probs, self.config.budget), self.root, self.config.budget)
+
+    def verify(self, tree: DraftTree) -> tuple[VerifyOutput, np.ndarray]:
+        out = self.target.verify(tree, self.cache, self.capture_layers, self.config)
+        target_tokens = mx.argmax(out.logits, axis=-1)
+        return out, np.array(target_tokens)
+
+    @staticmethod
+    def walk(tree: DraftTree, target_tokens: np.ndarray) -> list[int]:
+        """The longest root path whose every draft token is the target's own choice at its parent."""
+        path = [0]
+        while (child := tree.children[path[-1]].get(int(target_tokens[path[-1]]))) is not None:
+            path.append(child)
+        return path
+
+    def commit(self, tree: DraftTree, out: VerifyOutput, path: list[int], bonus: int) -> None:
+        accepted = [tree.tokens[node] for node in path]
+        if self.config.exact_commit:
+            _, hidden = self.target.forward(mx.array(accepted), self.cache, self.capture_layers)
+        else:
+            index = mx.array(path)
+            for capture, entry in zip(out.captures, self.cache):
+                capture.commit(entry, index)
+            hidden = out.hidden[index]
+        self.pending_tokens, self.pending_hidden, self.root = accepted, hidden, bonus
+        mx.eval(hidden, [entry.state for entry in self.cache])
+
+    # --- the cycle ------------------------------------------------------------------------------------------
+
+    def cycle(self, stats: GenerationStats) -> list[int]:
+        timer = _Timer(stats)
+        log_probs = self.draft()
+        timer.lap("draft")
+        tree = self.build_tree(log_probs)
+        timer.lap("build")
+        out, target_tokens = self.verify(tree)
+        timer.lap("verify")
+        path = self.walk(tree, target_tokens)
+        bonus = int(target_tokens[path[-1]])
+        timer.lap("walk")
+        self.commit(tree, out, path, bonus)
+        timer.lap("commit")
+        stats.cycles += 1
+        stats.fast_path_cycles += all(tree.ranks[node] == 0 for node in path)
+        return [tree.tokens[node] for node in path[1:]] + [bonus]
+
+    def prefill(self, prompt: list[int]) -> int:
+        logits, hidden = self.target.forward(mx.array(prompt), self.cache, self.capture_layers)
+        first = int(mx.argmax(logits[-1]))
+        self.pending_tokens, self.pending_hidden, self.root = list(prompt), hidden, first
+        mx.eval(hidden, [entry.state for entry in self.cache])
+        return first
+
+
+def _validate(target: TargetAdapter, prompt_tokens: Any, max_new_tokens: int, method: str) -> list[int]:
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
+        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    tokens = np.asarray(prompt_tokens.tolist() if isinstance(prompt_tokens, mx.array) else prompt_tokens)
+    if tokens.ndim == 2 and tokens.shape[0] == 1:
+        tokens = tokens[0]
+    if tokens.ndim != 1:
+        raise ValueError(f"prompt_tokens must be one sequence of token ids (batch size 1), got shape {tokens.shape}")
+    if tokens.size == 0:
+        raise ValueError("prompt_tokens is empty; pass at least one token id (e.g. the BOS token)")
+    if not np.issubdtype(tokens.dtype, np.integer):
+        raise ValueError(f"prompt_tokens must be integer token ids, got dtype {tokens.dtype}")
+    bad = tokens[(tokens < 0) | (tokens >= target.vocab_size)]
+    if bad.size:
+        raise ValueError(
+            f"prompt token ids {bad[:5].tolist()} are outside the target vocabulary [0, {target.vocab_size}); "
+            "encode the prompt with the target's own tokenizer"
+        )
+    return tokens.tolist()
+
+
+def _stop_ids(tokenizer: Any, stop_token_ids: Sequence[int] | None) -> set[int]:
+    if stop_token_ids is not None:
+        return {int(t) for t in stop_token_ids}
+    ids = getattr(tokenizer, "eos_token_ids", None)
+    if ids is None:
+        eos = getattr(tokenizer, "eos_token_id", None)
+        ids = [] if eos is None else [eos]
+    return {int(t) for t in ids}
+
+
+def stream_generate(
+    *,
+    target_model: Any,
+    draft_model: Any = None,
+    tokenizer: Any = None,
+    prompt_tokens: Any,
+    max_new_tokens: int = 2048,
+    tree_budget: int | None = None,
+    stop_token_ids: Sequence[int] | None = None,
+    method: str = "ddtree",
+    config: DDTreeConfig | None = None,
+) -> Iterator[DecodeStep]:
+    """Return an iterator that yields tokens as they are committed. `method` is "ddtree", "dflash" (single path)
+    or "ar" (no drafter). Arguments and configuration are checked now, before any model work: explicit
+    arguments win over `config`, which wins over DDTREE_* env vars."""
+    config = (config or DDTreeConfig.from_env()).replace(**({"budget": tree_budget} if tree_budget is not None else {}))
+    target = adapter_for(target_model)
+    prompt = _validate(target, prompt_tokens, max_new_tokens, method)
+    drafter = None
+    if method != "ar":
+        if draft_model is None:
+            raise ValueError(f"method {method!r} needs a draft_model; pass one, or use method='ar'")
+        drafter = as_drafter(draft_model)
+        drafter.reset(target, prompt)
+    cache = target.make_cache()
+    target.check_cache(cache)
+    stops = _stop_ids(tokenizer, stop_token_ids)
+    session = Session(target=target, drafter=drafter, config=config, method=method, cache=cache)
+    return _run(session, prompt, max_new_tokens, stops)
+
+
+def _run(session: Session, prompt: list[int], max_new_tokens: int, stops: set[int]) -> Iterator[DecodeStep]:
+    stats = GenerationStats(prompt_tokens=len(prompt))
+    start = time.perf_counter()
+    new = [session.prefill(prompt)]
+    stats.prefill_seconds = time.perf_counter() - start
+    produced = 0
+    while True:
+        new, finish = _clip(new, max_new_tokens - produced, stops)
+        produced += len(new)
+        yield DecodeStep(new, stats, finish)
+        if finish:
+            return
+        start = time.perf_counter()
+        new = session.cycle(stats)
+        stats.committed += len(new)
+        stats.decode_seconds += time.perf_counter() - start
+
+
+def _clip(tokens: list[int], room: int, stops: set[int]) -> tuple[list[int], str | None]:
+    """Cut a cycle's tokens at the first stop token (kept) or at the length limit."""
+    for i, token in enumerate(tokens[:room]):
+        if token in stops:
+            return tokens[: i + 1], "stop"
+    if len(tokens) >= room:
+        return tokens[:room], "length"
+    return tokens, None
+
+
+def generate_ddtree_once(*, tokenizer: Any = None, **kwargs: Any) -> dict[str, Any]:
+    """Generate to completion; see `stream_generate` for the arguments.
+
+    `tokens_per_second` counts decode only: tokens after the first (which prefill produces) over the time spent
+    in cycles; prefill time is reported separately as `prefill_seconds`."""
+    tokens: list[int] = []
+    for step in stream_generate(tokenizer=tokenizer, **kwargs):
+        tokens.extend(step.tokens)
+    stats = step.stats
+    decode_tokens = len(tokens) - 1
+    result = {
+        "generated_token_ids": tokens,
+        "finish_reason": step.finish_reason,
+        "tokens_per_second": decode_tokens / stats.decode_seconds if stats.decode_seconds > 0 else 0.0,
+        "prefill_seconds": stats.prefill_seconds,
+        "decode_seconds": stats.decode_seconds,
+        "prompt_tokens": stats.prompt_tokens,
+        "cycles": stats.cycles,
+        "avg_acceptance": stats.committed / stats.cycles if stats.cycles else 0.0,
+        "fast_path_ratio": stats.fast_path_cycles / stats.cycles if stats.cycles else 1.0,
+        "phase_timings": dict(stats.phase_seconds),
+    }
+    if tokenizer is not None and hasattr(tokenizer, "decode"):
+        result["text"] = tokenizer.decode([t for t in tokens if t not in _stop_ids(tokenizer, kwargs.get("stop_token_ids"))])
+    return result

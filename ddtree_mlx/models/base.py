@@ -1,0 +1,194 @@
+"""What every target family shares: the plain forward with hidden-state capture, the tree verify loop, and
+attention over [prefix, tree] with ancestor-only visibility inside the tree.
+
+A family file supplies only how one layer's token mixer (attention or recurrence) runs over a tree. Each mixer
+returns a capture that knows how to commit the accepted path into its own cache entry, so neither this file nor
+the generation loop knows which family or layer type it runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import mlx.core as mx
+import numpy as np
+from mlx_lm.models.base import create_attention_mask, create_ssm_mask
+from mlx_lm.models.cache import KVCache
+
+from ..config import DDTreeConfig
+from ..tree import DraftTree
+
+
+class Capture(Protocol):
+    def commit(self, cache_entry: Any, path: mx.array) -> None:
+        """Install the state after the accepted path (node indices, root first) into the layer's cache."""
+
+
+@dataclass
+class TreeInputs:
+    """Per-verify tables shared by all layers."""
+
+    tree: DraftTree
+    positions: mx.array  # [T] int32: prefix length + depth
+    ancestors: mx.array  # [T, T] bool, ancestor-or-self
+    attention_mask: mx.array  # [T, prefix + T] bool
+    max_depth: int
+    config: DDTreeConfig
+    conv_windows: dict[int, mx.array]  # kernel width -> [T, width] rows of concat(cached, nodes)
+
+    @classmethod
+    def build(cls, tree: DraftTree, prefix_len: int, config: DDTreeConfig) -> "TreeInputs":
+        ancestors = tree.ancestor_mask()
+        visible = np.concatenate([np.ones((len(tree), prefix_len), dtype=bool), ancestors], axis=1)
+        return cls(
+            tree=tree,
+            positions=mx.array(np.asarray(tree.depths, dtype=np.int32) + prefix_len),
+            ancestors=mx.array(ancestors),
+            attention_mask=mx.array(visible),
+            max_depth=max(tree.depths),
+            config=config,
+            conv_windows={},
+        )
+
+    def window_index(self, width: int) -> mx.array:
+        if width not in self.conv_windows:
+            self.conv_windows[width] = mx.array(self.tree.window_index(width))
+        return self.conv_windows[width]
+
+
+@dataclass
+class VerifyOutput:
+    logits: mx.array  # [T, V]
+    hidden: mx.array  # [T, F]: concatenated hidden states of the requested layers
+    captures: list[Capture]
+
+
+@dataclass
+class KVCapture:
+    keys: mx.array  # [1, Hkv, T, D], already rotated at the node's position
+    values: mx.array
+
+    def commit(self, cache_entry: KVCache, path: mx.array) -> None:
+        cache_entry.update_and_fetch(self.keys[:, :, path], self.values[:, :, path])
+
+
+def rope_at(rope: Any, x: mx.array, positions: mx.array) -> mx.array:
+    """Rotate each token at its own position: tokens go to the batch axis, where rope accepts an offset array."""
+    return rope(x.transpose(2, 1, 0, 3), offset=positions).transpose(2, 1, 0, 3)
+
+
+def tree_attention(attn: Any, queries: mx.array, keys: mx.array, values: mx.array, cache: KVCache,
+                   inputs: TreeInputs) -> tuple[mx.array, KVCapture]:
+    """queries [1, H, T, D], keys/values [1, Hkv, T, D] before RoPE. Returns attention output [1, T, H*D]."""
+    queries = rope_at(attn.rope, queries, inputs.positions)
+    keys = rope_at(attn.rope, keys, inputs.positions)
+    all_keys, all_values = keys, values
+    if cache.offset > 0:
+        all_keys = mx.concatenate([cache.keys[..., : cache.offset, :], keys], axis=2)
+        all_values = mx.concatenate([cache.values[..., : cache.offset, :], values], axis=2)
+    out = mx.fast.scaled_dot_product_attention(
+        queries, all_keys, all_values, scale=attn.scale, mask=inputs.attention_mask
+    )
+    return out.transpose(0, 2, 1, 3).reshape(1, queries.shape[2], -1), KVCapture(keys, values)
+
+
+class TargetAdapter:
+    """Runs one mlx-lm target: plain forward (prefill, exact commit), tree verify, and the LM head."""
+
+    def __init__(self, model: Any):
+        self.model = model
+        self.text = self.text_model(model)
+        self.inner = self.text.model
+
+    @staticmethod
+    def text_model(model: Any) -> Any:
+        """The module holding `.model` (embed_tokens, layers, norm), `.args` and the LM head."""
+        return model
+
+    @property
+    def args(self) -> Any:
+        return self.text.args
+
+    @property
+    def layers(self) -> list[Any]:
+        return self.inner.layers
+
+    @property
+    def vocab_size(self) -> int:
+        return self.inner.embed_tokens.weight.shape[0]
+
+    @property
+    def hidden_size(self) -> int:
+        return self.inner.embed_tokens.weight.shape[1]
+
+    def embed(self, tokens: mx.array) -> mx.array:
+        return self.inner.embed_tokens(tokens)
+
+    def lm_head(self, hidden: mx.array) -> mx.array:
+        if self.args.tie_word_embeddings:
+            return self.inner.embed_tokens.as_linear(hidden)
+        return self.text.lm_head(hidden)
+
+    def make_cache(self) -> list[Any]:
+        return self.model.make_cache() if hasattr(self.model, "make_cache") else [KVCache() for _ in self.layers]
+
+    def check_cache(self, cache: list[Any]) -> None:
+        """Tree verify reads and appends plain KV caches; anything else would be silently wrong."""
+        for entry in cache:
+            if self.is_attention_cache(entry) and type(entry) is not KVCache:
+                raise ValueError(
+                    f"unsupported KV cache {type(entry).__name__}: DDTree needs plain mlx_lm KVCache "
+                    "(no quantized, rotating or batched caches); build it with model.make_cache()"
+                )
+
+    @staticmethod
+    def is_attention_cache(entry: Any) -> bool:
+        return hasattr(entry, "offset") and hasattr(entry, "keys")
+
+    def layer_mask(self, layer: Any, hidden: mx.array, cache_entry: Any) -> Any:
+        return create_attention_mask(hidden, cache_entry)
+
+    def forward(self, tokens: mx.array, cache: list[Any], capture_layers: list[int]) -> tuple[mx.array, mx.array]:
+        """Plain causal forward of `tokens` [n] through the model's own layers, appending to the cache.
+        Returns logits [n, V] and the requested layers' outputs concatenated [n, F]."""
+        h = self.embed(tokens[None])
+        masks = {}
+        captured = []
+        for index, (layer, entry) in enumerate(zip(self.layers, cache)):
+            kind = self.mixer_kind(layer)
+            if kind not in masks:
+                masks[kind] = self.layer_mask(layer, h, entry)
+            h = layer(h, masks[kind], entry)
+            if index in capture_layers:
+                captured.append(h)
+        return self.lm_head(self.inner.norm(h))[0], _concat_hidden(captured, h)
+
+    def verify(self, tree: DraftTree, cache: list[Any], capture_layers: list[int], config: DDTreeConfig) -> VerifyOutput:
+        """One forward over [root, nodes...]: the prefix fully visible, ancestors only inside the tree.
+        Leaves the cache untouched; the captures commit the accepted path later."""
+        inputs = TreeInputs.build(tree, self.prefix_length(cache), config)
+        h = self.embed(mx.array(tree.tokens)[None])
+        captures, captured = [], []
+        for index, (layer, entry) in enumerate(zip(self.layers, cache)):
+            mixed, capture = self.mixer_tree(layer, layer.input_layernorm(h), entry, inputs)
+            h = h + mixed
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            captures.append(capture)
+            if index in capture_layers:
+                captured.append(h)
+        logits = self.lm_head(self.inner.norm(h))[0]
+        return VerifyOutput(logits=logits, hidden=_concat_hidden(captured, h), captures=captures)
+
+    def prefix_length(self, cache: list[Any]) -> int:
+        return next(entry.offset for entry in cache if self.is_attention_cache(entry))
+
+    def mixer_kind(self, layer: Any) -> str:
+        return "attention"
+
+    def mixer_tree(self, layer: Any, x: mx.array, cache_entry: Any, inputs: TreeInputs) -> tuple[mx.array, Capture]:
+        raise NotImplementedError
+
+
+def _concat_hidden(captured: list[mx.array], last: mx.array) -> mx.array:
+    return mx.concatenate(captured, axis=-1)[0] if captured else last[0]

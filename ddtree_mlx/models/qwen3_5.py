@@ -1,0 +1,83 @@
+"""Qwen 3.5 / 3.6 hybrid targets (mlx-lm `qwen3_5`, `qwen3_5_moe`): GatedDeltaNet layers plus gated attention.
+
+The recurrent layers fork their short causal conv and their gated-delta state per tree branch; the commit
+installs the last accepted node's conv window and state (no per-node state is kept, see recurrence.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import mlx.core as mx
+from mlx_lm.models.base import create_ssm_mask
+from mlx_lm.models.cache import ArraysCache
+from mlx_lm.models.gated_delta import normalize_qk
+
+from .. import kernels
+from .base import Capture, TargetAdapter, TreeInputs, tree_attention
+
+
+@dataclass
+class RecurrentCapture:
+    conv_rows: mx.array  # [K-1 + T, C]: cached conv window then the nodes' conv inputs
+    window_index: mx.array  # [T, K]
+    states: Any  # anything with state_at(nodes) -> [n, Hv, Dv, Dk]
+
+    def commit(self, cache_entry: ArraysCache, path: mx.array) -> None:
+        last = path[-1:]
+        cache_entry[0] = self.conv_rows[self.window_index[last[0], 1:]][None]
+        cache_entry[1] = self.states.state_at(last)
+
+
+class Qwen3_5Adapter(TargetAdapter):
+    @staticmethod
+    def text_model(model: Any) -> Any:
+        return model.language_model
+
+    def mixer_kind(self, layer: Any) -> str:
+        return "linear" if layer.is_linear else "attention"
+
+    def layer_mask(self, layer: Any, hidden: mx.array, cache_entry: Any) -> Any:
+        if layer.is_linear:
+            return create_ssm_mask(hidden, cache_entry)
+        return super().layer_mask(layer, hidden, cache_entry)
+
+    def mixer_tree(self, layer: Any, x: mx.array, cache_entry: Any, inputs: TreeInputs) -> tuple[mx.array, Capture]:
+        if layer.is_linear:
+            return self.recurrent_tree(layer.linear_attn, x, cache_entry, inputs)
+        return self.attention_tree(layer.self_attn, x, cache_entry, inputs)
+
+    def attention_tree(self, attn: Any, x: mx.array, cache_entry: Any, inputs: TreeInputs) -> tuple[mx.array, Capture]:
+        length = x.shape[1]
+        queries, gate = mx.split(attn.q_proj(x).reshape(1, length, attn.num_attention_heads, -1), 2, axis=-1)
+        keys = attn.k_proj(x).reshape(1, length, attn.num_key_value_heads, -1)
+        values = attn.v_proj(x).reshape(1, length, attn.num_key_value_heads, -1)
+        queries = attn.q_norm(queries).transpose(0, 2, 1, 3)
+        keys = attn.k_norm(keys).transpose(0, 2, 1, 3)
+        out, capture = tree_attention(attn, queries, keys, values.transpose(0, 2, 1, 3), cache_entry, inputs)
+        return attn.o_proj(out * mx.sigmoid(gate.reshape(1, length, -1))), capture
+
+    def recurrent_tree(self, gdn: Any, x: mx.array, cache_entry: Any, inputs: TreeInputs) -> tuple[mx.array, Capture]:
+        length = x.shape[1]
+        width = gdn.conv_kernel_size
+        qkv = gdn.in_proj_qkv(x)[0]
+        cached = cache_entry[0][0] if cache_entry[0] is not None else mx.zeros((width - 1, gdn.conv_dim), qkv.dtype)
+        window_index = inputs.window_index(width)
+        conv_out, rows = kernels.tree_conv(qkv, cached, gdn.conv1d.weight[:, :, 0], window_index, inputs)
+        q, k, v = mx.split(conv_out, [gdn.key_dim, 2 * gdn.key_dim], axis=-1)
+        q = q.reshape(length, gdn.num_k_heads, gdn.head_k_dim)
+        k = k.reshape(length, gdn.num_k_heads, gdn.head_k_dim)
+        v = v.reshape(length, gdn.num_v_heads, gdn.head_v_dim)
+        q, k = normalize_qk(q, k, inv_scale=gdn.head_k_dim**-0.5, eps=1e-6)
+        state0 = cache_entry[1][0] if cache_entry[1] is not None else self.zero_state(gdn)
+        y, states = kernels.tree_gated_delta(
+            q, k, v, gdn.in_proj_a(x)[0], mx.sigmoid(gdn.in_proj_b(x)[0]), gdn.A_log, gdn.dt_bias, state0, inputs
+        )
+        z = gdn.in_proj_z(x).reshape(1, length, gdn.num_v_heads, gdn.head_v_dim)
+        out = gdn.out_proj(gdn.norm(y[None], z).reshape(1, length, -1))
+        return out, RecurrentCapture(rows, window_index, states)
+
+    @staticmethod
+    def zero_state(gdn: Any) -> mx.array:
+        return mx.zeros((gdn.num_v_heads, gdn.head_v_dim, gdn.head_k_dim), dtype=mx.float32)

@@ -1,0 +1,121 @@
+"""The draft tree: best-first construction (DDTree, Algorithm 1) and the index tables verify needs.
+
+Node 0 is the root: the last committed token, whose target output has not been computed yet. Nodes 1.. are draft
+tokens numbered in pop order, so every parent precedes its children.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+import numpy as np
+
+
+@dataclass
+class DraftTree:
+    tokens: list[int]
+    parents: list[int]
+    depths: list[int]
+    ranks: list[int]
+    """Rank of each node's token among its depth's draft candidates (0 = the drafter's first choice)."""
+    children: list[dict[int, int]] = field(default_factory=list)
+
+    @classmethod
+    def root_only(cls, token: int) -> "DraftTree":
+        return cls(tokens=[token], parents=[-1], depths=[0], ranks=[0], children=[{}])
+
+    def add(self, parent: int, token: int, rank: int) -> int:
+        node = len(self.tokens)
+        self.tokens.append(token)
+        self.parents.append(parent)
+        self.depths.append(self.depths[parent] + 1)
+        self.ranks.append(rank)
+        self.children.append({})
+        self.children[parent][token] = node
+        return node
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def path_to(self, node: int) -> list[int]:
+        path = []
+        while node >= 0:
+            path.append(node)
+            node = self.parents[node]
+        return path[::-1]
+
+    def ancestor_mask(self) -> np.ndarray:
+        """[T, T] bool: mask[t, s] is True when s is t itself or one of its ancestors."""
+        size = len(self)
+        mask = np.zeros((size, size), dtype=bool)
+        for node, parent in enumerate(self.parents):
+            if parent >= 0:
+                mask[node] = mask[parent]
+            mask[node, node] = True
+        return mask
+
+    def window_index(self, width: int) -> np.ndarray:
+        """[T, width] rows of concat(cached_window[width-1], nodes[T]): each node's width-1 nearest ancestors
+        (oldest first) then itself. Above the root the window continues into the cached rows."""
+        cached = width - 1
+        table = np.zeros((len(self), width), dtype=np.int32)
+        for node, parent in enumerate(self.parents):
+            if parent < 0:
+                table[node, :-1] = np.arange(cached)
+            else:
+                table[node, :-1] = table[parent, 1:]
+            table[node, -1] = cached + node
+        return table
+
+
+@dataclass
+class Candidates:
+    """The drafter's top tokens per depth, best first: tokens[d] and log_probs[d] for depth d + 1."""
+
+    tokens: np.ndarray  # [D, K] int
+    log_probs: np.ndarray  # [D, K] float, descending along K
+
+
+def top_candidates(log_probs: mx.array, k: int) -> Candidates:
+    """Top-k per position, selected in MLX so only [D, k] values cross to the host."""
+    k = min(k, log_probs.shape[-1])
+    tokens = mx.argpartition(-log_probs, kth=k - 1, axis=-1)[:, :k]
+    values = mx.take_along_axis(log_probs, tokens, axis=-1).astype(mx.float32)
+    tokens, values = np.array(tokens), np.array(values)
+    order = np.argsort(-values, axis=1, kind="stable")
+    return Candidates(np.take_along_axis(tokens, order, 1), np.take_along_axis(values, order, 1).astype(np.float64))
+
+
+def build_tree(candidates: Candidates, root_token: int, budget: int) -> DraftTree:
+    """Best-first search over prefixes scored by the sum of per-position log-probs (DDTree, Algorithm 1).
+
+    The heap holds frontier candidates (score, parent node, depth, rank); popping one adds it to the tree and
+    pushes its next sibling (same parent, next rank) and its first child (next depth, rank 0). Neither can score
+    higher than the node that spawned it, so the pops are the budget-sized prefix-closed set of highest score.
+    """
+    tree = DraftTree.root_only(root_token)
+    depth_limit, width = candidates.tokens.shape
+    if budget <= 0 or depth_limit == 0:
+        return tree
+    top_k = min(budget, width)
+    scores = candidates.log_probs
+    heap = [(-scores[0, 0], 0, 0, 0)]  # (-score, parent, depth index, rank)
+    while heap and len(tree) <= budget:
+        neg_score, parent, depth, rank = heapq.heappop(heap)
+        node = tree.add(parent, int(candidates.tokens[depth, rank]), rank)
+        parent_score = -neg_score - scores[depth, rank]
+        if rank + 1 < top_k:
+            heapq.heappush(heap, (-(parent_score + scores[depth, rank + 1]), parent, depth, rank + 1))
+        if depth + 1 < depth_limit:
+            heapq.heappush(heap, (neg_score - scores[depth + 1, 0], node, depth + 1, 0))
+    return tree
+
+
+def chain_tree(candidates: Candidates, root_token: int) -> DraftTree:
+    """The single DFlash path: the drafter's first choice at every depth."""
+    tree = DraftTree.root_only(root_token)
+    for depth, token in enumerate(candidates.tokens[:, 0]):
+        tree.add(depth, int(token), 0)
+    return tree

@@ -1,0 +1,144 @@
+"""Tiny random-weight targets and drafters built in-process, and the plain mlx-lm greedy reference."""
+
+from __future__ import annotations
+
+import importlib
+
+import mlx.core as mx
+import numpy as np
+from dflash_mlx.model import DFlashDraftModel, DFlashDraftModelArgs
+from mlx_lm.models import llama, qwen3, qwen3_5, qwen3_5_moe
+
+generate_module = importlib.import_module("mlx_lm.generate")  # the package re-exports a function of that name
+
+VOCAB = 128
+HIDDEN = 64
+
+_QWEN3_5 = dict(
+    model_type="qwen3_5",
+    hidden_size=HIDDEN,
+    intermediate_size=96,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    rms_norm_eps=1e-6,
+    vocab_size=VOCAB,
+    max_position_embeddings=4096,
+    linear_num_value_heads=4,
+    linear_num_key_heads=2,
+    linear_key_head_dim=16,
+    linear_value_head_dim=8,
+    linear_conv_kernel_dim=4,
+    full_attention_interval=2,
+    tie_word_embeddings=False,
+    rope_parameters={"type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+)
+
+_DENSE = dict(
+    hidden_size=HIDDEN,
+    intermediate_size=96,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    rms_norm_eps=1e-6,
+    vocab_size=VOCAB,
+    max_position_embeddings=4096,
+    rope_theta=10000.0,
+    tie_word_embeddings=True,
+)
+
+
+def make_target(family: str, seed: int = 0):
+    """A tiny float32 target of the given mlx-lm family with random weights."""
+    mx.random.seed(seed)
+    if family == "qwen3_5":
+        model = qwen3_5.Model(qwen3_5.ModelArgs.from_dict(dict(_QWEN3_5)))
+    elif family == "qwen3_5_moe":
+        config = dict(_QWEN3_5, model_type="qwen3_5_moe", num_experts=4, num_experts_per_tok=2,
+                      moe_intermediate_size=32, shared_expert_intermediate_size=32)
+        model = qwen3_5_moe.Model(qwen3_5_moe.ModelArgs.from_dict(config))
+    elif family == "qwen3":
+        model = qwen3.Model(qwen3.ModelArgs.from_dict(dict(_DENSE, model_type="qwen3")))
+    elif family == "llama":
+        model = llama.Model(llama.ModelArgs.from_dict(dict(_DENSE, model_type="llama", tie_word_embeddings=False)))
+    else:
+        raise KeyError(family)
+    _sharpen(model)
+    mx.eval(model.parameters())
+    return model
+
+
+def _sharpen(model) -> None:
+    """Scale the embeddings up so random logits have clear winners, like a trained model's."""
+    embed = model.model.embed_tokens if hasattr(model, "model") else None
+    embed.weight = embed.weight * 4.0
+
+
+def make_dflash(target, seed: int = 1, block_size: int = 8, layer_ids=(0, 2)) -> DFlashDraftModel:
+    mx.random.seed(seed)
+    args = DFlashDraftModelArgs(
+        model_type="qwen3", hidden_size=HIDDEN, num_hidden_layers=1, intermediate_size=96, num_attention_heads=4,
+        rms_norm_eps=1e-6, vocab_size=VOCAB, num_key_value_heads=2, max_position_embeddings=4096,
+        rope_theta=10000.0, head_dim=16, tie_word_embeddings=False, num_target_layers=len(target.layers),
+        block_size=block_size, dflash_config={"target_layer_ids": list(layer_ids), "mask_token_id": VOCAB - 1},
+    )
+    model = DFlashDraftModel(args)
+    mx.eval(model.parameters())
+    return model
+
+
+def greedy_reference(model, prompt: list[int], max_new_tokens: int, stop_ids=()) -> list[int]:
+    """Plain mlx-lm greedy decoding, stopping after (and including) a stop token."""
+    out = []
+    steps = generate_module.generate_step(
+        mx.array(prompt), model, max_tokens=max_new_tokens, sampler=lambda logits: mx.argmax(logits, axis=-1)
+    )
+    for token, _ in steps:
+        out.append(int(token))
+        if out[-1] in stop_ids:
+            break
+    return out
+
+
+class OracleDrafter:
+    """Knows the target's greedy continuation and ranks the true next token 1st, 2nd, 3rd or not at all,
+    varying by position, so accepted paths go deep and through non-first branches."""
+
+    target_layer_ids: list[int] = []
+
+    def __init__(self, truth: list[int], block_size: int = 8, seed: int = 0,
+                 rank_weights=(0.55, 0.2, 0.1, 0.15)):
+        self.truth = truth
+        self.block_size = block_size
+        self.seed = seed
+        self.rank_weights = np.asarray(rank_weights) / np.sum(rank_weights)
+        self.position = 0
+        self.ranks_used: list[int] = []
+
+    def reset(self, target, prompt_tokens) -> None:
+        self.position = 0
+
+    def draft(self, root_token, context_tokens, context_hidden):
+        self.position += len(context_tokens)
+        rows = [self._row(self.position + depth) for depth in range(1, self.block_size)]
+        return mx.array(np.stack(rows))
+
+    def _row(self, index: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, index])
+        scores = np.sort(rng.normal(size=VOCAB))[::-1] * 2.0
+        others = [t for t in rng.permutation(VOCAB).tolist()]
+        if index < len(self.truth):
+            true = self.truth[index]
+            others.remove(true)
+            rank = int(rng.choice(4, p=self.rank_weights))
+            self.ranks_used.append(rank)
+            if rank < 3:
+                others.insert(rank, true)
+            else:
+                others.append(true)  # "absent": last of the whole vocabulary
+        order = np.asarray(others)
+        logits = np.empty(VOCAB)
+        logits[order] = scores
+        return (logits - np.log(np.exp(logits - logits.max()).sum()) - logits.max()).astype(np.float32)
