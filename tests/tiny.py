@@ -65,15 +65,17 @@ def make_target(family: str, seed: int = 0):
         model = llama.Model(llama.ModelArgs.from_dict(dict(_DENSE, model_type="llama", tie_word_embeddings=False)))
     else:
         raise KeyError(family)
-    _sharpen(model)
+    if family in ("qwen3", "llama"):
+        _stir(model)
     mx.eval(model.parameters())
     return model
 
 
-def _sharpen(model) -> None:
-    """Scale the embeddings up so random logits have clear winners, like a trained model's."""
-    embed = model.model.embed_tokens if hasattr(model, "model") else None
-    embed.weight = embed.weight * 4.0
+def _stir(model) -> None:
+    """Random dense models at init fall into repeating one token; stronger MLPs make them wander like text,
+    so that a wrong context (a leaked sibling, a stale cache) changes the output."""
+    for layer in model.model.layers:
+        layer.mlp.down_proj.weight = layer.mlp.down_proj.weight * 6.0
 
 
 def make_dflash(target, seed: int = 1, block_size: int = 8, layer_ids=(0, 2)) -> DFlashDraftModel:

@@ -1,0 +1,7 @@
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+# Tests pass every setting explicitly; a developer's DDTREE_* environment must not change what they check.
+for name in [n for n in os.environ if n.startswith("DDTREE_") and n != "DDTREE_CACHE_DIR"]:
+    del os.environ[name]

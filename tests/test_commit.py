@@ -1,0 +1,62 @@
+"""Commit installs exactly the caches a sequential forward of the accepted tokens would leave."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from ddtree_mlx import DDTreeConfig
+from ddtree_mlx.models import adapter_for
+from ddtree_mlx.tree import DraftTree
+from tiny import make_target
+
+
+def branching_tree(rng, size):
+    tree = DraftTree.root_only(int(rng.integers(0, 100)))
+    for node in range(1, size):
+        tree.add(int(rng.integers(0, node)), int(rng.integers(0, 100)) + 1000 * node, 0)
+    tree.tokens = [t % 100 for t in tree.tokens]  # children maps are unused here; keep ids in the vocab
+    return tree
+
+
+def cache_arrays(cache):
+    arrays = []
+    for entry in cache:
+        if hasattr(entry, "offset"):
+            arrays += [entry.keys[..., : entry.offset, :], entry.values[..., : entry.offset, :]]
+        else:
+            arrays += [entry[0], entry[1]]
+    return arrays
+
+
+@pytest.mark.parametrize("family", ["qwen3_5", "qwen3_5_moe", "qwen3", "llama"])
+@pytest.mark.parametrize("tree_aware", [True, False])
+def test_commit_equals_sequential_forward(family, tree_aware):
+    rng = np.random.default_rng(0)
+    target = adapter_for(make_target(family))
+    prompt = mx.array([3, 17, 42, 9, 100, 5])
+    committed, sequential = target.make_cache(), target.make_cache()
+    target.forward(prompt, committed, [])
+    target.forward(prompt, sequential, [])
+    tree = branching_tree(rng, 14)
+    layers = [0, len(target.layers) - 1]
+    out = target.verify(tree, committed, layers, DDTreeConfig(tree_aware_linear=tree_aware))
+    deepest = max(range(len(tree)), key=lambda n: (tree.depths[n], n))
+    path = tree.path_to(deepest)
+    assert len(path) >= 3 and path[1] != 1  # a deep path that is not the first branch
+    for capture, entry in zip(out.captures, committed):
+        capture.commit(entry, mx.array(path))
+    logits, hidden = target.forward(mx.array([tree.tokens[n] for n in path]), sequential, layers)
+    for got, want in zip(cache_arrays(committed), cache_arrays(sequential)):
+        np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.array(out.logits[mx.array(path)]), np.array(logits), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.array(out.hidden[mx.array(path)]), np.array(hidden), rtol=1e-4, atol=1e-4)
+
+
+def test_verify_leaves_the_cache_untouched():
+    target = adapter_for(make_target("qwen3_5"))
+    cache = target.make_cache()
+    target.forward(mx.array([1, 2, 3]), cache, [])
+    before = [np.array(a) for a in cache_arrays(cache)]
+    target.verify(branching_tree(np.random.default_rng(1), 6), cache, [], DDTreeConfig())
+    for got, want in zip(cache_arrays(cache), before):
+        np.testing.assert_array_equal(np.array(got), want)

@@ -1,0 +1,89 @@
+"""Bad input: a ValueError that names the fix, raised before any model work."""
+
+import mlx.core as mx
+import pytest
+from mlx_lm.models.cache import RotatingKVCache
+
+from ddtree_mlx import DDTreeConfig, generate_ddtree_once, stream_generate
+from ddtree_mlx.config import parse_bool
+from tiny import OracleDrafter, make_dflash, make_target
+
+TARGET = make_target("qwen3_5")
+
+
+def start(**kwargs):
+    args = dict(target_model=TARGET, draft_model=OracleDrafter([1, 2, 3]), prompt_tokens=[1, 2, 3],
+                max_new_tokens=4, stop_token_ids=[])
+    args.update(kwargs)
+    return stream_generate(**args)  # errors must come from the call itself, before iteration
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"prompt_tokens": []}, "prompt_tokens is empty"),
+    ({"prompt_tokens": [1, 500]}, "outside the target vocabulary"),
+    ({"prompt_tokens": [-1]}, "outside the target vocabulary"),
+    ({"prompt_tokens": [[1, 2], [3, 4]]}, "batch size 1"),
+    ({"max_new_tokens": 0}, "max_new_tokens must be a positive integer"),
+    ({"max_new_tokens": -3}, "max_new_tokens must be a positive integer"),
+    ({"tree_budget": 0}, "tree budget must be an integer >= 1"),
+    ({"tree_budget": -2}, "tree budget must be an integer >= 1"),
+    ({"method": "beam"}, "unknown method"),
+    ({"draft_model": None}, "needs a draft_model"),
+    ({"draft_model": object()}, "drafter protocol"),
+])
+def test_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        start(**kwargs)
+
+
+def test_drafter_that_does_not_fit_the_target():
+    wrong_layers = make_dflash(TARGET, layer_ids=(0, 9))
+    with pytest.raises(ValueError, match="target_layer_ids .* outside"):
+        start(draft_model=wrong_layers)
+    other = make_target("qwen3_5")
+    other.language_model.model.embed_tokens.weight = mx.zeros((64, 64))  # a target with another vocabulary
+    with pytest.raises(ValueError, match="vocab size 128 does not match the target's 64"):
+        start(target_model=other, draft_model=make_dflash(TARGET), prompt_tokens=[1])
+
+
+def test_unsupported_family_and_cache():
+    with pytest.raises(ValueError, match="unsupported target model type 'gpt2'"):
+        start(target_model=type("M", (), {"model_type": "gpt2"})())
+    from ddtree_mlx.models import adapter_for
+    with pytest.raises(ValueError, match="unsupported KV cache RotatingKVCache"):
+        adapter_for(TARGET).check_cache([RotatingKVCache(max_size=8)])
+
+
+def test_env_parsing_is_strict(monkeypatch):
+    monkeypatch.setenv("DDTREE_BUDGET", "abc")
+    with pytest.raises(ValueError, match="DDTREE_BUDGET='abc' is not an integer"):
+        start()
+    monkeypatch.setenv("DDTREE_BUDGET", "0")
+    with pytest.raises(ValueError, match="DDTREE_BUDGET=0 is too small"):
+        DDTreeConfig.from_env()
+    monkeypatch.setenv("DDTREE_BUDGET", "12")
+    monkeypatch.setenv("DDTREE_EXACT_COMMIT", "maybe")
+    with pytest.raises(ValueError, match="DDTREE_EXACT_COMMIT='maybe' is not a boolean"):
+        DDTreeConfig.from_env()
+    monkeypatch.setenv("DDTREE_EXACT_COMMIT", "on")
+    config = DDTreeConfig.from_env()
+    assert config.budget == 12 and config.exact_commit
+    assert DDTreeConfig.from_env(budget=3).budget == 3  # explicit arguments win
+
+
+@pytest.mark.parametrize("text,value", [("off", False), ("0", False), ("false", False), ("No", False),
+                                        ("on", True), ("1", True), ("TRUE", True), ("yes", True)])
+def test_bool_words(text, value):
+    assert parse_bool("X", text) is value
+
+
+def test_env_budget_is_read_at_call_time(monkeypatch):
+    truth = [1, 2, 3]
+    monkeypatch.setenv("DDTREE_BUDGET", "1")
+    one = generate_ddtree_once(target_model=TARGET, draft_model=OracleDrafter(truth), prompt_tokens=truth,
+                               max_new_tokens=2, stop_token_ids=[])
+    assert one["cycles"] >= 1
+    monkeypatch.setenv("DDTREE_BUDGET", "x")
+    with pytest.raises(ValueError):
+        generate_ddtree_once(target_model=TARGET, draft_model=OracleDrafter(truth), prompt_tokens=truth,
+                             max_new_tokens=2, stop_token_ids=[])

@@ -1,0 +1,87 @@
+"""Heap tree vs brute force; the index tables verify uses vs direct walks."""
+
+import itertools
+
+import numpy as np
+import pytest
+
+from ddtree_mlx.tree import Candidates, DraftTree, build_tree, chain_tree
+
+
+def random_candidates(rng, depth, width):
+    scores = np.sort(np.log(rng.dirichlet(np.ones(width * 2), size=depth))[:, :width], axis=1)[:, ::-1]
+    tokens = np.stack([rng.permutation(50)[:width] for _ in range(depth)])
+    return Candidates(tokens, scores.copy())
+
+
+def all_prefixes(candidates):
+    depth, width = candidates.tokens.shape
+    for length in range(1, depth + 1):
+        for ranks in itertools.product(range(width), repeat=length):
+            score = sum(candidates.log_probs[d, r] for d, r in enumerate(ranks))
+            yield ranks, score
+
+
+def tree_prefixes(tree):
+    return {tuple(tree.ranks[n] for n in tree.path_to(node)[1:]) for node in range(1, len(tree))}
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_heap_tree_is_the_best_prefix_closed_set(seed):
+    rng = np.random.default_rng(seed)
+    depth, width = int(rng.integers(1, 4)), int(rng.integers(1, 4))
+    candidates = random_candidates(rng, depth, width)
+    prefixes = dict(all_prefixes(candidates))
+    budget = int(rng.integers(1, min(len(prefixes), 5) + 1))
+    tree = build_tree(candidates, root_token=0, budget=budget)
+    assert len(tree) == budget + 1
+    chosen = tree_prefixes(tree)
+    # Brute force: every prefix-closed set of `budget` ranked prefixes, scored by expected accepted length.
+    best = max(
+        sum(np.exp(prefixes[p]) for p in subset)
+        for subset in itertools.combinations(prefixes, budget)
+        if all(p[:-1] in subset or len(p) == 1 for p in subset)
+    )
+    assert sum(np.exp(prefixes[p]) for p in chosen) == pytest.approx(best, rel=1e-12)
+    top = sorted(prefixes, key=prefixes.get, reverse=True)[:budget]
+    assert chosen == set(top)
+
+
+def test_tree_structure_invariants():
+    rng = np.random.default_rng(0)
+    candidates = random_candidates(rng, 6, 4)
+    tree = build_tree(candidates, root_token=99, budget=16)
+    assert tree.tokens[0] == 99 and tree.parents[0] == -1
+    for node in range(1, len(tree)):
+        parent = tree.parents[node]
+        assert parent < node
+        assert tree.children[parent][tree.tokens[node]] == node
+        assert tree.tokens[node] == candidates.tokens[tree.depths[node] - 1, tree.ranks[node]]
+    chain = chain_tree(candidates, 99)
+    assert chain.parents == list(range(-1, 6)) and chain.ranks == [0] * 7
+
+
+def test_top_k_is_capped_by_budget_and_vocab():
+    candidates = Candidates(np.array([[5, 6]]), np.log(np.array([[0.6, 0.4]])))
+    assert len(build_tree(candidates, 0, budget=8)) == 3
+    assert len(build_tree(candidates, 0, budget=1)) == 2
+
+
+def random_tree(rng, size):
+    tree = DraftTree.root_only(0)
+    for node in range(1, size):
+        tree.add(int(rng.integers(0, node)), node, 0)
+    return tree
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_ancestor_mask_and_window_index(seed):
+    rng = np.random.default_rng(seed)
+    tree = random_tree(rng, 12)
+    mask, windows = tree.ancestor_mask(), tree.window_index(4)
+    for node in range(len(tree)):
+        path = tree.path_to(node)
+        assert set(np.flatnonzero(mask[node])) == set(path)
+        # concat(cached rows 0..2, nodes 3..): the window is the last 4 of cached rows + path rows.
+        rows = [0, 1, 2] + [3 + n for n in path]
+        assert windows[node].tolist() == rows[-4:]
