@@ -20,6 +20,7 @@ from .config import DDTreeConfig
 from .drafters import Drafter, as_drafter
 from .models import adapter_for
 from .models.base import TargetAdapter, VerifyOutput
+from .sampling import SamplingParams, TokenChooser
 from .tree import DraftTree, build_tree, chain_tree, top_candidates
 
 METHODS = ("ddtree", "dflash", "ar")
@@ -66,6 +67,7 @@ class Session:
     config: DDTreeConfig
     method: str
     cache: list[Any]
+    choose: TokenChooser
     root: int = 0
     pending_tokens: list[int] = field(default_factory=list)
     pending_hidden: mx.array | None = None
@@ -92,12 +94,11 @@ class Session:
 
     def verify(self, tree: DraftTree) -> tuple[VerifyOutput, np.ndarray]:
         out = self.target.verify(tree, self.cache, self.capture_layers, self.config)
-        target_tokens = mx.argmax(out.logits, axis=-1)
-        return out, np.array(target_tokens)
+        return out, np.array(self.choose(out.logits))
 
     @staticmethod
     def walk(tree: DraftTree, target_tokens: np.ndarray) -> list[int]:
-        """The longest root path whose every draft token is the target's own choice at its parent."""
+        """The longest root path whose every draft token is the target's own choice (or draw) at its parent."""
         path = [0]
         while (child := tree.children[path[-1]].get(int(target_tokens[path[-1]]))) is not None:
             path.append(child)
@@ -136,7 +137,7 @@ class Session:
 
     def prefill(self, prompt: list[int]) -> int:
         logits, hidden = self.target.forward(mx.array(prompt), self.cache, self.capture_layers)
-        first = int(mx.argmax(logits[-1]))
+        first = int(self.choose(logits[-1:])[0])
         self.pending_tokens, self.pending_hidden, self.root = list(prompt), hidden, first
         mx.eval(hidden, [entry.state for entry in self.cache])
         return first
@@ -186,11 +187,17 @@ def stream_generate(
     stop_token_ids: Sequence[int] | None = None,
     method: str = "ddtree",
     config: DDTreeConfig | None = None,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: int | None = None,
 ) -> Iterator[DecodeStep]:
     """Return an iterator that yields tokens as they are committed. `method` is "ddtree", "dflash" (single path)
-    or "ar" (no drafter). Arguments and configuration are checked now, before any model work: explicit
-    arguments win over `config`, which wins over DDTREE_* env vars."""
+    or "ar" (no drafter). temperature 0 is greedy; otherwise tokens are drawn (seeded by `seed`) from the
+    target's distribution after top-p and top-k, exactly as plain sampling would. Arguments and configuration
+    are checked now, before any model work: explicit arguments win over `config`, then DDTREE_* env vars."""
     config = (config or DDTreeConfig.from_env()).replace(**({"budget": tree_budget} if tree_budget is not None else {}))
+    sampling = SamplingParams(temperature, top_p, top_k, seed)
     target = adapter_for(target_model)
     prompt = _validate(target, prompt_tokens, max_new_tokens, method)
     drafter = None
@@ -202,7 +209,8 @@ def stream_generate(
     cache = target.make_cache()
     target.check_cache(cache)
     stops = _stop_ids(tokenizer, stop_token_ids)
-    session = Session(target=target, drafter=drafter, config=config, method=method, cache=cache)
+    session = Session(target=target, drafter=drafter, config=config, method=method, cache=cache,
+                      choose=TokenChooser(sampling))
     return _run(session, prompt, max_new_tokens, stops)
 
 

@@ -1,0 +1,64 @@
+"""The target's own token choice at every tree node: greedy, or a seeded draw from the processed distribution.
+
+Sample-and-match verification draws the target's token independently at each node and walks while the draw is
+a child; the draw at the last accepted node is the bonus. Every committed token is then a draw from the target
+given the true prefix, so the output has exactly the target's sampling distribution. Filtering follows mlx-lm's
+`make_sampler`: top-p and top-k on the log-probabilities, then the temperature.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import mlx.core as mx
+from mlx_lm.sample_utils import apply_top_k, apply_top_p
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not _is_number(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature must be a number >= 0 (0 is greedy), got {self.temperature!r}")
+        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+class TokenChooser:
+    """Picks the target's token for each row of logits. Draws use their own key chain, so a seed reproduces
+    the output whatever else uses MLX's global random state."""
+
+    def __init__(self, params: SamplingParams):
+        self.params = params
+        seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(4), "little")
+        self.key = mx.random.key(seed)
+
+    def __call__(self, logits: mx.array) -> mx.array:
+        """logits [T, V] -> tokens [T]; rows are independent draws."""
+        if self.params.greedy:
+            return mx.argmax(logits, axis=-1)
+        log_probs = logits.astype(mx.float32)
+        log_probs = log_probs - mx.logsumexp(log_probs, axis=-1, keepdims=True)
+        if self.params.top_p < 1:
+            log_probs = apply_top_p(log_probs, self.params.top_p)
+        if 0 < self.params.top_k < log_probs.shape[-1]:
+            log_probs = apply_top_k(log_probs, self.params.top_k)
+        self.key, draw = mx.random.split(self.key)
+        return mx.random.categorical(log_probs * (1.0 / self.params.temperature), key=draw)
