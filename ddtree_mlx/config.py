@@ -49,7 +49,7 @@ class DDTreeConfig:
     tree_conv_kernel: bool = True
     """DDTREE_TREE_CONV_KERNEL: use the Metal tree conv kernel where Metal is available."""
     profile_verify: bool = False
-    """DDTREE_PROFILE_VERIFY: synchronize after each phase so phase_timings are exact (slower)."""
+    """DDTREE_PROFILE_VERIFY: time verify per layer part (attention, linear, mlp, head); serializes, so slower."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> "DDTreeConfig":

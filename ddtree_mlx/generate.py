@@ -36,6 +36,7 @@ class GenerationStats:
     committed: int = 0  # tokens committed by cycles (the first token comes from prefill)
     fast_path_cycles: int = 0
     phase_seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
+    verify_parts: dict[str, float] = field(default_factory=dict)  # with DDTREE_PROFILE_VERIFY
 
 
 @dataclass
@@ -126,6 +127,8 @@ class Session:
         timer.lap("build")
         out, target_tokens = self.verify(tree)
         timer.lap("verify")
+        for part, seconds in out.profile.items():
+            stats.verify_parts[part] = stats.verify_parts.get(part, 0.0) + seconds
         path = self.walk(tree, target_tokens)
         bonus = int(target_tokens[path[-1]])
         timer.lap("walk")
@@ -263,6 +266,7 @@ def generate_ddtree_once(*, tokenizer: Any = None, **kwargs: Any) -> dict[str, A
         "avg_acceptance": stats.committed / stats.cycles if stats.cycles else 0.0,
         "fast_path_ratio": stats.fast_path_cycles / stats.cycles if stats.cycles else 1.0,
         "phase_timings": dict(stats.phase_seconds),
+        "verify_profile": dict(stats.verify_parts),
     }
     if tokenizer is not None and hasattr(tokenizer, "decode"):
         result["text"] = tokenizer.decode([t for t in tokens if t not in _stop_ids(tokenizer, kwargs.get("stop_token_ids"))])

@@ -87,3 +87,12 @@ def test_env_budget_is_read_at_call_time(monkeypatch):
     with pytest.raises(ValueError):
         generate_ddtree_once(target_model=TARGET, draft_model=OracleDrafter(truth), prompt_tokens=truth,
                              max_new_tokens=2, stop_token_ids=[])
+
+
+def test_readme_documents_every_setting():
+    from dataclasses import fields
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    for f in fields(DDTreeConfig):
+        assert f"`DDTREE_{f.name.upper()}`" in readme

@@ -121,3 +121,11 @@ def test_result_fields_are_consistent():
     assert result["avg_acceptance"] == pytest.approx((NEW_TOKENS - 1) / result["cycles"], abs=8 / result["cycles"])
     assert result["tokens_per_second"] > 0 and result["prefill_seconds"] > 0
     assert 0.0 <= result["fast_path_ratio"] <= 1.0
+
+
+def test_profile_verify_reports_layer_parts_without_changing_tokens():
+    config = DDTreeConfig(budget=8, profile_verify=True)
+    result = run("qwen3_5", 0, 0, oracle("qwen3_5", 0, 0), config=config)
+    assert result["generated_token_ids"] == reference("qwen3_5", 0, 0)
+    assert {"attention", "linear", "mlp", "head"} <= set(result["verify_profile"])
+    assert sum(result["verify_profile"].values()) <= result["phase_timings"]["verify"]

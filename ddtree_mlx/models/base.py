@@ -8,7 +8,8 @@ the generation loop knows which family or layer type it runs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import mlx.core as mx
@@ -62,6 +63,7 @@ class VerifyOutput:
     logits: mx.array  # [T, V]
     hidden: mx.array  # [T, F]: concatenated hidden states of the requested layers
     captures: list[Capture]
+    profile: dict[str, float] = field(default_factory=dict)  # seconds per layer part, with profile_verify
 
 
 @dataclass
@@ -168,17 +170,18 @@ class TargetAdapter:
         """One forward over [root, nodes...]: the prefix fully visible, ancestors only inside the tree.
         Leaves the cache untouched; the captures commit the accepted path later."""
         inputs = TreeInputs.build(tree, self.prefix_length(cache), config)
-        h = self.embed(mx.array(tree.tokens)[None])
+        clock = _PartClock(config.profile_verify)
+        h = clock.lap("embed", self.embed(mx.array(tree.tokens)[None]))
         captures, captured = [], []
         for index, (layer, entry) in enumerate(zip(self.layers, cache)):
             mixed, capture = self.mixer_tree(layer, layer.input_layernorm(h), entry, inputs)
-            h = h + mixed
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            h = clock.lap(self.mixer_kind(layer), h + mixed)
+            h = clock.lap("mlp", h + layer.mlp(layer.post_attention_layernorm(h)))
             captures.append(capture)
             if index in capture_layers:
                 captured.append(h)
-        logits = self.lm_head(self.inner.norm(h))[0]
-        return VerifyOutput(logits=logits, hidden=_concat_hidden(captured, h), captures=captures)
+        logits = clock.lap("head", self.lm_head(self.inner.norm(h))[0])
+        return VerifyOutput(logits, _concat_hidden(captured, h), captures, clock.seconds)
 
     def prefix_length(self, cache: list[Any]) -> int:
         return next(entry.offset for entry in cache if self.is_attention_cache(entry))
@@ -188,6 +191,24 @@ class TargetAdapter:
 
     def mixer_tree(self, layer: Any, x: mx.array, cache_entry: Any, inputs: TreeInputs) -> tuple[mx.array, Capture]:
         raise NotImplementedError
+
+
+class _PartClock:
+    """With DDTREE_PROFILE_VERIFY, evaluate after each layer part so its time is its own (this serializes
+    MLX's lazy graph, so profiled runs are slower than real ones)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.seconds: dict[str, float] = {}
+        self.last = time.perf_counter()
+
+    def lap(self, part: str, value: mx.array) -> mx.array:
+        if self.enabled:
+            mx.eval(value)
+            now = time.perf_counter()
+            self.seconds[part] = self.seconds.get(part, 0.0) + now - self.last
+            self.last = now
+        return value
 
 
 def _concat_hidden(captured: list[mx.array], last: mx.array) -> mx.array:
