@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Any, Protocol, Sequence
 
 import mlx.core as mx
+import numpy as np
 from dflash_mlx.model import DFlashDraftModel, FullContextDraftKVCache
 
 from .models.base import TargetAdapter
@@ -87,3 +88,40 @@ def as_drafter(draft_model: Any) -> Drafter:
             "DFlashDraftModel or an object following the drafter protocol in ddtree_mlx.drafters"
         )
     return draft_model
+
+
+class ScriptedDrafter:
+    """A drafter that knows the target's continuation `truth` (prompt + output) and ranks each true next token
+    1st, 2nd, 3rd or nowhere with the given probabilities, seeded per position. It measures the engine
+    independently of any drafter's quality (benchmarks) and drives deep, off-first-rank paths (tests)."""
+
+    target_layer_ids: list[int] = []
+
+    def __init__(self, truth: Sequence[int], block_size: int = 8, rank_weights=(0.55, 0.2, 0.1, 0.15), seed: int = 0):
+        self.truth = list(truth)
+        self.block_size = block_size
+        self.rank_weights = np.asarray(rank_weights, dtype=np.float64) / np.sum(rank_weights)
+        self.seed = seed
+        self.position = 0
+        self.vocab_size = 0
+
+    def reset(self, target: TargetAdapter, prompt_tokens: list[int]) -> None:
+        self.position = 0
+        self.vocab_size = target.vocab_size
+
+    def draft(self, root_token: int, context_tokens: list[int], context_hidden: mx.array | None) -> mx.array:
+        self.position += len(context_tokens)  # the root sits at truth[self.position]
+        return mx.array(np.stack([self._row(self.position + depth) for depth in range(1, self.block_size)]))
+
+    def _row(self, index: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, index])
+        scores = np.sort(rng.normal(size=self.vocab_size))[::-1] * 2.0
+        order = rng.permutation(self.vocab_size)
+        if index < len(self.truth):
+            true = self.truth[index]
+            rank = int(rng.choice(len(self.rank_weights), p=self.rank_weights))
+            order = np.delete(order, np.flatnonzero(order == true))
+            order = np.insert(order, rank if rank < len(self.rank_weights) - 1 else len(order), true)
+        log_probs = np.empty(self.vocab_size)
+        log_probs[order] = scores - np.logaddexp.reduce(scores)
+        return log_probs.astype(np.float32)

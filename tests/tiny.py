@@ -5,8 +5,8 @@ from __future__ import annotations
 import importlib
 
 import mlx.core as mx
-import numpy as np
 from dflash_mlx.model import DFlashDraftModel, DFlashDraftModelArgs
+from ddtree_mlx.drafters import ScriptedDrafter
 from mlx_lm.models import llama, qwen3, qwen3_5, qwen3_5_moe
 
 generate_module = importlib.import_module("mlx_lm.generate")  # the package re-exports a function of that name
@@ -104,43 +104,6 @@ def greedy_reference(model, prompt: list[int], max_new_tokens: int, stop_ids=())
     return out
 
 
-class OracleDrafter:
-    """Knows the target's greedy continuation and ranks the true next token 1st, 2nd, 3rd or not at all,
-    varying by position, so accepted paths go deep and through non-first branches."""
-
-    target_layer_ids: list[int] = []
-
-    def __init__(self, truth: list[int], block_size: int = 8, seed: int = 0,
-                 rank_weights=(0.55, 0.2, 0.1, 0.15)):
-        self.truth = truth
-        self.block_size = block_size
-        self.seed = seed
-        self.rank_weights = np.asarray(rank_weights) / np.sum(rank_weights)
-        self.position = 0
-        self.ranks_used: list[int] = []
-
-    def reset(self, target, prompt_tokens) -> None:
-        self.position = 0
-
-    def draft(self, root_token, context_tokens, context_hidden):
-        self.position += len(context_tokens)
-        rows = [self._row(self.position + depth) for depth in range(1, self.block_size)]
-        return mx.array(np.stack(rows))
-
-    def _row(self, index: int) -> np.ndarray:
-        rng = np.random.default_rng([self.seed, index])
-        scores = np.sort(rng.normal(size=VOCAB))[::-1] * 2.0
-        others = [t for t in rng.permutation(VOCAB).tolist()]
-        if index < len(self.truth):
-            true = self.truth[index]
-            others.remove(true)
-            rank = int(rng.choice(4, p=self.rank_weights))
-            self.ranks_used.append(rank)
-            if rank < 3:
-                others.insert(rank, true)
-            else:
-                others.append(true)  # "absent": last of the whole vocabulary
-        order = np.asarray(others)
-        logits = np.empty(VOCAB)
-        logits[order] = scores
-        return (logits - np.log(np.exp(logits - logits.max()).sum()) - logits.max()).astype(np.float32)
+def OracleDrafter(truth, block_size=8, seed=0, rank_weights=(0.55, 0.2, 0.1, 0.15)):
+    """The scripted drafter with the tests' default ranks: true token 1st, 2nd, 3rd or absent."""
+    return ScriptedDrafter(truth, block_size=block_size, rank_weights=rank_weights, seed=seed)
