@@ -21,7 +21,7 @@ from .drafters import Drafter, as_drafter
 from .models import adapter_for
 from .models.base import TargetAdapter, VerifyOutput
 from .sampling import SamplingParams, TokenChooser
-from .tree import DraftTree, build_tree, chain_tree, top_candidates
+from .tree import Candidates, DraftTree, build_tree, chain_tree, top_candidates
 
 METHODS = ("ddtree", "dflash", "ar")
 PHASES = ("draft", "build", "verify", "walk", "commit")
@@ -32,11 +32,17 @@ class GenerationStats:
     prompt_tokens: int = 0
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
+    sync_seconds: float = 0.0  # decode time spent waiting for MLX to compute; the rest is host work
     cycles: int = 0
     committed: int = 0  # tokens committed by cycles (the first token comes from prefill)
     fast_path_cycles: int = 0
     phase_seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
     verify_parts: dict[str, float] = field(default_factory=dict)  # with DDTREE_PROFILE_VERIFY
+
+    def lap(self, phase: str, since: float) -> float:
+        now = time.perf_counter()
+        self.phase_seconds[phase] += now - since
+        return now
 
 
 @dataclass
@@ -46,17 +52,6 @@ class DecodeStep:
     tokens: list[int]
     stats: GenerationStats
     finish_reason: str | None = None
-
-
-class _Timer:
-    def __init__(self, stats: GenerationStats):
-        self.stats = stats
-        self.last = time.perf_counter()
-
-    def lap(self, phase: str) -> None:
-        now = time.perf_counter()
-        self.stats.phase_seconds[phase] += now - self.last
-        self.last = now
 
 
 @dataclass
@@ -69,6 +64,7 @@ class Session:
     method: str
     cache: list[Any]
     choose: TokenChooser
+    stats: GenerationStats
     root: int = 0
     pending_tokens: list[int] = field(default_factory=list)
     pending_hidden: mx.array | None = None
@@ -77,25 +73,38 @@ class Session:
     def capture_layers(self) -> list[int]:
         return list(self.drafter.target_layer_ids) if self.drafter is not None else []
 
+    def sync(self, *arrays: Any) -> None:
+        """Evaluate now; MLX is lazy, so this is where the device work of a step is paid and measured."""
+        start = time.perf_counter()
+        mx.eval(*arrays)
+        self.stats.sync_seconds += time.perf_counter() - start
+
     # --- the five steps -------------------------------------------------------------------------------------
 
-    def draft(self) -> mx.array | None:
+    def draft(self) -> Candidates | None:
+        """The drafter's top candidates per depth for the block after the root (None for plain decoding)."""
         if self.method == "ar":
             return None
         log_probs = self.drafter.draft(self.root, self.pending_tokens, self.pending_hidden)
-        mx.eval(log_probs)
-        return log_probs
+        width = 1 if self.method == "dflash" else self.config.budget
+        candidates = top_candidates(log_probs, width)
+        self.sync(candidates.tokens, candidates.log_probs)
+        return candidates.to_numpy()
 
-    def build_tree(self, log_probs: mx.array | None) -> DraftTree:
-        if log_probs is None:
+    def build_tree(self, candidates: Candidates | None) -> DraftTree:
+        if candidates is None:
             return DraftTree.root_only(self.root)
         if self.method == "dflash":
-            return chain_tree(top_candidates(log_probs, 1), self.root)
-        return build_tree(top_candidates(log_probs, self.config.budget), self.root, self.config.budget)
+            return chain_tree(candidates, self.root)
+        return build_tree(candidates, self.root, self.config.budget)
 
     def verify(self, tree: DraftTree) -> tuple[VerifyOutput, np.ndarray]:
         out = self.target.verify(tree, self.cache, self.capture_layers, self.config)
-        return out, np.array(self.choose(out.logits))
+        tokens = self.choose(out.logits)
+        self.sync(tokens)
+        for part, seconds in out.profile.items():
+            self.stats.verify_parts[part] = self.stats.verify_parts.get(part, 0.0) + seconds
+        return out, np.array(tokens)
 
     @staticmethod
     def walk(tree: DraftTree, target_tokens: np.ndarray) -> list[int]:
@@ -115,35 +124,38 @@ class Session:
                 capture.commit(entry, index)
             hidden = out.hidden[index]
         self.pending_tokens, self.pending_hidden, self.root = accepted, hidden, bonus
-        mx.eval(hidden, [entry.state for entry in self.cache])
+        self.sync(hidden, [entry.state for entry in self.cache])
 
     # --- the cycle ------------------------------------------------------------------------------------------
 
-    def cycle(self, stats: GenerationStats) -> list[int]:
-        timer = _Timer(stats)
-        log_probs = self.draft()
-        timer.lap("draft")
-        tree = self.build_tree(log_probs)
-        timer.lap("build")
+    def cycle(self) -> list[int]:
+        stats = self.stats
+        start = time.perf_counter()
+        candidates = self.draft()
+        mark = stats.lap("draft", start)
+        tree = self.build_tree(candidates)
+        mark = stats.lap("build", mark)
         out, target_tokens = self.verify(tree)
-        timer.lap("verify")
-        for part, seconds in out.profile.items():
-            stats.verify_parts[part] = stats.verify_parts.get(part, 0.0) + seconds
+        mark = stats.lap("verify", mark)
         path = self.walk(tree, target_tokens)
         bonus = int(target_tokens[path[-1]])
-        timer.lap("walk")
+        mark = stats.lap("walk", mark)
         self.commit(tree, out, path, bonus)
-        timer.lap("commit")
+        stats.decode_seconds += stats.lap("commit", mark) - start
         stats.cycles += 1
         stats.fast_path_cycles += all(tree.ranks[node] == 0 for node in path)
-        return [tree.tokens[node] for node in path[1:]] + [bonus]
+        new = [tree.tokens[node] for node in path[1:]] + [bonus]
+        stats.committed += len(new)
+        return new
 
     def prefill(self, prompt: list[int]) -> int:
+        start = time.perf_counter()
         logits, hidden = self.target.forward(mx.array(prompt), self.cache, self.capture_layers)
-        first = int(self.choose(logits[-1:])[0])
-        self.pending_tokens, self.pending_hidden, self.root = list(prompt), hidden, first
-        mx.eval(hidden, [entry.state for entry in self.cache])
-        return first
+        first = self.choose(logits[-1:])
+        mx.eval(first, hidden, [entry.state for entry in self.cache])
+        self.pending_tokens, self.pending_hidden, self.root = list(prompt), hidden, int(first[0])
+        self.stats.prefill_seconds = time.perf_counter() - start
+        return self.root
 
 
 def _validate(target: TargetAdapter, prompt_tokens: Any, max_new_tokens: int, method: str) -> list[int]:
@@ -213,26 +225,20 @@ def stream_generate(
     target.check_cache(cache)
     stops = _stop_ids(tokenizer, stop_token_ids)
     session = Session(target=target, drafter=drafter, config=config, method=method, cache=cache,
-                      choose=TokenChooser(sampling))
+                      choose=TokenChooser(sampling), stats=GenerationStats(prompt_tokens=len(prompt)))
     return _run(session, prompt, max_new_tokens, stops)
 
 
 def _run(session: Session, prompt: list[int], max_new_tokens: int, stops: set[int]) -> Iterator[DecodeStep]:
-    stats = GenerationStats(prompt_tokens=len(prompt))
-    start = time.perf_counter()
     new = [session.prefill(prompt)]
-    stats.prefill_seconds = time.perf_counter() - start
     produced = 0
     while True:
         new, finish = _clip(new, max_new_tokens - produced, stops)
         produced += len(new)
-        yield DecodeStep(new, stats, finish)
+        yield DecodeStep(new, session.stats, finish)
         if finish:
             return
-        start = time.perf_counter()
-        new = session.cycle(stats)
-        stats.committed += len(new)
-        stats.decode_seconds += time.perf_counter() - start
+        new = session.cycle()
 
 
 def _clip(tokens: list[int], room: int, stops: set[int]) -> tuple[list[int], str | None]:
@@ -261,6 +267,7 @@ def generate_ddtree_once(*, tokenizer: Any = None, **kwargs: Any) -> dict[str, A
         "tokens_per_second": decode_tokens / stats.decode_seconds if stats.decode_seconds > 0 else 0.0,
         "prefill_seconds": stats.prefill_seconds,
         "decode_seconds": stats.decode_seconds,
+        "host_overhead_share": 1 - stats.sync_seconds / stats.decode_seconds if stats.decode_seconds > 0 else 0.0,
         "prompt_tokens": stats.prompt_tokens,
         "cycles": stats.cycles,
         "avg_acceptance": stats.committed / stats.cycles if stats.cycles else 0.0,

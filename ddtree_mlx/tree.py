@@ -77,15 +77,18 @@ class Candidates:
     tokens: np.ndarray  # [D, K] int
     log_probs: np.ndarray  # [D, K] float, descending along K
 
+    def to_numpy(self) -> "Candidates":
+        return Candidates(np.array(self.tokens), np.array(self.log_probs, dtype=np.float64))
+
 
 def top_candidates(log_probs: mx.array, k: int) -> Candidates:
-    """Top-k per position, selected in MLX so only [D, k] values cross to the host."""
+    """Top-k per position, best first, selected in MLX so only [D, k] values cross to the host.
+    Returns MLX arrays (lazy); `to_numpy` after evaluating them."""
     k = min(k, log_probs.shape[-1])
     tokens = mx.argpartition(-log_probs, kth=k - 1, axis=-1)[:, :k]
     values = mx.take_along_axis(log_probs, tokens, axis=-1).astype(mx.float32)
-    tokens, values = np.array(tokens), np.array(values)
-    order = np.argsort(-values, axis=1, kind="stable")
-    return Candidates(np.take_along_axis(tokens, order, 1), np.take_along_axis(values, order, 1).astype(np.float64))
+    order = mx.argsort(-values, axis=-1)
+    return Candidates(mx.take_along_axis(tokens, order, -1), mx.take_along_axis(values, order, -1))
 
 
 def build_tree(candidates: Candidates, root_token: int, budget: int) -> DraftTree:
