@@ -111,19 +111,20 @@ class ScriptedDrafter:
 
     def draft(self, root_token: int, context_tokens: list[int], context_hidden: mx.array | None) -> mx.array:
         self.position += len(context_tokens)  # the root sits at truth[self.position]
-        return mx.array(np.stack([self._row(self.position + depth) for depth in range(1, self.block_size)]))
+        ranked = len(self.rank_weights) - 1
+        rows = np.full((self.block_size - 1, self.vocab_size), np.log(self.rank_weights[-1] / self.vocab_size))
+        for depth in range(1, self.block_size):
+            rows[depth - 1, self._ranked_tokens(self.position + depth)] = np.log(self.rank_weights[:ranked])
+        return mx.array(rows.astype(np.float32))
 
-    def _row(self, index: int) -> np.ndarray:
-        """Calibrated: rank r carries probability rank_weights[r]; the last weight ("absent") is spread thin."""
+    def _ranked_tokens(self, index: int) -> np.ndarray:
+        """Calibrated: rank r carries probability rank_weights[r]; the last weight ("absent") is spread thin.
+        Distractors are offsets from the true token, so none of them is it."""
         rng = np.random.default_rng([self.seed, index])
         ranked = len(self.rank_weights) - 1
-        tokens = rng.choice(self.vocab_size, size=ranked + 1, replace=False)
-        if index < len(self.truth):
-            true = self.truth[index]
-            tokens = tokens[tokens != true][:ranked]
-            rank = int(rng.choice(ranked + 1, p=self.rank_weights))
-            if rank < ranked:
-                tokens = np.insert(tokens, rank, true)[:ranked]
-        row = np.full(self.vocab_size, np.log(self.rank_weights[-1] / self.vocab_size))
-        row[tokens[:ranked]] = np.log(self.rank_weights[:ranked])
-        return row.astype(np.float32)
+        true = self.truth[index] if index < len(self.truth) else int(rng.integers(self.vocab_size))
+        tokens = (true + rng.integers(1, self.vocab_size, size=ranked)) % self.vocab_size
+        rank = int(rng.choice(ranked + 1, p=self.rank_weights))
+        if index < len(self.truth) and rank < ranked:
+            tokens[rank] = true
+        return tokens
