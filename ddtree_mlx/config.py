@@ -48,6 +48,8 @@ class DDTreeConfig:
     """DDTREE_TREE_KERNEL: use the Metal tree recurrence kernel where Metal is available."""
     tree_conv_kernel: bool = True
     """DDTREE_TREE_CONV_KERNEL: use the Metal tree conv kernel where Metal is available."""
+    dflash_controller: bool = False
+    """DDTREE_DFLASH_CONTROLLER: per cycle, run the tree or the single DFlash path, whichever measures faster."""
     profile_verify: bool = False
     """DDTREE_PROFILE_VERIFY: time verify per layer part (attention, linear, mlp, head); serializes, so slower."""
 

@@ -17,6 +17,7 @@ import mlx.core as mx
 import numpy as np
 
 from .config import DDTreeConfig
+from .controller import MethodController
 from .drafters import Drafter, as_drafter
 from .models import adapter_for
 from .models.base import TargetAdapter, VerifyOutput
@@ -38,6 +39,7 @@ class GenerationStats:
     fast_path_cycles: int = 0
     phase_seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
     verify_parts: dict[str, float] = field(default_factory=dict)  # with DDTREE_PROFILE_VERIFY
+    method_cycles: dict[str, int] = field(default_factory=dict)  # cycles run as ddtree / dflash / ar
 
     def lap(self, phase: str, since: float) -> float:
         now = time.perf_counter()
@@ -65,6 +67,7 @@ class Session:
     cache: list[Any]
     choose: TokenChooser
     stats: GenerationStats
+    controller: MethodController | None = None  # DDTREE_DFLASH_CONTROLLER: ddtree or dflash, per cycle
     root: int = 0
     pending_tokens: list[int] = field(default_factory=list)
     pending_hidden: mx.array | None = None
@@ -81,20 +84,20 @@ class Session:
 
     # --- the five steps -------------------------------------------------------------------------------------
 
-    def draft(self) -> Candidates | None:
+    def draft(self, method: str) -> Candidates | None:
         """The drafter's top candidates per depth for the block after the root (None for plain decoding)."""
-        if self.method == "ar":
+        if method == "ar":
             return None
         log_probs = self.drafter.draft(self.root, self.pending_tokens, self.pending_hidden)
-        width = 1 if self.method == "dflash" else self.config.budget
+        width = 1 if method == "dflash" else self.config.budget
         candidates = top_candidates(log_probs, width)
         self.sync(candidates.tokens, candidates.log_probs)
         return candidates.to_numpy()
 
-    def build_tree(self, candidates: Candidates | None) -> DraftTree:
+    def build_tree(self, candidates: Candidates | None, method: str) -> DraftTree:
         if candidates is None:
             return DraftTree.root_only(self.root)
-        if self.method == "dflash":
+        if method == "dflash":
             return chain_tree(candidates, self.root)
         return build_tree(candidates, self.root, self.config.budget)
 
@@ -130,10 +133,11 @@ class Session:
 
     def cycle(self) -> list[int]:
         stats = self.stats
+        method = self.controller.pick() if self.controller else self.method
         start = time.perf_counter()
-        candidates = self.draft()
+        candidates = self.draft(method)
         mark = stats.lap("draft", start)
-        tree = self.build_tree(candidates)
+        tree = self.build_tree(candidates, method)
         mark = stats.lap("build", mark)
         out, target_tokens = self.verify(tree)
         mark = stats.lap("verify", mark)
@@ -141,10 +145,14 @@ class Session:
         bonus = int(target_tokens[path[-1]])
         mark = stats.lap("walk", mark)
         self.commit(tree, out, path, bonus)
-        stats.decode_seconds += stats.lap("commit", mark) - start
-        stats.cycles += 1
-        stats.fast_path_cycles += all(tree.ranks[node] == 0 for node in path)
+        seconds = stats.lap("commit", mark) - start
         new = [tree.tokens[node] for node in path[1:]] + [bonus]
+        if self.controller:
+            self.controller.record(method, len(new), seconds)
+        stats.decode_seconds += seconds
+        stats.cycles += 1
+        stats.method_cycles[method] = stats.method_cycles.get(method, 0) + 1
+        stats.fast_path_cycles += all(tree.ranks[node] == 0 for node in path)
         stats.committed += len(new)
         return new
 
@@ -225,7 +233,8 @@ def stream_generate(
     target.check_cache(cache)
     stops = _stop_ids(tokenizer, stop_token_ids)
     session = Session(target=target, drafter=drafter, config=config, method=method, cache=cache,
-                      choose=TokenChooser(sampling), stats=GenerationStats(prompt_tokens=len(prompt)))
+                      choose=TokenChooser(sampling), stats=GenerationStats(prompt_tokens=len(prompt)),
+                      controller=MethodController() if config.dflash_controller and method == "ddtree" else None)
     return _run(session, prompt, max_new_tokens, stops)
 
 
@@ -274,6 +283,7 @@ def generate_ddtree_once(*, tokenizer: Any = None, **kwargs: Any) -> dict[str, A
         "fast_path_ratio": stats.fast_path_cycles / stats.cycles if stats.cycles else 1.0,
         "phase_timings": dict(stats.phase_seconds),
         "verify_profile": dict(stats.verify_parts),
+        "method_cycles": dict(stats.method_cycles),
     }
     if tokenizer is not None and hasattr(tokenizer, "decode"):
         result["text"] = tokenizer.decode([t for t in tokens if t not in _stop_ids(tokenizer, kwargs.get("stop_token_ids"))])

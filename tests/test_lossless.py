@@ -129,3 +129,24 @@ def test_profile_verify_reports_layer_parts_without_changing_tokens():
     assert result["generated_token_ids"] == reference("qwen3_5", 0, 0)
     assert {"attention", "linear", "mlp", "head"} <= set(result["verify_profile"])
     assert sum(result["verify_profile"].values()) <= result["phase_timings"]["verify"]
+
+
+@pytest.mark.parametrize("family", ["qwen3_5", "llama"])
+def test_dflash_controller_switches_and_stays_lossless(family):
+    config = DDTreeConfig(budget=8, dflash_controller=True)
+    result = run(family, 0, 1, oracle(family, 0, 1), config=config)
+    assert result["generated_token_ids"] == reference(family, 0, 1)
+    assert result["method_cycles"]["ddtree"] >= 3 and result["method_cycles"]["dflash"] >= 3
+
+
+def test_controller_exploits_the_faster_method():
+    from ddtree_mlx.controller import MethodController
+
+    controller = MethodController(warmup=2, probe_every=5)
+    picks = []
+    for _ in range(30):
+        method = controller.pick()
+        picks.append(method)
+        controller.record(method, tokens=4 if method == "dflash" else 2, seconds=0.1)
+    assert picks[:4].count("ddtree") == 2 and picks[:4].count("dflash") == 2
+    assert picks[4:].count("dflash") > 3 * picks[4:].count("ddtree") > 0
