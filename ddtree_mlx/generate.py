@@ -41,6 +41,24 @@ class GenerationStats:
     verify_parts: dict[str, float] = field(default_factory=dict)  # with DDTREE_PROFILE_VERIFY
     method_cycles: dict[str, int] = field(default_factory=dict)  # cycles run as ddtree / dflash / ar
 
+    def summary(self, generated: int) -> dict[str, Any]:
+        """Per-generation numbers. tokens_per_second counts decode only: tokens after the first (which prefill
+        produces) over the time spent in cycles; prefill is reported separately."""
+        decode = self.decode_seconds
+        return {
+            "tokens_per_second": (generated - 1) / decode if decode > 0 else 0.0,
+            "prefill_seconds": self.prefill_seconds,
+            "decode_seconds": decode,
+            "host_overhead_share": 1 - self.sync_seconds / decode if decode > 0 else 0.0,
+            "prompt_tokens": self.prompt_tokens,
+            "cycles": self.cycles,
+            "avg_acceptance": self.committed / self.cycles if self.cycles else 0.0,
+            "fast_path_ratio": self.fast_path_cycles / self.cycles if self.cycles else 1.0,
+            "phase_timings": dict(self.phase_seconds),
+            "verify_profile": dict(self.verify_parts),
+            "method_cycles": dict(self.method_cycles),
+        }
+
     def lap(self, phase: str, since: float) -> float:
         now = time.perf_counter()
         self.phase_seconds[phase] += now - since
@@ -261,30 +279,13 @@ def _clip(tokens: list[int], room: int, stops: set[int]) -> tuple[list[int], str
 
 
 def generate_ddtree_once(*, tokenizer: Any = None, **kwargs: Any) -> dict[str, Any]:
-    """Generate to completion; see `stream_generate` for the arguments.
-
-    `tokens_per_second` counts decode only: tokens after the first (which prefill produces) over the time spent
-    in cycles; prefill time is reported separately as `prefill_seconds`."""
+    """Generate to completion; see `stream_generate` for the arguments and `GenerationStats.summary` for the
+    numbers returned beside `generated_token_ids`, `finish_reason` and (with a tokenizer) `text`."""
     tokens: list[int] = []
     for step in stream_generate(tokenizer=tokenizer, **kwargs):
         tokens.extend(step.tokens)
-    stats = step.stats
-    decode_tokens = len(tokens) - 1
-    result = {
-        "generated_token_ids": tokens,
-        "finish_reason": step.finish_reason,
-        "tokens_per_second": decode_tokens / stats.decode_seconds if stats.decode_seconds > 0 else 0.0,
-        "prefill_seconds": stats.prefill_seconds,
-        "decode_seconds": stats.decode_seconds,
-        "host_overhead_share": 1 - stats.sync_seconds / stats.decode_seconds if stats.decode_seconds > 0 else 0.0,
-        "prompt_tokens": stats.prompt_tokens,
-        "cycles": stats.cycles,
-        "avg_acceptance": stats.committed / stats.cycles if stats.cycles else 0.0,
-        "fast_path_ratio": stats.fast_path_cycles / stats.cycles if stats.cycles else 1.0,
-        "phase_timings": dict(stats.phase_seconds),
-        "verify_profile": dict(stats.verify_parts),
-        "method_cycles": dict(stats.method_cycles),
-    }
+    result = {"generated_token_ids": tokens, "finish_reason": step.finish_reason, **step.stats.summary(len(tokens))}
     if tokenizer is not None and hasattr(tokenizer, "decode"):
-        result["text"] = tokenizer.decode([t for t in tokens if t not in _stop_ids(tokenizer, kwargs.get("stop_token_ids"))])
+        stops = _stop_ids(tokenizer, kwargs.get("stop_token_ids"))
+        result["text"] = tokenizer.decode([t for t in tokens if t not in stops])
     return result

@@ -1,0 +1,448 @@
+"""An OpenAI-compatible HTTP server on the standard library.
+
+    POST /v1/chat/completions   messages -> the tokenizer's chat template
+    POST /v1/completions        a plain prompt string
+    GET  /v1/models, /health
+
+Both POST endpoints stream (server-sent events) or answer with the whole object. Every generation runs on one
+long-lived worker thread: MLX streams are thread-local, so model work must stay on one thread, and a single
+worker is also what makes concurrent requests queue. A streaming client that disconnects cancels its
+generation at the next committed step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import queue
+import threading
+import time
+import traceback
+import uuid
+from contextlib import closing
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from itertools import chain
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+from .generate import METHODS, GenerationStats, stream_generate
+
+DEFAULT_MAX_TOKENS = 256
+
+
+class BadRequest(ValueError):
+    """A request the server refuses with HTTP 400; `param` names the offending field."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+# --- requests ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Request:
+    kind: str  # "chat" or "completion"
+    prompt: Any  # the messages for chat, the prompt string for completion
+    max_tokens: int
+    stream: bool
+    stop: list[str]
+    sampling: dict[str, Any]  # temperature, top_p, top_k, seed: only those the client sent
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_stop(value: Any) -> bool:
+    return isinstance(value, str) or (isinstance(value, list) and all(isinstance(s, str) for s in value))
+
+
+# Types only: the engine checks ranges (temperature >= 0, top_p in (0, 1], ...) and its ValueError becomes a 400.
+_SAMPLING = {"temperature": (_is_number, "a number"), "top_p": (_is_number, "a number"),
+             "top_k": (_is_int, "an integer"), "seed": (_is_int, "an integer")}
+
+
+def _field(body: Mapping[str, Any], name: str, check: Callable[[Any], bool], what: str, default: Any = None) -> Any:
+    value = body.get(name)
+    if value is None:  # OpenAI clients send null for "not set"
+        return default
+    if not check(value):
+        raise BadRequest(f"'{name}' must be {what}, got {value!r}", name)
+    return value
+
+
+def _messages(body: Mapping[str, Any]) -> list[dict[str, Any]]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("'messages' must be a non-empty list of {role, content} objects", "messages")
+    for i, message in enumerate(messages):
+        if not (isinstance(message, dict) and isinstance(message.get("role"), str)
+                and isinstance(message.get("content"), str)):
+            raise BadRequest(f"messages[{i}] must be an object with string 'role' and 'content'", "messages")
+    return messages
+
+
+def _prompt(body: Mapping[str, Any]) -> str:
+    prompt = body.get("prompt")
+    if not isinstance(prompt, str) or not prompt:
+        raise BadRequest("'prompt' must be a non-empty string", "prompt")
+    return prompt
+
+
+def parse_request(kind: str, body: Any) -> Request:
+    if not isinstance(body, dict):
+        raise BadRequest("the request body must be a JSON object")
+    prompt = _messages(body) if kind == "chat" else _prompt(body)
+    # Newer chat clients send max_completion_tokens instead of max_tokens.
+    limit = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = _field(body, limit, lambda v: _is_int(v) and v > 0, "a positive integer", DEFAULT_MAX_TOKENS)
+    stream = _field(body, "stream", lambda v: isinstance(v, bool), "a boolean", False)
+    stop = _field(body, "stop", _is_stop, "a string or a list of strings", [])
+    sampling = {name: value for name, (check, what) in _SAMPLING.items()
+                if (value := _field(body, name, check, what)) is not None}
+    stop = [stop] if isinstance(stop, str) else stop
+    return Request(kind, prompt, max_tokens, stream, [s for s in stop if s], sampling)
+
+
+# --- text -------------------------------------------------------------------------------------------------------
+
+
+class TextStream:
+    """Turns committed tokens into text that is safe to send: whole characters only, cut before the first stop
+    string, and holding back a tail that could still grow into one.
+
+    It decodes the whole token list each time and hands out the new suffix, so the text matches
+    `tokenizer.decode` of all the tokens exactly (O(n^2) decoding, cheap next to a model step)."""
+
+    def __init__(self, decode: Callable[[list[int]], str], stops: Sequence[str]):
+        self.decode = decode
+        self.stops = list(stops)
+        self.ids: list[int] = []  # tokens whose text counts; cut after the one that completes a stop string
+        self.sent = 0  # characters of the decoded text already handed out
+        self.stopped = False
+
+    def add(self, tokens: Sequence[int]) -> str:
+        start = len(self.ids)
+        self.ids += tokens
+        text = self.decode(self.ids)
+        cut = self._find_stop(text)
+        if cut is not None:
+            self.stopped = True
+            self._drop_after_stop(start)
+            return self._take(text, cut)
+        # An incomplete multi-byte character decodes to U+FFFD until its last byte arrives.
+        end = len(text.rstrip("\ufffd"))
+        return self._take(text, end - self._stop_prefix(text[self.sent:end]))
+
+    def flush(self) -> str:
+        """What is held back, once no more tokens will come."""
+        return self._take(self.decode(self.ids), None)
+
+    def _take(self, text: str, end: int | None) -> str:
+        piece = text[self.sent:end]
+        self.sent += len(piece)
+        return piece
+
+    def _find_stop(self, text: str) -> int | None:
+        # Held-back text keeps every stop string from starting inside what was already sent.
+        return min((i for s in self.stops if (i := text.find(s, self.sent)) >= 0), default=None)
+
+    def _stop_prefix(self, text: str) -> int:
+        """The length of the longest tail of `text` that begins a stop string."""
+        longest = max(map(len, self.stops), default=0)
+        for n in range(min(len(text), longest), 0, -1):
+            if any(s.startswith(text[-n:]) for s in self.stops):
+                return n
+        return 0
+
+    def _drop_after_stop(self, start: int) -> None:
+        """Count only the tokens it took to complete the stop string, not the rest of their cycle."""
+        for end in range(start + 1, len(self.ids)):
+            if self._find_stop(self.decode(self.ids[:end])) is not None:
+                del self.ids[end:]
+                return
+
+
+# --- generation -------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Piece:
+    """New text from one committed step; the last piece has a finish_reason and the usage and ddtree fields."""
+
+    text: str
+    finish_reason: str | None = None
+    final: dict[str, Any] | None = None
+
+
+@dataclass
+class _Job:
+    produce: Callable[[], Iterator[Any]]
+    out: queue.Queue = field(default_factory=queue.Queue)  # (kind, value) events for the caller
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+
+class Worker:
+    """One thread that runs jobs one at a time. A job is a function returning an iterator; its items travel to
+    the caller through a queue, and a caller that stops listening cancels the job at its next item."""
+
+    def __init__(self) -> None:
+        self.jobs: queue.Queue = queue.Queue()
+        threading.Thread(target=self._loop, name="ddtree-model", daemon=True).start()
+
+    def stream(self, produce: Callable[[], Iterator[Any]]) -> Iterator[Any]:
+        job = _Job(produce)
+        self.jobs.put(job)
+        try:
+            while True:
+                kind, value = job.out.get()
+                if kind == "done":
+                    return
+                if kind == "error":
+                    raise value
+                yield value
+        finally:
+            job.cancelled.set()
+
+    def stop(self) -> None:
+        self.jobs.put(None)
+
+    def _loop(self) -> None:
+        while (job := self.jobs.get()) is not None:
+            try:
+                with closing(job.produce()) as items:
+                    for item in items:
+                        job.out.put(("item", item))
+                        if job.cancelled.is_set():
+                            break
+                job.out.put(("done", None))
+            except Exception as error:  # handed to the request's thread, which answers 400 or 500
+                job.out.put(("error", error))
+
+
+class Engine:
+    """The model, its tokenizer and drafter, and the settings every request runs with."""
+
+    def __init__(self, target_model: Any, tokenizer: Any, drafter: Any, *, model_name: str, method: str,
+                 budget: int | None, stop_token_ids: Sequence[int] | None):
+        self.target_model, self.tokenizer, self.drafter = target_model, tokenizer, drafter
+        self.model_name, self.method, self.budget, self.stop_token_ids = model_name, method, budget, stop_token_ids
+        self.created = int(time.time())
+        self.worker = Worker()
+
+    def generate(self, request: Request) -> Iterator[Piece]:
+        return self.worker.stream(lambda: self._pieces(request))
+
+    def _prompt_tokens(self, request: Request) -> list[int]:
+        if request.kind == "completion":
+            return self.tokenizer.encode(request.prompt)
+        if not _has_chat_template(self.tokenizer):
+            raise BadRequest("this model's tokenizer has no chat template; use /v1/completions with a plain prompt",
+                             "messages")
+        try:
+            tokens = self.tokenizer.apply_chat_template(request.prompt, add_generation_prompt=True, tokenize=True)
+        except Exception as error:  # templates reject message sequences they do not support by raising
+            raise BadRequest(f"the chat template rejected the messages: {error}", "messages") from error
+        return tokens["input_ids"] if isinstance(tokens, Mapping) else tokens
+
+    def _pieces(self, request: Request) -> Iterator[Piece]:
+        prompt = self._prompt_tokens(request)
+        steps = stream_generate(
+            target_model=self.target_model, draft_model=self.drafter, tokenizer=self.tokenizer,
+            prompt_tokens=prompt, max_new_tokens=request.max_tokens, tree_budget=self.budget,
+            stop_token_ids=self.stop_token_ids, method=self.method, **request.sampling,
+        )
+        text = TextStream(self.tokenizer.decode, request.stop)
+        generated = 0
+        for step in steps:
+            generated += len(step.tokens)
+            # A "stop" step ends with the stop token, which is not part of the text.
+            piece = text.add(step.tokens[:-1] if step.finish_reason == "stop" else step.tokens)
+            finish = "stop" if text.stopped else step.finish_reason
+            if finish is None:
+                yield Piece(piece)
+                continue
+            completion = len(text.ids) if text.stopped else generated
+            usage = {"prompt_tokens": len(prompt), "completion_tokens": completion,
+                     "total_tokens": len(prompt) + completion}
+            tail = "" if text.stopped else text.flush()
+            yield Piece(piece + tail, finish, {"usage": usage, "ddtree": _stats(step.stats, generated)})
+            return
+
+
+def _stats(stats: GenerationStats, generated: int) -> dict[str, Any]:
+    summary = stats.summary(generated)
+    keys = ("tokens_per_second", "cycles", "avg_acceptance", "fast_path_ratio", "prefill_seconds")
+    return {key: summary[key] for key in keys}
+
+
+def _has_chat_template(tokenizer: Any) -> bool:
+    # mlx-lm's TokenizerWrapper also counts its own renderers; a bare Hugging Face tokenizer has chat_template.
+    flag = getattr(tokenizer, "has_chat_template", None)
+    return bool(flag) if flag is not None else getattr(tokenizer, "chat_template", None) is not None
+
+
+# --- responses --------------------------------------------------------------------------------------------------
+
+_OBJECTS = {"chat": ("chat.completion", "chat.completion.chunk"), "completion": ("text_completion", "text_completion")}
+
+
+def _envelope(request: Request, model: str, choice: dict[str, Any], *, stream: bool, **extra: Any) -> dict:
+    prefix = "chatcmpl-" if request.kind == "chat" else "cmpl-"
+    return {"id": prefix + request.id, "object": _OBJECTS[request.kind][stream], "created": request.created,
+            "model": model, "choices": [{"index": 0, **choice, "logprobs": None}], **extra}
+
+
+def full_response(request: Request, model: str, pieces: Sequence[Piece]) -> dict[str, Any]:
+    text, last = "".join(p.text for p in pieces), pieces[-1]
+    body = {"message": {"role": "assistant", "content": text}} if request.kind == "chat" else {"text": text}
+    return _envelope(request, model, {**body, "finish_reason": last.finish_reason}, stream=False, **last.final)
+
+
+def stream_chunks(request: Request, model: str, pieces: Iterator[Piece]) -> Iterator[dict[str, Any]]:
+    def chunk(text: str, finish_reason: str | None = None, **extra: Any) -> dict[str, Any]:
+        body = {"text": text} if request.kind == "completion" else {"delta": {"content": text} if text else {}}
+        return _envelope(request, model, {**body, "finish_reason": finish_reason}, stream=True, **extra)
+
+    if request.kind == "chat":
+        yield _envelope(request, model, {"delta": {"role": "assistant", "content": ""}, "finish_reason": None},
+                        stream=True)
+    for piece in pieces:
+        if piece.text:
+            yield chunk(piece.text)
+        if piece.finish_reason:
+            yield chunk("", piece.finish_reason, **piece.final)
+
+
+# --- HTTP -------------------------------------------------------------------------------------------------------
+
+
+def _error(message: str, kind: str = "invalid_request_error", param: str | None = None,
+           code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: "_Server"
+
+    def do_GET(self) -> None:
+        self._route({"/v1/models": self._models, "/health": lambda: self._send_json(200, {"status": "ok"})})
+
+    def do_POST(self) -> None:
+        self._route({"/v1/chat/completions": lambda: self._complete("chat"),
+                     "/v1/completions": lambda: self._complete("completion")})
+
+    def _route(self, routes: dict[str, Callable[[], None]]) -> None:
+        path = self.path.split("?", 1)[0].rstrip("/")
+        action = routes.get(path)
+        if action is None:
+            self._send_json(404, _error(f"no route for {self.command} {path}", code="not_found"))
+        else:
+            action()
+
+    def _models(self) -> None:
+        engine = self.server.engine
+        model = {"id": engine.model_name, "object": "model", "created": engine.created, "owned_by": "ddtree-mlx"}
+        self._send_json(200, {"object": "list", "data": [model]})
+
+    def _complete(self, kind: str) -> None:
+        engine = self.server.engine
+        try:
+            request = parse_request(kind, self._read_json())
+            pieces = engine.generate(request)
+            first = next(pieces)  # waits for the model and prefill; the engine checks its arguments first
+        except ValueError as error:
+            return self._send_json(400, _error(str(error), param=getattr(error, "param", None)))
+        except Exception as error:
+            traceback.print_exc()
+            return self._send_json(500, _error(f"generation failed: {error}", kind="server_error"))
+        with closing(pieces):  # closing cancels the generation if the client left early
+            try:
+                if request.stream:
+                    self._send_events(stream_chunks(request, engine.model_name, chain([first], pieces)))
+                else:
+                    self._send_json(200, full_response(request, engine.model_name, [first, *pieces]))
+            except ConnectionError:  # BrokenPipe / ConnectionReset on write: the client is gone
+                self.close_connection = True
+
+    def _read_json(self) -> Any:
+        try:
+            length = max(int(self.headers.get("Content-Length") or 0), 0)
+            return json.loads(self.rfile.read(length))
+        except ValueError as error:  # also a bad Content-Length or undecodable bytes
+            raise BadRequest(f"the request body is not valid JSON: {error}") from None
+
+    def _send_json(self, status: int, payload: dict[str, Any]) -> None:
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _send_events(self, chunks: Iterator[dict[str, Any]]) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.end_headers()
+        for chunk in chunks:
+            self.wfile.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+        self.wfile.write(b"data: [DONE]\n\n")
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], engine: Engine):
+        super().__init__(address, _Handler)
+        self.engine = engine
+
+    def server_close(self) -> None:
+        super().server_close()
+        self.engine.worker.stop()
+
+
+def make_server(target_model: Any, tokenizer: Any, drafter: Any, *, host: str = "127.0.0.1", port: int = 0,
+                model_name: str = "ddtree", method: str = "ddtree", budget: int | None = None,
+                stop_token_ids: Sequence[int] | None = None) -> ThreadingHTTPServer:
+    """A bound, not yet serving server: call serve_forever(); server_address holds the port when port=0."""
+    engine = Engine(target_model, tokenizer, drafter, model_name=model_name, method=method, budget=budget,
+                    stop_token_ids=stop_token_ids)
+    return _Server((host, port), engine)
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="target model: a local directory or Hugging Face repo id "
+                                        "(default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--draft", help="drafter: a DFlash checkpoint, 'dflash' or 'prompt-lookup' "
+                                        "(default: the target's registered drafter, else prompt lookup)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--budget", type=int, help="draft-tree nodes per cycle (default: DDTREE_BUDGET or 4)")
+    parser.add_argument("--method", choices=METHODS, default="ddtree")
+
+
+def run_server(args: argparse.Namespace) -> None:
+    from .loading import load, stop_token_ids
+
+    target_model, tokenizer, drafter = load(args.model, args.draft)
+    # stop_token_ids reads generation_config.json when --model is a local directory.
+    server = make_server(target_model, tokenizer, drafter, host=args.host, port=args.port,
+                         model_name=args.model or "ddtree", method=args.method, budget=args.budget,
+                         stop_token_ids=stop_token_ids(tokenizer, args.model))
+    host, port = server.server_address[:2]
+    print(f"ddtree-mlx serving {args.model or 'the embedded model'} at http://{host}:{port}/v1", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()

@@ -1,0 +1,256 @@
+"""The OpenAI-compatible server, driven over loopback by the official openai client and by raw HTTP."""
+
+import http.client
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+
+import pytest
+from mlx_lm.tokenizer_utils import TokenizerWrapper
+from openai import BadRequestError, OpenAI
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from ddtree_mlx import generate_ddtree_once
+from ddtree_mlx.server import TextStream, make_server
+from tiny import make_dflash, make_target
+
+BUDGET = 4
+SPECIAL = ["<unk>", "<eos>", "<|system|>", "<|user|>", "<|assistant|>"]
+# One word per id of the tiny model's 128-token vocabulary; some are non-ASCII so JSON escaping is exercised.
+WORDS = SPECIAL + [f"w{i}" if i % 7 else f"ж{i}" for i in range(len(SPECIAL), 128)]
+TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} {% endfor %}"
+            "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+CHAT = [{"role": "system", "content": "w8 w9"}, {"role": "user", "content": "w17 w43 w9"}]
+EOS_CHAT = [{"role": "user", "content": "w100 w5"}]  # the tiny model says <eos> 37 tokens into this one
+PROMPT = "w3 w4 w5 w6"
+
+
+def make_tokenizer(chat_template=TEMPLATE):
+    words = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=words, unk_token="<unk>", eos_token="<eos>",
+                                   additional_special_tokens=SPECIAL[2:], chat_template=chat_template,
+                                   clean_up_tokenization_spaces=False)
+    return TokenizerWrapper(fast)
+
+
+TARGET = make_target("qwen3_5")
+DRAFTER = make_dflash(TARGET)
+TOKENIZER = make_tokenizer()
+
+
+@contextmanager
+def serving(tokenizer, **kwargs):
+    server = make_server(TARGET, tokenizer, DRAFTER, budget=BUDGET, **kwargs)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+@pytest.fixture(scope="module")
+def port():
+    with serving(TOKENIZER) as bound:
+        yield bound
+
+
+@pytest.fixture(scope="module")
+def client(port):
+    return OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=30)
+
+
+def expected(max_tokens, messages=None, prompt=None, **sampling):
+    tokens = (TOKENIZER.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+              if messages else TOKENIZER.encode(prompt))
+    result = generate_ddtree_once(target_model=TARGET, draft_model=DRAFTER, tokenizer=TOKENIZER,
+                                  prompt_tokens=tokens, max_new_tokens=max_tokens, tree_budget=BUDGET, **sampling)
+    return result, len(tokens)
+
+
+def check_usage(usage, prompt_tokens, completion_tokens):
+    assert (usage["prompt_tokens"], usage["completion_tokens"]) == (prompt_tokens, completion_tokens)
+    assert usage["total_tokens"] == prompt_tokens + completion_tokens
+
+
+def check_ddtree(stats, result):
+    assert stats["cycles"] == result["cycles"] and stats["avg_acceptance"] == result["avg_acceptance"]
+    assert stats["tokens_per_second"] > 0 and stats["prefill_seconds"] > 0
+    assert 0 <= stats["fast_path_ratio"] <= 1
+
+
+def chat(client, messages=CHAT, **kwargs):
+    return client.chat.completions.create(model="ddtree", messages=messages, **kwargs).to_dict()
+
+
+def chat_stream(client, messages=CHAT, **kwargs):
+    chunks = [c.to_dict() for c in client.chat.completions.create(model="ddtree", messages=messages, stream=True,
+                                                                  **kwargs)]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    return "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks), chunks
+
+
+def test_chat_matches_the_engine(client):
+    result, prompt_tokens = expected(24, CHAT)
+    response = chat(client, max_tokens=24, extra_body={"unknown_field": 1})
+    choice = response["choices"][0]
+    assert response["object"] == "chat.completion" and response["model"] == "ddtree"
+    assert choice["message"] == {"role": "assistant", "content": result["text"]}
+    assert choice["finish_reason"] == "length"
+    check_usage(response["usage"], prompt_tokens, 24)
+    check_ddtree(response["ddtree"], result)
+
+    text, chunks = chat_stream(client, max_tokens=24)
+    assert text == result["text"] and len(chunks) > 3  # the text arrives in pieces
+    final = chunks[-1]
+    assert final["choices"][0]["finish_reason"] == "length"
+    assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
+    check_usage(final["usage"], prompt_tokens, 24)
+    check_ddtree(final["ddtree"], result)
+
+
+def test_end_of_sequence(client):
+    result, prompt_tokens = expected(64, EOS_CHAT)
+    assert result["finish_reason"] == "stop" and "<eos>" not in result["text"]
+    response = chat(client, messages=EOS_CHAT, max_tokens=64)
+    assert response["choices"][0]["message"]["content"] == result["text"]
+    assert response["choices"][0]["finish_reason"] == "stop"
+    check_usage(response["usage"], prompt_tokens, len(result["generated_token_ids"]))
+
+
+def test_completions(client):
+    result, prompt_tokens = expected(20, prompt=PROMPT)
+    response = client.completions.create(model="ddtree", prompt=PROMPT, max_tokens=20).to_dict()
+    assert response["object"] == "text_completion"
+    assert response["choices"][0]["text"] == result["text"] and response["choices"][0]["finish_reason"] == "length"
+    check_usage(response["usage"], prompt_tokens, 20)
+
+    chunks = [c.to_dict() for c in client.completions.create(model="ddtree", prompt=PROMPT, max_tokens=20,
+                                                             stream=True)]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == result["text"] and len(chunks) > 3
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    check_usage(chunks[-1]["usage"], prompt_tokens, 20)
+    check_ddtree(chunks[-1]["ddtree"], result)
+
+
+def test_stop_strings_cut_the_text(client):
+    result, prompt_tokens = expected(40, CHAT)
+    words = result["text"].split(" ")
+    stop = " ".join(words[6:8])  # spans two tokens, so streaming has to hold the first one back
+    cut = result["text"].index(stop)
+    ids = result["generated_token_ids"]
+    needed = next(n for n in range(1, len(ids) + 1) if stop in TOKENIZER.decode(ids[:n]))
+
+    response = chat(client, max_tokens=40, stop=["never there", stop])
+    assert response["choices"][0]["message"]["content"] == result["text"][:cut]
+    assert response["choices"][0]["finish_reason"] == "stop"
+    check_usage(response["usage"], prompt_tokens, needed)
+
+    text, chunks = chat_stream(client, max_tokens=40, stop=stop)
+    assert text == result["text"][:cut] and chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_sampling_is_passed_through(client):
+    sampling = dict(temperature=0.8, top_p=0.9, top_k=20, seed=7)
+    result, _ = expected(16, CHAT, **sampling)
+    assert result["text"] != expected(16, CHAT)[0]["text"]  # the draw really differs from greedy
+    top_k = {"top_k": sampling.pop("top_k")}  # not an OpenAI field: the client sends it as an extra
+    response = chat(client, max_tokens=16, extra_body=top_k, **sampling)
+    assert response["choices"][0]["message"]["content"] == result["text"]
+    with pytest.raises(BadRequestError, match="temperature must be a number >= 0"):
+        chat(client, max_tokens=4, temperature=-1)
+
+
+def raw(port, method, path, body=None, timeout=30):
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
+    connection.request(method, path, body=data, headers={"Content-Type": "application/json"})
+    response = connection.getresponse()
+    payload = json.loads(response.read())
+    connection.close()
+    return response.status, payload
+
+
+@pytest.mark.parametrize("path,body,param", [
+    ("/v1/chat/completions", b"{not json", None),
+    ("/v1/chat/completions", [1, 2], None),
+    ("/v1/chat/completions", {"messages": []}, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user"}]}, "messages"),
+    ("/v1/chat/completions", {"messages": CHAT, "max_tokens": 0}, "max_tokens"),
+    ("/v1/chat/completions", {"messages": CHAT, "max_tokens": "ten"}, "max_tokens"),
+    ("/v1/chat/completions", {"messages": CHAT, "stream": "yes"}, "stream"),
+    ("/v1/chat/completions", {"messages": CHAT, "temperature": "hot"}, "temperature"),
+    ("/v1/chat/completions", {"messages": CHAT, "stop": [1]}, "stop"),
+    ("/v1/completions", {"prompt": ["w3"]}, "prompt"),
+])
+def test_bad_requests(port, path, body, param):
+    status, payload = raw(port, "POST", path, body)
+    assert status == 400
+    assert payload["error"]["type"] == "invalid_request_error" and payload["error"]["message"]
+    assert payload["error"]["param"] == param and "code" in payload["error"]
+
+
+def test_models_health_and_unknown_paths(port, client):
+    assert [m.id for m in client.models.list().data] == ["ddtree"]
+    assert raw(port, "GET", "/health") == (200, {"status": "ok"})
+    status, payload = raw(port, "GET", "/v1/nothing")
+    assert status == 404 and payload["error"]["code"] == "not_found"
+
+
+def test_no_chat_template():
+    with serving(make_tokenizer(chat_template=None)) as bound:
+        status, payload = raw(bound, "POST", "/v1/chat/completions", {"messages": CHAT, "max_tokens": 2})
+        assert status == 400 and "no chat template" in payload["error"]["message"]
+        status, payload = raw(bound, "POST", "/v1/completions", {"prompt": PROMPT, "max_tokens": 2})
+        assert status == 200 and payload["usage"]["completion_tokens"] == 2
+
+
+def test_concurrent_requests_queue(client):
+    result, _ = expected(12, CHAT)
+    with ThreadPoolExecutor(3) as pool:
+        texts = list(pool.map(lambda _: chat(client, max_tokens=12)["choices"][0]["message"]["content"], range(3)))
+    assert texts == [result["text"]] * 3
+
+
+def test_client_disconnect_frees_the_model():
+    body = json.dumps({"messages": CHAT, "max_tokens": 3000, "stream": True}).encode()
+    with serving(TOKENIZER, stop_token_ids=[]) as bound:  # no end-of-sequence: 3000 tokens take over 10 s
+        with socket.create_connection(("127.0.0.1", bound), timeout=30) as sock:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n" % len(body) + body)
+            received = b""
+            while b"data: " not in received:
+                received += sock.recv(4096)
+        start = time.monotonic()
+        status, payload = raw(bound, "POST", "/v1/chat/completions", {"messages": CHAT, "max_tokens": 4}, timeout=10)
+        assert status == 200 and payload["choices"][0]["finish_reason"] == "length"
+        assert time.monotonic() - start < 10
+
+
+def byte_stream(stops):
+    return TextStream(lambda ids: bytes(ids).decode("utf-8", errors="replace"), stops)
+
+
+def test_text_stream_sends_whole_characters_and_holds_back_stops():
+    data = "héllo, 世界 STOP end".encode()
+    stream = byte_stream(["STOP"])
+    pieces = [stream.add([byte]) for byte in data[: data.index(b"STOP") + 4]]  # one byte per token
+    assert stream.stopped and "".join(pieces) == "héllo, 世界 "
+    assert not any("\ufffd" in piece for piece in pieces)
+    assert pieces[-4:] == [""] * 4  # "S", "ST", "STO" were held back, then cut
+
+    stream = byte_stream(["STOP"])
+    assert stream.add(list(b"a ST")) == "a "
+    # A cycle's worth of tokens at once: only those up to the stop string count.
+    assert stream.add(list(b"OP and more")) == "" and stream.stopped and bytes(stream.ids) == b"a STOP"
+
+    stream = byte_stream(["STOP"])
+    assert stream.add(list(b"a ST")) == "a " and stream.flush() == "ST"
