@@ -1,20 +1,163 @@
-"""Dispatch for the tree conv and tree recurrence: Metal kernels on Apple GPUs, the pure-MLX twin elsewhere."""
+"""Dispatch for the tree conv and the tree recurrence: Metal kernels on Apple GPUs, the pure-MLX twin elsewhere.
+
+The kernel bodies live in the project's top-level `kernels/` (packaged as `ddtree_mlx.kernel_sources`). They are
+built once with `mx.fast.metal_kernel`. `kernel_maker` is the one place that says whether they can run; the
+tests put the CPU harness (which executes the same bodies with g++) there to prove the kernels plug in.
+
+Launch layouts are explained at the top of each .metal file.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
 
 import mlx.core as mx
+import numpy as np
 
 from . import recurrence
 
+KernelMaker = Callable[..., Any]  # mx.fast.metal_kernel's signature
 
-def tree_conv(x: mx.array, cached: mx.array, weight: mx.array, window_index: mx.array, inputs: Any):
-    return recurrence.tree_conv(x, cached, weight, window_index)
+
+def kernel_maker() -> KernelMaker | None:
+    """What builds kernels here: mx.fast.metal_kernel on an Apple GPU, else nothing (use the twin)."""
+    if mx.metal.is_available() and mx.default_device() == mx.gpu:
+        return mx.fast.metal_kernel
+    return None
+
+
+def kernel_source(name: str) -> str:
+    """A wheel ships the bodies as ddtree_mlx/kernel_sources/; a checkout (or editable install) has kernels/."""
+    here = Path(__file__).parent
+    for folder in (here / "kernel_sources", here.parent / "kernels"):
+        if (folder / name).exists():
+            return (folder / name).read_text()
+    raise FileNotFoundError(f"Metal kernel source {name} is missing; reinstall ddtree-mlx")
+
+
+@functools.lru_cache(maxsize=None)
+def _built(maker: KernelMaker, name: str, source: str, inputs: tuple[str, ...], outputs: tuple[str, ...]) -> Any:
+    return maker(name=name, input_names=list(inputs), output_names=list(outputs), source=kernel_source(source))
+
+
+def launch(maker: KernelMaker, spec: dict, inputs: list[Any]) -> list[mx.array]:
+    kernel = _built(maker, spec["name"], spec["source"], tuple(spec["input_names"]), tuple(spec["output_names"]))
+    return kernel(inputs=inputs, template=spec["template"], grid=spec["grid"], threadgroup=spec["threadgroup"],
+                  output_shapes=spec["output_shapes"], output_dtypes=spec["output_dtypes"])
+
+
+# --- launch specs: the single description of how each kernel is called ----------------------------------------
+
+
+def tree_levels(parent) -> tuple[np.ndarray, np.ndarray]:
+    """Depth-level schedule for tree_gated_delta: (order [T], level_start [levels + 1]), int32.
+    Depth d is order[level_start[d]:level_start[d + 1]] (ties by node id)."""
+    parent = np.asarray(parent, dtype=np.int64)
+    depth = np.zeros(len(parent), dtype=np.int64)
+    for t, p in enumerate(parent):
+        if p >= t:
+            raise ValueError(f"parent[{t}] = {p}: parents must precede their children")
+        depth[t] = 0 if p < 0 else depth[p] + 1
+    order = np.argsort(depth, kind="stable").astype(np.int32)
+    counts = np.bincount(depth, minlength=int(depth.max()) + 1) if len(parent) else np.zeros(0, np.int64)
+    return order, np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+
+
+def node_slots(max_level_width: int) -> int:
+    """Simdgroups per value row: enough for the widest level, at most 4 (1, 2 or 4)."""
+    return 1 if max_level_width <= 1 else 2 if max_level_width <= 2 else 4
+
+
+def tree_gated_delta_launch(*, T, Hk, Hv, Dk, Dv, in_dtype, f32, max_level_width, slots=None) -> dict:
+    """Inputs, in order: q, k [T,Hk,Dk], v [T,Hv,Dv], g, beta [T,Hv], state_in [Hv,Dv,Dk] float32, parent [T],
+    order [T], level_start [levels+1] (int32, see tree_levels), n_levels (int)."""
+    if Dk % 32 or Hv % Hk:
+        raise ValueError("tree_gated_delta needs Dk % 32 == 0 and Hv % Hk == 0")
+    slots = slots or node_slots(max_level_width)
+    return dict(
+        name="ddtree_tree_gated_delta",
+        source="tree_gated_delta.metal",
+        input_names=["q", "k", "v", "g", "beta", "state_in", "parent", "order", "level_start", "n_levels"],
+        output_names=["y", "node_states"],
+        template=[("InT", in_dtype), ("Dk", Dk), ("Dv", Dv), ("Hk", Hk), ("Hv", Hv)],
+        grid=(32, slots, Hv * Dv),
+        threadgroup=(32, slots, 4 // slots),  # 128 threads, as mlx-lm's gated_delta kernel uses
+        output_shapes=[(T, Hv, Dv), (T, Hv, Dv, Dk)],
+        output_dtypes=[in_dtype, f32],
+    )
+
+
+def tree_conv1d_launch(*, T, C, K, in_dtype) -> dict:
+    """Inputs, in order: x [T,C], conv_state [K-1,C], weight [C,K], parent [T] int32."""
+    return dict(
+        name="ddtree_tree_conv1d",
+        source="tree_conv1d.metal",
+        input_names=["x", "conv_state", "weight", "parent"],
+        output_names=["out", "windows"],
+        template=[("InT", in_dtype), ("C", C), ("K", K)],
+        grid=(C, T, 1),
+        threadgroup=(min(C, 256), 1, 1),
+        output_shapes=[(T, C), (T, K - 1, C)],
+        output_dtypes=[in_dtype, in_dtype],
+    )
+
+
+# --- dispatch --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class NodeStates:
+    """The kernel writes every node's state; a commit picks the accepted one."""
+
+    states: mx.array  # [T, Hv, Dv, Dk]
+
+    def state_at(self, nodes: mx.array) -> mx.array:
+        return self.states[nodes]
+
+
+@dataclass
+class ConvWindows:
+    """Each node's conv window (its K-1 newest inputs) as rows of `source`: the window of node a is
+    source[index[a]]. The twin gathers lazily from its input rows; the kernel writes windows outright."""
+
+    source: mx.array  # [N, C]
+    index: mx.array  # [T, K-1]
+
+    def window_at(self, node: int) -> mx.array:
+        return self.source[self.index[node]]
+
+
+def tree_conv(x: mx.array, cached: mx.array, weight: mx.array, inputs: Any) -> tuple[mx.array, ConvWindows]:
+    """x [T, C] node inputs, cached [K-1, C], weight [C, K]: SiLU(depthwise conv over each node's ancestors)."""
+    maker = kernel_maker()
+    if inputs.config.tree_conv_kernel and maker is not None:
+        T, C = x.shape
+        K = weight.shape[1]
+        spec = tree_conv1d_launch(T=T, C=C, K=K, in_dtype=x.dtype)
+        out, windows = launch(maker, spec, [x, cached.astype(x.dtype), weight, inputs.parents])
+        return out, ConvWindows(windows.reshape(T * (K - 1), C), mx.arange(T * (K - 1)).reshape(T, K - 1))
+    window_index = inputs.window_index(weight.shape[1])
+    out, rows = recurrence.tree_conv(x, cached, weight, window_index)
+    return out, ConvWindows(rows, window_index[:, 1:])
 
 
 def tree_gated_delta(q, k, v, a, beta, A_log, dt_bias, state0, inputs: Any):
+    """q, k [T,Hk,Dk] normalized, v [T,Hv,Dv], a and beta [T,Hv], state0 [Hv,Dv,Dk]: y [T,Hv,Dv] and a record
+    with state_at(nodes) for the commit."""
     log_g = recurrence.log_decay(a, A_log, dt_bias)
     if not inputs.config.tree_aware_linear:
         return recurrence.chain_gated_delta(q, k, v, log_g, beta, state0, inputs.tree.parents)
-    return recurrence.tree_gated_delta(q, k, v, log_g, beta, state0, inputs.ancestors, inputs.max_depth)
+    maker = kernel_maker()
+    T, Hk, Dk = k.shape
+    Hv, Dv = v.shape[1:]
+    if inputs.config.tree_kernel and maker is not None and Dk % 32 == 0 and Hv % Hk == 0:
+        order, level_start = tree_levels(inputs.tree.parents)
+        spec = tree_gated_delta_launch(T=T, Hk=Hk, Hv=Hv, Dk=Dk, Dv=Dv, in_dtype=v.dtype, f32=mx.float32,
+                                       max_level_width=int(np.diff(level_start).max()))
+        y, states = launch(maker, spec, [q, k, v, mx.exp(log_g), beta, state0.astype(mx.float32), inputs.parents,
+                                         mx.array(order), mx.array(level_start), len(level_start) - 1])
+        return y, NodeStates(states)
+    return recurrence.tree_gated_delta(q, k, v, log_g, beta, state0, inputs.ancestors)

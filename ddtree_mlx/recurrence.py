@@ -46,18 +46,33 @@ def _heads_first(x: mx.array, heads: int) -> mx.array:
     return x.astype(mx.float32).transpose(1, 0, 2)
 
 
-def _unit_lower_solve(strict: mx.array, rhs: mx.array, max_depth: int) -> mx.array:
-    """Solve (I + N) x = rhs with N strictly lower and N^(max_depth+1) = 0 (N links ancestors only).
+def _unit_lower_solve(strict: mx.array, rhs: mx.array) -> mx.array:
+    """Solve (I + N) x = rhs, N strictly lower triangular [.., T, T] (so N^T = 0).
 
-    (I + N)^-1 = (I - N)(I + N^2)(I + N^4)...: log2(depth) matmuls, no solver (which MLX runs only on the CPU)."""
+    (I + N)^-1 = (I - N)(I + N^2)(I + N^4)...: log2(T) matmuls, no solver (which MLX runs only on the CPU).
+    N only links ancestors, so N^(depth+1) is already 0; the extra factors cost a few tiny matmuls."""
     x = rhs - strict @ rhs
-    power = strict
-    reach = 1
-    while 2 * reach <= max_depth:
+    power, reach = strict, 1
+    while 2 * reach < strict.shape[-1]:
         power = power @ power
         x = x + power @ x
         reach *= 2
     return x
+
+
+def _path_decay(log_gamma_rows: mx.array, log_gamma: mx.array, mask: mx.array) -> mx.array:
+    """Gamma_t / Gamma_s where mask[t, s], else 0. Exponents are <= 0 on the mask (decays only shrink)."""
+    diff = log_gamma_rows[:, :, None] - log_gamma[:, None, :]
+    return mx.where(mask, mx.exp(mx.where(mask, diff, 0.0)), 0.0)
+
+
+@mx.compile
+def _states(u: mx.array, k: mx.array, log_gamma: mx.array, state0: mx.array, rows: mx.array, nodes: mx.array):
+    gamma = log_gamma[:, nodes]  # [Hv, n]
+    weight = _path_decay(gamma, log_gamma, rows)  # [Hv, n, T]
+    carried = mx.exp(gamma)[..., None, None] * state0[:, None]
+    added = u.swapaxes(1, 2)[:, None] @ (weight[..., None] * k[:, None])
+    return (carried + added).transpose(1, 0, 2, 3)
 
 
 @dataclass
@@ -67,36 +82,17 @@ class TreeRecurrence:
     u: mx.array  # [Hv, T, Dv]
     k: mx.array  # [Hv, T, Dk]
     log_gamma: mx.array  # [Hv, T]
-    state0: mx.array  # [Hv, Dv, Dk]
+    state0: mx.array  # [Hv, Dv, Dk] float32
     ancestors: mx.array  # [T, T] bool, ancestor-or-self
 
     def state_at(self, nodes: mx.array) -> mx.array:
-        """States after the given nodes: [len(nodes), Hv, Dv, Dk] float32."""
-        gamma = self.log_gamma[:, nodes]  # [Hv, n]
-        weight = _path_decay(gamma, self.log_gamma, self.ancestors[nodes])  # [Hv, n, T]
-        carried = mx.exp(gamma)[..., None, None] * self.state0[:, None]
-        added = self.u.swapaxes(1, 2)[:, None] @ (weight[..., None] * self.k[:, None])
-        return (carried + added).transpose(1, 0, 2, 3)
+        """States after the given nodes: [len(nodes), Hv, Dv, Dk] float32, one matmul per head."""
+        return _states(self.u, self.k, self.log_gamma, self.state0, self.ancestors[nodes], nodes)
 
 
-def _path_decay(log_gamma_rows: mx.array, log_gamma: mx.array, mask: mx.array) -> mx.array:
-    """Gamma_t / Gamma_s where mask[t, s], else 0. Exponents are <= 0 on the mask (decays only shrink)."""
-    diff = log_gamma_rows[:, :, None] - log_gamma[:, None, :]
-    return mx.where(mask, mx.exp(mx.where(mask, diff, 0.0)), 0.0)
-
-
-def tree_gated_delta(
-    q: mx.array,
-    k: mx.array,
-    v: mx.array,
-    log_g: mx.array,
-    beta: mx.array,
-    state0: mx.array,
-    ancestors: mx.array,
-    max_depth: int,
-) -> tuple[mx.array, TreeRecurrence]:
-    """q, k [T, Hk, Dk] (normalized, q scaled), v [T, Hv, Dv], log_g and beta [T, Hv], state0 [Hv, Dv, Dk],
-    ancestors [T, T] bool ancestor-or-self. Returns y [T, Hv, Dv] (v's dtype) and the commit record."""
+@mx.compile
+def _solve(q, k, v, log_g, beta, state0, ancestors):
+    """Fused (one graph per tree size): see the module docstring for the math."""
     heads = v.shape[1]
     q, k, vh = _heads_first(q, heads), _heads_first(k, heads), _heads_first(v, heads)
     beta = beta.astype(mx.float32).T[..., None]  # [Hv, T, 1]
@@ -104,12 +100,19 @@ def tree_gated_delta(
     decay = _path_decay(log_gamma, log_gamma, ancestors)  # [Hv, T, T], ancestor-or-self
     strict = decay * (1.0 - mx.eye(decay.shape[-1]))
     carried = mx.exp(log_gamma)[..., None]  # [Hv, T, 1]
-    state_t = state0.astype(mx.float32).swapaxes(1, 2)  # [Hv, Dk, Dv]
-    rhs = beta * (vh - carried * (k @ state_t))
-    u = _unit_lower_solve(beta * strict * (k @ k.swapaxes(1, 2)), rhs, max_depth)
+    state_t = state0.swapaxes(1, 2)  # [Hv, Dk, Dv]
+    u = _unit_lower_solve(beta * strict * (k @ k.swapaxes(1, 2)), beta * (vh - carried * (k @ state_t)))
     y = carried * (q @ state_t) + (decay * (q @ k.swapaxes(1, 2))) @ u
-    record = TreeRecurrence(u=u, k=k, log_gamma=log_gamma, state0=state0.astype(mx.float32), ancestors=ancestors)
-    return y.transpose(1, 0, 2).astype(v.dtype), record
+    return y.transpose(1, 0, 2).astype(v.dtype), u, k, log_gamma
+
+
+def tree_gated_delta(q: mx.array, k: mx.array, v: mx.array, log_g: mx.array, beta: mx.array, state0: mx.array,
+                     ancestors: mx.array) -> tuple[mx.array, TreeRecurrence]:
+    """q, k [T, Hk, Dk] (normalized, q scaled), v [T, Hv, Dv], log_g and beta [T, Hv], state0 [Hv, Dv, Dk],
+    ancestors [T, T] bool ancestor-or-self. Returns y [T, Hv, Dv] (v's dtype) and the commit record."""
+    state0 = state0.astype(mx.float32)
+    y, u, k, log_gamma = _solve(q, k, v, log_g, beta, state0, ancestors)
+    return y, TreeRecurrence(u=u, k=k, log_gamma=log_gamma, state0=state0, ancestors=ancestors)
 
 
 def chain_step(q: mx.array, k: mx.array, v: mx.array, g: mx.array, beta: mx.array, state: mx.array):

@@ -47,7 +47,7 @@ def test_tree_recurrence_matches_each_path(shape, size, heads):
     rng = np.random.default_rng(size)
     tree = make_tree(shape, size, rng)
     q, k, v, log_g, beta, state0 = inputs(rng, size, hk=heads[0], hv=heads[1])
-    y, record = tree_gated_delta(q, k, v, log_g, beta, state0, mx.array(tree.ancestor_mask()), max(tree.depths))
+    y, record = tree_gated_delta(q, k, v, log_g, beta, state0, mx.array(tree.ancestor_mask()))
     states = record.state_at(mx.arange(size))
     chain_y, replay = chain_gated_delta(q, k, v, log_g, beta, state0, tree.parents)
     for node in range(size):
@@ -64,7 +64,7 @@ def test_recurrence_survives_decays_that_underflow():
     q, k, v, _, beta, state0 = inputs(rng, 6)
     log_g = mx.full((6, 4), -200.0)  # exp() is 0 in float32: log space must not produce NaN
     tree = make_tree("chain", 6, rng)
-    y, record = tree_gated_delta(q, k, v, log_g, beta, state0, mx.array(tree.ancestor_mask()), 5)
+    y, record = tree_gated_delta(q, k, v, log_g, beta, state0, mx.array(tree.ancestor_mask()))
     want_y, want_state = sequential(q, k, v, log_g, beta, state0, tree.path_to(5))
     assert_close(y[5], want_y)
     assert_close(record.state_at(mx.array([5]))[0], want_state)

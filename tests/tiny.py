@@ -50,11 +50,11 @@ _DENSE = dict(
 )
 
 
-def make_target(family: str, seed: int = 0):
-    """A tiny float32 target of the given mlx-lm family with random weights."""
+def make_target(family: str, seed: int = 0, **overrides):
+    """A tiny float32 target of the given mlx-lm family with random weights (config fields overridable)."""
     mx.random.seed(seed)
     if family == "qwen3_5":
-        model = qwen3_5.Model(qwen3_5.ModelArgs.from_dict(dict(_QWEN3_5)))
+        model = qwen3_5.Model(qwen3_5.ModelArgs.from_dict(dict(_QWEN3_5, **overrides)))
     elif family == "qwen3_5_moe":
         config = dict(_QWEN3_5, model_type="qwen3_5_moe", num_experts=4, num_experts_per_tok=2,
                       moe_intermediate_size=32, shared_expert_intermediate_size=32)

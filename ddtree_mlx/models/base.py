@@ -31,10 +31,10 @@ class TreeInputs:
     """Per-verify tables shared by all layers."""
 
     tree: DraftTree
+    parents: mx.array  # [T] int32, -1 for the root
     positions: mx.array  # [T] int32: prefix length + depth
     ancestors: mx.array  # [T, T] bool, ancestor-or-self
     attention_mask: mx.array  # [T, prefix + T] bool
-    max_depth: int
     config: DDTreeConfig
     conv_windows: dict[int, mx.array]  # kernel width -> [T, width] rows of concat(cached, nodes)
 
@@ -44,10 +44,10 @@ class TreeInputs:
         visible = np.concatenate([np.ones((len(tree), prefix_len), dtype=bool), ancestors], axis=1)
         return cls(
             tree=tree,
+            parents=mx.array(np.asarray(tree.parents, dtype=np.int32)),
             positions=mx.array(np.asarray(tree.depths, dtype=np.int32) + prefix_len),
             ancestors=mx.array(ancestors),
             attention_mask=mx.array(visible),
-            max_depth=max(tree.depths),
             config=config,
             conv_windows={},
         )

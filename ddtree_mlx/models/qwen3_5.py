@@ -20,13 +20,12 @@ from .base import Capture, TargetAdapter, TreeInputs, tree_attention
 
 @dataclass
 class RecurrentCapture:
-    conv_rows: mx.array  # [K-1 + T, C]: cached conv window then the nodes' conv inputs
-    window_index: mx.array  # [T, K]
-    states: Any  # anything with state_at(nodes) -> [n, Hv, Dv, Dk]
+    windows: kernels.ConvWindows  # window_at(node) -> [K-1, C]
+    states: Any  # state_at(nodes) -> [n, Hv, Dv, Dk]
 
     def commit(self, cache_entry: ArraysCache, path: mx.array) -> None:
         last = path[-1:]
-        cache_entry[0] = self.conv_rows[self.window_index[last[0], 1:]][None]
+        cache_entry[0] = self.windows.window_at(last[0])[None]
         cache_entry[1] = self.states.state_at(last)
 
 
@@ -63,8 +62,7 @@ class Qwen3_5Adapter(TargetAdapter):
         width = gdn.conv_kernel_size
         qkv = gdn.in_proj_qkv(x)[0]
         cached = cache_entry[0][0] if cache_entry[0] is not None else mx.zeros((width - 1, gdn.conv_dim), qkv.dtype)
-        window_index = inputs.window_index(width)
-        conv_out, rows = kernels.tree_conv(qkv, cached, gdn.conv1d.weight[:, :, 0], window_index, inputs)
+        conv_out, windows = kernels.tree_conv(qkv, cached, gdn.conv1d.weight[:, :, 0], inputs)
         q, k, v = mx.split(conv_out, [gdn.key_dim, 2 * gdn.key_dim], axis=-1)
         q = q.reshape(length, gdn.num_k_heads, gdn.head_k_dim)
         k = k.reshape(length, gdn.num_k_heads, gdn.head_k_dim)
@@ -76,7 +74,7 @@ class Qwen3_5Adapter(TargetAdapter):
         )
         z = gdn.in_proj_z(x).reshape(1, length, gdn.num_v_heads, gdn.head_v_dim)
         out = gdn.out_proj(gdn.norm(y[None], z).reshape(1, length, -1))
-        return out, RecurrentCapture(rows, window_index, states)
+        return out, RecurrentCapture(windows, states)
 
     @staticmethod
     def zero_state(gdn: Any) -> mx.array:

@@ -1,0 +1,1 @@
+"""CPU harness for the ddtree Metal kernels: see harness.py."""
