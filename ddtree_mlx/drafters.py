@@ -103,28 +103,29 @@ class ScriptedDrafter:
         self.rank_weights = np.asarray(rank_weights, dtype=np.float64) / np.sum(rank_weights)
         self.seed = seed
         self.position = 0
-        self.vocab_size = 0
+        self.ranked = np.zeros((0, len(rank_weights) - 1), dtype=np.int64)
+        self.floor = 0.0
 
     def reset(self, target: TargetAdapter, prompt_tokens: list[int]) -> None:
+        """Script every position once, so drafting costs the engine almost no host time."""
         self.position = 0
-        self.vocab_size = target.vocab_size
+        vocab = target.vocab_size
+        rng = np.random.default_rng(self.seed)
+        count, ranked = len(self.truth) + self.block_size, len(self.rank_weights) - 1
+        true = np.concatenate([self.truth, rng.integers(vocab, size=self.block_size)])
+        # Distractors are offsets from the true token, so none of them is it; rank `ranked` means "absent".
+        self.ranked = (true[:, None] + rng.integers(1, vocab, size=(count, ranked))) % vocab
+        rank = rng.choice(ranked + 1, size=count, p=self.rank_weights)
+        placed = (rank < ranked) & (np.arange(count) < len(self.truth))
+        self.ranked[placed, rank[placed]] = true[placed]
+        self.floor = np.log(self.rank_weights[-1] / vocab)
+        self.vocab_size = vocab
 
     def draft(self, root_token: int, context_tokens: list[int], context_hidden: mx.array | None) -> mx.array:
+        """Calibrated: rank r carries probability rank_weights[r]; the last weight ("absent") is spread thin."""
         self.position += len(context_tokens)  # the root sits at truth[self.position]
-        ranked = len(self.rank_weights) - 1
-        rows = np.full((self.block_size - 1, self.vocab_size), np.log(self.rank_weights[-1] / self.vocab_size))
-        for depth in range(1, self.block_size):
-            rows[depth - 1, self._ranked_tokens(self.position + depth)] = np.log(self.rank_weights[:ranked])
-        return mx.array(rows.astype(np.float32))
-
-    def _ranked_tokens(self, index: int) -> np.ndarray:
-        """Calibrated: rank r carries probability rank_weights[r]; the last weight ("absent") is spread thin.
-        Distractors are offsets from the true token, so none of them is it."""
-        rng = np.random.default_rng([self.seed, index])
-        ranked = len(self.rank_weights) - 1
-        true = self.truth[index] if index < len(self.truth) else int(rng.integers(self.vocab_size))
-        tokens = (true + rng.integers(1, self.vocab_size, size=ranked)) % self.vocab_size
-        rank = int(rng.choice(ranked + 1, p=self.rank_weights))
-        if index < len(self.truth) and rank < ranked:
-            tokens[rank] = true
-        return tokens
+        depth = self.block_size - 1
+        rows = np.full((depth, self.vocab_size), self.floor, dtype=np.float32)
+        tokens = self.ranked[self.position + 1 : self.position + 1 + depth]
+        rows[np.arange(depth)[:, None], tokens] = np.log(self.rank_weights[:-1])
+        return mx.array(rows)
