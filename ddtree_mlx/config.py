@@ -52,6 +52,8 @@ class DDTreeConfig:
     """DDTREE_DFLASH_CONTROLLER: per cycle, run the tree or the single DFlash path, whichever measures faster."""
     profile_verify: bool = False
     """DDTREE_PROFILE_VERIFY: time verify per layer part (attention, linear, mlp, head); serializes, so slower."""
+    profile_detail: bool = False
+    """DDTREE_PROFILE_DETAIL: with DDTREE_PROFILE_VERIFY, also time the steps inside the token mixers."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> "DDTreeConfig":

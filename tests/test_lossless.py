@@ -127,7 +127,9 @@ def test_profile_verify_reports_layer_parts_without_changing_tokens():
     config = DDTreeConfig(budget=8, profile_verify=True)
     result = run("qwen3_5", 0, 0, oracle("qwen3_5", 0, 0), config=config)
     assert result["generated_token_ids"] == reference("qwen3_5", 0, 0)
-    assert {"attention", "linear", "mlp", "head"} <= set(result["verify_profile"])
+    assert {"attention", "linear", "mlp", "head"} == set(result["verify_profile"]) - {"embed"}
+    detail = run("qwen3_5", 0, 0, oracle("qwen3_5", 0, 0), config=config.replace(profile_detail=True))
+    assert {"linear.proj", "linear.conv", "linear.recurrence", "attention.sdpa"} <= set(detail["verify_profile"])
     assert sum(result["verify_profile"].values()) <= result["phase_timings"]["verify"]
 
 

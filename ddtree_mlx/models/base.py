@@ -36,6 +36,7 @@ class TreeInputs:
     ancestors: mx.array  # [T, T] bool, ancestor-or-self
     attention_mask: mx.array  # [T, prefix + T] bool
     config: DDTreeConfig
+    clock: "PartClock"
     conv_windows: dict[int, mx.array]  # kernel width -> [T, width] rows of concat(cached, nodes)
 
     @classmethod
@@ -49,6 +50,7 @@ class TreeInputs:
             ancestors=mx.array(ancestors),
             attention_mask=mx.array(visible),
             config=config,
+            clock=PartClock(config.profile_verify, config.profile_detail),
             conv_windows={},
         )
 
@@ -84,7 +86,7 @@ def tree_attention(attn: Any, queries: mx.array, keys: mx.array, values: mx.arra
                    inputs: TreeInputs) -> tuple[mx.array, KVCapture]:
     """queries [1, H, T, D], keys/values [1, Hkv, T, D] before RoPE. Returns attention output [1, T, H*D]."""
     queries = rope_at(attn.rope, queries, inputs.positions)
-    keys = rope_at(attn.rope, keys, inputs.positions)
+    keys = inputs.clock.detail("attention.proj_rope", rope_at(attn.rope, keys, inputs.positions))
     all_keys, all_values = keys, values
     if cache.offset > 0:
         all_keys = mx.concatenate([cache.keys[..., : cache.offset, :], keys], axis=2)
@@ -92,6 +94,7 @@ def tree_attention(attn: Any, queries: mx.array, keys: mx.array, values: mx.arra
     out = mx.fast.scaled_dot_product_attention(
         queries, all_keys, all_values, scale=attn.scale, mask=inputs.attention_mask
     )
+    out = inputs.clock.detail("attention.sdpa", out)
     return out.transpose(0, 2, 1, 3).reshape(1, queries.shape[2], -1), KVCapture(keys, values)
 
 
@@ -170,7 +173,7 @@ class TargetAdapter:
         """One forward over [root, nodes...]: the prefix fully visible, ancestors only inside the tree.
         Leaves the cache untouched; the captures commit the accepted path later."""
         inputs = TreeInputs.build(tree, self.prefix_length(cache), config)
-        clock = _PartClock(config.profile_verify)
+        clock = inputs.clock
         h = clock.lap("embed", self.embed(mx.array(tree.tokens)[None]))
         captures, captured = [], []
         for index, (layer, entry) in enumerate(zip(self.layers, cache)):
@@ -193,21 +196,28 @@ class TargetAdapter:
         raise NotImplementedError
 
 
-class _PartClock:
+class PartClock:
     """With DDTREE_PROFILE_VERIFY, evaluate after each layer part so its time is its own (this serializes
-    MLX's lazy graph, so profiled runs are slower than real ones)."""
+    MLX's lazy graph, so profiled runs are slower than real ones). DDTREE_PROFILE_DETAIL also splits the token
+    mixers into their steps ("linear.conv", "attention.sdpa", ...); the mixer's own entry keeps the rest."""
 
-    def __init__(self, enabled: bool):
+    def __init__(self, enabled: bool, detail: bool = False):
         self.enabled = enabled
+        self.detailed = enabled and detail
         self.seconds: dict[str, float] = {}
         self.last = time.perf_counter()
 
+    def detail(self, part: str, value: Any) -> Any:
+        return self._lap(part, value) if self.detailed else value
+
     def lap(self, part: str, value: mx.array) -> mx.array:
-        if self.enabled:
-            mx.eval(value)
-            now = time.perf_counter()
-            self.seconds[part] = self.seconds.get(part, 0.0) + now - self.last
-            self.last = now
+        return self._lap(part, value) if self.enabled else value
+
+    def _lap(self, part: str, value: Any) -> Any:
+        mx.eval(value)
+        now = time.perf_counter()
+        self.seconds[part] = self.seconds.get(part, 0.0) + now - self.last
+        self.last = now
         return value
 
 

@@ -60,18 +60,19 @@ class Qwen3_5Adapter(TargetAdapter):
     def recurrent_tree(self, gdn: Any, x: mx.array, cache_entry: Any, inputs: TreeInputs) -> tuple[mx.array, Capture]:
         length = x.shape[1]
         width = gdn.conv_kernel_size
-        qkv = gdn.in_proj_qkv(x)[0]
+        qkv = inputs.clock.detail("linear.proj", gdn.in_proj_qkv(x)[0])
         cached = cache_entry[0][0] if cache_entry[0] is not None else mx.zeros((width - 1, gdn.conv_dim), qkv.dtype)
         conv_out, windows = kernels.tree_conv(qkv, cached, gdn.conv1d.weight[:, :, 0], inputs)
+        conv_out = inputs.clock.detail("linear.conv", conv_out)
         q, k, v = mx.split(conv_out, [gdn.key_dim, 2 * gdn.key_dim], axis=-1)
         q = q.reshape(length, gdn.num_k_heads, gdn.head_k_dim)
         k = k.reshape(length, gdn.num_k_heads, gdn.head_k_dim)
         v = v.reshape(length, gdn.num_v_heads, gdn.head_v_dim)
         q, k = normalize_qk(q, k, inv_scale=gdn.head_k_dim**-0.5, eps=1e-6)
         state0 = cache_entry[1][0] if cache_entry[1] is not None else self.zero_state(gdn)
-        y, states = kernels.tree_gated_delta(
-            q, k, v, gdn.in_proj_a(x)[0], mx.sigmoid(gdn.in_proj_b(x)[0]), gdn.A_log, gdn.dt_bias, state0, inputs
-        )
+        a, beta = inputs.clock.detail("linear.proj", (gdn.in_proj_a(x)[0], mx.sigmoid(gdn.in_proj_b(x)[0])))
+        y, states = kernels.tree_gated_delta(q, k, v, a, beta, gdn.A_log, gdn.dt_bias, state0, inputs)
+        y = inputs.clock.detail("linear.recurrence", y)
         z = gdn.in_proj_z(x).reshape(1, length, gdn.num_v_heads, gdn.head_v_dim)
         out = gdn.out_proj(gdn.norm(y[None], z).reshape(1, length, -1))
         return out, RecurrentCapture(windows, states)
