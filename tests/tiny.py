@@ -14,40 +14,15 @@ generate_module = importlib.import_module("mlx_lm.generate")  # the package re-e
 VOCAB = 128
 HIDDEN = 64
 
+_SHARED = dict(hidden_size=HIDDEN, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+               rms_norm_eps=1e-6, vocab_size=VOCAB, max_position_embeddings=4096)
 _QWEN3_5 = dict(
-    model_type="qwen3_5",
-    hidden_size=HIDDEN,
-    intermediate_size=96,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    rms_norm_eps=1e-6,
-    vocab_size=VOCAB,
-    max_position_embeddings=4096,
-    linear_num_value_heads=4,
-    linear_num_key_heads=2,
-    linear_key_head_dim=16,
-    linear_value_head_dim=8,
+    _SHARED, model_type="qwen3_5", num_hidden_layers=4, full_attention_interval=2, tie_word_embeddings=False,
+    linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=16, linear_value_head_dim=8,
     linear_conv_kernel_dim=4,
-    full_attention_interval=2,
-    tie_word_embeddings=False,
     rope_parameters={"type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
 )
-
-_DENSE = dict(
-    hidden_size=HIDDEN,
-    intermediate_size=96,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    rms_norm_eps=1e-6,
-    vocab_size=VOCAB,
-    max_position_embeddings=4096,
-    rope_theta=10000.0,
-    tie_word_embeddings=True,
-)
+_DENSE = dict(_SHARED, num_hidden_layers=3, rope_theta=10000.0, tie_word_embeddings=True)
 
 
 def make_target(family: str, seed: int = 0, **overrides):
