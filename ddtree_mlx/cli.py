@@ -1,0 +1,137 @@
+"""The `ddtree-mlx` command: `generate` streams a completion to stdout, `serve` runs the HTTP server.
+
+    ddtree-mlx generate "Write a haiku about trees"                  # the embedded SmolLM2, prompt lookup
+    ddtree-mlx generate --model mlx-community/Qwen3.5-27B-4bit --budget 16 "..."
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, Iterator, Sequence
+
+from .config import DDTreeConfig
+from .generate import METHODS, DecodeStep, stream_generate
+from .loading import load, stop_token_ids
+from .sampling import SamplingParams
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(serving=argv[:1] == ["serve"])
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except ValueError as err:  # bad input found past argparse (the engine, the loader): a usage error too
+        parser.error(str(err))
+
+
+def build_parser(serving: bool = False) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ddtree-mlx", description="Lossless tree speculative decoding for MLX.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{generate,serve}")
+    generate = commands.add_parser("generate", help="stream a completion of one prompt to stdout")
+    add_generate_arguments(generate)
+    generate.set_defaults(run=run_generate)
+    serve = commands.add_parser("serve", help="serve an OpenAI-compatible HTTP API")
+    if serving:  # the server's dependencies load only when it runs
+        from .server import add_serve_arguments
+
+        add_serve_arguments(serve)
+    serve.set_defaults(run=run_serve)
+    return parser
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {value}")
+    return value
+
+
+def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("prompt", nargs="?", help="the prompt (or use --prompt)")
+    parser.add_argument("--prompt", dest="prompt_option", metavar="PROMPT", help="the prompt")
+    parser.add_argument("--model", help="local directory or Hugging Face repo id (default: the embedded SmolLM2)")
+    parser.add_argument("--draft", help="'prompt-lookup', 'dflash', or a DFlash checkpoint directory or repo id "
+                                        "(default: the model's known DFlash drafter, else prompt lookup)")
+    parser.add_argument("--method", choices=METHODS, default="ddtree",
+                        help="ddtree: draft tree; dflash: single draft path; ar: plain decoding (default: ddtree)")
+    parser.add_argument("--budget", type=positive_int, help="draft-tree nodes per cycle (default: DDTREE_BUDGET or 4)")
+    parser.add_argument("--max-tokens", type=positive_int, default=256, help="tokens to generate (default: 256)")
+    parser.add_argument("--no-chat-template", action="store_true", help="encode the prompt as is")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default: 0)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1, off)")
+    parser.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (default: 0, off)")
+    parser.add_argument("--seed", type=int, help="seed for sampling")
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    prompt = pick_prompt(args)
+    sampling = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+    # Settings are checked before the model loads, so a typo fails at once.
+    config = DDTreeConfig.from_env(budget=args.budget)
+    SamplingParams(**sampling)
+    # `ar` drafts nothing; prompt lookup is the drafter that costs nothing to build.
+    target, tokenizer, drafter = load(args.model, "prompt-lookup" if args.method == "ar" else args.draft)
+    stops = stop_token_ids(tokenizer, args.model)  # a local --model directory may add generation_config ids
+    steps = stream_generate(
+        target_model=target, draft_model=None if args.method == "ar" else drafter, tokenizer=tokenizer,
+        prompt_tokens=encode(tokenizer, prompt, chat=not args.no_chat_template), max_new_tokens=args.max_tokens,
+        stop_token_ids=stops, method=args.method, config=config, **sampling,
+    )
+    tokens, last = print_stream(steps, tokenizer, set(stops))
+    print(stats_line(tokens, last), file=sys.stderr)
+    return 0
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from .server import run_server
+
+    run_server(args)
+    return 0
+
+
+def pick_prompt(args: argparse.Namespace) -> str:
+    if args.prompt is not None and args.prompt_option is not None:
+        raise ValueError("give the prompt once: as an argument or with --prompt, not both")
+    prompt = args.prompt if args.prompt is not None else args.prompt_option
+    if not prompt:
+        raise ValueError('a prompt is required: ddtree-mlx generate "your prompt"')
+    return prompt
+
+
+def encode(tokenizer: Any, prompt: str, chat: bool) -> list[int]:
+    """As mlx-lm does: the chat template renders text whose special tokens are already in place."""
+    if chat and tokenizer.has_chat_template:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+        return tokenizer.encode(text, add_special_tokens=False)
+    return tokenizer.encode(prompt)
+
+
+def print_stream(steps: Iterator[DecodeStep], tokenizer: Any, stops: set[int]) -> tuple[int, DecodeStep]:
+    """Write text to stdout as cycles commit it; stop tokens end the text and are not shown."""
+    detokenizer = tokenizer.detokenizer
+    count = 0
+    for step in steps:
+        count += len(step.tokens)
+        for token in step.tokens:
+            if token not in stops:
+                detokenizer.add_token(token)
+        sys.stdout.write(detokenizer.last_segment)
+        sys.stdout.flush()
+    detokenizer.finalize()
+    sys.stdout.write(detokenizer.last_segment + "\n")
+    sys.stdout.flush()
+    return count, step
+
+
+def stats_line(tokens: int, last: DecodeStep) -> str:
+    stats = last.stats.summary(tokens)
+    return (f"decode {stats['tokens_per_second']:.1f} tokens/s | prefill {stats['prompt_tokens']} tokens in "
+            f"{stats['prefill_seconds']:.3f}s | {stats['avg_acceptance']:.2f} tokens/cycle | "
+            f"fast path {stats['fast_path_ratio']:.0%} | {stats['cycles']} cycles | {tokens} tokens, "
+            f"finish: {last.finish_reason}")

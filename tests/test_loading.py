@@ -1,0 +1,97 @@
+"""Loading drafters by name and from z-lab style checkpoints, without the network."""
+
+import json
+from types import SimpleNamespace
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from ddtree_mlx import generate_ddtree_once, loading
+from ddtree_mlx.loading import load_dflash, load_drafter, registered_drafter, stop_token_ids
+from ddtree_mlx.prompt_lookup import PromptLookupDrafter
+from tiny import HIDDEN, VOCAB, greedy_reference, make_dflash, make_target
+
+TARGET = make_target("qwen3")
+
+# As z-lab ships them: transformers 5 moved rope_theta under rope_parameters; older ones keep it at the top.
+ZLAB_CONFIG = {
+    "architectures": ["DFlashDraftModel"], "auto_map": {"AutoModel": "dflash.DFlashDraftModel"},
+    "model_type": "qwen3", "dtype": "float32", "hidden_act": "silu", "attention_bias": False,
+    "hidden_size": HIDDEN, "intermediate_size": 96, "num_hidden_layers": 1, "num_attention_heads": 4,
+    "num_key_value_heads": 2, "head_dim": 16, "rms_norm_eps": 1e-6, "vocab_size": VOCAB,
+    "max_position_embeddings": 4096, "tie_word_embeddings": False, "num_target_layers": 3, "block_size": 8,
+    "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+    "dflash_config": {"mask_token_id": VOCAB - 1, "target_layer_ids": [0, 2]},
+}
+OLD_STYLE = dict({k: v for k, v in ZLAB_CONFIG.items() if k != "rope_parameters"}, rope_theta=10000.0,
+                 mask_token_id=VOCAB - 1, dflash_config={"target_layer_ids": [0, 2]})
+
+
+def write_checkpoint(path, config, model):
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps(config))
+    mx.save_safetensors(str(path / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    return path
+
+
+@pytest.mark.parametrize("config", [ZLAB_CONFIG, OLD_STYLE], ids=["rope_parameters", "top_level"])
+def test_dflash_checkpoint_round_trip(tmp_path, config):
+    original = make_dflash(TARGET)
+    loaded = load_dflash(str(write_checkpoint(tmp_path / "drafter", config, original)))
+    assert (loaded.block_size, loaded.target_layer_ids, loaded.mask_token_id) == (8, [0, 2], VOCAB - 1)
+    assert loaded.args.rope_theta == 10000.0
+    expected = dict(tree_flatten(original.parameters()))
+    for name, value in tree_flatten(loaded.parameters()):
+        np.testing.assert_array_equal(np.array(value), np.array(expected[name]))
+    prompt = [3, 17, 42, 9, 100, 5]
+    result = generate_ddtree_once(target_model=TARGET, draft_model=loaded, prompt_tokens=prompt,
+                                  max_new_tokens=16, stop_token_ids=[], tree_budget=4)
+    assert result["generated_token_ids"] == greedy_reference(TARGET, prompt, 16)
+
+
+def test_checkpoint_of_another_architecture(tmp_path):
+    config = dict(ZLAB_CONFIG, architectures=["DFlash2DraftModel"])
+    with pytest.raises(ValueError, match="DFlash2DraftModel checkpoint; --draft takes a DFlashDraftModel"):
+        load_dflash(str(write_checkpoint(tmp_path / "drafter", config, make_dflash(TARGET))))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="has no config.json"):
+        load_dflash(str(tmp_path / "empty"))
+
+
+def test_registry_names():
+    assert registered_drafter("Qwen/Qwen3.5-27B") == "z-lab/Qwen3.5-27B-DFlash"
+    assert registered_drafter("mlx-community/Qwen3.5-27B-4bit") == "z-lab/Qwen3.5-27B-DFlash"
+    assert registered_drafter("/models/Qwen3.6-35B-A3B-8bit-DWQ/") == "z-lab/Qwen3.6-35B-A3B-DFlash"
+    assert registered_drafter("mlx-community/Llama-3.2-1B-Instruct-4bit") is None
+    assert registered_drafter(None) is None
+
+
+def test_drafter_choice_without_a_registered_drafter():
+    assert isinstance(load_drafter("someone/unknown-model", None), PromptLookupDrafter)
+    assert isinstance(load_drafter("Qwen/Qwen3.5-27B", "prompt-lookup"), PromptLookupDrafter)
+    with pytest.raises(ValueError, match="no DFlash drafter is known for someone/unknown-model.*--draft"):
+        load_drafter("someone/unknown-model", "dflash")
+    with pytest.raises(ValueError, match="--draft"):
+        load_drafter(None, "dflash")
+    with pytest.raises(ValueError, match="neither an existing directory nor a Hugging Face repo id"):
+        load_drafter(None, "./no/such/dir")
+
+
+def test_unreachable_hub_says_how_to_pass_a_path(monkeypatch):
+    def offline(repo_id, **kwargs):
+        raise ConnectionError("Failed to resolve 'huggingface.co'")
+
+    monkeypatch.setattr(loading, "snapshot_download", offline)
+    with pytest.raises(ValueError, match="z-lab/Qwen3.5-27B-DFlash.*unreachable.*--draft DIR"):
+        load_drafter("Qwen/Qwen3.5-27B", None)
+
+
+def test_stop_ids_from_generation_config(tmp_path):
+    tokenizer = SimpleNamespace(eos_token_ids={2}, eos_token_id=2)
+    assert stop_token_ids(tokenizer) == [2]
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [7, 2, 11]}))
+    assert stop_token_ids(tokenizer, tmp_path) == [2, 7, 11]
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": 5}))
+    assert stop_token_ids(SimpleNamespace(eos_token_id=None), str(tmp_path)) == [5]
