@@ -135,3 +135,7 @@ def stats_line(tokens: int, last: DecodeStep) -> str:
             f"{stats['prefill_seconds']:.3f}s | {stats['avg_acceptance']:.2f} tokens/cycle | "
             f"fast path {stats['fast_path_ratio']:.0%} | {stats['cycles']} cycles | {tokens} tokens, "
             f"finish: {last.finish_reason}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -25,6 +25,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from itertools import chain
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
+from .cli import positive_int
 from .generate import METHODS, GenerationStats, stream_generate
 
 DEFAULT_MAX_TOKENS = 256
@@ -426,7 +427,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                                         "(default: the target's registered drafter, else prompt lookup)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     parser.add_argument("--port", type=int, default=8080)
-    parser.add_argument("--budget", type=int, help="draft-tree nodes per cycle (default: DDTREE_BUDGET or 4)")
+    parser.add_argument("--budget", type=positive_int, help="draft-tree nodes per cycle (default: DDTREE_BUDGET or 4)")
     parser.add_argument("--method", choices=METHODS, default="ddtree")
 
 
