@@ -27,3 +27,23 @@ def test_prompt_sets_load_seeded():
     first = benchmark.load_prompts(["humaneval", "mt_bench", "alpaca", "mbpp"], limit=3, seed=1)
     again = benchmark.load_prompts(["humaneval", "mt_bench", "alpaca", "mbpp"], limit=3, seed=1)
     assert first == again and all(len(v) == 3 and all(isinstance(t, str) and t for t in v) for v in first.values())
+
+
+def test_sampled_runs_are_not_compared_token_for_token(tmp_path):
+    out = tmp_path / "rows.json"
+    code = benchmark.main(["--preset", "synthetic", "--limit", "1", "--repeats", "1", "--max-tokens", "8",
+                           "--budgets", "4", "--synthetic-size", "tiny", "--temperature", "0.7", "--json", str(out)])
+    rows = json.loads(out.read_text())
+    assert code == 0 and all(r["lossless"] is None and r["temperature"] == 0.7 for r in rows)
+
+
+def test_self_drafter_proposes_the_greedy_continuation():
+    from ddtree_mlx import generate_ddtree_once
+    from tiny import greedy_reference, make_target
+
+    model, prompt = make_target("llama"), [5, 6, 7]
+    expected = greedy_reference(model, prompt, 20)
+    result = generate_ddtree_once(target_model=model, draft_model=benchmark.SelfDrafter(model, block_size=5),
+                                  prompt_tokens=prompt, max_new_tokens=20, stop_token_ids=[], method="dflash")
+    assert result["generated_token_ids"] == expected
+    assert result["avg_acceptance"] == 5  # every draft accepted: 4 nodes and the bonus, every cycle
