@@ -135,7 +135,7 @@ class SelfDrafter:
 
 @dataclass
 class Runs:
-    """All runs of one (set, method, budget), grouped by repeat."""
+    """All runs of one (set, variant), grouped by repeat."""
 
     per_repeat: dict[int, list[dict]] = field(default_factory=dict)
     lossless: bool | None = True  # None: sampled, so there is no single right output to compare with
@@ -145,49 +145,69 @@ class Runs:
         self.lossless = None if ok is None else self.lossless and ok
 
 
-def run_once(setup: Setup, prompt: list[int], truth: list[int] | None, method: str, budget: int,
-             max_tokens: int, temperature: float = 0.0, seed: int = 0) -> dict:
+@dataclass(frozen=True)
+class Variant:
+    method: str
+    budget: int = 1
+    node_cost: float | None = None  # None: DDTREE_NODE_COST or auto
+
+    @property
+    def label(self) -> str:
+        if self.method != "ddtree":
+            return self.method
+        return f"ddtree@{self.budget}" + ("" if self.node_cost is None else f"/c{self.node_cost:g}")
+
+
+AR = Variant("ar")
+
+
+def run_once(setup: Setup, prompt: list[int], truth: list[int] | None, variant: Variant, max_tokens: int,
+             temperature: float = 0.0, seed: int = 0) -> dict:
     mx.reset_peak_memory()
-    drafter = None if method == "ar" else setup.make_drafter(prompt, truth or [])
+    drafter = None if variant.method == "ar" else setup.make_drafter(prompt, truth or [])
+    config = DDTreeConfig.from_env(budget=variant.budget, node_cost=variant.node_cost)
     result = generate_ddtree_once(target_model=setup.target, draft_model=drafter, prompt_tokens=prompt,
-                                  max_new_tokens=max_tokens, stop_token_ids=setup.stop_token_ids, method=method,
-                                  config=DDTreeConfig(budget=budget), temperature=temperature, seed=seed)
+                                  max_new_tokens=max_tokens, stop_token_ids=setup.stop_token_ids,
+                                  method=variant.method, config=config, temperature=temperature, seed=seed)
     result["peak_memory_bytes"] = mx.get_peak_memory()
     return result
 
 
-def variants(methods: list[str], budgets: list[int]) -> list[tuple[str, int]]:
+def variants(methods: list[str], budgets: list[int], node_costs: list[float | None]) -> list[Variant]:
     out = []
     for method in methods:
-        out += [(method, b) for b in budgets] if method == "ddtree" else [(method, 1)]
+        if method == "ddtree":
+            out += [Variant(method, b, c) for c in node_costs for b in budgets]
+        else:
+            out.append(Variant(method))
     return out
 
 
 def measure(setup: Setup, args: argparse.Namespace) -> dict[tuple[str, str, int], Runs]:
-    plan = variants(args.methods, args.budgets)
-    if ("ar", 1) not in plan:
-        plan.insert(0, ("ar", 1))  # the reference for tokens and speedups
+    plan = variants(args.methods, args.budgets, args.node_costs)
+    if AR not in plan:
+        plan.insert(0, AR)  # the reference for tokens and speedups
     total = sum(len(p) for p in setup.prompts.values()) * args.repeats * len(plan)
-    runs: dict[tuple[str, str, int], Runs] = {}
+    runs: dict[tuple[str, Variant], Runs] = {}
     done = 0
     first = next(iter(setup.prompts.values()))[0]
-    warm_truth = run_once(setup, first, None, "ar", 1, args.max_tokens)["generated_token_ids"]
-    for method, budget in plan:  # warm-up: compile paths and caches, not recorded
-        run_once(setup, first, warm_truth, method, budget, args.max_tokens)
+    warm_truth = run_once(setup, first, None, AR, args.max_tokens)["generated_token_ids"]
+    for variant in plan:  # warm-up: compile paths and caches, not recorded
+        run_once(setup, first, warm_truth, variant, args.max_tokens)
     for set_name, prompts in setup.prompts.items():
         for repeat in range(args.repeats):
             for prompt in prompts:
                 truth = None
-                for method, budget in plan:
-                    result = run_once(setup, prompt, truth, method, budget, args.max_tokens, args.temperature,
+                for variant in plan:
+                    result = run_once(setup, prompt, truth, variant, args.max_tokens, args.temperature,
                                       seed=args.seed + repeat)
-                    if method == "ar":
+                    if variant == AR:
                         truth = result["generated_token_ids"]
                     # Sampled runs draw different random numbers per method: only greedy runs must match AR.
                     ok = result["generated_token_ids"] == truth if args.temperature == 0 else None
-                    runs.setdefault((set_name, method, budget), Runs()).add(repeat, result, ok)
+                    runs.setdefault((set_name, variant), Runs()).add(repeat, result, ok)
                     done += 1
-                    progress(done, total, f"{set_name} {method}@{budget}")
+                    progress(done, total, f"{set_name} {variant.label}")
     print(file=sys.stderr)
     return runs
 
@@ -219,15 +239,18 @@ def spread(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
-def summarize(runs: dict[tuple[str, str, int], Runs], setup: Setup, args: argparse.Namespace) -> list[dict]:
+def summarize(runs: dict[tuple[str, Variant], Runs], setup: Setup, args: argparse.Namespace) -> list[dict]:
     rows = []
-    for (set_name, method, budget), group in runs.items():
-        ar = runs[(set_name, "ar", 1)]
+    for (set_name, variant), group in runs.items():
+        ar = runs[(set_name, AR)]
         repeats = sorted(group.per_repeat)
         mine = [pooled(group.per_repeat[r]) for r in repeats]
         base = [pooled(ar.per_repeat[r]) for r in repeats]
         rows.append({
-            "preset": setup.name, "set": set_name, "method": method, "budget": budget if method == "ddtree" else None,
+            "preset": setup.name, "set": set_name, "method": variant.method, "label": variant.label,
+            "budget": variant.budget if variant.method == "ddtree" else None,
+            "node_cost": (DDTreeConfig.from_env(node_cost=variant.node_cost).resolved_node_cost()
+                          if variant.method == "ddtree" else None),
             "prompts": len(setup.prompts[set_name]), "repeats": len(repeats), "max_tokens": args.max_tokens,
             "temperature": args.temperature, "drafter": args.drafter,
             "lossless": group.lossless,
@@ -257,12 +280,12 @@ def blas_name() -> str:
 
 
 def print_table(rows: list[dict]) -> None:
-    header = f"{'set':<10} {'method':<7} {'budget':>6} {'tok/s':>16} {'speedup':>16} {'tok/cyc':>7} {'fast':>5} " \
+    header = f"{'set':<10} {'variant':<14} {'tok/s':>16} {'speedup':>16} {'tok/cyc':>7} {'fast':>5} " \
              f"{'host':>5} {'cyc ms':>7} {'verify':>6} {'draft':>6} {'peak MB':>8} lossless"
     print(header)
     for r in rows:
         tps, speed, shares = r["tokens_per_second"], r["speedup_vs_ar"], r["phase_shares"]
-        print(f"{r['set']:<10} {r['method']:<7} {r['budget'] or '-':>6} "
+        print(f"{r['set']:<10} {r['label']:<14} "
               f"{tps['median']:6.1f} ({tps['min']:.1f}-{tps['max']:.1f}) "
               f"{speed['median']:5.2f} ({speed['min']:.2f}-{speed['max']:.2f}) "
               f"{r['tokens_per_cycle']:7.2f} {r['fast_path_ratio']:5.2f} {r['host_overhead_share']:5.1%} "
@@ -280,14 +303,17 @@ def plot(rows: list[dict], path: str) -> None:
         raise SystemExit("--plot needs matplotlib: pip install matplotlib")
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     for set_name in sorted({r["set"] for r in rows}):
-        tree = sorted((r for r in rows if r["set"] == set_name and r["method"] == "ddtree"), key=lambda r: r["budget"])
-        left.plot([r["budget"] for r in tree], [r["speedup_vs_ar"]["median"] for r in tree], "o-", label=set_name)
+        for cost in sorted({r["node_cost"] for r in rows if r["method"] == "ddtree"}):
+            tree = sorted((r for r in rows if r["set"] == set_name and r["method"] == "ddtree"
+                           and r["node_cost"] == cost), key=lambda r: r["budget"])
+            left.plot([r["budget"] for r in tree], [r["speedup_vs_ar"]["median"] for r in tree], "o-",
+                      label=f"{set_name}, node cost {cost:g}")
         chain = [r for r in rows if r["set"] == set_name and r["method"] == "dflash"]
         if chain:
             left.axhline(chain[0]["speedup_vs_ar"]["median"], linestyle=":", color=left.lines[-1].get_color())
     left.set(xscale="log", xlabel="tree budget (dotted: DFlash single path)", ylabel="speedup vs AR", title="DDTree")
     left.legend()
-    labels = [f"{r['set']}\n{r['method']}@{r['budget'] or ''}" for r in rows]
+    labels = [f"{r['set']}\n{r['label']}" for r in rows]
     bottom = [0.0] * len(rows)
     for phase in PHASES:
         shares = [r["phase_shares"][phase] for r in rows]
@@ -310,6 +336,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--draft", help="drafter (DFlash checkpoint, 'prompt-lookup'); overrides the preset's")
     parser.add_argument("--methods", default="ar,dflash,ddtree", type=lambda s: s.split(","))
     parser.add_argument("--budgets", default="2,4,8,16", type=lambda s: [int(b) for b in s.split(",")])
+    parser.add_argument("--node-costs", default="auto", type=lambda s: [None if c == "auto" else float(c)
+                                                                        for c in s.split(",")],
+                        help="DDTree node costs to compare, e.g. auto,0 (see DDTREE_NODE_COST)")
     parser.add_argument("--sets", default=",".join(PROMPT_SETS), type=lambda s: s.split(","))
     parser.add_argument("--limit", type=int, default=2, help="prompts per set (seeded sample)")
     parser.add_argument("--max-tokens", type=int, default=64)

@@ -11,6 +11,9 @@ import os
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
+import mlx.core as mx
+
+CPU_NODE_COST = 0.06
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -48,6 +51,9 @@ class DDTreeConfig:
     """DDTREE_TREE_KERNEL: use the Metal tree recurrence kernel where Metal is available."""
     tree_conv_kernel: bool = True
     """DDTREE_TREE_CONV_KERNEL: use the Metal tree conv kernel where Metal is available."""
+    node_cost: float | None = None
+    """DDTREE_NODE_COST: verify cost of one more tree node as a fraction of a one-token verify; the tree stops
+    growing when a node's path probability no longer pays for it. "auto" (default): 0.06 on a CPU, 0 on a GPU."""
     dflash_controller: bool = False
     """DDTREE_DFLASH_CONTROLLER: per cycle, run the tree or the single DFlash path, whichever measures faster."""
     profile_verify: bool = False
@@ -71,6 +77,16 @@ class DDTreeConfig:
     def validate(self) -> None:
         if isinstance(self.budget, bool) or not isinstance(self.budget, int) or self.budget < 1:
             raise ValueError(f"tree budget must be an integer >= 1, got {self.budget!r}")
+        cost = self.node_cost
+        if cost is not None and (isinstance(cost, bool) or not isinstance(cost, (int, float)) or not 0 <= cost < 1e6):
+            raise ValueError(f"node cost must be a number >= 0 (or None for auto), got {cost!r}")
+
+    def resolved_node_cost(self) -> float:
+        """Measured on 2-core x86 CPUs: one more node costs ~6% of a one-token verify (BENCHMARKS.md); on a
+        GPU a verify of a few dozen tokens costs about what one token does."""
+        if self.node_cost is not None:
+            return float(self.node_cost)
+        return CPU_NODE_COST if mx.default_device() == mx.cpu else 0.0
 
     def replace(self, **changes: Any) -> "DDTreeConfig":
         config = dataclasses.replace(self, **changes)
@@ -78,7 +94,21 @@ class DDTreeConfig:
         return config
 
 
+def parse_cost(name: str, text: str) -> float | None:
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{name}={text!r} is not a number; set it to a number >= 0 or 'auto'") from None
+    if not value >= 0:
+        raise ValueError(f"{name}={text!r} must be >= 0 (or 'auto')")
+    return value
+
+
 def _parse_field(f: dataclasses.Field, name: str, text: str) -> Any:
     if f.type in ("bool", bool):
         return parse_bool(name, text)
+    if f.name == "node_cost":
+        return parse_cost(name, text)
     return parse_int(name, text, minimum=1)

@@ -117,7 +117,7 @@ class Session:
             return DraftTree.root_only(self.root)
         if method == "dflash":
             return chain_tree(candidates, self.root)
-        return build_tree(candidates, self.root, self.config.budget)
+        return build_tree(candidates, self.root, self.config.budget, self.config.resolved_node_cost())
 
     def verify(self, tree: DraftTree) -> tuple[VerifyOutput, np.ndarray]:
         out = self.target.verify(tree, self.cache, self.capture_layers, self.config)

@@ -91,12 +91,16 @@ def top_candidates(log_probs: mx.array, k: int) -> Candidates:
     return Candidates(mx.take_along_axis(tokens, order, -1), mx.take_along_axis(values, order, -1))
 
 
-def build_tree(candidates: Candidates, root_token: int, budget: int) -> DraftTree:
+def build_tree(candidates: Candidates, root_token: int, budget: int, node_cost: float = 0.0) -> DraftTree:
     """Best-first search over prefixes scored by the sum of per-position log-probs (DDTree, Algorithm 1).
 
     The heap holds frontier candidates (score, parent node, depth, rank); popping one adds it to the tree and
     pushes its next sibling (same parent, next rank) and its first child (next depth, rank 0). Neither can score
     higher than the node that spawned it, so the pops are the budget-sized prefix-closed set of highest score.
+
+    With node_cost c > 0 (one more node's verify cost, in one-token verifies), growth also stops when the next
+    node no longer pays: a node of path probability p adds p expected tokens for c more cost, which raises the
+    tokens per second of a tree of T nodes and E expected tokens only if p > c E / (1 + c T).
     """
     tree = DraftTree.root_only(root_token)
     depth_limit, width = candidates.tokens.shape
@@ -105,7 +109,12 @@ def build_tree(candidates: Candidates, root_token: int, budget: int) -> DraftTre
     top_k = min(budget, width)
     scores = candidates.log_probs
     heap = [(-scores[0, 0], 0, 0, 0)]  # (-score, parent, depth index, rank)
+    expected = 1.0  # tokens the tree commits on average if the drafter is calibrated: the bonus plus sum of p
     while heap and len(tree) <= budget:
+        probability = np.exp(-heap[0][0])
+        if probability * (1 + node_cost * len(tree)) <= node_cost * expected:
+            break
+        expected += probability
         neg_score, parent, depth, rank = heapq.heappop(heap)
         node = tree.add(parent, int(candidates.tokens[depth, rank]), rank)
         parent_score = -neg_score - scores[depth, rank]

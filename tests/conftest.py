@@ -5,6 +5,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 # Tests pass every setting explicitly; a developer's DDTREE_* environment must not change what they check.
 for name in [n for n in os.environ if n.startswith("DDTREE_") and n != "DDTREE_CACHE_DIR"]:
     del os.environ[name]
+# Full-budget trees unless a test asks for cost-aware pruning, so the trees the tests build are the ones they mean.
+os.environ["DDTREE_NODE_COST"] = "0"
 
 # One converted embedded model per checkout, reused across test runs (a developer's own cache dir wins).
 os.environ.setdefault("DDTREE_CACHE_DIR", os.path.join(os.path.dirname(__file__), "..", ".pytest_cache", "ddtree"))

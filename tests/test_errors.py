@@ -96,3 +96,18 @@ def test_readme_documents_every_setting():
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     for f in fields(DDTreeConfig):
         assert f"`DDTREE_{f.name.upper()}`" in readme
+
+
+def test_node_cost_setting(monkeypatch):
+    monkeypatch.setenv("DDTREE_NODE_COST", "cheap")
+    with pytest.raises(ValueError, match="DDTREE_NODE_COST='cheap' is not a number"):
+        DDTreeConfig.from_env()
+    monkeypatch.setenv("DDTREE_NODE_COST", "-0.1")
+    with pytest.raises(ValueError, match="must be >= 0"):
+        DDTreeConfig.from_env()
+    monkeypatch.setenv("DDTREE_NODE_COST", "auto")
+    assert DDTreeConfig.from_env().resolved_node_cost() == 0.06  # the CPU default
+    monkeypatch.setenv("DDTREE_NODE_COST", "0.2")
+    assert DDTreeConfig.from_env().resolved_node_cost() == 0.2
+    with pytest.raises(ValueError, match="node cost must be a number >= 0"):
+        DDTreeConfig(node_cost=-1).validate()

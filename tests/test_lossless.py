@@ -152,3 +152,10 @@ def test_controller_exploits_the_faster_method():
         controller.record(method, tokens=4 if method == "dflash" else 2, seconds=0.1)
     assert picks[:4].count("ddtree") == 2 and picks[:4].count("dflash") == 2
     assert picks[4:].count("dflash") > 3 * picks[4:].count("ddtree") > 0
+
+
+@pytest.mark.parametrize("family", ["qwen3_5", "qwen3"])
+def test_cost_aware_trees_match_greedy(family):
+    result = run(family, 0, 1, oracle(family, 0, 1), config=DDTreeConfig(budget=16, node_cost=0.06))
+    assert result["generated_token_ids"] == reference(family, 0, 1)
+    assert result["cycles"] < NEW_TOKENS
