@@ -28,6 +28,8 @@ from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
 from ddtree_mlx import DDTreeConfig, generate_ddtree_once
 from ddtree_mlx.drafters import ScriptedDrafter
 from ddtree_mlx.generate import PHASES
+from ddtree_mlx.models import adapter_for
+from ddtree_mlx.tree import DraftTree
 
 OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0"
 PROMPT_DIR = Path(__file__).parent / "ddtree_mlx" / "prompts"
@@ -267,6 +269,84 @@ def summarize(runs: dict[tuple[str, Variant], Runs], setup: Setup, args: argpars
     return rows
 
 
+# --- engine micro-measurements ----------------------------------------------------------------------------------
+
+
+def median_ms(run: Callable[[], Any], repeats: int) -> float:
+    mx.eval(run())  # warm-up (and compile)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        mx.eval(run())
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def shaped_tree(shape: str, size: int, seed: int = 0) -> DraftTree:
+    """chain: one path; wide: a bushy random tree (each node's parent drawn among the earlier nodes)."""
+    rng = random.Random(seed)
+    tree = DraftTree.root_only(1)
+    for node in range(1, size):
+        tree.add(node - 1 if shape == "chain" else rng.randrange(node), 2 + node, 0)
+    return tree
+
+
+def measure_verify(setup: Setup, args: argparse.Namespace) -> list[dict]:
+    """Verify cost of an N-node tree vs an N-token chain on the preset's target, after a real prompt."""
+    target = adapter_for(setup.target)
+    cache = target.make_cache()
+    target.forward(mx.array(next(iter(setup.prompts.values()))[0]), cache, [])
+    config = DDTreeConfig.from_env()
+    rows = []
+    for size in (1, 4, 16, 32):
+        times = {shape: median_ms(lambda: target.verify(shaped_tree(shape, size), cache, [], config).logits,
+                                  args.repeats * 3) for shape in ("chain", "wide")}
+        rows.append({"nodes": size, "chain_ms": times["chain"], "tree_ms": times["wide"],
+                     "tree_over_chain": times["wide"] / times["chain"]})
+        print(f"N={size:3d}  chain {times['chain']:8.2f} ms  tree {times['wide']:8.2f} ms  "
+              f"tree/chain {times['wide'] / times['chain']:.3f}", flush=True)
+    return rows
+
+
+TWIN_SHAPES = {"150m": dict(Hk=6, Hv=12, Dk=128, Dv=128), "27b": dict(Hk=16, Hv=48, Dk=128, Dv=128)}
+
+
+def measure_twin(args: argparse.Namespace) -> list[dict]:
+    """One GatedDeltaNet layer's tree conv + tree recurrence (the pure-MLX twin) per verify, and what a commit
+    of the deepest node costs three ways: closed form (no per-node state kept), every node's state written
+    (what the Metal kernel does), or replaying the accepted path with mlx-lm's chain recurrence."""
+    from ddtree_mlx.recurrence import ReplayRecurrence, tree_conv, tree_gated_delta
+
+    shape = TWIN_SHAPES[args.twin_shape]
+    Hk, Hv, Dk, Dv = shape["Hk"], shape["Hv"], shape["Dk"], shape["Dv"]
+    channels = 2 * Hk * Dk + Hv * Dv
+    rows = []
+    for size in (1, 4, 16, 64):
+        for kind in ("chain", "wide"):
+            tree = shaped_tree(kind, size)
+            normal = lambda *dims: mx.random.normal(dims) * 0.1  # noqa: E731
+            q, k, v = normal(size, Hk, Dk), normal(size, Hk, Dk), normal(size, Hv, Dv)
+            log_g, beta, state0 = -mx.random.uniform(shape=(size, Hv)), mx.random.uniform(shape=(size, Hv)), normal(Hv, Dv, Dk)
+            x, cached, weight = normal(size, channels), normal(3, channels), normal(channels, 4)
+            ancestors, windows = mx.array(tree.ancestor_mask()), mx.array(tree.window_index(4))
+            deepest = mx.array([size - 1])
+            mx.eval(q, k, v, log_g, beta, state0, x, cached, weight)
+            verify = median_ms(lambda: [tree_conv(x, cached, weight, windows)[0],
+                                        tree_gated_delta(q, k, v, log_g, beta, state0, ancestors)[0]], args.repeats * 3)
+            record = tree_gated_delta(q, k, v, log_g, beta, state0, ancestors)[1]
+            mx.eval(record.u)
+            replay = ReplayRecurrence(q, k, v, mx.exp(log_g), beta, state0, tree.parents)
+            row = {"shape": args.twin_shape, "tree": kind, "nodes": size, "verify_ms": verify,
+                   "commit_closed_form_ms": median_ms(lambda: record.state_at(deepest), args.repeats * 3),
+                   "all_node_states_ms": median_ms(lambda: record.state_at(mx.arange(size)), args.repeats * 3),
+                   "commit_replay_ms": median_ms(lambda: replay.state_at(deepest), args.repeats * 3),
+                   "node_state_mb": size * Hv * Dv * Dk * 4 / 2**20}
+            rows.append(row)
+            print(" ".join(f"{key}={value:.3f}" if isinstance(value, float) else f"{key}={value}"
+                           for key, value in row.items()), flush=True)
+    return rows
+
+
 # --- reporting ------------------------------------------------------------------------------------------------
 
 
@@ -354,6 +434,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", help="write one row per set x method x budget")
     parser.add_argument("--plot", help="write a PNG: speedup vs budget per set, and phase shares")
     parser.add_argument("--openblas", action="store_true", help="Linux: re-run with Debian's OpenBLAS preloaded")
+    parser.add_argument("--measure", choices=["generation", "verify", "twin"], default="generation",
+                        help="verify: N-node tree vs N-token chain verify on the preset's target; twin: one "
+                             "GatedDeltaNet layer's tree recurrence and commit variants (no model)")
+    parser.add_argument("--twin-shape", choices=sorted(TWIN_SHAPES), default="150m")
     args = parser.parse_args(argv)
     unknown = set(args.methods) - {"ar", "dflash", "ddtree"} or set(args.sets) - set(PROMPT_SETS)
     if unknown:
@@ -387,16 +471,21 @@ def main(argv: list[str] | None = None) -> int:
         preload_openblas(sys.argv)
     print(f"# {' '.join(['python', *sys.argv])}\n# BLAS: {blas_name()}; mlx {mx.__version__}; "
           f"{platform.machine()} {platform.system()}", flush=True)
-    setup = make_setup(args)
     start = time.perf_counter()
-    rows = summarize(measure(setup, args), setup, args)
-    print_table(rows)
+    if args.measure == "twin":
+        rows = measure_twin(args)
+    elif args.measure == "verify":
+        rows = measure_verify(make_setup(args), args)
+    else:
+        setup = make_setup(args)
+        rows = summarize(measure(setup, args), setup, args)
+        print_table(rows)
     print(f"# {time.perf_counter() - start:.0f} s")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
-    if args.plot:
+    if args.plot and args.measure == "generation":
         plot(rows, args.plot)
-    return 1 if any(r["lossless"] is False for r in rows) else 0
+    return 1 if any(r.get("lossless") is False for r in rows) else 0
 
 
 if __name__ == "__main__":

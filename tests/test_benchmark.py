@@ -48,3 +48,12 @@ def test_self_drafter_proposes_the_greedy_continuation():
                                   prompt_tokens=prompt, max_new_tokens=20, stop_token_ids=[], method="dflash")
     assert result["generated_token_ids"] == expected
     assert result["avg_acceptance"] == 5  # every draft accepted: 4 nodes and the bonus, every cycle
+
+
+def test_verify_and_twin_measurements_run(tmp_path):
+    out = tmp_path / "verify.json"
+    assert benchmark.main(["--measure", "verify", "--synthetic-size", "tiny", "--repeats", "1", "--limit", "1",
+                           "--json", str(out)]) == 0
+    assert [r["nodes"] for r in json.loads(out.read_text())] == [1, 4, 16, 32]
+    rows = benchmark.measure_twin(benchmark.parse_args(["--measure", "twin", "--repeats", "1"]))
+    assert {(r["tree"], r["nodes"]) for r in rows} == {(t, n) for t in ("chain", "wide") for n in (1, 4, 16, 64)}
