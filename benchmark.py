@@ -383,17 +383,21 @@ def plot(rows: list[dict], path: str) -> None:
         raise SystemExit("--plot needs matplotlib: pip install matplotlib")
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     for set_name in sorted({r["set"] for r in rows}):
+        color = None
         for cost in sorted({r["node_cost"] for r in rows if r["method"] == "ddtree"}):
             tree = sorted((r for r in rows if r["set"] == set_name and r["method"] == "ddtree"
                            and r["node_cost"] == cost), key=lambda r: r["budget"])
-            left.plot([r["budget"] for r in tree], [r["speedup_vs_ar"]["median"] for r in tree], "o-",
-                      label=f"{set_name}, node cost {cost:g}")
+            line, = left.plot([r["budget"] for r in tree], [r["speedup_vs_ar"]["median"] for r in tree],
+                              "o-" if cost else "s--", color=color, label=f"{set_name}, node cost {cost:g}")
+            color = line.get_color()
         chain = [r for r in rows if r["set"] == set_name and r["method"] == "dflash"]
         if chain:
-            left.axhline(chain[0]["speedup_vs_ar"]["median"], linestyle=":", color=left.lines[-1].get_color())
-    left.set(xscale="log", xlabel="tree budget (dotted: DFlash single path)", ylabel="speedup vs AR", title="DDTree")
+            left.axhline(chain[0]["speedup_vs_ar"]["median"], linestyle=":", color=color)
+    left.set_xscale("log", base=2)
+    left.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    left.set(xlabel="tree budget (dotted: DFlash single path)", ylabel="speedup vs AR", title="DDTree")
     left.legend()
-    labels = [f"{r['set']}\n{r['label']}" for r in rows]
+    labels = [f"{r['set']} {r['label']}" for r in rows]
     bottom = [0.0] * len(rows)
     for phase in PHASES:
         shares = [r["phase_shares"][phase] for r in rows]
