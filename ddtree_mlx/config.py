@@ -54,6 +54,11 @@ class DDTreeConfig:
     node_cost: float | None = None
     """DDTREE_NODE_COST: verify cost of one more tree node as a fraction of a one-token verify; the tree stops
     growing when a node's path probability no longer pays for it. "auto" (default): 0.06 on a CPU, 0 on a GPU."""
+    exact_tree_attention: bool = False
+    """DDTREE_EXACT_TREE_ATTENTION: verify attention as a prefix part and a tree part merged exactly (log-sum-exp),
+    reading the cached prefix in place instead of concatenating it with the tree's keys under one mask."""
+    exact_tree_attention_min_prefix: int = 2048
+    """DDTREE_EXACT_TREE_ATTENTION_MIN_PREFIX: the split is used once the prefix has at least this many tokens."""
     dflash_controller: bool = False
     """DDTREE_DFLASH_CONTROLLER: per cycle, run the tree or the single DFlash path, whichever measures faster."""
     profile_verify: bool = False
@@ -77,6 +82,9 @@ class DDTreeConfig:
     def validate(self) -> None:
         if isinstance(self.budget, bool) or not isinstance(self.budget, int) or self.budget < 1:
             raise ValueError(f"tree budget must be an integer >= 1, got {self.budget!r}")
+        prefix = self.exact_tree_attention_min_prefix
+        if isinstance(prefix, bool) or not isinstance(prefix, int) or prefix < 0:
+            raise ValueError(f"exact_tree_attention_min_prefix must be an integer >= 0, got {prefix!r}")
         cost = self.node_cost
         if cost is not None and (isinstance(cost, bool) or not isinstance(cost, (int, float)) or not 0 <= cost < 1e6):
             raise ValueError(f"node cost must be a number >= 0 (or None for auto), got {cost!r}")
@@ -111,4 +119,4 @@ def _parse_field(f: dataclasses.Field, name: str, text: str) -> Any:
         return parse_bool(name, text)
     if f.name == "node_cost":
         return parse_cost(name, text)
-    return parse_int(name, text, minimum=1)
+    return parse_int(name, text, minimum=0 if f.name.endswith("min_prefix") else 1)

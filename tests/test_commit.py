@@ -60,3 +60,16 @@ def test_verify_leaves_the_cache_untouched():
     target.verify(branching_tree(np.random.default_rng(1), 6), cache, [], DDTreeConfig())
     for got, want in zip(cache_arrays(cache), before):
         np.testing.assert_array_equal(np.array(got), want)
+
+
+@pytest.mark.parametrize("family", ["qwen3_5", "llama"])
+def test_split_tree_attention_equals_masked_attention(family):
+    """DDTREE_EXACT_TREE_ATTENTION computes the same verify as one masked attention over [prefix, tree]."""
+    target = adapter_for(make_target(family))
+    cache = target.make_cache()
+    target.forward(mx.array(list(range(3, 40))), cache, [])
+    tree = branching_tree(np.random.default_rng(2), 12)
+    plain = target.verify(tree, cache, [0], DDTreeConfig())
+    split = target.verify(tree, cache, [0], DDTreeConfig(exact_tree_attention=True, exact_tree_attention_min_prefix=0))
+    np.testing.assert_allclose(np.array(split.logits), np.array(plain.logits), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.array(split.hidden), np.array(plain.hidden), rtol=1e-5, atol=1e-5)

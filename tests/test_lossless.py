@@ -159,3 +159,10 @@ def test_cost_aware_trees_match_greedy(family):
     result = run(family, 0, 1, oracle(family, 0, 1), config=DDTreeConfig(budget=16, node_cost=0.06))
     assert result["generated_token_ids"] == reference(family, 0, 1)
     assert result["cycles"] < NEW_TOKENS
+
+
+@pytest.mark.parametrize("family", ["qwen3_5_moe", "llama"])
+def test_split_tree_attention_matches_greedy(family):
+    config = DDTreeConfig(budget=8, exact_tree_attention=True, exact_tree_attention_min_prefix=8)
+    result = run(family, 1, 1, oracle(family, 1, 1), config=config)
+    assert result["generated_token_ids"] == reference(family, 1, 1)

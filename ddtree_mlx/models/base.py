@@ -87,15 +87,40 @@ def tree_attention(attn: Any, queries: mx.array, keys: mx.array, values: mx.arra
     """queries [1, H, T, D], keys/values [1, Hkv, T, D] before RoPE. Returns attention output [1, T, H*D]."""
     queries = rope_at(attn.rope, queries, inputs.positions)
     keys = inputs.clock.detail("attention.proj_rope", rope_at(attn.rope, keys, inputs.positions))
-    all_keys, all_values = keys, values
-    if cache.offset > 0:
-        all_keys = mx.concatenate([cache.keys[..., : cache.offset, :], keys], axis=2)
-        all_values = mx.concatenate([cache.values[..., : cache.offset, :], values], axis=2)
-    out = mx.fast.scaled_dot_product_attention(
-        queries, all_keys, all_values, scale=attn.scale, mask=inputs.attention_mask
-    )
+    config = inputs.config
+    if config.exact_tree_attention and cache.offset >= config.exact_tree_attention_min_prefix:
+        prefix = cache.keys[..., : cache.offset, :], cache.values[..., : cache.offset, :]
+        out = split_attention(queries, prefix, (keys, values), attn.scale, inputs.ancestors)
+    else:
+        all_keys, all_values = keys, values
+        if cache.offset > 0:
+            all_keys = mx.concatenate([cache.keys[..., : cache.offset, :], keys], axis=2)
+            all_values = mx.concatenate([cache.values[..., : cache.offset, :], values], axis=2)
+        out = mx.fast.scaled_dot_product_attention(
+            queries, all_keys, all_values, scale=attn.scale, mask=inputs.attention_mask
+        )
     out = inputs.clock.detail("attention.sdpa", out)
     return out.transpose(0, 2, 1, 3).reshape(1, queries.shape[2], -1), KVCapture(keys, values)
+
+
+def split_attention(queries: mx.array, prefix: tuple[mx.array, mx.array], tree: tuple[mx.array, mx.array],
+                    scale: float, ancestors: mx.array) -> mx.array:
+    """Attention over [prefix, tree] as two parts merged exactly by their log-sum-exp (DDTREE_EXACT_TREE_ATTENTION).
+
+    The prefix part needs no mask and reads the cache in place, so a long context is neither copied next to the
+    tree's keys nor masked element by element; the tree part is a small T x T ancestor-masked block.
+    queries [1, H, T, D]; prefix and tree (keys, values) [1, Hkv, *, D]. Softmax in float32, as MLX's own."""
+    _, heads, length, dim = queries.shape
+    kv_heads = prefix[0].shape[1]
+    q = (queries.astype(mx.float32) * scale).reshape(1, kv_heads, heads // kv_heads * length, dim)
+    prefix_scores = q @ prefix[0].astype(mx.float32).swapaxes(-1, -2)  # [1, Hkv, rep*T, P]
+    tree_scores = (q @ tree[0].astype(mx.float32).swapaxes(-1, -2)).reshape(1, kv_heads, -1, length, length)
+    tree_scores = mx.where(ancestors, tree_scores, -mx.inf).reshape(1, kv_heads, -1, length)
+    peak = mx.maximum(prefix_scores.max(-1, keepdims=True), tree_scores.max(-1, keepdims=True))
+    prefix_weights, tree_weights = mx.exp(prefix_scores - peak), mx.exp(tree_scores - peak)
+    total = prefix_weights.sum(-1, keepdims=True) + tree_weights.sum(-1, keepdims=True)
+    out = (prefix_weights @ prefix[1].astype(mx.float32) + tree_weights @ tree[1].astype(mx.float32)) / total
+    return out.reshape(1, heads, length, -1).astype(queries.dtype)
 
 
 class TargetAdapter:
