@@ -26,12 +26,12 @@ import mlx.core as mx
 from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
 
 from ddtree_mlx import DDTreeConfig, generate_ddtree_once
+from ddtree_mlx.blas import OPENBLAS, blas_name, slow_blas
 from ddtree_mlx.drafters import ScriptedDrafter
 from ddtree_mlx.generate import PHASES
 from ddtree_mlx.models import adapter_for
 from ddtree_mlx.tree import DraftTree
 
-OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0"
 PROMPT_DIR = Path(__file__).parent / "ddtree_mlx" / "prompts"
 PROMPT_SETS = {
     "humaneval": ("humaneval.jsonl", lambda row: row["prompt"]),
@@ -350,15 +350,6 @@ def measure_twin(args: argparse.Namespace) -> list[dict]:
 # --- reporting ------------------------------------------------------------------------------------------------
 
 
-def blas_name() -> str:
-    if platform.system() == "Darwin":
-        return "Apple (Metal GPU)" if mx.metal.is_available() else "Apple Accelerate"
-    maps = Path("/proc/self/maps").read_text() if Path("/proc/self/maps").exists() else ""
-    if "openblas" in maps.lower():
-        return f"OpenBLAS (preloaded, OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')})"
-    return "MLX CPU wheel's reference BLAS (slow; rerun with --openblas)"
-
-
 def print_table(rows: list[dict]) -> None:
     header = f"{'set':<10} {'variant':<14} {'tok/s':>16} {'speedup':>16} {'tok/cyc':>7} {'fast':>5} " \
              f"{'host':>5} {'cyc ms':>7} {'verify':>6} {'draft':>6} {'peak MB':>8} lossless"
@@ -475,6 +466,8 @@ def main(argv: list[str] | None = None) -> int:
         preload_openblas(sys.argv)
     print(f"# {' '.join(['python', *sys.argv])}\n# BLAS: {blas_name()}; mlx {mx.__version__}; "
           f"{platform.machine()} {platform.system()}", flush=True)
+    if slow_blas():
+        print("# hint: numbers on the reference BLAS are ~25x off; rerun with --openblas", flush=True)
     start = time.perf_counter()
     if args.measure == "twin":
         rows = measure_twin(args)

@@ -10,6 +10,7 @@ import argparse
 import sys
 from typing import Any, Iterator, Sequence
 
+from .blas import HINT, slow_blas
 from .config import DDTreeConfig
 from .generate import METHODS, DecodeStep, stream_generate
 from .loading import load, stop_token_ids
@@ -84,6 +85,8 @@ def run_generate(args: argparse.Namespace) -> int:
     )
     tokens, last = print_stream(steps, tokenizer, set(stops))
     print(stats_line(tokens, last), file=sys.stderr)
+    if slow_blas():
+        print(f"hint: {HINT}", file=sys.stderr)
     return 0
 
 
