@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ddtree_mlx.kernels import node_slots, tree_conv1d_launch, tree_gated_delta_launch, tree_levels  # noqa: F401
+from ddtree_mlx.kernels import tree_conv1d_launch, tree_gated_delta_launch, tree_levels
 
 HERE = Path(__file__).resolve().parent
 KERNEL_DIR = HERE.parents[1] / "kernels"
