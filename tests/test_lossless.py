@@ -49,11 +49,12 @@ def test_ddtree_oracle_matches_greedy(family, budget):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("budget", [1, 4, 32])
+@pytest.mark.parametrize("budget", [1, 2, 4, 8, 16, 32])
 def test_ddtree_dflash_drafter_matches_greedy(family, budget):
-    drafter = make_dflash(target(family))
-    result = run(family, 0, 1, drafter, tree_budget=budget)
-    assert result["generated_token_ids"] == reference(family, 0, 1)
+    for seed, prompt_id in [(0, 1), (1, 0)]:
+        drafter = make_dflash(target(family, seed), seed=seed + 5)
+        result = run(family, seed, prompt_id, drafter, tree_budget=budget)
+        assert result["generated_token_ids"] == reference(family, seed, prompt_id)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
