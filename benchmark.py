@@ -62,6 +62,7 @@ class Setup:
     make_drafter: Callable[[list[int], list[int]], Any]  # (prompt, AR output) -> drafter
     prompts: dict[str, list[list[int]]]
     stop_token_ids: list[int]
+    peer_draft: Any = None  # a small mlx-lm model for the mlx-lm speculative decoding peer
 
 
 def load_prompts(sets: list[str], limit: int, seed: int) -> dict[str, list[str]]:
@@ -161,11 +162,16 @@ class Variant:
 
 
 AR = Variant("ar")
+PEER = "mlx-lm-spec"
 
 
 def run_once(setup: Setup, prompt: list[int], truth: list[int] | None, variant: Variant, max_tokens: int,
              temperature: float = 0.0, seed: int = 0) -> dict:
     mx.reset_peak_memory()
+    if variant.method == PEER:
+        result = run_mlx_lm_speculative(setup, prompt, max_tokens)
+        result["peak_memory_bytes"] = mx.get_peak_memory()
+        return result
     drafter = None if variant.method == "ar" else setup.make_drafter(prompt, truth or [])
     config = DDTreeConfig.from_env(budget=variant.budget, node_cost=variant.node_cost)
     result = generate_ddtree_once(target_model=setup.target, draft_model=drafter, prompt_tokens=prompt,
@@ -173,6 +179,28 @@ def run_once(setup: Setup, prompt: list[int], truth: list[int] | None, variant: 
                                   method=variant.method, config=config, temperature=temperature, seed=seed)
     result["peak_memory_bytes"] = mx.get_peak_memory()
     return result
+
+
+def run_mlx_lm_speculative(setup: Setup, prompt: list[int], max_tokens: int, draft_tokens: int = 4) -> dict:
+    """The peer: mlx-lm's own speculative decoding (a draft model, greedy), timed like our runs: decode only,
+    from the first token on. Fields we cannot see inside mlx-lm (phases, host share) are NaN."""
+    from mlx_lm.generate import speculative_generate_step
+
+    tokens, drafted, first = [], 0, None
+    steps = speculative_generate_step(mx.array(prompt), setup.target, setup.peer_draft, max_tokens=max_tokens,
+                                      num_draft_tokens=draft_tokens, sampler=lambda x: mx.argmax(x, axis=-1))
+    for token, _, from_draft in steps:
+        first = first or time.perf_counter()
+        tokens.append(int(token))
+        drafted += bool(from_draft)
+        if tokens[-1] in setup.stop_token_ids:
+            break
+    decode = time.perf_counter() - first
+    cycles = max(len(tokens) - 1 - drafted, 1)  # each verify ends with one token of the target's own
+    nan = float("nan")
+    return {"generated_token_ids": tokens, "decode_seconds": decode, "cycles": cycles,
+            "avg_acceptance": (len(tokens) - 1) / cycles, "fast_path_ratio": 1.0, "host_overhead_share": nan,
+            "phase_timings": dict.fromkeys(PHASES, nan)}
 
 
 def variants(methods: list[str], budgets: list[int], node_costs: list[float | None]) -> list[Variant]:
@@ -409,7 +437,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--preset", choices=["synthetic", "cpu", "mac"], default="synthetic")
     parser.add_argument("--model", help="target (repo id or path); overrides the preset's")
     parser.add_argument("--draft", help="drafter (DFlash checkpoint, 'prompt-lookup'); overrides the preset's")
-    parser.add_argument("--methods", default="ar,dflash,ddtree", type=lambda s: s.split(","))
+    parser.add_argument("--methods", default="ar,dflash,ddtree", type=lambda s: s.split(","),
+                        help=f"ar, dflash, ddtree, and the peer {PEER} (needs --peer-draft)")
+    parser.add_argument("--peer-draft", help=f"draft model for {PEER} (mlx-lm speculative decoding): a path or "
+                                             "repo id, or 'self' (the target, a smoke test)")
     parser.add_argument("--budgets", default="2,4,8,16", type=lambda s: [int(b) for b in s.split(",")])
     parser.add_argument("--node-costs", default="auto", type=lambda s: [None if c == "auto" else float(c)
                                                                         for c in s.split(",")],
@@ -434,7 +465,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "GatedDeltaNet layer's tree recurrence and commit variants (no model)")
     parser.add_argument("--twin-shape", choices=sorted(TWIN_SHAPES), default="150m")
     args = parser.parse_args(argv)
-    unknown = set(args.methods) - {"ar", "dflash", "ddtree"} or set(args.sets) - set(PROMPT_SETS)
+    unknown = set(args.methods) - {"ar", "dflash", "ddtree", PEER} or set(args.sets) - set(PROMPT_SETS)
+    if PEER in args.methods and not args.peer_draft:
+        parser.error(f"--methods {PEER} needs --peer-draft MODEL")
     if unknown:
         parser.error(f"unknown method or prompt set: {', '.join(sorted(unknown))}")
     if min(args.budgets) < 1 or args.limit < 1 or args.repeats < 1 or args.max_tokens < 1:
@@ -454,10 +487,16 @@ def preload_openblas(argv: list[str]) -> None:
 
 def make_setup(args: argparse.Namespace) -> Setup:
     if args.preset == "synthetic":
-        return synthetic_setup(args)
-    if args.preset == "cpu":
-        return real_setup(args, "cpu", args.model, args.draft)
-    return real_setup(args, "mac", args.model or "mlx-community/Qwen3.5-27B-4bit", args.draft)
+        setup = synthetic_setup(args)
+    elif args.preset == "cpu":
+        setup = real_setup(args, "cpu", args.model, args.draft)
+    else:
+        setup = real_setup(args, "mac", args.model or "mlx-community/Qwen3.5-27B-4bit", args.draft)
+    if args.peer_draft:
+        import mlx_lm
+
+        setup.peer_draft = setup.target if args.peer_draft == "self" else mlx_lm.load(args.peer_draft)[0]
+    return setup
 
 
 def main(argv: list[str] | None = None) -> int:

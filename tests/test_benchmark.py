@@ -57,3 +57,13 @@ def test_verify_and_twin_measurements_run(tmp_path):
     assert [r["nodes"] for r in json.loads(out.read_text())] == [1, 4, 16, 32]
     rows = benchmark.measure_twin(benchmark.parse_args(["--measure", "twin", "--repeats", "1"]))
     assert {(r["tree"], r["nodes"]) for r in rows} == {(t, n) for t in ("chain", "wide") for n in (1, 4, 16, 64)}
+
+
+def test_mlx_lm_speculative_peer_is_timed_and_lossless():
+    from tiny import greedy_reference, make_target
+
+    model, prompt = make_target("llama"), [5, 6, 7]
+    setup = benchmark.Setup("t", model, None, {}, stop_token_ids=[], peer_draft=model)
+    result = benchmark.run_mlx_lm_speculative(setup, prompt, 16)
+    assert result["generated_token_ids"] == greedy_reference(model, prompt, 16)
+    assert result["avg_acceptance"] > 2 and result["decode_seconds"] > 0  # a model drafting for itself
