@@ -18,6 +18,15 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
 
+def is_int(value: Any) -> bool:
+    """An integer that is not a bool (True is an int to Python, never to a user)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def parse_bool(name: str, text: str) -> bool:
     value = text.strip().lower()
     if value in _TRUE:
@@ -80,13 +89,13 @@ class DDTreeConfig:
         return config
 
     def validate(self) -> None:
-        if isinstance(self.budget, bool) or not isinstance(self.budget, int) or self.budget < 1:
+        if not is_int(self.budget) or self.budget < 1:
             raise ValueError(f"tree budget must be an integer >= 1, got {self.budget!r}")
         prefix = self.exact_tree_attention_min_prefix
-        if isinstance(prefix, bool) or not isinstance(prefix, int) or prefix < 0:
+        if not is_int(prefix) or prefix < 0:
             raise ValueError(f"exact_tree_attention_min_prefix must be an integer >= 0, got {prefix!r}")
         cost = self.node_cost
-        if cost is not None and (isinstance(cost, bool) or not isinstance(cost, (int, float)) or not 0 <= cost < 1e6):
+        if cost is not None and (not is_number(cost) or not 0 <= cost < 1e6):
             raise ValueError(f"node cost must be a number >= 0 (or None for auto), got {cost!r}")
 
     def resolved_node_cost(self) -> float:

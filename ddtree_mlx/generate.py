@@ -16,7 +16,7 @@ from typing import Any, Iterator, Sequence
 import mlx.core as mx
 import numpy as np
 
-from .config import DDTreeConfig
+from .config import DDTreeConfig, is_int
 from .controller import MethodController
 from .drafters import Drafter, as_drafter
 from .models import adapter_for
@@ -187,7 +187,7 @@ class Session:
 def _validate(target: TargetAdapter, prompt_tokens: Any, max_new_tokens: int, method: str) -> list[int]:
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
+    if not is_int(max_new_tokens) or max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     tokens = np.asarray(prompt_tokens.tolist() if isinstance(prompt_tokens, mx.array) else prompt_tokens)
     if tokens.ndim == 2 and tokens.shape[0] == 1:

@@ -26,6 +26,7 @@ from itertools import chain
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from .cli import positive_int
+from .config import is_int, is_number
 from .generate import METHODS, GenerationStats, stream_generate
 
 DEFAULT_MAX_TOKENS = 256
@@ -54,21 +55,13 @@ class Request:
     created: int = field(default_factory=lambda: int(time.time()))
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _is_stop(value: Any) -> bool:
     return isinstance(value, str) or (isinstance(value, list) and all(isinstance(s, str) for s in value))
 
 
 # Types only: the engine checks ranges (temperature >= 0, top_p in (0, 1], ...) and its ValueError becomes a 400.
-_SAMPLING = {"temperature": (_is_number, "a number"), "top_p": (_is_number, "a number"),
-             "top_k": (_is_int, "an integer"), "seed": (_is_int, "an integer")}
+_SAMPLING = {"temperature": (is_number, "a number"), "top_p": (is_number, "a number"),
+             "top_k": (is_int, "an integer"), "seed": (is_int, "an integer")}
 
 
 def _field(body: Mapping[str, Any], name: str, check: Callable[[Any], bool], what: str, default: Any = None) -> Any:
@@ -104,7 +97,7 @@ def parse_request(kind: str, body: Any) -> Request:
     prompt = _messages(body) if kind == "chat" else _prompt(body)
     # Newer chat clients send max_completion_tokens instead of max_tokens.
     limit = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    max_tokens = _field(body, limit, lambda v: _is_int(v) and v > 0, "a positive integer", DEFAULT_MAX_TOKENS)
+    max_tokens = _field(body, limit, lambda v: is_int(v) and v > 0, "a positive integer", DEFAULT_MAX_TOKENS)
     stream = _field(body, "stream", lambda v: isinstance(v, bool), "a boolean", False)
     stop = _field(body, "stop", _is_stop, "a string or a list of strings", [])
     sampling = {name: value for name, (check, what) in _SAMPLING.items()
