@@ -34,25 +34,31 @@ class TreeInputs:
     parents: mx.array  # [T] int32, -1 for the root
     positions: mx.array  # [T] int32: prefix length + depth
     ancestors: mx.array  # [T, T] bool, ancestor-or-self
-    attention_mask: mx.array  # [T, prefix + T] bool
+    prefix_len: int
     config: DDTreeConfig
     clock: "PartClock"
     conv_windows: dict[int, mx.array]  # kernel width -> [T, width] rows of concat(cached, nodes)
+    mask: mx.array | None = None
 
     @classmethod
     def build(cls, tree: DraftTree, prefix_len: int, config: DDTreeConfig) -> "TreeInputs":
-        ancestors = tree.ancestor_mask()
-        visible = np.concatenate([np.ones((len(tree), prefix_len), dtype=bool), ancestors], axis=1)
         return cls(
             tree=tree,
             parents=mx.array(np.asarray(tree.parents, dtype=np.int32)),
             positions=mx.array(np.asarray(tree.depths, dtype=np.int32) + prefix_len),
-            ancestors=mx.array(ancestors),
-            attention_mask=mx.array(visible),
+            ancestors=mx.array(tree.ancestor_mask()),
+            prefix_len=prefix_len,
             config=config,
             clock=PartClock(config.profile_verify, config.profile_detail),
             conv_windows={},
         )
+
+    def attention_mask(self) -> mx.array:
+        """[T, prefix + T] bool: the prefix fully visible, ancestors inside the tree. Built on the device, once
+        per verify, and only if a layer asks (the split attention does not)."""
+        if self.mask is None:
+            self.mask = mx.concatenate([mx.ones((len(self.tree), self.prefix_len), mx.bool_), self.ancestors], 1)
+        return self.mask
 
     def window_index(self, width: int) -> mx.array:
         if width not in self.conv_windows:
@@ -97,7 +103,7 @@ def tree_attention(attn: Any, queries: mx.array, keys: mx.array, values: mx.arra
             all_keys = mx.concatenate([cache.keys[..., : cache.offset, :], keys], axis=2)
             all_values = mx.concatenate([cache.values[..., : cache.offset, :], values], axis=2)
         out = mx.fast.scaled_dot_product_attention(
-            queries, all_keys, all_values, scale=attn.scale, mask=inputs.attention_mask
+            queries, all_keys, all_values, scale=attn.scale, mask=inputs.attention_mask()
         )
     out = inputs.clock.detail("attention.sdpa", out)
     return out.transpose(0, 2, 1, 3).reshape(1, queries.shape[2], -1), KVCapture(keys, values)
