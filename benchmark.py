@@ -363,7 +363,7 @@ def measure_twin(args: argparse.Namespace) -> list[dict]:
                                         tree_gated_delta(q, k, v, log_g, beta, state0, ancestors)[0]], args.repeats * 3)
             record = tree_gated_delta(q, k, v, log_g, beta, state0, ancestors)[1]
             mx.eval(record.u)
-            replay = ReplayRecurrence(q, k, v, mx.exp(log_g), beta, state0, tree.parents)
+            replay = ReplayRecurrence(q, k, v, mx.exp(log_g), beta, state0, tree)
             row = {"shape": args.twin_shape, "tree": kind, "nodes": size, "verify_ms": verify,
                    "commit_closed_form_ms": median_ms(lambda: record.state_at(deepest), args.repeats * 3),
                    "all_node_states_ms": median_ms(lambda: record.state_at(mx.arange(size)), args.repeats * 3),

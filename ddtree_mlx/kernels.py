@@ -149,7 +149,7 @@ def tree_gated_delta(q, k, v, a, beta, A_log, dt_bias, state0, inputs: Any):
     with state_at(nodes) for the commit."""
     log_g = recurrence.log_decay(a, A_log, dt_bias)
     if not inputs.config.tree_aware_linear:
-        return recurrence.chain_gated_delta(q, k, v, log_g, beta, state0, inputs.tree.parents)
+        return recurrence.chain_gated_delta(q, k, v, log_g, beta, state0, inputs.tree)
     maker = kernel_maker()
     T, Hk, Dk = k.shape
     Hv, Dv = v.shape[1:]

@@ -20,6 +20,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.gated_delta import gated_delta_kernel, gated_delta_ops
 
+from .tree import DraftTree
+
 
 def tree_conv(x: mx.array, cached: mx.array, weight: mx.array, window_index: mx.array) -> tuple[mx.array, mx.array]:
     """Depthwise causal conv over each node's ancestors, SiLU fused.
@@ -150,30 +152,27 @@ class ReplayRecurrence:
     g: mx.array
     beta: mx.array
     state0: mx.array
-    parents: list[int]
+    tree: DraftTree
 
     def state_at(self, nodes: mx.array) -> mx.array:
         states = []
         for node in nodes.tolist():
-            path = []
-            while node >= 0:
-                path.append(node)
-                node = self.parents[node]
-            path = mx.array(path[::-1])
+            path = mx.array(self.tree.path_to(node))
             states.append(chain_step(self.q[path], self.k[path], self.v[path], self.g[path], self.beta[path],
                                      self.state0)[1])
         return mx.stack(states)
 
 
-def chain_gated_delta(q, k, v, log_g, beta, state0, parents: list[int]) -> tuple[mx.array, ReplayRecurrence]:
+def chain_gated_delta(q, k, v, log_g, beta, state0, tree: DraftTree) -> tuple[mx.array, ReplayRecurrence]:
     """DDTREE_TREE_AWARE_LINEAR=0: run mlx-lm's chain recurrence segment by segment in parents-first order,
     starting each segment from its branching parent's state (the fix-up)."""
     g = mx.exp(log_g)
     state0 = state0.astype(mx.float32)
     ends = {-1: state0}
     y = mx.zeros(v.shape, v.dtype)
+    parents = tree.parents
     for chain in chain_segments(parents):
         index = mx.array(chain)
         y[index], ends[chain[-1]] = chain_step(q[index], k[index], v[index], g[index], beta[index],
                                                ends[parents[chain[0]]])
-    return y, ReplayRecurrence(q, k, v, g, beta, state0, parents)
+    return y, ReplayRecurrence(q, k, v, g, beta, state0, tree)

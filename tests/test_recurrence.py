@@ -49,7 +49,7 @@ def test_tree_recurrence_matches_each_path(shape, size, heads):
     q, k, v, log_g, beta, state0 = inputs(rng, size, hk=heads[0], hv=heads[1])
     y, record = tree_gated_delta(q, k, v, log_g, beta, state0, mx.array(tree.ancestor_mask()))
     states = record.state_at(mx.arange(size))
-    chain_y, replay = chain_gated_delta(q, k, v, log_g, beta, state0, tree.parents)
+    chain_y, replay = chain_gated_delta(q, k, v, log_g, beta, state0, tree)
     for node in range(size):
         want_y, want_state = sequential(q, k, v, log_g, beta, state0, tree.path_to(node))
         assert_close(y[node], want_y)
