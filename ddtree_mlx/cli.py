@@ -52,15 +52,20 @@ def positive_int(text: str) -> int:
     return value
 
 
-def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("prompt", nargs="?", help="the prompt (or use --prompt)")
-    parser.add_argument("--prompt", dest="prompt_option", metavar="PROMPT", help="the prompt")
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """What `generate` and `serve` share: the model, its drafter and the decoding method."""
     parser.add_argument("--model", help="local directory or Hugging Face repo id (default: the embedded SmolLM2)")
     parser.add_argument("--draft", help="'prompt-lookup', 'dflash', or a DFlash checkpoint directory or repo id "
                                         "(default: the model's known DFlash drafter, else prompt lookup)")
     parser.add_argument("--method", choices=METHODS, default="ddtree",
                         help="ddtree: draft tree; dflash: single draft path; ar: plain decoding (default: ddtree)")
     parser.add_argument("--budget", type=positive_int, help="draft-tree nodes per cycle (default: DDTREE_BUDGET or 4)")
+
+
+def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("prompt", nargs="?", help="the prompt (or use --prompt)")
+    parser.add_argument("--prompt", dest="prompt_option", metavar="PROMPT", help="the prompt")
+    add_engine_arguments(parser)
     parser.add_argument("--max-tokens", type=positive_int, default=256, help="tokens to generate (default: 256)")
     parser.add_argument("--no-chat-template", action="store_true", help="encode the prompt as is")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default: 0)")

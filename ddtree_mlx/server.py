@@ -25,9 +25,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from itertools import chain
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
-from .cli import positive_int
+from .cli import add_engine_arguments
 from .config import is_int, is_number
-from .generate import METHODS, GenerationStats, stream_generate
+from .generate import GenerationStats, stream_generate
 
 DEFAULT_MAX_TOKENS = 256
 
@@ -414,14 +414,9 @@ def make_server(target_model: Any, tokenizer: Any, drafter: Any, *, host: str = 
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="target model: a local directory or Hugging Face repo id "
-                                        "(default: the embedded SmolLM2-135M-Instruct)")
-    parser.add_argument("--draft", help="drafter: a DFlash checkpoint, 'dflash' or 'prompt-lookup' "
-                                        "(default: the target's registered drafter, else prompt lookup)")
+    add_engine_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     parser.add_argument("--port", type=int, default=8080)
-    parser.add_argument("--budget", type=positive_int, help="draft-tree nodes per cycle (default: DDTREE_BUDGET or 4)")
-    parser.add_argument("--method", choices=METHODS, default="ddtree")
 
 
 def run_server(args: argparse.Namespace) -> None:
