@@ -19,6 +19,7 @@ import numpy as np
 from .config import DDTreeConfig, is_int
 from .controller import MethodController
 from .drafters import Drafter, as_drafter
+from .loading import stop_token_ids as stop_token_ids_of
 from .models import adapter_for
 from .models.base import TargetAdapter, VerifyOutput
 from .sampling import SamplingParams, TokenChooser
@@ -210,11 +211,7 @@ def _validate(target: TargetAdapter, prompt_tokens: Any, max_new_tokens: int, me
 def _stop_ids(tokenizer: Any, stop_token_ids: Sequence[int] | None) -> set[int]:
     if stop_token_ids is not None:
         return {int(t) for t in stop_token_ids}
-    ids = getattr(tokenizer, "eos_token_ids", None)
-    if ids is None:
-        eos = getattr(tokenizer, "eos_token_id", None)
-        ids = [] if eos is None else [eos]
-    return {int(t) for t in ids}
+    return set(stop_token_ids_of(tokenizer))
 
 
 def stream_generate(
