@@ -17,8 +17,11 @@ HINT = (f"MLX's Linux CPU wheel uses a slow reference BLAS; for ~25x faster matm
 def blas_name() -> str:
     if platform.system() == "Darwin":
         return "Apple (Metal GPU)" if mx.metal.is_available() else "Apple Accelerate"
+    # Only a preloaded BLAS replaces MLX's symbols; numpy's own bundled OpenBLAS shows in the process maps too,
+    # but MLX never calls it.
+    preloaded = os.environ.get("LD_PRELOAD", "")
     maps = Path("/proc/self/maps")
-    if maps.exists() and "openblas" in maps.read_text().lower():
+    if "openblas" in preloaded.lower() and maps.exists() and OPENBLAS.rsplit("/", 2)[-2] in maps.read_text():
         return f"OpenBLAS (preloaded, OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')})"
     return "MLX CPU wheel's reference BLAS (slow)"
 

@@ -67,3 +67,12 @@ def test_mlx_lm_speculative_peer_is_timed_and_lossless():
     result = benchmark.run_mlx_lm_speculative(setup, prompt, 16)
     assert result["generated_token_ids"] == greedy_reference(model, prompt, 16)
     assert result["avg_acceptance"] > 2 and result["decode_seconds"] > 0  # a model drafting for itself
+
+
+def test_blas_report_is_not_fooled_by_numpys_own_openblas(monkeypatch):
+    import numpy  # noqa: F401  (numpy maps its bundled OpenBLAS into the process; MLX never calls it)
+
+    from ddtree_mlx.blas import blas_name, slow_blas
+
+    monkeypatch.setenv("LD_PRELOAD", "")
+    assert "reference BLAS" in blas_name() and slow_blas()
