@@ -68,6 +68,8 @@ class DDTreeConfig:
     reading the cached prefix in place instead of concatenating it with the tree's keys under one mask."""
     exact_tree_attention_min_prefix: int = 2048
     """DDTREE_EXACT_TREE_ATTENTION_MIN_PREFIX: the split is used once the prefix has at least this many tokens."""
+    prefill_chunk: int = 2048
+    """DDTREE_PREFILL_CHUNK: prompt tokens per prefill step (mlx-lm's prefill_step_size); bounds prefill memory."""
     dflash_controller: bool = False
     """DDTREE_DFLASH_CONTROLLER: per cycle, run the tree or the single DFlash path, whichever measures faster."""
     profile_verify: bool = False
@@ -91,6 +93,8 @@ class DDTreeConfig:
     def validate(self) -> None:
         if not is_int(self.budget) or self.budget < 1:
             raise ValueError(f"tree budget must be an integer >= 1, got {self.budget!r}")
+        if not is_int(self.prefill_chunk) or self.prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be an integer >= 1, got {self.prefill_chunk!r}")
         prefix = self.exact_tree_attention_min_prefix
         if not is_int(prefix) or prefix < 0:
             raise ValueError(f"exact_tree_attention_min_prefix must be an integer >= 0, got {prefix!r}")

@@ -36,7 +36,7 @@ class GenerationStats:
     decode_seconds: float = 0.0
     sync_seconds: float = 0.0  # decode time spent waiting for MLX to compute; the rest is host work
     cycles: int = 0
-    committed: int = 0  # tokens committed by cycles (the first token comes from prefill)
+    committed: int = 0  # tokens cycles produced and the caller kept (cut at a stop token or the length limit)
     fast_path_cycles: int = 0
     phase_seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
     verify_parts: dict[str, float] = field(default_factory=dict)  # with DDTREE_PROFILE_VERIFY
@@ -144,9 +144,9 @@ class Session:
             index = mx.array(path)
             for capture, entry in zip(out.captures, self.cache):
                 capture.commit(entry, index)
-            hidden = out.hidden[index]
+            hidden = None if out.hidden is None else out.hidden[index]
         self.pending_tokens, self.pending_hidden, self.root = accepted, hidden, bonus
-        self.sync(hidden, [entry.state for entry in self.cache])
+        self.sync([entry.state for entry in self.cache], *([] if hidden is None else [hidden]))
 
     # --- the cycle ------------------------------------------------------------------------------------------
 
@@ -172,14 +172,13 @@ class Session:
         stats.cycles += 1
         stats.method_cycles[method] = stats.method_cycles.get(method, 0) + 1
         stats.fast_path_cycles += all(tree.ranks[node] == 0 for node in path)
-        stats.committed += len(new)
         return new
 
     def prefill(self, prompt: list[int]) -> int:
         start = time.perf_counter()
-        logits, hidden = self.target.forward(mx.array(prompt), self.cache, self.capture_layers)
-        first = self.choose(logits[-1:])
-        mx.eval(first, hidden, [entry.state for entry in self.cache])
+        logits, hidden = self.target.prefill(prompt, self.cache, self.capture_layers, self.config.prefill_chunk)
+        first = self.choose(logits)
+        mx.eval(first, [entry.state for entry in self.cache], *([] if hidden is None else [hidden]))
         self.pending_tokens, self.pending_hidden, self.root = list(prompt), hidden, int(first[0])
         self.stats.prefill_seconds = time.perf_counter() - start
         return self.root
@@ -259,6 +258,7 @@ def _run(session: Session, prompt: list[int], max_new_tokens: int, stops: set[in
     while True:
         new, finish = _clip(new, max_new_tokens - produced, stops)
         produced += len(new)
+        session.stats.committed = produced - 1  # kept tokens from cycles: prefill gave the first
         yield DecodeStep(new, session.stats, finish)
         if finish:
             return

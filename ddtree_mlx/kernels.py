@@ -66,27 +66,61 @@ def tree_levels(parent) -> tuple[np.ndarray, np.ndarray]:
     return order, np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
 
 
+def scratch_slots(order: np.ndarray, level_start: np.ndarray) -> tuple[np.ndarray, int]:
+    """The scratch row of each node's state in tree_gated_delta, and the row count R. A level only reads the
+    level above it, so level d takes rows (d % 2) * W + its rank (W the widest level); R = 2W, or T rows (one
+    per node) when that is fewer."""
+    widths = np.diff(level_start)
+    width, count = int(widths.max()), len(order)
+    if count <= 2 * width:
+        return np.arange(count, dtype=np.int32), count
+    depth = np.repeat(np.arange(len(widths)), widths)
+    slot = np.empty(count, dtype=np.int32)
+    slot[order] = (depth % 2) * width + np.arange(count) - level_start[depth]
+    return slot, 2 * width
+
+
+@dataclass(frozen=True)
+class LevelPlan:
+    """What tree_gated_delta's launch needs from the tree, built once per verify and shared by every layer."""
+
+    order: mx.array
+    level_start: mx.array
+    slot: mx.array
+    levels: int
+    width: int  # nodes in the widest level
+    scratch_rows: int
+
+    @classmethod
+    def of(cls, parents) -> "LevelPlan":
+        order, level_start = tree_levels(parents)
+        slot, rows = scratch_slots(order, level_start)
+        return cls(mx.array(order), mx.array(level_start), mx.array(slot), len(level_start) - 1,
+                   int(np.diff(level_start).max()), rows)
+
+
 def node_slots(max_level_width: int) -> int:
     """Simdgroups per value row: enough for the widest level, at most 4 (1, 2 or 4)."""
     return 1 if max_level_width <= 1 else 2 if max_level_width <= 2 else 4
 
 
-def tree_gated_delta_launch(*, T, Hk, Hv, Dk, Dv, in_dtype, f32, max_level_width, slots=None) -> dict:
+def tree_gated_delta_launch(*, T, Hk, Hv, Dk, Dv, in_dtype, f32, max_level_width, scratch_rows, slots=None) -> dict:
     """Inputs, in order: q, k [T,Hk,Dk], v [T,Hv,Dv], g, beta [T,Hv], state_in [Hv,Dv,Dk] float32, parent [T],
-    order [T], level_start [levels+1] (int32, see tree_levels), n_levels (int)."""
+    order [T], level_start [levels+1], state_row [T] (int32, see tree_levels and scratch_slots), n_levels (int).
+    Outputs: y, delta_out (kept for the commit) and the scratch (dead after the launch)."""
     if Dk % 32 or Hv % Hk:
         raise ValueError("tree_gated_delta needs Dk % 32 == 0 and Hv % Hk == 0")
     slots = slots or node_slots(max_level_width)
     return dict(
         name="ddtree_tree_gated_delta",
         source="tree_gated_delta.metal",
-        input_names=["q", "k", "v", "g", "beta", "state_in", "parent", "order", "level_start", "n_levels"],
-        output_names=["y", "node_states"],
+        input_names=["q", "k", "v", "g", "beta", "state_in", "parent", "order", "level_start", "state_row", "n_levels"],
+        output_names=["y", "delta_out", "scratch"],
         template=[("InT", in_dtype), ("Dk", Dk), ("Dv", Dv), ("Hk", Hk), ("Hv", Hv)],
         grid=(32, slots, Hv * Dv),
         threadgroup=(32, slots, 4 // slots),  # 128 threads, as mlx-lm's gated_delta kernel uses
-        output_shapes=[(T, Hv, Dv), (T, Hv, Dv, Dk)],
-        output_dtypes=[in_dtype, f32],
+        output_shapes=[(T, Hv, Dv), (T, Hv, Dv), (scratch_rows, Hv, Dv, Dk)],
+        output_dtypes=[in_dtype, f32, f32],
     )
 
 
@@ -109,16 +143,6 @@ def tree_conv1d_launch(*, T, C, K, in_dtype) -> dict:
 
 
 @dataclass
-class NodeStates:
-    """The kernel writes every node's state; a commit picks the accepted one."""
-
-    states: mx.array  # [T, Hv, Dv, Dk]
-
-    def state_at(self, nodes: mx.array) -> mx.array:
-        return self.states[nodes]
-
-
-@dataclass
 class ConvWindows:
     """Each node's conv window (its K-1 newest inputs) as rows of `source`: the window of node a is
     source[index[a]]. The twin gathers lazily from its input rows; the kernel writes windows outright."""
@@ -131,13 +155,13 @@ class ConvWindows:
 
 
 def tree_conv(x: mx.array, cached: mx.array, weight: mx.array, inputs: Any) -> tuple[mx.array, ConvWindows]:
-    """x [T, C] node inputs, cached [K-1, C], weight [C, K]: SiLU(depthwise conv over each node's ancestors)."""
+    """x [T, C] node inputs, cached [K-1, C], weight [C, K, 1]: SiLU(depthwise conv over each node's ancestors)."""
     maker = kernel_maker()
     if inputs.config.tree_conv_kernel and maker is not None:
         T, C = x.shape
         K = weight.shape[1]
         spec = tree_conv1d_launch(T=T, C=C, K=K, in_dtype=x.dtype)
-        out, windows = launch(maker, spec, [x, cached.astype(x.dtype), weight, inputs.parents])
+        out, windows = launch(maker, spec, [x, cached.astype(x.dtype), weight.reshape(C, K), inputs.parents])
         return out, ConvWindows(windows.reshape(T * (K - 1), C), mx.arange(T * (K - 1)).reshape(T, K - 1))
     window_index = inputs.window_index(weight.shape[1])
     out, rows = recurrence.tree_conv(x, cached, weight, window_index)
@@ -154,10 +178,10 @@ def tree_gated_delta(q, k, v, a, beta, A_log, dt_bias, state0, inputs: Any):
     T, Hk, Dk = k.shape
     Hv, Dv = v.shape[1:]
     if inputs.config.tree_kernel and maker is not None and Dk % 32 == 0 and Hv % Hk == 0:
-        order, level_start = tree_levels(inputs.tree.parents)
+        plan = inputs.level_plan()
         spec = tree_gated_delta_launch(T=T, Hk=Hk, Hv=Hv, Dk=Dk, Dv=Dv, in_dtype=v.dtype, f32=mx.float32,
-                                       max_level_width=int(np.diff(level_start).max()))
-        y, states = launch(maker, spec, [q, k, v, mx.exp(log_g), beta, state0.astype(mx.float32), inputs.parents,
-                                         mx.array(order), mx.array(level_start), len(level_start) - 1])
-        return y, NodeStates(states)
+                                       max_level_width=plan.width, scratch_rows=plan.scratch_rows)
+        y, delta, _ = launch(maker, spec, [q, k, v, mx.exp(log_g), beta, state0.astype(mx.float32), inputs.parents,
+                                           plan.order, plan.level_start, plan.slot, plan.levels])
+        return y, recurrence.delta_record(delta, k, log_g, state0, inputs.ancestors)
     return recurrence.tree_gated_delta(q, k, v, log_g, beta, state0, inputs.ancestors)

@@ -26,19 +26,20 @@ from .tree import DraftTree
 def tree_conv(x: mx.array, cached: mx.array, weight: mx.array, window_index: mx.array) -> tuple[mx.array, mx.array]:
     """Depthwise causal conv over each node's ancestors, SiLU fused.
 
-    x [T, C] node inputs, cached [K-1, C] the conv window before the root, weight [C, K] (oldest tap first),
-    window_index [T, K] rows of concat(cached, x) (see DraftTree.window_index). Returns (out [T, C], rows) where
-    rows = concat(cached, x) is what a commit gathers a node's new conv window from.
+    x [T, C] node inputs, cached [K-1, C] the conv window before the root, weight [C, K, 1] (mlx-lm's conv1d
+    layout, oldest tap first), window_index [T, K] rows of concat(cached, x) (see DraftTree.window_index).
+    Returns (out [T, C], rows) where rows = concat(cached, x) is what a commit gathers a node's new conv window
+    from. Each node's window is one batch row of the same mx.conv1d mlx-lm runs, so bf16 rounds as it does.
     """
     rows = mx.concatenate([cached.astype(x.dtype), x], axis=0)
-    windows = rows[window_index]  # [T, K, C]
-    out = (windows * weight.T.astype(x.dtype)).sum(axis=1)
-    return nn.silu(out), rows
+    out = mx.conv1d(rows[window_index], weight, groups=x.shape[1])  # [T, 1, C]: one valid output per window
+    return nn.silu(out[:, 0]), rows
 
 
 def log_decay(a: mx.array, A_log: mx.array, dt_bias: mx.array) -> mx.array:
-    """log g = -exp(A_log) * softplus(a + dt_bias), taken directly (float32)."""
-    return -mx.exp(A_log.astype(mx.float32)) * nn.softplus((a + dt_bias).astype(mx.float32))
+    """log g = -exp(A_log) * softplus(a + dt_bias), taken directly. As mlx-lm's compute_g: softplus in the
+    model's dtype, the product in float32."""
+    return -mx.exp(A_log.astype(mx.float32)) * nn.softplus(a + dt_bias)
 
 
 def _heads_first(x: mx.array, heads: int) -> mx.array:
@@ -77,6 +78,11 @@ def _states(u: mx.array, k: mx.array, log_gamma: mx.array, state0: mx.array, row
     return (carried + added).transpose(1, 0, 2, 3)
 
 
+def _log_gamma(ancestors: mx.array, log_g: mx.array) -> mx.array:
+    """log Gamma [Hv, T]: the summed log decays along each node's root path."""
+    return (ancestors.astype(mx.float32) @ log_g.astype(mx.float32)).T
+
+
 @dataclass
 class TreeRecurrence:
     """What a commit needs to rebuild any node's state: no per-node state is stored."""
@@ -98,7 +104,7 @@ def _solve(q, k, v, log_g, beta, state0, ancestors):
     heads = v.shape[1]
     q, k, vh = _heads_first(q, heads), _heads_first(k, heads), _heads_first(v, heads)
     beta = beta.astype(mx.float32).T[..., None]  # [Hv, T, 1]
-    log_gamma = (ancestors.astype(mx.float32) @ log_g.astype(mx.float32)).T  # [Hv, T]
+    log_gamma = _log_gamma(ancestors, log_g)
     decay = _path_decay(log_gamma, log_gamma, ancestors)  # [Hv, T, T], ancestor-or-self
     strict = decay * (1.0 - mx.eye(decay.shape[-1]))
     carried = mx.exp(log_gamma)[..., None]  # [Hv, T, 1]
@@ -115,6 +121,15 @@ def tree_gated_delta(q: mx.array, k: mx.array, v: mx.array, log_g: mx.array, bet
     state0 = state0.astype(mx.float32)
     y, u, k, log_gamma = _solve(q, k, v, log_g, beta, state0, ancestors)
     return y, TreeRecurrence(u=u, k=k, log_gamma=log_gamma, state0=state0, ancestors=ancestors)
+
+
+def delta_record(delta: mx.array, k: mx.array, log_g: mx.array, state0: mx.array,
+                 ancestors: mx.array) -> TreeRecurrence:
+    """The commit record from each node's delta u [T, Hv, Dv] (what the Metal kernel writes besides y), k
+    [T, Hk, Dk] and log_g [T, Hv]: the same closed form the solve's record uses, so no node state is kept."""
+    heads = delta.shape[1]
+    return TreeRecurrence(u=delta.transpose(1, 0, 2), k=_heads_first(k, heads), log_gamma=_log_gamma(ancestors, log_g),
+                          state0=state0.astype(mx.float32), ancestors=ancestors)
 
 
 def chain_step(q: mx.array, k: mx.array, v: mx.array, g: mx.array, beta: mx.array, state: mx.array):

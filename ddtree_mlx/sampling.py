@@ -50,10 +50,11 @@ class TokenChooser:
 
     def __call__(self, logits: mx.array) -> mx.array:
         """logits [T, V] -> tokens [T]; rows are independent draws."""
+        # As mlx-lm: choose from log-probs in the model's dtype. In bf16 their rounding, not the raw logits',
+        # decides near-ties, so greedy must be the argmax of these to match mlx-lm's greedy token for token.
+        log_probs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         if self.params.greedy:
-            return mx.argmax(logits, axis=-1)
-        log_probs = logits.astype(mx.float32)
-        log_probs = log_probs - mx.logsumexp(log_probs, axis=-1, keepdims=True)
+            return mx.argmax(log_probs, axis=-1)
         if self.params.top_p < 1:
             log_probs = apply_top_p(log_probs, self.params.top_p)
         if 0 < self.params.top_k < log_probs.shape[-1]:

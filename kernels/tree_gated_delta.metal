@@ -8,22 +8,27 @@
 // Inputs:  q, k [T, Hk, Dk] InT; v [T, Hv, Dv] InT; g, beta [T, Hv] (float or InT); state_in [Hv, Dv, Dk] float;
 //          parent [T] int32 (-1 = state_in, parent[t] < t); order [T] int32 (node ids sorted by depth, any order
 //          within a depth); level_start [n_levels + 1] int32 (depth d is order[level_start[d] : level_start[d+1]]);
-//          n_levels int scalar.
-// Outputs: y [T, Hv, Dv] InT; node_states [T, Hv, Dv, Dk] float (the state after each node).
+//          state_row [T] int32 (the scratch row holding node t's state; see below); n_levels int scalar.
+// Outputs: y [T, Hv, Dv] InT; delta_out [T, Hv, Dv] float (each node's delta: with k and the decays it rebuilds any
+//          node's state in closed form, so the commit needs no stored state); scratch [R, Hv, Dv, Dk] float.
 // Template: InT, Dk (a multiple of 32), Dv, Hk, Hv.
 //
 // Grid (32, NS, Hv * Dv), threadgroup (32, NS, R): thread_position_in_grid.z is one value row (hv, dv) and the
 // NS simdgroups that share it are node slots. Levels are walked in order; within a level, slot s takes the
 // level's nodes s, s + NS, ...: same-depth nodes run in parallel, across slots and across all rows at once.
 // A simdgroup keeps its row's Dk state elements in registers (Dk / 32 per lane, contiguous) and reloads them
-// from node_states[parent] only when the parent is not the node it computed last (chains stay in registers).
+// from scratch[state_row[parent]] only when the parent is not the node it computed last (chains stay in registers).
 // A parent's row may have been written by another slot of the same threadgroup one level earlier, hence the
 // device-memory threadgroup barrier after each level (skipped when NS == 1: the slot then wrote it itself).
 // Control flow is uniform per simdgroup (the node loop depends only on the slot), as simd_sum requires.
 //
-// Memory per node and row: writes Dk floats of state (this dominates: T * Hv * Dv * Dk * 4 bytes in all) and
-// one y; reads Dk floats of parent state unless held in registers, and q/k (shared by all Dv rows of a head,
-// so cached), one v, g and beta.
+// Scratch: a level only reads the states of the level above it, so the host assigns rows level by level,
+// alternating between two halves of the widest level's size (R = 2 * widest level, or T when that is fewer):
+// a level overwrites rows last read one level earlier, behind the barrier. The scratch is dead once the kernel
+// ends; only y and delta_out (Dv floats per node and head, not Dv * Dk) outlive it.
+//
+// Memory per node and row: writes Dk floats of state to scratch, one y and one delta; reads Dk floats of parent
+// state unless held in registers, and q/k (shared by all Dv rows of a head, so cached), one v, g and beta.
 constexpr int n_per_t = Dk / 32;
 const uint lane = thread_index_in_simdgroup;
 const uint slot = thread_position_in_threadgroup.y;
@@ -42,7 +47,7 @@ for (int level = 0; level < n_levels; ++level) {
     const int p = parent[t];
     if (p != held) {
       const device float* src = p < 0 ? state_in + size_t(row) * Dk
-                                      : node_states + (size_t(p) * Hv * Dv + row) * Dk;
+                                      : scratch + (size_t(state_row[p]) * Hv * Dv + row) * Dk;
       for (int j = 0; j < n_per_t; ++j) {
         state[j] = src[first + j];
       }
@@ -69,8 +74,9 @@ for (int level = 0; level < n_levels; ++level) {
     out = simd_sum(out);
     if (lane == 0) {
       y[(size_t(t) * Hv + hv) * Dv + dv] = static_cast<InT>(out);
+      delta_out[(size_t(t) * Hv + hv) * Dv + dv] = delta;
     }
-    device float* dst = node_states + (size_t(t) * Hv * Dv + row) * Dk;
+    device float* dst = scratch + (size_t(state_row[t]) * Hv * Dv + row) * Dk;
     for (int j = 0; j < n_per_t; ++j) {
       dst[first + j] = state[j];
     }

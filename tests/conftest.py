@@ -10,3 +10,16 @@ os.environ["DDTREE_NODE_COST"] = "0"
 
 # One converted embedded model per checkout, reused across test runs (a developer's own cache dir wins).
 os.environ.setdefault("DDTREE_CACHE_DIR", os.path.join(os.path.dirname(__file__), "..", ".pytest_cache", "ddtree"))
+
+
+def pytest_terminal_summary(terminalreporter):
+    """How often a bf16 / quantized run left mlx-lm's tokens at a near-tie (the lossless standard's one allowance)."""
+    from tiny import COMPARED, NEAR_TIE
+
+    if not COMPARED:
+        return
+    ties = [(label, index, margin) for label, index, margin in COMPARED if index is not None]
+    terminalreporter.write_line(f"lossless: {len(COMPARED)} generations compared with mlx-lm's own greedy decoding, "
+                                f"{len(ties)} left it at a near-tie (top-2 margin < {NEAR_TIE})")
+    for label, index, margin in ties:
+        terminalreporter.write_line(f"  {label}: token {index}, margin {margin:.5f}")

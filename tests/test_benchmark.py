@@ -43,9 +43,9 @@ def test_self_drafter_proposes_the_greedy_continuation():
     from tiny import greedy_reference, make_target
 
     model, prompt = make_target("llama"), [5, 6, 7]
-    expected = greedy_reference(model, prompt, 20)
+    expected = greedy_reference(model, prompt, 21)  # the prefill's token, then four cycles of five
     result = generate_ddtree_once(target_model=model, draft_model=benchmark.SelfDrafter(model, block_size=5),
-                                  prompt_tokens=prompt, max_new_tokens=20, stop_token_ids=[], method="dflash")
+                                  prompt_tokens=prompt, max_new_tokens=21, stop_token_ids=[], method="dflash")
     assert result["generated_token_ids"] == expected
     assert result["avg_acceptance"] == 5  # every draft accepted: 4 nodes and the bonus, every cycle
 
@@ -57,6 +57,18 @@ def test_verify_and_twin_measurements_run(tmp_path):
     assert [r["nodes"] for r in json.loads(out.read_text())] == [1, 4, 16, 32]
     rows = benchmark.measure_twin(benchmark.parse_args(["--measure", "twin", "--repeats", "1"]))
     assert {(r["tree"], r["nodes"]) for r in rows} == {(t, n) for t in ("chain", "wide") for n in (1, 4, 16, 64)}
+
+
+def test_scratch_and_prefill_memory_measurements_run():
+    rows = benchmark.measure_scratch(benchmark.parse_args(["--measure", "scratch"]))
+    for row in rows:
+        assert row["now_kept_mib"] < row["before_kept_mib"] / 50
+        assert row["scratch_rows"] <= 2 * row["widest_level"]
+    assert {r["scratch_rows"] for r in rows if r["tree"] == "chain"} == {2}  # independent of the tree's depth
+    args = benchmark.parse_args(["--measure", "prefill-memory", "--synthetic-size", "tiny", "--context", "300"])
+    rows = benchmark.measure_prefill_memory(benchmark.make_setup(args), args)
+    assert [r["context"] for r in rows] == [300] * 3 and rows[0]["vs_mlx_lm"] == 1.0
+    assert all(r["peak_above_weights_mib"] > 0 for r in rows)
 
 
 def test_mlx_lm_speculative_peer_is_timed_and_lossless():

@@ -40,10 +40,34 @@ def test_drafter_that_does_not_fit_the_target():
     wrong_layers = make_dflash(TARGET, layer_ids=(0, 9))
     with pytest.raises(ValueError, match="target_layer_ids .* outside"):
         start(draft_model=wrong_layers)
-    other = make_target("qwen3_5")
-    other.language_model.model.embed_tokens.weight = mx.zeros((64, 64))  # a target with another vocabulary
+    other = make_target("qwen3_5", vocab_size=64)  # a target with another vocabulary
     with pytest.raises(ValueError, match="vocab size 128 does not match the target's 64"):
         start(target_model=other, draft_model=make_dflash(TARGET), prompt_tokens=[1])
+    wider = make_target("qwen3_5", hidden_size=96)
+    with pytest.raises(ValueError, match="hidden size 64 does not match the target's 96"):
+        start(target_model=wider, draft_model=make_dflash(TARGET), prompt_tokens=[1])
+
+
+@pytest.mark.parametrize("form", ["q4", "q8", "mixed"])
+def test_quantized_target_sizes_come_from_its_args(form):
+    """A quantized embedding's weight is packed (hidden * bits / 32 columns): sizes must not be read from it."""
+    from ddtree_mlx.models import adapter_for
+
+    target = adapter_for(make_target("qwen3_5", form=form))
+    assert (target.hidden_size, target.vocab_size) == (64, 128)
+    assert target.inner.embed_tokens.weight.shape[1] != 64  # really packed, or the test proves nothing
+    list(start(target_model=target.model, draft_model=make_dflash(TARGET), max_new_tokens=2))
+
+
+def test_sequence_length_dependent_rope_is_refused():
+    """Dynamic NTK rescales RoPE's base by the sequence length, so a node's rotation is not a function of its
+    position alone; the position-only variants (here llama3) are accepted."""
+    dynamic = make_target("llama", rope_scaling={"type": "dynamic", "factor": 2.0})
+    with pytest.raises(ValueError, match="unsupported RoPE DynamicNTKScalingRoPE"):
+        start(target_model=dynamic)
+    llama3 = make_target("llama", rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
+    list(start(target_model=llama3, method="ar"))
 
 
 def test_unsupported_family_and_cache():
@@ -66,8 +90,12 @@ def test_env_parsing_is_strict(monkeypatch):
     with pytest.raises(ValueError, match="DDTREE_EXACT_COMMIT='maybe' is not a boolean"):
         DDTreeConfig.from_env()
     monkeypatch.setenv("DDTREE_EXACT_COMMIT", "on")
+    monkeypatch.setenv("DDTREE_PREFILL_CHUNK", "0")
+    with pytest.raises(ValueError, match="DDTREE_PREFILL_CHUNK=0 is too small"):
+        DDTreeConfig.from_env()
+    monkeypatch.setenv("DDTREE_PREFILL_CHUNK", "512")
     config = DDTreeConfig.from_env()
-    assert config.budget == 12 and config.exact_commit
+    assert config.budget == 12 and config.exact_commit and config.prefill_chunk == 512
     assert DDTreeConfig.from_env(budget=3).budget == 3  # explicit arguments win
 
 

@@ -33,13 +33,16 @@ def target():
 
 
 @pytest.mark.parametrize("budget", [1, 6, 16])
-def test_engine_with_harness_kernels_matches_greedy(launches, target, budget):
+def test_engine_with_harness_kernels_matches_greedy(launches, target, budget, monkeypatch):
+    plans = []
+    monkeypatch.setattr(kernels.LevelPlan, "of", lambda parents, of=kernels.LevelPlan.of: plans.append(1) or of(parents))
     expected = greedy_reference(target, PROMPT, 24)
     result = generate_ddtree_once(target_model=target, draft_model=OracleDrafter(PROMPT + expected, seed=budget),
                                   prompt_tokens=PROMPT, max_new_tokens=24, stop_token_ids=[], tree_budget=budget)
     assert result["generated_token_ids"] == expected
     assert set(launches) == {"ddtree_tree_gated_delta", "ddtree_tree_conv1d"}
     assert result["cycles"] < 24
+    assert len(plans) == result["cycles"]  # the level schedule is built once per verify, not once per layer
 
 
 def test_kernel_switches_fall_back_to_the_twin(launches, target):

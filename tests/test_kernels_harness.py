@@ -31,17 +31,29 @@ def ref_tree_gated_delta(q, k, v, g, beta, state, parent):
     T, Hk, Dk = q.shape
     Hv, Dv = v.shape[1:]
     heads = np.arange(Hv) // (Hv // Hk)
-    y = np.zeros((T, Hv, Dv))
+    y, deltas = np.zeros((T, Hv, Dv)), np.zeros((T, Hv, Dv))
     states = np.zeros((T, Hv, Dv, Dk))
     for t in range(T):
         S = g[t, :, None, None] * (state if parent[t] < 0 else states[parent[t]])
         kt, qt = k[t, heads], q[t, heads]  # [Hv, Dk]
         kv = np.einsum("hvk,hk->hv", S, kt)
-        delta = (v[t] - kv) * beta[t, :, None]
-        S = S + delta[:, :, None] * kt[:, None, :]
+        deltas[t] = (v[t] - kv) * beta[t, :, None]
+        S = S + deltas[t][:, :, None] * kt[:, None, :]
         states[t] = S
         y[t] = np.einsum("hvk,hk->hv", S, qt)
-    return y, states
+    return y, deltas, states
+
+
+def committed_states(delta, k, g, state, parent):
+    """Every node's state as the engine's commit rebuilds it from the kernel's deltas (closed form)."""
+    from ddtree_mlx.recurrence import delta_record
+
+    ancestors = np.zeros((len(parent), len(parent)), dtype=bool)
+    for t, p in enumerate(parent):
+        ancestors[t] = ancestors[p] if p >= 0 else False
+        ancestors[t, t] = True
+    record = delta_record(mx.array(delta), mx.array(k), mx.array(np.log(g)), mx.array(state), mx.array(ancestors))
+    return np.array(record.state_at(mx.arange(len(parent))))
 
 
 def ref_tree_conv1d(x, conv_state, weight, parent):
@@ -86,7 +98,7 @@ def random_tree(rng, T):
 
 
 def two_branches(T):
-    """Root with two long chains: exercises register reuse alongside reloads from node_states."""
+    """Root with two long chains: exercises register reuse alongside reloads from the scratch."""
     return [-1, 0, 0] + [t - 2 for t in range(3, T)]
 
 
@@ -140,12 +152,15 @@ class KernelChecks:
 
     def gated_delta(self, inputs, parent, *, dtype="float32", g_dtype="float32", beta_dtype=None, **kwargs):
         q, k, v, g, beta, state = inputs
-        y, states = H.run_tree_gated_delta(q, k, v, g, beta, state, parent, dtype=dtype, g_dtype=g_dtype,
-                                           beta_dtype=beta_dtype, backend=self.backend, **kwargs)
+        y, delta = H.run_tree_gated_delta(q, k, v, g, beta, state, parent, dtype=dtype, g_dtype=g_dtype,
+                                          beta_dtype=beta_dtype, backend=self.backend, **kwargs)
         # The reference sees exactly the values the kernel sees.
         seen = [H.round_bfloat16(a) if d == "bfloat16" else a
                 for a, d in zip(inputs, [dtype, dtype, dtype, g_dtype, beta_dtype or dtype, "float32"])]
-        return (y, states), ref_tree_gated_delta(*seen, parent)
+        y_ref, delta_ref, states_ref = ref_tree_gated_delta(*seen, parent)
+        close(delta, delta_ref, 1e-5, f"delta, parent={parent}")
+        states = committed_states(delta, seen[1], seen[3], state, parent)
+        return (y, states), (y_ref, states_ref)
 
     @pytest.mark.parametrize("tree", ["chain32", "fan16", "random24", "single"])
     def test_gated_delta_float32(self, rng, tree):
@@ -182,13 +197,13 @@ class KernelChecks:
         """Slot count and the order of nodes within a level change nothing, bit for bit."""
         parent = random_tree(rng, 30)
         inputs = gdn_inputs(rng, len(parent), **SMALL)
-        (y, states), _ = self.gated_delta(inputs, parent, slots=1)
+        y, delta = H.run_tree_gated_delta(*inputs, parent, slots=1, backend=self.backend)
         order, level_start = H.tree_levels(parent)
         shuffled = np.concatenate([rng.permutation(order[a:b]) for a, b in zip(level_start[:-1], level_start[1:])])
         for kwargs in [dict(slots=2), dict(slots=4), dict(slots=4, order=shuffled), dict(slots=1, order=shuffled)]:
-            (y2, states2), _ = self.gated_delta(inputs, parent, **kwargs)
+            y2, delta2 = H.run_tree_gated_delta(*inputs, parent, backend=self.backend, **kwargs)
             np.testing.assert_array_equal(y2, y, err_msg=str(kwargs))
-            np.testing.assert_array_equal(states2, states, err_msg=str(kwargs))
+            np.testing.assert_array_equal(delta2, delta, err_msg=str(kwargs))
 
     def conv(self, inputs, parent, *, dtype="float32", weight_dtype="float32"):
         x, conv_state, weight = inputs
@@ -233,11 +248,26 @@ class TestMetalKernels(KernelChecks):
 # The reference against mlx-lm on a chain, and the harness against itself.
 
 
+def test_scratch_rows_are_never_shared_by_live_states(rng):
+    """A node's state must survive until its children (one level down) have read it: rows are unique within a
+    level and disjoint between neighbouring levels; a deep tree needs only two levels' worth of rows."""
+    from ddtree_mlx.kernels import scratch_slots, tree_levels
+
+    for parent in [chain(32), fan(15), two_branches(21), *[random_tree(rng, 40) for _ in range(5)]]:
+        order, level_start = tree_levels(parent)
+        slot, rows = scratch_slots(order, level_start)
+        levels = [set(slot[order[a:b]].tolist()) for a, b in zip(level_start[:-1], level_start[1:])]
+        assert all(len(level) == b - a for level, a, b in zip(levels, level_start[:-1], level_start[1:]))
+        assert all(not (upper & lower) for upper, lower in zip(levels, levels[1:]))
+        assert 0 <= slot.min() and slot.max() < rows <= min(len(parent), 2 * int(np.diff(level_start).max()))
+    assert scratch_slots(*tree_levels(chain(32)))[1] == 2
+
+
 def test_reference_matches_mlx_lm_on_a_chain(rng):
     from mlx_lm.models.gated_delta import gated_delta_ops
 
     inputs = gdn_inputs(rng, 12, **BIG)
-    y_ref, states_ref = ref_tree_gated_delta(*inputs, chain(12))
+    y_ref, _, states_ref = ref_tree_gated_delta(*inputs, chain(12))
     q, k, v, g, beta, state = (mx.array(a)[None] for a in inputs)
     y, last = gated_delta_ops(q, k, v, g, beta, state)
     close(np.array(y[0]), y_ref, 1e-5, "y")
@@ -314,14 +344,16 @@ def test_harness_kernels_match_the_pure_mlx_twin(rng, tree):
     for p in parent[1:]:
         draft.add(p, len(draft.tokens), 0)
     q, k, v, g, beta, state = gdn_inputs(rng, len(parent), **BIG)
-    y, states = H.run_tree_gated_delta(q, k, v, g, beta, state, parent)
+    y, delta = H.run_tree_gated_delta(q, k, v, g, beta, state, parent)
     ancestors = mx.array(draft.ancestor_mask())
     twin_y, record = tree_gated_delta(*(mx.array(a) for a in (q, k, v, np.log(g), beta, state)), ancestors)
     close(y, np.array(twin_y), 1e-5, f"y vs twin, {tree}")
-    close(states, np.array(record.state_at(mx.arange(len(parent)))), 1e-5, f"states vs twin, {tree}")
+    close(delta, np.array(record.u.transpose(1, 0, 2)), 1e-5, f"delta vs twin, {tree}")
+    close(committed_states(delta, k, g, state, parent), np.array(record.state_at(mx.arange(len(parent)))), 1e-5,
+          f"states vs twin, {tree}")
     x, conv_state, weight = conv_inputs(rng, len(parent), C=64, K=4)
     out, windows = H.run_tree_conv1d(x, conv_state, weight, parent)
     index = mx.array(draft.window_index(4))
-    twin_out, rows = tree_conv(mx.array(x), mx.array(conv_state), mx.array(weight[:, :, 0]), index)
+    twin_out, rows = tree_conv(mx.array(x), mx.array(conv_state), mx.array(weight), index)
     close(out, np.array(twin_out), 1e-5, f"conv vs twin, {tree}")
     np.testing.assert_array_equal(windows, np.array(rows[index[:, 1:]]))

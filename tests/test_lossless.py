@@ -102,9 +102,11 @@ def test_stop_token_and_length_limit_mid_cycle(family, method):
     result = run(family, 0, 0, oracle(family, 0, 0), method=method, tree_budget=8, stop_token_ids=[stop])
     assert result["generated_token_ids"] == expected[: first + 1]
     assert result["finish_reason"] == "stop"
+    assert result["avg_acceptance"] == first / result["cycles"]  # tokens cut after the stop are not counted
     result = run(family, 0, 0, oracle(family, 0, 0), method=method, tree_budget=8, max_new_tokens=cut)
     assert result["generated_token_ids"] == expected[:cut]
     assert result["finish_reason"] == "length"
+    assert result["avg_acceptance"] == (cut - 1) / result["cycles"]
 
 
 def test_stream_yields_what_generate_returns():

@@ -78,9 +78,33 @@ def test_tree_conv_matches_each_path(shape, size):
     x = mx.array(rng.normal(size=(size, channels)).astype(np.float32))
     cached = mx.array(rng.normal(size=(width - 1, channels)).astype(np.float32))
     conv = nn.Conv1d(channels, channels, kernel_size=width, groups=channels, bias=False)
-    out, rows = tree_conv(x, cached, conv.weight[:, :, 0], mx.array(tree.window_index(width)))
+    out, rows = tree_conv(x, cached, conv.weight, mx.array(tree.window_index(width)))
     windows = rows[mx.array(tree.window_index(width))]
     for node in range(size):
         sequence = mx.concatenate([cached, x[mx.array(tree.path_to(node))]], axis=0)[None]
         assert_close(out[node], nn.silu(conv(sequence))[0, -1])
         assert_close(windows[node, 1:], sequence[0, -(width - 1):])
+
+
+def test_bfloat16_pieces_round_exactly_as_mlx_lm():
+    """In bf16 the tree conv is mlx-lm's conv1d on each node's window and the decay is mlx-lm's compute_g, bit for
+    bit: rounding differences here would move near-ties in every verify."""
+    from mlx_lm.models.gated_delta import compute_g
+
+    from ddtree_mlx.recurrence import log_decay
+
+    rng = np.random.default_rng(7)
+    tree = make_tree("random", 12, rng)
+    channels, width = 40, 4
+    x = mx.array(rng.normal(size=(12, channels))).astype(mx.bfloat16)
+    cached = mx.array(rng.normal(size=(width - 1, channels))).astype(mx.bfloat16)
+    conv = nn.Conv1d(channels, channels, kernel_size=width, groups=channels, bias=False)
+    conv.set_dtype(mx.bfloat16)
+    out, _ = tree_conv(x, cached, conv.weight, mx.array(tree.window_index(width)))
+    for node in range(12):
+        sequence = mx.concatenate([cached, x[mx.array(tree.path_to(node))]], axis=0)[None]
+        assert mx.array_equal(out[node], nn.silu(conv(sequence))[0, -1]).item()
+    a = mx.array(rng.normal(size=(12, 4)) * 3).astype(mx.bfloat16)
+    A_log = mx.array(rng.normal(size=(4,))).astype(mx.bfloat16)
+    dt_bias = mx.array(rng.normal(size=(4,))).astype(mx.bfloat16)
+    assert mx.array_equal(mx.exp(log_decay(a, A_log, dt_bias)), compute_g(A_log, a, dt_bias)).item()

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
 
 import mlx.core as mx
+import mlx.nn as nn
 from dflash_mlx.model import DFlashDraftModel, DFlashDraftModelArgs
 from ddtree_mlx.drafters import ScriptedDrafter
 from mlx_lm.models import llama, qwen3, qwen3_5, qwen3_5_moe
@@ -25,25 +27,51 @@ _QWEN3_5 = dict(
 _DENSE = dict(_SHARED, num_hidden_layers=3, rope_theta=10000.0, tie_word_embeddings=True)
 
 
-def make_target(family: str, seed: int = 0, **overrides):
-    """A tiny float32 target of the given mlx-lm family with random weights (config fields overridable)."""
+FORMS = ("f32", "bf16", "q8", "q4", "mixed")  # the model's own dtype / quantization, as Mac users run them
+
+
+def make_target(family: str, seed: int = 0, form: str = "f32", logit_scale: float = 4.0, **overrides):
+    """A tiny target of the given mlx-lm family with random weights (config fields overridable), in one of
+    FORMS: float32, bfloat16, 8- or 4-bit weights (mlx's nn.quantize, group size 32, which divides every tiny
+    dimension) or mixed per-layer bits (8-bit embedding and first layer, 4-bit elsewhere). The final norm is
+    scaled by `logit_scale`: random models at init are nearly uniform, and sharper logits put the median top-2
+    margin well above NEAR_TIE (asserted), so that a real divergence cannot pass for a near-tie."""
     mx.random.seed(seed)
     if family == "qwen3_5":
         model = qwen3_5.Model(qwen3_5.ModelArgs.from_dict(dict(_QWEN3_5, **overrides)))
     elif family == "qwen3_5_moe":
         config = dict(_QWEN3_5, model_type="qwen3_5_moe", num_experts=4, num_experts_per_tok=2,
                       moe_intermediate_size=32, shared_expert_intermediate_size=32)
-        model = qwen3_5_moe.Model(qwen3_5_moe.ModelArgs.from_dict(config))
+        model = qwen3_5_moe.Model(qwen3_5_moe.ModelArgs.from_dict(dict(config, **overrides)))
     elif family == "qwen3":
-        model = qwen3.Model(qwen3.ModelArgs.from_dict(dict(_DENSE, model_type="qwen3")))
+        model = qwen3.Model(qwen3.ModelArgs.from_dict(dict(_DENSE, model_type="qwen3", **overrides)))
     elif family == "llama":
-        model = llama.Model(llama.ModelArgs.from_dict(dict(_DENSE, model_type="llama", tie_word_embeddings=False)))
+        config = dict(_DENSE, model_type="llama", tie_word_embeddings=False)
+        model = llama.Model(llama.ModelArgs.from_dict(dict(config, **overrides)))
     else:
         raise KeyError(family)
     if family in ("qwen3", "llama"):
         _stir(model)
+    text = getattr(model, "language_model", model)
+    text.model.norm.weight = text.model.norm.weight * logit_scale
+    _convert(model, form)
     mx.eval(model.parameters())
     return model
+
+
+def _convert(model, form: str) -> None:
+    if form == "bf16":
+        model.set_dtype(mx.bfloat16)
+    elif form in ("q8", "q4"):
+        nn.quantize(model, group_size=32, bits=int(form[1]))
+    elif form == "mixed":
+        def bits(path, module):
+            wide = path.endswith("embed_tokens") or ".layers.0." in f".{path}."
+            return hasattr(module, "to_quantized") and {"group_size": 32, "bits": 8 if wide else 4}
+
+        nn.quantize(model, class_predicate=bits)
+    elif form != "f32":
+        raise KeyError(form)
 
 
 def _stir(model) -> None:
@@ -66,17 +94,53 @@ def make_dflash(target, seed: int = 1, block_size: int = 8, layer_ids=(0, 2)) ->
     return model
 
 
-def greedy_reference(model, prompt: list[int], max_new_tokens: int, stop_ids=()) -> list[int]:
-    """Plain mlx-lm greedy decoding, stopping after (and including) a stop token."""
-    out = []
-    steps = generate_module.generate_step(
-        mx.array(prompt), model, max_tokens=max_new_tokens, sampler=lambda logits: mx.argmax(logits, axis=-1)
-    )
-    for token, _ in steps:
-        out.append(int(token))
-        if out[-1] in stop_ids:
+NEAR_TIE = 2.0**-5
+"""The one bound of the lossless standard, in absolute log-prob units: about one bf16 ulp of a logit of
+magnitude 4-8. Where rounding legitimately differs (bf16, quantized weights), our output may leave mlx-lm's only
+at a token whose top-2 margin in mlx-lm's own log-probs is below it."""
+
+
+@dataclass
+class Reference:
+    """mlx-lm's own greedy decoding: its tokens and, at each, the top-2 margin of its own log-probs."""
+
+    tokens: list[int]
+    margins: list[float]
+
+
+def mlx_lm_greedy(model, prompt: list[int], max_new_tokens: int, stop_ids=()) -> Reference:
+    """Plain mlx-lm greedy decoding (generate_step's default sampler), stopping after a stop token."""
+    tokens, margins = [], []
+    for token, log_probs in generate_module.generate_step(mx.array(prompt), model, max_tokens=max_new_tokens):
+        top2 = mx.sort(log_probs.astype(mx.float32))[-2:]
+        tokens.append(int(token))
+        margins.append((top2[1] - top2[0]).item())
+        if tokens[-1] in stop_ids:
             break
-    return out
+    return Reference(tokens, margins)
+
+
+def greedy_reference(model, prompt: list[int], max_new_tokens: int, stop_ids=()) -> list[int]:
+    return mlx_lm_greedy(model, prompt, max_new_tokens, stop_ids).tokens
+
+
+COMPARED: list[tuple[str, int | None, float | None]] = []  # (what ran, first divergence, margin there)
+
+
+def assert_lossless(got: list[int], reference: Reference, exact: bool, label: str = "") -> None:
+    """float32 (exact): token for token. Otherwise identical up to a first difference, which must be a near-tie
+    of mlx-lm's own log-probs (margin < NEAR_TIE); every comparison is recorded for the run's summary."""
+    want = reference.tokens
+    first = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), None)
+    if first is None:
+        assert len(got) == len(want), f"{label}: {len(got)} tokens, mlx-lm gave {len(want)}"
+        COMPARED.append((label, None, None))
+        return
+    margin = reference.margins[first]
+    detail = f"{label}: token {first} is {got[first]}, mlx-lm's is {want[first]} (its top-2 margin {margin:.4f})"
+    assert not exact, f"{detail}; a float32 target must match exactly"
+    assert margin < NEAR_TIE, f"{detail} is not a near-tie (bound {NEAR_TIE})"
+    COMPARED.append((label, first, margin))
 
 
 def OracleDrafter(truth, block_size=8, seed=0, rank_weights=(0.55, 0.2, 0.1, 0.15)):

@@ -13,11 +13,14 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
+from mlx_lm.models import rope_utils
 from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import KVCache
 
 from ..config import DDTreeConfig
+from ..kernels import LevelPlan
 from ..tree import DraftTree
 
 
@@ -39,6 +42,7 @@ class TreeInputs:
     clock: "PartClock"
     conv_windows: dict[int, mx.array]  # kernel width -> [T, width] rows of concat(cached, nodes)
     mask: mx.array | None = None
+    plan: LevelPlan | None = None
 
     @classmethod
     def build(cls, tree: DraftTree, prefix_len: int, config: DDTreeConfig) -> "TreeInputs":
@@ -60,6 +64,12 @@ class TreeInputs:
             self.mask = mx.concatenate([mx.ones((len(self.tree), self.prefix_len), mx.bool_), self.ancestors], 1)
         return self.mask
 
+    def level_plan(self) -> LevelPlan:
+        """The Metal recurrence's level schedule, built once per verify (not once per layer)."""
+        if self.plan is None:
+            self.plan = LevelPlan.of(self.tree.parents)
+        return self.plan
+
     def window_index(self, width: int) -> mx.array:
         if width not in self.conv_windows:
             self.conv_windows[width] = mx.array(self.tree.window_index(width))
@@ -69,7 +79,7 @@ class TreeInputs:
 @dataclass
 class VerifyOutput:
     logits: mx.array  # [T, V]
-    hidden: mx.array  # [T, F]: concatenated hidden states of the requested layers
+    hidden: mx.array | None  # [T, F]: concatenated hidden states of the requested layers (None if none)
     captures: list[Capture]
     profile: dict[str, float] = field(default_factory=dict)  # seconds per layer part, with profile_verify
 
@@ -81,6 +91,23 @@ class KVCapture:
 
     def commit(self, cache_entry: KVCache, path: mx.array) -> None:
         cache_entry.update_and_fetch(self.keys[:, :, path], self.values[:, :, path])
+
+
+# RoPE modules whose rotation depends only on each token's position, so rotating tree nodes at their own
+# positions is what mlx-lm's step does. Others (dynamic NTK rescales its base by the sequence length) are refused.
+POSITIONAL_ROPES = (nn.RoPE, rope_utils.Llama3RoPE, rope_utils.YarnRoPE, rope_utils.SuScaledRoPE,
+                    rope_utils.ProportionalRoPE)
+
+
+def check_rope(layers: list[Any]) -> None:
+    for layer in layers:
+        rope = getattr(getattr(layer, "self_attn", None), "rope", None)
+        if rope is not None and not isinstance(rope, POSITIONAL_ROPES):
+            raise ValueError(
+                f"unsupported RoPE {type(rope).__name__}: tree verify rotates each node at its own position, which "
+                "is only exact for position-only RoPE (default, linear, llama3, yarn, longrope); use a model config "
+                "without this rope scaling"
+            )
 
 
 def rope_at(rope: Any, x: mx.array, positions: mx.array) -> mx.array:
@@ -136,6 +163,7 @@ class TargetAdapter:
         self.model = model
         self.text = self.text_model(model)
         self.inner = self.text.model
+        check_rope(self.layers)
 
     @staticmethod
     def text_model(model: Any) -> Any:
@@ -150,13 +178,14 @@ class TargetAdapter:
     def layers(self) -> list[Any]:
         return self.inner.layers
 
+    # Sizes come from the model's args: a quantized embedding's weight is packed (hidden * bits / 32 columns).
     @property
     def vocab_size(self) -> int:
-        return self.inner.embed_tokens.weight.shape[0]
+        return self.args.vocab_size
 
     @property
     def hidden_size(self) -> int:
-        return self.inner.embed_tokens.weight.shape[1]
+        return self.args.hidden_size
 
     def embed(self, tokens: mx.array) -> mx.array:
         return self.inner.embed_tokens(tokens)
@@ -185,9 +214,14 @@ class TargetAdapter:
     def layer_mask(self, layer: Any, hidden: mx.array, cache_entry: Any) -> Any:
         return create_attention_mask(hidden, cache_entry)
 
-    def forward(self, tokens: mx.array, cache: list[Any], capture_layers: list[int]) -> tuple[mx.array, mx.array]:
+    def logits(self, h: mx.array) -> mx.array:
+        """The final norm and LM head: [n, hidden] -> [n, V]."""
+        return self.lm_head(self.inner.norm(h))
+
+    def forward(self, tokens: mx.array, cache: list[Any], capture_layers: list[int]) -> tuple[mx.array, mx.array | None]:
         """Plain causal forward of `tokens` [n] through the model's own layers, appending to the cache.
-        Returns logits [n, V] and the requested layers' outputs concatenated [n, F]."""
+        Returns the last layer's output [n, hidden] (before the final norm; no LM head, so a long prompt never
+        materialises [n, V] logits) and the requested layers' outputs concatenated [n, F] (None if none)."""
         h = self.embed(tokens[None])
         masks = {}
         captured = []
@@ -198,7 +232,24 @@ class TargetAdapter:
             h = layer(h, masks[kind], entry)
             if index in capture_layers:
                 captured.append(h)
-        return self.lm_head(self.inner.norm(h))[0], _concat_hidden(captured, h)
+        return h[0], _concat_hidden(captured)
+
+    def prefill(self, tokens: list[int], cache: list[Any], capture_layers: list[int],
+                chunk: int) -> tuple[mx.array, mx.array | None]:
+        """mlx-lm's prefill: all but the last token in chunks of `chunk`, evaluated chunk by chunk with no LM
+        head; then the last token alone, whose logits [1, V] are the only ones computed. The rounding is then
+        the same as mlx-lm's own (same chunks, same one-token step), and memory is bounded by a chunk.
+        Returns those logits and the captured hidden states of every prompt token [n, F] (None if none)."""
+        captured = []
+        for start in range(0, len(tokens) - 1, chunk):
+            _, hidden = self.forward(mx.array(tokens[start : min(start + chunk, len(tokens) - 1)]), cache,
+                                     capture_layers)
+            mx.eval(hidden, [entry.state for entry in cache])
+            captured.append(hidden)
+            mx.clear_cache()
+        h, hidden = self.forward(mx.array(tokens[-1:]), cache, capture_layers)
+        captured.append(hidden)
+        return self.logits(h), None if hidden is None else mx.concatenate(captured)
 
     def verify(self, tree: DraftTree, cache: list[Any], capture_layers: list[int], config: DDTreeConfig) -> VerifyOutput:
         """One forward over [root, nodes...]: the prefix fully visible, ancestors only inside the tree.
@@ -214,8 +265,8 @@ class TargetAdapter:
             captures.append(capture)
             if index in capture_layers:
                 captured.append(h)
-        logits = clock.lap("head", self.lm_head(self.inner.norm(h))[0])
-        return VerifyOutput(logits, _concat_hidden(captured, h), captures, clock.seconds)
+        logits = clock.lap("head", self.logits(h[0]))
+        return VerifyOutput(logits, _concat_hidden(captured), captures, clock.seconds)
 
     def prefix_length(self, cache: list[Any]) -> int:
         return next(entry.offset for entry in cache if self.is_attention_cache(entry))
@@ -252,5 +303,5 @@ class PartClock:
         return value
 
 
-def _concat_hidden(captured: list[mx.array], last: mx.array) -> mx.array:
-    return mx.concatenate(captured, axis=-1)[0] if captured else last[0]
+def _concat_hidden(captured: list[mx.array]) -> mx.array | None:
+    return mx.concatenate(captured, axis=-1)[0] if captured else None

@@ -62,7 +62,7 @@ class Qwen3_5Adapter(TargetAdapter):
         width = gdn.conv_kernel_size
         qkv = inputs.clock.detail("linear.proj", gdn.in_proj_qkv(x)[0])
         cached = cache_entry[0][0] if cache_entry[0] is not None else mx.zeros((width - 1, gdn.conv_dim), qkv.dtype)
-        conv_out, windows = kernels.tree_conv(qkv, cached, gdn.conv1d.weight[:, :, 0], inputs)
+        conv_out, windows = kernels.tree_conv(qkv, cached, gdn.conv1d.weight, inputs)
         conv_out = inputs.clock.detail("linear.conv", conv_out)
         q, k, v = mx.split(conv_out, [gdn.key_dim, 2 * gdn.key_dim], axis=-1)
         q = q.reshape(length, gdn.num_k_heads, gdn.head_k_dim)

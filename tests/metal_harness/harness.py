@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ddtree_mlx.kernels import tree_conv1d_launch, tree_gated_delta_launch, tree_levels
+from ddtree_mlx.kernels import scratch_slots, tree_conv1d_launch, tree_gated_delta_launch, tree_levels
 
 HERE = Path(__file__).resolve().parent
 KERNEL_DIR = HERE.parents[1] / "kernels"
@@ -293,7 +293,7 @@ def _dtype_tokens(backend: str):
 
 def run_tree_gated_delta(q, k, v, g, beta, state, parent, *, dtype="float32", g_dtype="float32", beta_dtype=None,
                          slots=None, order=None, backend="cpu"):
-    """y [T,Hv,Dv], node_states [T,Hv,Dv,Dk] (float32 numpy) for the tree given by parent [T].
+    """y [T,Hv,Dv], delta [T,Hv,Dv] (float32 numpy) for the tree given by parent [T].
 
     q, k, v (and beta unless beta_dtype says otherwise) are passed as `dtype`, g as `g_dtype`; bfloat16 inputs are
     rounded to nearest even. slots overrides the node slots per row; order overrides the within-level order."""
@@ -302,15 +302,16 @@ def run_tree_gated_delta(q, k, v, g, beta, state, parent, *, dtype="float32", g_
     level_order, level_start = tree_levels(parent)
     if order is not None:
         level_order = np.asarray(order, np.int32)
+    scratch_slot, rows = scratch_slots(level_order, level_start)
     widths = np.diff(level_start)
     tokens, launch = _dtype_tokens(backend)
     spec = tree_gated_delta_launch(T=T, Hk=Hk, Hv=Hv, Dk=Dk, Dv=Dv, in_dtype=tokens[dtype], f32=tokens["float32"],
-                                   max_level_width=int(widths.max()), slots=slots)
+                                   max_level_width=int(widths.max()), scratch_rows=rows, slots=slots)
     inputs = [(q, dtype), (k, dtype), (v, dtype), (g, g_dtype), (beta, beta_dtype or dtype), (state, "float32"),
               (np.asarray(parent, np.int32), "int32"), (level_order, "int32"), (level_start, "int32"),
-              (len(widths), None)]
-    y, node_states = launch(spec, inputs)
-    return y, node_states
+              (scratch_slot, "int32"), (len(widths), None)]
+    y, delta, _ = launch(spec, inputs)
+    return y, delta
 
 
 def run_tree_conv1d(x, conv_state, weight, parent, *, dtype="float32", state_dtype=None, weight_dtype="float32",
