@@ -11,7 +11,9 @@ warm-up, so the machine's drift hits them alike; every method's tokens are check
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import math
 import os
 import platform
 import random
@@ -25,7 +27,7 @@ from typing import Any, Callable
 import mlx.core as mx
 from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
 
-from ddtree_mlx import DDTreeConfig, generate_ddtree_once
+from ddtree_mlx import DDTreeConfig, PromptLookupDrafter, generate_ddtree_once
 from ddtree_mlx.blas import OPENBLAS, blas_name, slow_blas
 from ddtree_mlx.drafters import ScriptedDrafter
 from ddtree_mlx.generate import PHASES
@@ -342,7 +344,7 @@ TWIN_SHAPES = {"150m": dict(Hk=6, Hv=12, Dk=128, Dv=128), "27b": dict(Hk=16, Hv=
 def measure_twin(args: argparse.Namespace) -> list[dict]:
     """One GatedDeltaNet layer's tree conv + tree recurrence (the pure-MLX twin) per verify, and what a commit
     of the deepest node costs three ways: closed form (no per-node state kept), every node's state written
-    (what the Metal kernel does), or replaying the accepted path with mlx-lm's chain recurrence."""
+    (what the first Metal kernel design kept), or replaying the accepted path with mlx-lm's chain recurrence."""
     from ddtree_mlx.recurrence import ReplayRecurrence, tree_conv, tree_gated_delta
 
     shape = TWIN_SHAPES[args.twin_shape]
@@ -355,7 +357,7 @@ def measure_twin(args: argparse.Namespace) -> list[dict]:
             normal = lambda *dims: mx.random.normal(dims) * 0.1  # noqa: E731
             q, k, v = normal(size, Hk, Dk), normal(size, Hk, Dk), normal(size, Hv, Dv)
             log_g, beta, state0 = -mx.random.uniform(shape=(size, Hv)), mx.random.uniform(shape=(size, Hv)), normal(Hv, Dv, Dk)
-            x, cached, weight = normal(size, channels), normal(3, channels), normal(channels, 4)
+            x, cached, weight = normal(size, channels), normal(3, channels), normal(channels, 4, 1)
             ancestors, windows = mx.array(tree.ancestor_mask()), mx.array(tree.window_index(4))
             deepest = mx.array([size - 1])
             mx.eval(q, k, v, log_g, beta, state0, x, cached, weight)
@@ -372,6 +374,100 @@ def measure_twin(args: argparse.Namespace) -> list[dict]:
             rows.append(row)
             print(" ".join(f"{key}={value:.3f}" if isinstance(value, float) else f"{key}={value}"
                            for key, value in row.items()), flush=True)
+    return rows
+
+
+QWEN35_27B = dict(recurrent_layers=48, Hk=16, Hv=48, Dk=128, Dv=128)  # Qwen3.5-27B's GatedDeltaNet layers
+
+
+def measure_scratch(args: argparse.Namespace) -> list[dict]:
+    """Recurrent-state bytes per verify on the Metal path at Qwen3.5-27B shapes, by arithmetic from the launch
+    spec (no model, no GPU): the first design kept every node's state of every recurrent layer until the
+    commit; the current kernel keeps each node's delta (Dv floats per head, for the closed-form commit) and
+    writes states to a scratch of at most two levels that is dead once the layer's launch ends."""
+    from ddtree_mlx.kernels import LevelPlan, tree_gated_delta_launch
+
+    shape, rows = QWEN35_27B, []
+    layers = shape["recurrent_layers"]
+    node_state = shape["Hv"] * shape["Dv"] * shape["Dk"] * 4
+    for budget in (4, 8, 16, 32, 64):
+        for kind in ("chain", "wide"):
+            tree = shaped_tree(kind, budget + 1, seed=args.seed)
+            plan = LevelPlan.of(tree.parents)
+            spec = tree_gated_delta_launch(T=len(tree), Hk=shape["Hk"], Hv=shape["Hv"], Dk=shape["Dk"],
+                                           Dv=shape["Dv"], in_dtype=mx.bfloat16, f32=mx.float32,
+                                           max_level_width=plan.width, scratch_rows=plan.scratch_rows)
+            sizes = [math.prod(dims) * dtype.size for dims, dtype in zip(spec["output_shapes"], spec["output_dtypes"])]
+            delta, scratch = sizes[1], sizes[2]
+            row = {"budget": budget, "tree": kind, "widest_level": plan.width, "scratch_rows": plan.scratch_rows,
+                   "before_kept_mib": layers * len(tree) * node_state / 2**20,
+                   "now_kept_mib": layers * delta / 2**20, "now_scratch_mib": scratch / 2**20}
+            rows.append(row)
+            print(" ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+    return rows
+
+
+def long_prompt(setup: Setup, length: int) -> list[int]:
+    """`length` tokens of the preset's prompts, concatenated (repeated if they are shorter)."""
+    tokens = [t for prompts in setup.prompts.values() for prompt in prompts for t in prompt]
+    return (tokens * (length // len(tokens) + 1))[:length]
+
+
+def shaped_dflash(target: Any, taps: int = 5, block_size: int = 16) -> Any:
+    """A random one-layer DFlash drafter of the target's width tapping `taps` layers spread from the 2nd to the
+    third-to-last (the DFlash recipe): it costs what a trained one costs; it accepts nothing."""
+    from dflash_mlx.model import DFlashDraftModel, DFlashDraftModelArgs
+
+    adapter, args = adapter_for(target), adapter_for(target).args
+    heads = args.num_attention_heads
+    layers = len(adapter.layers)
+    tapped = sorted({round(1 + i * (layers - 4) / (taps - 1)) for i in range(taps)})
+    draft_args = DFlashDraftModelArgs(
+        model_type="qwen3", hidden_size=args.hidden_size, num_hidden_layers=1,
+        intermediate_size=args.intermediate_size, num_attention_heads=heads, rms_norm_eps=args.rms_norm_eps,
+        vocab_size=args.vocab_size, num_key_value_heads=args.num_key_value_heads, max_position_embeddings=1 << 16,
+        rope_theta=10000.0, head_dim=getattr(args, "head_dim", None) or args.hidden_size // heads,
+        tie_word_embeddings=False, num_target_layers=layers, block_size=block_size,
+        dflash_config={"target_layer_ids": tapped, "mask_token_id": 0})
+    model = DFlashDraftModel(draft_args)
+    mx.eval(model.parameters())
+    return model
+
+
+def peak_above_now(run: Callable[[], Any]) -> tuple[float, float]:
+    """(peak MiB above what was allocated before, seconds) of one run."""
+    gc.collect()
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    before = mx.get_active_memory()
+    start = time.perf_counter()
+    run()
+    return (mx.get_peak_memory() - before) / 2**20, time.perf_counter() - start
+
+
+def measure_prefill_memory(setup: Setup, args: argparse.Namespace) -> list[dict]:
+    """Prefill of --context tokens: peak memory above the weights and time, mlx-lm's own prefill (generate_step
+    to its first token) beside ours (generate_ddtree_once to the first token) with prompt lookup (no hidden
+    states) and with a DFlash-shaped drafter (its tapped layers' hidden states captured for every token)."""
+    from mlx_lm.generate import generate_step
+
+    prompt = long_prompt(setup, args.context)
+    drafter = shaped_dflash(setup.target)
+    runs = {
+        "mlx-lm generate_step": lambda: mx.eval(next(generate_step(mx.array(prompt), setup.target, max_tokens=1))[0]),
+        "ddtree, prompt lookup": lambda: generate_ddtree_once(
+            target_model=setup.target, draft_model=PromptLookupDrafter(), prompt_tokens=prompt, max_new_tokens=1),
+        f"ddtree, DFlash ({len(drafter.target_layer_ids)} taps)": lambda: generate_ddtree_once(
+            target_model=setup.target, draft_model=drafter, prompt_tokens=prompt, max_new_tokens=1),
+    }
+    rows = []
+    for name, run in runs.items():
+        peak, seconds = peak_above_now(run)
+        rows.append({"run": name, "context": len(prompt), "peak_above_weights_mib": peak, "seconds": seconds})
+    for row in rows:
+        row["vs_mlx_lm"] = row["peak_above_weights_mib"] / rows[0]["peak_above_weights_mib"]
+        print(f"{row['run']:<28} {row['context']} tokens: peak above weights {row['peak_above_weights_mib']:8.1f} MiB"
+              f" ({row['vs_mlx_lm']:.2f}x mlx-lm), {row['seconds']:.1f} s", flush=True)
     return rows
 
 
@@ -460,9 +556,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", help="write one row per set x method x budget")
     parser.add_argument("--plot", help="write a PNG: speedup vs budget per set, and phase shares")
     parser.add_argument("--openblas", action="store_true", help="Linux: re-run with Debian's OpenBLAS preloaded")
-    parser.add_argument("--measure", choices=["generation", "verify", "twin"], default="generation",
+    parser.add_argument("--measure", choices=["generation", "verify", "twin", "scratch", "prefill-memory"],
+                        default="generation",
                         help="verify: N-node tree vs N-token chain verify on the preset's target; twin: one "
-                             "GatedDeltaNet layer's tree recurrence and commit variants (no model)")
+                             "GatedDeltaNet layer's tree recurrence and commit variants (no model); scratch: Metal "
+                             "recurrent-state bytes per verify at Qwen3.5-27B shapes (arithmetic, no model); "
+                             "prefill-memory: peak memory of a --context-token prefill, ours beside mlx-lm's")
+    parser.add_argument("--context", type=int, default=8192, help="prefill-memory: prompt tokens")
     parser.add_argument("--twin-shape", choices=sorted(TWIN_SHAPES), default="150m")
     args = parser.parse_args(argv)
     unknown = set(args.methods) - {"ar", "dflash", "ddtree", PEER} or set(args.sets) - set(PROMPT_SETS)
@@ -510,6 +610,10 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     if args.measure == "twin":
         rows = measure_twin(args)
+    elif args.measure == "scratch":
+        rows = measure_scratch(args)
+    elif args.measure == "prefill-memory":
+        rows = measure_prefill_memory(make_setup(args), args)
     elif args.measure == "verify":
         rows = measure_verify(make_setup(args), args)
     else:
