@@ -76,20 +76,14 @@ def load_prompts(sets: list[str], limit: int, seed: int) -> dict[str, list[str]]
     return prompts
 
 
-def encode(tokenizer: Any, text: str, chat: bool) -> list[int]:
-    if chat and getattr(tokenizer, "chat_template", None):
-        return list(tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True))
-    return list(tokenizer.encode(text))
-
-
 def real_setup(args: argparse.Namespace, name: str, model: str | None, draft: str | None) -> Setup:
-    from ddtree_mlx.loading import load, stop_token_ids
+    from ddtree_mlx.loading import encode_prompt, load, stop_token_ids
 
     target, tokenizer, drafter = load(model, draft)
     if args.drafter == "self":
         drafter = SelfDrafter(target)
     texts = load_prompts(args.sets, args.limit, args.seed)
-    prompts = {s: [encode(tokenizer, t, not args.no_chat_template) for t in rows] for s, rows in texts.items()}
+    prompts = {s: [encode_prompt(tokenizer, t, not args.no_chat_template) for t in rows] for s, rows in texts.items()}
     return Setup(name, target, lambda prompt, truth: drafter, prompts, stop_token_ids(tokenizer))
 
 

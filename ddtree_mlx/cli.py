@@ -13,7 +13,7 @@ from typing import Any, Iterator, Sequence
 from .blas import HINT, slow_blas
 from .config import DDTreeConfig
 from .generate import METHODS, DecodeStep, stream_generate
-from .loading import load, stop_token_ids
+from .loading import encode_prompt, load, stop_token_ids
 from .sampling import SamplingParams
 
 
@@ -29,7 +29,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def build_parser(serving: bool = False) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ddtree-mlx", description="Lossless tree speculative decoding for MLX.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{generate,serve}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{generate,serve,train-drafter}")
     generate = commands.add_parser("generate", help="stream a completion of one prompt to stdout")
     add_generate_arguments(generate)
     generate.set_defaults(run=run_generate)
@@ -39,6 +39,9 @@ def build_parser(serving: bool = False) -> argparse.ArgumentParser:
 
         add_serve_arguments(serve)
     serve.set_defaults(run=run_serve)
+    train = commands.add_parser("train-drafter", help="train a DFlash drafter for a model on a prompt file")
+    add_train_arguments(train)
+    train.set_defaults(run=run_train_drafter)
     return parser
 
 
@@ -85,13 +88,54 @@ def run_generate(args: argparse.Namespace) -> int:
     stops = stop_token_ids(tokenizer, args.model)  # a local --model directory may add generation_config ids
     steps = stream_generate(
         target_model=target, draft_model=None if args.method == "ar" else drafter, tokenizer=tokenizer,
-        prompt_tokens=encode(tokenizer, prompt, chat=not args.no_chat_template), max_new_tokens=args.max_tokens,
+        prompt_tokens=encode_prompt(tokenizer, prompt, chat=not args.no_chat_template), max_new_tokens=args.max_tokens,
         stop_token_ids=stops, method=args.method, config=config, **sampling,
     )
     tokens, last = print_stream(steps, tokenizer, set(stops))
     print(stats_line(tokens, last), file=sys.stderr)
     if slow_blas():
         print(f"hint: {HINT}", file=sys.stderr)
+    return 0
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    from .drafter_training import DrafterShape, TrainSettings
+
+    shape, settings = DrafterShape(), TrainSettings()
+    parser.add_argument("--model", help="the target: local directory or repo id (default: the embedded SmolLM2)")
+    parser.add_argument("--prompts", required=True, help="JSON Lines file, one prompt per line ('prompt' text or "
+                                                         "chat 'messages'); the target writes the answers itself")
+    parser.add_argument("--out", required=True, help="directory for answers, checkpoints, curve and the drafter")
+    parser.add_argument("--max-prompts", type=positive_int, help="use the first N prompts")
+    parser.add_argument("--answer-tokens", type=positive_int, default=256, help="longest answer regenerated")
+    parser.add_argument("--gen-batch", type=positive_int, default=32, help="prompts per regeneration batch")
+    parser.add_argument("--temperature", type=float, default=0.0, help="regeneration: 0 greedy, else sampled")
+    parser.add_argument("--block-size", type=positive_int, default=shape.block_size)
+    parser.add_argument("--layers", type=positive_int, default=shape.layers, help="draft decoder layers")
+    parser.add_argument("--taps", type=positive_int, default=shape.taps, help="target layers the drafter reads")
+    parser.add_argument("--mask-token-id", type=int, help="default: the tokenizer's mask token, else an unused "
+                                                          "special token")
+    parser.add_argument("--epochs", type=float, default=settings.epochs)
+    parser.add_argument("--anchors", type=positive_int, default=settings.anchors, help="blocks per sequence")
+    parser.add_argument("--accumulate", type=positive_int, default=settings.accumulate,
+                        help="sequences per optimizer step (memory stays one sequence's)")
+    parser.add_argument("--lr", type=float, default=settings.lr)
+    parser.add_argument("--max-len", type=positive_int, default=settings.max_len, help="tokens per sequence")
+    parser.add_argument("--max-steps", type=positive_int, help="stop after N more steps (resume later)")
+    parser.add_argument("--seed", type=int, default=settings.seed)
+
+
+def run_train_drafter(args: argparse.Namespace) -> int:
+    from .drafter_training import DrafterShape, TrainSettings, train_drafter
+
+    shape = DrafterShape(args.block_size, args.layers, args.taps)
+    settings = TrainSettings(epochs=args.epochs, anchors=args.anchors, accumulate=args.accumulate, lr=args.lr,
+                             max_len=args.max_len, seed=args.seed)
+    out = train_drafter(args.model, args.prompts, args.out, shape=shape, settings=settings,
+                        mask_token_id=args.mask_token_id, max_prompts=args.max_prompts,
+                        answer_tokens=args.answer_tokens, gen_batch=args.gen_batch, temperature=args.temperature,
+                        max_steps=args.max_steps)
+    print(f"drafter: {out} (use it with --draft {out})", file=sys.stderr)
     return 0
 
 
@@ -109,15 +153,6 @@ def pick_prompt(args: argparse.Namespace) -> str:
     if not prompt:
         raise ValueError('a prompt is required: ddtree-mlx generate "your prompt"')
     return prompt
-
-
-def encode(tokenizer: Any, prompt: str, chat: bool) -> list[int]:
-    """As mlx-lm does: the chat template renders text whose special tokens are already in place."""
-    if chat and tokenizer.has_chat_template:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)
-        return tokenizer.encode(text, add_special_tokens=False)
-    return tokenizer.encode(prompt)
 
 
 def print_stream(steps: Iterator[DecodeStep], tokenizer: Any, stops: set[int]) -> tuple[int, DecodeStep]:

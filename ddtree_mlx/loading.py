@@ -137,6 +137,18 @@ def local_dir(ref: str, flag: str) -> Path:
         ) from err
 
 
+def encode_prompt(tokenizer: Any, prompt: str | list[dict], chat: bool = True) -> list[int]:
+    """Token ids for a text prompt or a list of chat messages, as mlx-lm's generate encodes them: the chat
+    template renders text whose special tokens are already in place, so encoding adds none."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    if chat and tokenizer.has_chat_template:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return list(tokenizer.encode(text, add_special_tokens=False))
+    if not isinstance(prompt, str):
+        raise ValueError("chat messages need a tokenizer with a chat template; pass plain text instead")
+    return list(tokenizer.encode(prompt))
+
+
 def stop_token_ids(tokenizer: Any, model_path: str | Path | None = None) -> list[int]:
     """The tokenizer's end-of-sequence ids, with generation_config.json's eos_token_id (an int or a list)."""
     ids = set(getattr(tokenizer, "eos_token_ids", None) or ())

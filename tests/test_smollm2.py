@@ -43,3 +43,24 @@ def test_smollm2_ddtree_and_single_path_equal_greedy(smollm, kind):
                                       tree_budget=budget, method=method)
         assert result["generated_token_ids"] == expected, (method, tokenizer.decode(expected), result["text"])
     assert tokenizer.decode(expected).strip()
+
+
+def test_train_drafter_command_end_to_end(tmp_path):
+    """`ddtree-mlx train-drafter` on the real model: regenerates answers, trains, exports a drafter that
+    `load(draft=...)` takes, and a second run resumes instead of redoing anything."""
+    from ddtree_mlx.cli import main
+    from ddtree_mlx.loading import load
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "What is 2 + 3?"}\n{"messages": [{"role": "user", "content": "Say hi."}]}\n')
+    command = ["train-drafter", "--prompts", str(prompts), "--out", str(tmp_path / "run"), "--answer-tokens", "12",
+               "--block-size", "4", "--taps", "2", "--anchors", "4", "--accumulate", "1", "--epochs", "1"]
+    assert main(command) == 0
+    answers = (tmp_path / "run" / "answers.jsonl").read_text().splitlines()
+    log = (tmp_path / "run" / "train" / "log.jsonl").read_text().splitlines()
+    assert len(answers) == 2 and len(log) == 2
+    assert main(command) == 0  # finished: nothing regenerated, no step repeated
+    assert (tmp_path / "run" / "answers.jsonl").read_text().splitlines() == answers
+    assert (tmp_path / "run" / "train" / "log.jsonl").read_text().splitlines() == log
+    _, _, drafter = load(None, str(tmp_path / "run" / "drafter"))
+    assert drafter.block_size == 4 and len(drafter.target_layer_ids) == 2

@@ -1,0 +1,374 @@
+"""Train a DFlash block-diffusion drafter for any supported target, on MLX (recipe: arXiv 2602.06036).
+
+The drafter is dflash-mlx's own `DFlashDraftModel`, so what this trains loads wherever z-lab's checkpoints load.
+It has a few decoder layers of the target's width. The hidden states of tapped target layers (spread from the 2nd
+to the third-to-last) are concatenated, projected and normed, and enter every draft layer as extra keys and
+values. A block is `[anchor, mask x (B-1)]`: bidirectional inside, the context visible up to the anchor. The
+target's embedding and LM head are shared and stay frozen, as does the target, in its own dtype/quantization.
+
+One training example is a whole sequence (prompt + the target's own answer): its tapped hidden states come from
+one frozen target forward, and many random anchors in the answer are trained in one drafter forward, each block
+seeing only its own context under a block-sparse mask. Position k of a block (k = 1..B-1) is weighted
+exp(-(k-1)/gamma) in the cross-entropy, because early positions decide whether later ones are reached at all.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from dflash_mlx.model import DFlashDraftModel, DFlashDraftModelArgs, build_target_layer_ids
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
+
+from .drafter_data import Example
+from .models import adapter_for
+from .models.base import TargetAdapter, rope_at
+
+
+@dataclass(frozen=True)
+class DrafterShape:
+    """The drafter's architecture; the rest (width, heads, vocabulary) comes from the target's args."""
+
+    block_size: int = 16
+    layers: int = 1
+    taps: int = 5
+    mask_token_id: int = 0
+
+    def __post_init__(self) -> None:
+        if self.block_size < 2:
+            raise ValueError(f"block_size {self.block_size} leaves no draft positions; use 2 or more (8 or 16)")
+        if self.layers < 1 or self.taps < 1:
+            raise ValueError("a drafter needs layers >= 1 and taps >= 1")
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    epochs: float = 6.0
+    anchors: int = 64  # random anchors per sequence, trained in one forward
+    accumulate: int = 4  # sequences per optimizer step
+    lr: float = 6e-4
+    warmup: float = 0.04  # share of the steps spent warming up, then cosine decay
+    clip: float = 1.0
+    gamma: float = 0.0  # 0: 7 for blocks of 16, 4 for blocks of 8 (the public recipe)
+    max_len: int = 1024
+    seed: int = 0
+    checkpoint_every: int = 25
+
+
+def default_gamma(block_size: int) -> float:
+    return 7.0 if block_size >= 16 else 4.0 if block_size >= 8 else block_size / 2
+
+
+def check_shape(target: TargetAdapter, shape: DrafterShape) -> None:
+    """What depends on the target fails here, before any training."""
+    if shape.taps > len(target.layers):
+        raise ValueError(f"taps {shape.taps} > the target's {len(target.layers)} layers; tap fewer layers")
+    if not 0 <= shape.mask_token_id < target.vocab_size:
+        raise ValueError(f"mask_token_id {shape.mask_token_id} is outside the target vocabulary "
+                         f"[0, {target.vocab_size})")
+
+
+def new_drafter(target: TargetAdapter, shape: DrafterShape, seed: int = 0) -> DFlashDraftModel:
+    """A freshly initialised drafter of the target's width, float32."""
+    check_shape(target, shape)
+    args = target.args
+    heads = args.num_attention_heads
+    draft_args = DFlashDraftModelArgs(
+        model_type="qwen3", hidden_size=args.hidden_size, num_hidden_layers=shape.layers,
+        intermediate_size=args.intermediate_size, num_attention_heads=heads, rms_norm_eps=args.rms_norm_eps,
+        vocab_size=target.vocab_size, num_key_value_heads=args.num_key_value_heads,
+        max_position_embeddings=getattr(args, "max_position_embeddings", None) or 32768,
+        rope_theta=getattr(args, "rope_theta", None) or 10000.0,
+        head_dim=getattr(args, "head_dim", None) or args.hidden_size // heads, tie_word_embeddings=False,
+        num_target_layers=len(target.layers), block_size=shape.block_size,
+        dflash_config={"target_layer_ids": sorted(set(build_target_layer_ids(len(target.layers), shape.taps))),
+                       "mask_token_id": shape.mask_token_id},
+    )
+    mx.random.seed(seed)
+    model = DFlashDraftModel(draft_args)
+    mx.eval(model.parameters())
+    return model
+
+
+def choose_mask_token(tokenizer: Any, examples: list[Example]) -> int:
+    """The tokenizer's mask token, or else (SmolLM2 has none) the highest special token id that never occurs in
+    the training data: its frozen embedding is a fixed vector the drafter learns to read as "to be predicted"."""
+    if getattr(tokenizer, "mask_token_id", None) is not None:
+        return int(tokenizer.mask_token_id)
+    seen = {t for example in examples for t in example.prompt + example.answer}
+    unused = sorted(set(getattr(tokenizer, "all_special_ids", [])) - seen)
+    if not unused:
+        raise ValueError("the tokenizer has no mask token and every special token occurs in the data; pass "
+                         "mask_token_id explicitly (an id the target never emits)")
+    return unused[-1]
+
+
+# --- one training forward ---------------------------------------------------------------------------------------
+
+
+def block_mask(anchors: mx.array, block_size: int, context: int) -> mx.array:
+    """[A*B, context + A*B] bool: block j's queries see the context before its anchor and their own block."""
+    blocks = mx.repeat(mx.arange(anchors.shape[0]), block_size)  # block of each query
+    sees_context = mx.arange(context)[None, :] < anchors[blocks][:, None]
+    same_block = blocks[:, None] == blocks[None, :]
+    return mx.concatenate([sees_context, same_block], axis=1)
+
+
+def _attend(attn: Any, x: mx.array, context: mx.array, positions: mx.array, mask: mx.array) -> mx.array:
+    """dflash-mlx's DFlashAttention, with every block at its own positions and the block-sparse mask."""
+    def heads(proj, source, count):
+        return proj(source).reshape(1, source.shape[1], count, -1).transpose(0, 2, 1, 3)
+
+    queries = rope_at(attn.rope, attn.q_norm(heads(attn.q_proj, x, attn.n_heads)), positions)
+    keys = mx.concatenate([attn.rope(attn.k_norm(heads(attn.k_proj, context, attn.n_kv_heads))),
+                           rope_at(attn.rope, attn.k_norm(heads(attn.k_proj, x, attn.n_kv_heads)), positions)], 2)
+    values = mx.concatenate([heads(attn.v_proj, context, attn.n_kv_heads), heads(attn.v_proj, x, attn.n_kv_heads)], 2)
+    out = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=attn.scale, mask=mask)
+    return attn.o_proj(out.transpose(0, 2, 1, 3).reshape(1, x.shape[1], -1))
+
+
+def draft_hidden(drafter: DFlashDraftModel, target: TargetAdapter, tokens: mx.array, hidden: mx.array,
+                 anchors: mx.array) -> mx.array:
+    """The drafter's final hidden states [A, B, D] for blocks at `anchors` of one sequence (tokens [n], tapped
+    target hidden states [n, F]): what DFlashDraftModel computes for each block alone, all blocks at once."""
+    size = drafter.block_size
+    offsets = mx.arange(size)
+    block = mx.where(offsets[None] == 0, tokens[anchors][:, None], drafter.mask_token_id).reshape(1, -1)
+    x = target.embed(block).astype(mx.float32) * drafter.embed_scale
+    context = drafter.project_target_hidden(hidden.astype(mx.float32)[None])
+    positions = (anchors[:, None] + offsets[None]).reshape(-1)
+    mask = block_mask(anchors, size, tokens.shape[0])
+    for layer in drafter.layers:
+        x = x + _attend(layer.self_attn, layer.input_layernorm(x), context, positions, mask)
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+    return drafter.norm(x).reshape(anchors.shape[0], size, -1)
+
+
+def block_loss(drafter: DFlashDraftModel, target: TargetAdapter, tokens: mx.array, hidden: mx.array,
+               anchors: mx.array, gamma: float) -> tuple[mx.array, mx.array, mx.array]:
+    """Weighted cross-entropy over block positions 1..B-1 whose label lies inside the sequence, and the correct /
+    counted predictions per position (for per-position accuracy)."""
+    size = drafter.block_size
+    h = draft_hidden(drafter, target, tokens, hidden, anchors)[:, 1:]
+    label_at = anchors[:, None] + mx.arange(1, size)[None]
+    valid = label_at < tokens.shape[0]
+    labels = tokens[mx.minimum(label_at, tokens.shape[0] - 1)]
+    logits = target.lm_head(h).astype(mx.float32)
+    weights = mx.exp(-mx.arange(size - 1) / gamma)[None] * valid
+    loss = (nn.losses.cross_entropy(logits, labels) * weights).sum() / weights.sum()
+    correct = ((mx.argmax(logits, axis=-1) == labels) & valid).sum(axis=0)
+    return loss, correct, valid.sum(axis=0)
+
+
+def sample_anchors(rng: np.random.Generator, prompt_len: int, length: int, count: int) -> mx.array:
+    """Anchors whose next token is an answer token: from the last prompt token to the second-to-last token."""
+    choices = np.arange(max(prompt_len - 1, 0), length - 1)
+    picked = rng.choice(choices, size=min(count, len(choices)), replace=False)
+    return mx.array(np.sort(picked).astype(np.int32))
+
+
+# --- the loop -----------------------------------------------------------------------------------------------------
+
+
+def usable(examples: list[Example], max_len: int, vocab_size: int) -> list[Example]:
+    """The examples with an answer inside max_len; token ids must fit the target (data made for another model
+    would otherwise train on garbage)."""
+    bad = next((e.id for e in examples if any(not 0 <= t < vocab_size for t in e.prompt + e.answer)), None)
+    if bad is not None:
+        raise ValueError(f"example {bad!r} has token ids outside the target vocabulary [0, {vocab_size}); "
+                         "regenerate the data with this target")
+    kept = [e for e in examples if e.answer and len(e.prompt) + 1 < max_len]
+    if not kept:
+        raise ValueError("no example has an answer within max_len tokens; regenerate the data or raise max_len")
+    return kept
+
+
+class Trainer:
+    """Resumable: every `checkpoint_every` steps the drafter, the optimizer and the step are saved to out_dir;
+    a new Trainer on the same out_dir continues from there. The data order is a function of (seed, epoch)."""
+
+    def __init__(self, target_model: Any, examples: list[Example], out_dir: str | Path, shape: DrafterShape,
+                 settings: TrainSettings = TrainSettings()):
+        self.target = adapter_for(target_model)
+        check_shape(self.target, shape)
+        self.examples = usable(examples, settings.max_len, self.target.vocab_size)
+        self.shape, self.settings = shape, settings
+        self.out = Path(out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.gamma = settings.gamma or default_gamma(shape.block_size)
+        self.total_steps = max(1, math.ceil(settings.epochs * len(self.examples) / settings.accumulate))
+        self.drafter = new_drafter(self.target, shape, settings.seed)
+        warm = max(1, int(settings.warmup * self.total_steps))
+        schedule = optim.join_schedules([optim.linear_schedule(0.0, settings.lr, warm),
+                                         optim.cosine_decay(settings.lr, max(1, self.total_steps - warm))], [warm])
+        self.optimizer = optim.AdamW(learning_rate=schedule)
+        self.step = 0
+        self.resume()
+
+    # checkpoints
+    def resume(self) -> None:
+        state_file = self.out / "checkpoint.json"
+        if not state_file.exists():
+            return
+        state = json.loads(state_file.read_text())
+        if state["shape"] != asdict(self.shape):
+            raise ValueError(f"{self.out} holds a checkpoint of another drafter shape {state['shape']}; use a new "
+                             "output directory or the same settings")
+        self.drafter.load_weights(str(self.out / "drafter.safetensors"))
+        self.optimizer.init(self.drafter.trainable_parameters())
+        self.optimizer.state = tree_unflatten(list(mx.load(str(self.out / "optimizer.safetensors")).items()))
+        self.step = state["step"]
+
+    def save(self) -> None:
+        mx.save_safetensors(str(self.out / "drafter.safetensors"), dict(tree_flatten(self.drafter.parameters())))
+        mx.save_safetensors(str(self.out / "optimizer.safetensors"), dict(tree_flatten(self.optimizer.state)))
+        state = {"step": self.step, "total_steps": self.total_steps, "shape": asdict(self.shape),
+                 "settings": asdict(self.settings)}
+        (self.out / "checkpoint.json.tmp").write_text(json.dumps(state))
+        (self.out / "checkpoint.json.tmp").replace(self.out / "checkpoint.json")  # the step only after the weights
+
+    # data
+    def examples_of_step(self, step: int) -> list[Example]:
+        per_step, count = self.settings.accumulate, len(self.examples)
+        items = []
+        for i in range(step * per_step, (step + 1) * per_step):
+            epoch, position = divmod(i, count)
+            order = np.random.default_rng([self.settings.seed, epoch]).permutation(count)
+            items.append(self.examples[order[position]])
+        return items
+
+    def target_hidden(self, tokens: list[int]) -> mx.array:
+        """The tapped layers' outputs for the whole sequence: one frozen target forward, no LM head."""
+        _, hidden = self.target.forward(mx.array(tokens), self.target.make_cache(), self.drafter.target_layer_ids)
+        return mx.stop_gradient(hidden)
+
+    def train(self, max_steps: int | None = None, progress: bool = True) -> list[dict]:
+        """Train until the schedule ends (or `max_steps` more steps); returns this run's log rows."""
+        step_fn = nn.value_and_grad(self.drafter, block_loss)
+        rows, start = [], time.perf_counter()
+        end = self.total_steps if max_steps is None else min(self.total_steps, self.step + max_steps)
+        while self.step < end:
+            row = self.train_step(step_fn)
+            rows.append(row)
+            with open(self.out / "log.jsonl", "a") as log:
+                log.write(json.dumps(row) + "\n")
+            if self.step % self.settings.checkpoint_every == 0 or self.step == end:
+                self.save()
+            if progress:
+                report(self.step, self.total_steps, row, time.perf_counter() - start, len(rows))
+        return rows
+
+    def train_step(self, step_fn: Any) -> dict:
+        rng = np.random.default_rng([self.settings.seed, 1 << 20, self.step])
+        grads, losses = None, []
+        correct = counted = 0
+        for example in self.examples_of_step(self.step):
+            tokens = (example.prompt + example.answer)[: self.settings.max_len]
+            anchors = sample_anchors(rng, len(example.prompt), len(tokens), self.settings.anchors)
+            (loss, right, count), g = step_fn(self.drafter, self.target, mx.array(tokens),
+                                              self.target_hidden(tokens), anchors, self.gamma)
+            grads = g if grads is None else tree_map_add(grads, g)
+            mx.eval(loss, right, count, grads)
+            losses.append(loss.item())
+            correct, counted = correct + np.array(right), counted + np.array(count)
+        grads, norm = optim.clip_grad_norm(tree_scale(grads, 1 / len(losses)), self.settings.clip)
+        self.optimizer.update(self.drafter, grads)
+        mx.eval(self.drafter.parameters(), self.optimizer.state)
+        self.step += 1
+        return {"step": self.step, "loss": float(np.mean(losses)), "grad_norm": norm.item(),
+                "accuracy": (correct / np.maximum(counted, 1)).round(4).tolist()}
+
+
+def tree_map_add(a: Any, b: Any) -> Any:
+    return tree_map(lambda x, y: x + y, a, b)
+
+
+def tree_scale(a: Any, factor: float) -> Any:
+    return tree_map(lambda x: x * factor, a)
+
+
+def report(step: int, total: int, row: dict, seconds: float, done: int) -> None:
+    eta = (total - step) * seconds / done
+    width = 30
+    bar = "#" * (width * step // total) + "-" * (width - width * step // total)
+    print(f"\r[{bar}] step {step}/{total} loss {row['loss']:.3f} acc@1 {row['accuracy'][0]:.2f} "
+          f"ETA {eta / 60:.0f} min", end="\n" if step == total else "", file=sys.stderr, flush=True)
+
+
+# --- export -------------------------------------------------------------------------------------------------------
+
+
+def export(drafter: DFlashDraftModel, out_dir: str | Path, dtype: mx.Dtype = mx.bfloat16) -> Path:
+    """z-lab's checkpoint layout: config.json (with block_size, num_target_layers and
+    dflash_config: {target_layer_ids, mask_token_id}) and model.safetensors, loadable by dflash-mlx's
+    DFlashDraftModel and by ddtree_mlx.load(..., draft=out_dir)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = {key: value for key, value in asdict(drafter.args).items() if key not in ("layer_types",)}
+    config["architectures"] = ["DFlashDraftModel"]
+    config["torch_dtype"] = {mx.bfloat16: "bfloat16", mx.float16: "float16"}.get(dtype, "float32")
+    (out / "config.json").write_text(json.dumps(config, indent=1))
+    weights = {name: value.astype(dtype) for name, value in tree_flatten(drafter.parameters())}
+    mx.save_safetensors(str(out / "model.safetensors"), weights)
+    return out
+
+
+# --- the whole job ------------------------------------------------------------------------------------------------
+
+
+def train_drafter(model: str | None, prompts_file: str | Path, out_dir: str | Path, *, shape: DrafterShape,
+                  settings: TrainSettings = TrainSettings(), mask_token_id: int | None = None,
+                  max_prompts: int | None = None, answer_tokens: int = 256, gen_batch: int = 32,
+                  temperature: float = 0.0, max_steps: int | None = None, progress: bool = True) -> Path:
+    """Regenerate answers (out_dir/answers.jsonl), train (out_dir/train/), export (out_dir/drafter/) and plot the
+    curve (out_dir/curve.png). Every stage resumes: run the same command again after an interrupt."""
+    from .drafter_data import read_examples, read_prompts, regenerate
+    from .loading import load
+
+    prompts = read_prompts(prompts_file)[:max_prompts]  # bad data fails before the model loads
+    target, tokenizer, _ = load(model, "prompt-lookup")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    regenerate(target, tokenizer, prompts, out / "answers.jsonl", batch_size=gen_batch, max_tokens=answer_tokens,
+               temperature=temperature, progress=progress)
+    examples = list(read_examples(out / "answers.jsonl"))
+    if mask_token_id is None:
+        mask_token_id = choose_mask_token(tokenizer, examples)
+    shape = DrafterShape(shape.block_size, shape.layers, shape.taps, mask_token_id)
+    trainer = Trainer(target, examples, out / "train", shape, settings)
+    trainer.train(max_steps=max_steps, progress=progress)
+    plot_curve(out / "train" / "log.jsonl", out / "curve.png")
+    return export(trainer.drafter, out / "drafter")
+
+
+def plot_curve(log: Path, png: Path) -> None:
+    """Loss and per-position accuracy over steps (needs matplotlib: pip install 'ddtree-mlx[bench]')."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    steps = [r["step"] for r in rows]
+    accuracy = np.array([r["accuracy"] for r in rows])
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    left.plot(steps, [r["loss"] for r in rows])
+    left.set(xlabel="step", ylabel="weighted cross-entropy", title="loss")
+    for k in range(0, accuracy.shape[1], max(1, accuracy.shape[1] // 5)):
+        right.plot(steps, accuracy[:, k], label=f"position {k + 1}")
+    right.set(xlabel="step", ylabel="top-1 accuracy", title="accuracy per block position")
+    right.legend()
+    figure.tight_layout()
+    figure.savefig(png, dpi=100)
+    plt.close(figure)

@@ -1,0 +1,119 @@
+"""Training a DFlash drafter on MLX: the block-sparse forward equals dflash-mlx's own drafter block by block, the
+loss drops, a checkpoint resumes exactly, the export loads through dflash-mlx and generation stays lossless."""
+
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from ddtree_mlx import generate_ddtree_once
+from ddtree_mlx.drafter_data import Example, read_prompts
+from ddtree_mlx.drafter_training import (DrafterShape, Trainer, TrainSettings, block_mask, draft_hidden, export,
+                                         new_drafter)
+from ddtree_mlx.loading import load_dflash
+from ddtree_mlx.models import adapter_for
+from tiny import VOCAB, greedy_reference, make_target
+
+SHAPE = DrafterShape(block_size=8, layers=1, taps=2, mask_token_id=VOCAB - 1)
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return make_target("llama")
+
+
+@pytest.fixture(scope="module")
+def examples(llama):
+    """The target's own greedy answers to random prompts: on-policy data, as regenerate() makes."""
+    rng = np.random.default_rng(0)
+    prompts = [[int(t) for t in rng.integers(0, VOCAB - 8, 6)] for _ in range(12)]
+    return [Example(str(i), p, greedy_reference(llama, p, 40)) for i, p in enumerate(prompts)]
+
+
+def test_block_mask_equals_brute_force():
+    anchors, size, context = [2, 5, 9], 4, 12
+    mask = np.array(block_mask(mx.array(anchors), size, context))
+    for query in range(len(anchors) * size):
+        block = query // size
+        for key in range(context + len(anchors) * size):
+            visible = key < anchors[block] if key < context else (key - context) // size == block
+            assert mask[query, key] == visible, (query, key)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3_5"])
+def test_all_blocks_at_once_equal_dflash_mlx_one_block_at_a_time(family):
+    target = adapter_for(make_target(family))
+    drafter = new_drafter(target, DrafterShape(block_size=6, taps=2, mask_token_id=VOCAB - 1), seed=3)
+    tokens = mx.array([int(t) for t in np.random.default_rng(1).integers(0, VOCAB, 30)])
+    _, hidden = target.forward(tokens, target.make_cache(), drafter.target_layer_ids)
+    anchors = mx.array([3, 11, 12, 25])
+    together = draft_hidden(drafter, target, tokens, hidden, anchors)
+    for j, anchor in enumerate(anchors.tolist()):
+        block = mx.array([tokens[anchor].item()] + [drafter.mask_token_id] * 5)[None]
+        alone = drafter(noise_embedding=target.embed(block), target_hidden=hidden[None, :anchor], cache=None)
+        np.testing.assert_allclose(np.array(together[j]), np.array(alone[0]), rtol=1e-4, atol=1e-4)
+
+
+def test_loss_drops(llama, examples, tmp_path):
+    trainer = Trainer(llama, examples, tmp_path, SHAPE,
+                      TrainSettings(epochs=20, anchors=16, accumulate=2, lr=3e-3, checkpoint_every=1000))
+    rows = trainer.train(max_steps=60, progress=False)
+    first, last = np.mean([r["loss"] for r in rows[:5]]), np.mean([r["loss"] for r in rows[-5:]])
+    assert last < 0.8 * first, (first, last)
+    assert len(rows[-1]["accuracy"]) == SHAPE.block_size - 1
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 61))
+
+
+def test_resume_after_an_interrupt_continues_exactly(llama, examples, tmp_path):
+    settings = TrainSettings(epochs=2, anchors=8, accumulate=2, lr=3e-3, checkpoint_every=3)
+    straight = Trainer(llama, examples, tmp_path / "straight", SHAPE, settings)
+    straight.train(max_steps=6, progress=False)
+    interrupted = Trainer(llama, examples, tmp_path / "resumed", SHAPE, settings)
+    interrupted.train(max_steps=3, progress=False)
+    resumed = Trainer(llama, examples, tmp_path / "resumed", SHAPE, settings)  # a new process, same directory
+    assert resumed.step == 3
+    resumed.train(max_steps=3, progress=False)
+    for a, b in zip(_leaves(straight.drafter.parameters()), _leaves(resumed.drafter.parameters())):
+        assert mx.allclose(a, b, rtol=1e-6, atol=1e-7).item()
+
+
+def _leaves(tree):
+    from mlx.utils import tree_flatten
+
+    return [value for _, value in tree_flatten(tree)]
+
+
+def test_export_loads_through_dflash_mlx_and_generates_losslessly(llama, examples, tmp_path):
+    trainer = Trainer(llama, examples, tmp_path / "run", SHAPE, TrainSettings(epochs=1, anchors=8, accumulate=2))
+    trainer.train(max_steps=4, progress=False)
+    out = export(trainer.drafter, tmp_path / "drafter", dtype=mx.float32)
+    config = json.loads((out / "config.json").read_text())
+    assert config["block_size"] == 8 and config["num_target_layers"] == 3
+    assert config["dflash_config"] == {"target_layer_ids": trainer.drafter.target_layer_ids,
+                                       "mask_token_id": VOCAB - 1}
+    drafter = load_dflash(str(out))
+    for a, b in zip(_leaves(drafter.parameters()), _leaves(trainer.drafter.parameters())):
+        assert mx.array_equal(a, b).item()
+    prompt = examples[0].prompt
+    result = generate_ddtree_once(target_model=llama, draft_model=drafter, prompt_tokens=prompt,
+                                  max_new_tokens=32, stop_token_ids=[], tree_budget=4)
+    assert result["generated_token_ids"] == greedy_reference(llama, prompt, 32)
+
+
+def test_bad_input_fails_before_training(llama, examples, tmp_path):
+    with pytest.raises(ValueError, match="leaves no draft positions"):
+        DrafterShape(block_size=1, mask_token_id=0)
+    with pytest.raises(ValueError, match="taps 9 > the target's 3 layers"):
+        Trainer(llama, examples, tmp_path, DrafterShape(taps=9, mask_token_id=0))
+    with pytest.raises(ValueError, match="outside the target vocabulary"):
+        Trainer(llama, examples, tmp_path, DrafterShape(taps=2, mask_token_id=VOCAB))
+    with pytest.raises(ValueError, match="token ids outside the target vocabulary"):
+        Trainer(llama, [Example("x", [1, 2], [3, VOCAB + 5])], tmp_path, SHAPE)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "fine"}\n{"question": "no prompt field"}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:2 has no 'prompt' text or chat 'messages'"):
+        read_prompts(bad)
+    with pytest.raises(ValueError, match="does not exist"):
+        read_prompts(tmp_path / "missing.jsonl")
