@@ -40,6 +40,7 @@ PROMPT_SETS = {
     "mbpp": ("mbpp_sanitized.jsonl", lambda row: row["prompt"]),
     "mt_bench": ("mt_bench.jsonl", lambda row: row["turns"][0]),
     "alpaca": ("alpaca_eval.jsonl", lambda row: row["instruction"] + ("\n\n" + row["input"] if row["input"] else "")),
+    "gsm8k": ("gsm8k_heldout.jsonl", lambda row: row["question"]),  # the last 500 of GSM8K train: never trained on
 }
 
 SYNTHETIC_SIZES = {  # a ~40M-parameter hybrid, and a tiny one for smoke tests
@@ -67,8 +68,15 @@ class Setup:
     peer_draft: Any = None  # a small mlx-lm model for the mlx-lm speculative decoding peer
 
 
-def load_prompts(sets: list[str], limit: int, seed: int) -> dict[str, list[str]]:
+def load_prompts(sets: list[str], limit: int, seed: int, files: list[str] = ()) -> dict[str, list[Any]]:
+    """A seeded sample of `limit` prompts per bundled set, and per --prompts file (named by its stem): text, or
+    chat messages for files whose rows have `messages`."""
+    from ddtree_mlx.drafter_data import read_prompts
+
     prompts = {}
+    for file in files:
+        rows = [prompt for _, prompt in read_prompts(file)]
+        prompts[Path(file).stem] = random.Random(seed).sample(rows, min(limit, len(rows)))
     for name in sets:
         file, text = PROMPT_SETS[name]
         rows = [json.loads(line) for line in (PROMPT_DIR / file).read_text().splitlines() if line.strip()]
@@ -82,7 +90,7 @@ def real_setup(args: argparse.Namespace, name: str, model: str | None, draft: st
     target, tokenizer, drafter = load(model, draft)
     if args.drafter == "self":
         drafter = SelfDrafter(target)
-    texts = load_prompts(args.sets, args.limit, args.seed)
+    texts = load_prompts(args.sets, args.limit, args.seed, args.prompts)
     prompts = {s: [encode_prompt(tokenizer, t, not args.no_chat_template) for t in rows] for s, rows in texts.items()}
     return Setup(name, target, lambda prompt, truth: drafter, prompts, stop_token_ids(tokenizer))
 
@@ -535,7 +543,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--node-costs", default="auto", type=lambda s: [None if c == "auto" else float(c)
                                                                         for c in s.split(",")],
                         help="DDTree node costs to compare, e.g. auto,0 (see DDTREE_NODE_COST)")
-    parser.add_argument("--sets", default=",".join(PROMPT_SETS), type=lambda s: s.split(","))
+    parser.add_argument("--sets", default=",".join(PROMPT_SETS), type=lambda s: s.split(",") if s else [],
+                        help="bundled prompt sets ('' for none)")
+    parser.add_argument("--prompts", action="append", default=[], metavar="FILE.jsonl",
+                        help="also benchmark this prompt file (rows with 'prompt' text or chat 'messages')")
     parser.add_argument("--limit", type=int, default=2, help="prompts per set (seeded sample)")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)

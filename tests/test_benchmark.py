@@ -30,6 +30,14 @@ def test_prompt_sets_load_seeded():
     assert first == again and all(len(v) == 3 and all(isinstance(t, str) and t for t in v) for v in first.values())
 
 
+def test_prompt_files_are_benchmarked_as_sets(tmp_path):
+    file = tmp_path / "mine.jsonl"
+    file.write_text('{"prompt": "a"}\n{"messages": [{"role": "user", "content": "b"}]}\n{"prompt": "c"}\n')
+    sets = benchmark.load_prompts(["gsm8k"], limit=2, seed=0, files=[str(file)])
+    assert set(sets) == {"mine", "gsm8k"} and len(sets["mine"]) == 2 and len(sets["gsm8k"]) == 2
+    assert benchmark.parse_args(["--sets", "", "--prompts", str(file)]).sets == []
+
+
 def test_sampled_runs_are_not_compared_token_for_token(tmp_path):
     out = tmp_path / "rows.json"
     code = benchmark.main(["--preset", "synthetic", "--limit", "1", "--repeats", "1", "--max-tokens", "8",
