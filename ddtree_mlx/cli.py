@@ -107,6 +107,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                                                          "chat 'messages'); the target writes the answers itself")
     parser.add_argument("--out", required=True, help="directory for answers, checkpoints, curve and the drafter")
     parser.add_argument("--max-prompts", type=positive_int, help="use the first N prompts")
+    parser.add_argument("--eval-prompts", help="held-out prompt file: per-position acceptance after training")
+    parser.add_argument("--eval-count", type=positive_int, default=40, help="held-out prompts used (default 40)")
     parser.add_argument("--answer-tokens", type=positive_int, default=256, help="longest answer regenerated")
     parser.add_argument("--gen-batch", type=positive_int, default=32, help="prompts per regeneration batch")
     parser.add_argument("--temperature", type=float, default=0.0, help="regeneration: 0 greedy, else sampled")
@@ -134,7 +136,7 @@ def run_train_drafter(args: argparse.Namespace) -> int:
     out = train_drafter(args.model, args.prompts, args.out, shape=shape, settings=settings,
                         mask_token_id=args.mask_token_id, max_prompts=args.max_prompts,
                         answer_tokens=args.answer_tokens, gen_batch=args.gen_batch, temperature=args.temperature,
-                        max_steps=args.max_steps)
+                        max_steps=args.max_steps, eval_prompts=args.eval_prompts, eval_count=args.eval_count)
     print(f"drafter: {out} (use it with --draft {out})", file=sys.stderr)
     return 0
 

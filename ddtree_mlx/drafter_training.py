@@ -14,6 +14,7 @@ exp(-(k-1)/gamma) in the cross-entropy, because early positions decide whether l
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import sys
@@ -153,17 +154,23 @@ def draft_hidden(drafter: DFlashDraftModel, target: TargetAdapter, tokens: mx.ar
     return drafter.norm(x).reshape(anchors.shape[0], size, -1)
 
 
-def block_loss(drafter: DFlashDraftModel, target: TargetAdapter, tokens: mx.array, hidden: mx.array,
-               anchors: mx.array, gamma: float) -> tuple[mx.array, mx.array, mx.array]:
-    """Weighted cross-entropy over block positions 1..B-1 whose label lies inside the sequence, and the correct /
-    counted predictions per position (for per-position accuracy)."""
+def block_predictions(drafter: DFlashDraftModel, target: TargetAdapter, tokens: mx.array, hidden: mx.array,
+                      anchors: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+    """Logits [A, B-1, V] for block positions 1..B-1, their labels, and which labels lie inside the sequence."""
     size = drafter.block_size
     h = draft_hidden(drafter, target, tokens, hidden, anchors)[:, 1:]
     label_at = anchors[:, None] + mx.arange(1, size)[None]
     valid = label_at < tokens.shape[0]
     labels = tokens[mx.minimum(label_at, tokens.shape[0] - 1)]
-    logits = target.lm_head(h).astype(mx.float32)
-    weights = mx.exp(-mx.arange(size - 1) / gamma)[None] * valid
+    return target.lm_head(h).astype(mx.float32), labels, valid
+
+
+def block_loss(drafter: DFlashDraftModel, target: TargetAdapter, tokens: mx.array, hidden: mx.array,
+               anchors: mx.array, gamma: float) -> tuple[mx.array, mx.array, mx.array]:
+    """Weighted cross-entropy over block positions 1..B-1 whose label lies inside the sequence, and the correct /
+    counted predictions per position (for per-position accuracy)."""
+    logits, labels, valid = block_predictions(drafter, target, tokens, hidden, anchors)
+    weights = mx.exp(-mx.arange(drafter.block_size - 1) / gamma)[None] * valid
     loss = (nn.losses.cross_entropy(logits, labels) * weights).sum() / weights.sum()
     correct = ((mx.argmax(logits, axis=-1) == labels) & valid).sum(axis=0)
     return loss, correct, valid.sum(axis=0)
@@ -246,10 +253,15 @@ class Trainer:
             items.append(self.examples[order[position]])
         return items
 
-    def target_hidden(self, tokens: list[int]) -> mx.array:
-        """The tapped layers' outputs for the whole sequence: one frozen target forward, no LM head."""
-        _, hidden = self.target.forward(mx.array(tokens), self.target.make_cache(), self.drafter.target_layer_ids)
-        return mx.stop_gradient(hidden)
+    def target_hidden(self, example: Example, tokens: list[int]) -> mx.array:
+        """The tapped layers' outputs for the whole sequence: one frozen target forward (no LM head) on first use,
+        then read back from out_dir/hidden/ (float16), so later epochs skip the target."""
+        path = self.out / "hidden" / (hashlib.sha1(f"{example.id}:{len(tokens)}".encode()).hexdigest() + ".safetensors")
+        if not path.exists():
+            _, hidden = self.target.forward(mx.array(tokens), self.target.make_cache(), self.drafter.target_layer_ids)
+            path.parent.mkdir(exist_ok=True)
+            mx.save_safetensors(str(path), {"hidden": hidden.astype(mx.float16)})
+        return mx.load(str(path))["hidden"].astype(mx.float32)  # every epoch sees the same (stored) values
 
     def train(self, max_steps: int | None = None, progress: bool = True) -> list[dict]:
         """Train until the schedule ends (or `max_steps` more steps); returns this run's log rows."""
@@ -267,6 +279,31 @@ class Trainer:
                 report(self.step, self.total_steps, row, time.perf_counter() - start, len(rows))
         return rows
 
+    def evaluate(self, examples: list[Example], anchors: int = 32) -> dict:
+        """Held-out and teacher-forced, over blocks that fit inside the answer: top-1 accuracy per block position,
+        and acceptance per position, the share of blocks whose first k draft tokens are all right (what one draft
+        path gets accepted); their sum is the expected accepted length of a single path, before the bonus."""
+        rng = np.random.default_rng([self.settings.seed, 1 << 21])
+        size = self.drafter.block_size - 1
+        right, accepted, counted = np.zeros(size), np.zeros(size), np.zeros(size)
+        for example in usable(examples, self.settings.max_len, self.target.vocab_size):
+            tokens = (example.prompt + example.answer)[: self.settings.max_len]
+            at = sample_anchors(rng, len(example.prompt), len(tokens) - size + 1, anchors)  # whole blocks only
+            if at.size == 0:
+                continue
+            logits, labels, valid = block_predictions(self.drafter, self.target, mx.array(tokens),
+                                                      self.target_hidden(example, tokens), at)
+            correct = np.array((mx.argmax(logits, axis=-1) == labels) & valid)
+            right += correct.sum(0)
+            accepted += np.cumprod(correct, axis=1).sum(0)
+            counted += np.array(valid).sum(0)
+        acceptance = accepted / np.maximum(counted, 1)
+        row = {"step": self.step, "accuracy": (right / np.maximum(counted, 1)).round(4).tolist(),
+               "acceptance": acceptance.round(4).tolist(), "expected_accepted": float(acceptance.sum())}
+        with open(self.out / "eval.jsonl", "a") as log:
+            log.write(json.dumps(row) + "\n")
+        return row
+
     def train_step(self, step_fn: Any) -> dict:
         rng = np.random.default_rng([self.settings.seed, 1 << 20, self.step])
         grads, losses = None, []
@@ -275,7 +312,7 @@ class Trainer:
             tokens = (example.prompt + example.answer)[: self.settings.max_len]
             anchors = sample_anchors(rng, len(example.prompt), len(tokens), self.settings.anchors)
             (loss, right, count), g = step_fn(self.drafter, self.target, mx.array(tokens),
-                                              self.target_hidden(tokens), anchors, self.gamma)
+                                              self.target_hidden(example, tokens), anchors, self.gamma)
             grads = g if grads is None else tree_map_add(grads, g)
             mx.eval(loss, right, count, grads)
             losses.append(loss.item())
@@ -328,24 +365,32 @@ def export(drafter: DFlashDraftModel, out_dir: str | Path, dtype: mx.Dtype = mx.
 def train_drafter(model: str | None, prompts_file: str | Path, out_dir: str | Path, *, shape: DrafterShape,
                   settings: TrainSettings = TrainSettings(), mask_token_id: int | None = None,
                   max_prompts: int | None = None, answer_tokens: int = 256, gen_batch: int = 32,
-                  temperature: float = 0.0, max_steps: int | None = None, progress: bool = True) -> Path:
-    """Regenerate answers (out_dir/answers.jsonl), train (out_dir/train/), export (out_dir/drafter/) and plot the
-    curve (out_dir/curve.png). Every stage resumes: run the same command again after an interrupt."""
+                  temperature: float = 0.0, max_steps: int | None = None, eval_prompts: str | Path | None = None,
+                  eval_count: int = 40, progress: bool = True) -> Path:
+    """Regenerate answers (out_dir/answers.jsonl), train (out_dir/train/), evaluate on held-out prompts
+    (out_dir/train/eval.jsonl), export (out_dir/drafter/) and plot the curve (out_dir/curve.png). Every stage
+    resumes: run the same command again after an interrupt."""
     from .drafter_data import read_examples, read_prompts, regenerate
     from .loading import load
 
     prompts = read_prompts(prompts_file)[:max_prompts]  # bad data fails before the model loads
+    held_out = read_prompts(eval_prompts)[:eval_count] if eval_prompts else []
     target, tokenizer, _ = load(model, "prompt-lookup")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    regenerate(target, tokenizer, prompts, out / "answers.jsonl", batch_size=gen_batch, max_tokens=answer_tokens,
-               temperature=temperature, progress=progress)
-    examples = list(read_examples(out / "answers.jsonl"))
+    answers = {}
+    for name, rows in (("answers.jsonl", prompts), ("eval_answers.jsonl", held_out)):
+        regenerate(target, tokenizer, rows, out / name, batch_size=gen_batch, max_tokens=answer_tokens,
+                   temperature=temperature, progress=progress)
+        answers[name] = list(read_examples(out / name))
     if mask_token_id is None:
-        mask_token_id = choose_mask_token(tokenizer, examples)
+        mask_token_id = choose_mask_token(tokenizer, answers["answers.jsonl"])
     shape = DrafterShape(shape.block_size, shape.layers, shape.taps, mask_token_id)
-    trainer = Trainer(target, examples, out / "train", shape, settings)
+    trainer = Trainer(target, answers["answers.jsonl"], out / "train", shape, settings)
     trainer.train(max_steps=max_steps, progress=progress)
+    if answers["eval_answers.jsonl"]:
+        row = trainer.evaluate(answers["eval_answers.jsonl"])
+        print(f"held-out acceptance per position: {row['acceptance']}", file=sys.stderr)
     plot_curve(out / "train" / "log.jsonl", out / "curve.png")
     return export(trainer.drafter, out / "drafter")
 

@@ -64,6 +64,10 @@ def test_loss_drops(llama, examples, tmp_path):
     assert len(rows[-1]["accuracy"]) == SHAPE.block_size - 1
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == list(range(1, 61))
+    row = trainer.evaluate(examples[:4])
+    acceptance = row["acceptance"]
+    assert all(a >= b for a, b in zip(acceptance, acceptance[1:])) and acceptance[0] <= row["accuracy"][0]
+    assert row["expected_accepted"] == pytest.approx(sum(acceptance), abs=1e-3) and acceptance[0] > 0.1  # chance is 1/128
 
 
 def test_resume_after_an_interrupt_continues_exactly(llama, examples, tmp_path):

@@ -54,11 +54,13 @@ def test_train_drafter_command_end_to_end(tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "What is 2 + 3?"}\n{"messages": [{"role": "user", "content": "Say hi."}]}\n')
     command = ["train-drafter", "--prompts", str(prompts), "--out", str(tmp_path / "run"), "--answer-tokens", "12",
+               "--eval-prompts", str(prompts), "--eval-count", "1",
                "--block-size", "4", "--taps", "2", "--anchors", "4", "--accumulate", "1", "--epochs", "1"]
     assert main(command) == 0
     answers = (tmp_path / "run" / "answers.jsonl").read_text().splitlines()
     log = (tmp_path / "run" / "train" / "log.jsonl").read_text().splitlines()
     assert len(answers) == 2 and len(log) == 2
+    assert len(json.loads((tmp_path / "run" / "train" / "eval.jsonl").read_text())["acceptance"]) == 3
     assert main(command) == 0  # finished: nothing regenerated, no step repeated
     assert (tmp_path / "run" / "answers.jsonl").read_text().splitlines() == answers
     assert (tmp_path / "run" / "train" / "log.jsonl").read_text().splitlines() == log
