@@ -40,7 +40,7 @@ PROMPT_SETS = {
     "mbpp": ("mbpp_sanitized.jsonl", lambda row: row["prompt"]),
     "mt_bench": ("mt_bench.jsonl", lambda row: row["turns"][0]),
     "alpaca": ("alpaca_eval.jsonl", lambda row: row["instruction"] + ("\n\n" + row["input"] if row["input"] else "")),
-    "gsm8k": ("gsm8k_heldout.jsonl", lambda row: row["question"]),  # the last 500 of GSM8K train: never trained on
+    "gsm8k": ("gsm8k_heldout.jsonl", lambda row: row["prompt"]),  # the last 500 of GSM8K train: never trained on
 }
 
 SYNTHETIC_SIZES = {  # a ~40M-parameter hybrid, and a tiny one for smoke tests
