@@ -146,7 +146,7 @@ class Session:
                 capture.commit(entry, index)
             hidden = None if out.hidden is None else out.hidden[index]
         self.pending_tokens, self.pending_hidden, self.root = accepted, hidden, bonus
-        self.sync([entry.state for entry in self.cache], *([] if hidden is None else [hidden]))
+        self.sync(hidden, [entry.state for entry in self.cache])  # mx.eval skips None
 
     # --- the cycle ------------------------------------------------------------------------------------------
 
@@ -178,7 +178,7 @@ class Session:
         start = time.perf_counter()
         logits, hidden = self.target.prefill(prompt, self.cache, self.capture_layers, self.config.prefill_chunk)
         first = self.choose(logits)
-        mx.eval(first, [entry.state for entry in self.cache], *([] if hidden is None else [hidden]))
+        mx.eval(first, hidden, [entry.state for entry in self.cache])
         self.pending_tokens, self.pending_hidden, self.root = list(prompt), hidden, int(first[0])
         self.stats.prefill_seconds = time.perf_counter() - start
         return self.root
