@@ -70,6 +70,19 @@ def test_loss_drops(llama, examples, tmp_path):
     assert row["expected_accepted"] == pytest.approx(sum(acceptance), abs=1e-3) and acceptance[0] > 0.1  # chance is 1/128
 
 
+@pytest.mark.parametrize("family,form", [("llama", "q4"), ("qwen3_5", "bf16"), ("qwen3_5", "q8")])
+def test_trains_against_targets_in_their_own_dtype(family, form, tmp_path):
+    """The target stays frozen as Mac users run it (bf16, 4/8-bit); the drafter trains in float32 through the
+    target's own (quantized) embedding and LM head."""
+    model = make_target(family, form=form)
+    rng = np.random.default_rng(0)
+    prompts = [[int(t) for t in rng.integers(0, VOCAB - 8, 6)] for _ in range(6)]
+    examples = [Example(str(i), p, greedy_reference(model, p, 30)) for i, p in enumerate(prompts)]
+    trainer = Trainer(model, examples, tmp_path, SHAPE, TrainSettings(epochs=5, anchors=8, accumulate=2, lr=3e-3))
+    losses = [row["loss"] for row in trainer.train(max_steps=12, progress=False)]
+    assert np.mean(losses[-3:]) < np.mean(losses[:3])
+
+
 def test_resume_after_an_interrupt_continues_exactly(llama, examples, tmp_path):
     settings = TrainSettings(epochs=2, anchors=8, accumulate=2, lr=3e-3, checkpoint_every=3)
     straight = Trainer(llama, examples, tmp_path / "straight", SHAPE, settings)
