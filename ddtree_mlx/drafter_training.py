@@ -236,6 +236,10 @@ class Trainer:
         self.optimizer.init(self.drafter.trainable_parameters())
         self.optimizer.state = tree_unflatten(list(mx.load(str(self.out / "optimizer.safetensors")).items()))
         self.step = state["step"]
+        log = self.out / "log.jsonl"  # steps logged after the last checkpoint run again: drop their rows
+        if log.exists():
+            rows = [line for line in log.read_text().splitlines() if json.loads(line)["step"] <= self.step]
+            log.write_text("".join(row + "\n" for row in rows))
 
     def save(self) -> None:
         mx.save_safetensors(str(self.out / "drafter.safetensors"), dict(tree_flatten(self.drafter.parameters())))

@@ -88,10 +88,14 @@ def test_resume_after_an_interrupt_continues_exactly(llama, examples, tmp_path):
     straight = Trainer(llama, examples, tmp_path / "straight", SHAPE, settings)
     straight.train(max_steps=6, progress=False)
     interrupted = Trainer(llama, examples, tmp_path / "resumed", SHAPE, settings)
-    interrupted.train(max_steps=3, progress=False)
+    interrupted.train(max_steps=3, progress=False)  # checkpoint at step 3; then killed after logging step 4:
+    with open(tmp_path / "resumed" / "log.jsonl", "a") as log:
+        log.write(json.dumps({"step": 4, "loss": 0.0}) + "\n")
     resumed = Trainer(llama, examples, tmp_path / "resumed", SHAPE, settings)  # a new process, same directory
     assert resumed.step == 3
     resumed.train(max_steps=3, progress=False)
+    log = [json.loads(line)["step"] for line in (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()]
+    assert log == [1, 2, 3, 4, 5, 6]
     for a, b in zip(_leaves(straight.drafter.parameters()), _leaves(resumed.drafter.parameters())):
         assert mx.allclose(a, b, rtol=1e-6, atol=1e-7).item()
 
