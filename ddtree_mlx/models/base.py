@@ -57,9 +57,12 @@ class TreeInputs:
             conv_windows={},
         )
 
-    def attention_mask(self) -> mx.array:
+    def attention_mask(self) -> mx.array | None:
         """[T, prefix + T] bool: the prefix fully visible, ancestors inside the tree. Built on the device, once
-        per verify, and only if a layer asks (the split attention does not)."""
+        per verify, and only if a layer asks (the split attention does not). A lone root sees everything: no
+        mask, exactly mlx-lm's one-token step."""
+        if len(self.tree) == 1:
+            return None
         if self.mask is None:
             self.mask = mx.concatenate([mx.ones((len(self.tree), self.prefix_len), mx.bool_), self.ancestors], 1)
         return self.mask
