@@ -411,14 +411,16 @@ def plot_curve(log: Path, png: Path) -> None:
     except ImportError:
         return
     rows = [json.loads(line) for line in log.read_text().splitlines()]
-    steps = [r["step"] for r in rows]
+    steps = np.array([r["step"] for r in rows])
+    window = max(1, len(rows) // 40)  # one step is a few sequences: average over a window to see the trend
+    smooth = lambda values: np.convolve(values, np.ones(window) / window, mode="valid")  # noqa: E731
     accuracy = np.array([r["accuracy"] for r in rows])
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    left.plot(steps, [r["loss"] for r in rows])
-    left.set(xlabel="step", ylabel="weighted cross-entropy", title="loss")
+    left.plot(steps[window - 1 :], smooth([r["loss"] for r in rows]))
+    left.set(xlabel="step", ylabel="weighted cross-entropy", yscale="log", title=f"loss (mean of {window} steps)")
     for k in range(0, accuracy.shape[1], max(1, accuracy.shape[1] // 5)):
-        right.plot(steps, accuracy[:, k], label=f"position {k + 1}")
-    right.set(xlabel="step", ylabel="top-1 accuracy", title="accuracy per block position")
+        right.plot(steps[window - 1 :], smooth(accuracy[:, k]), label=f"position {k + 1}")
+    right.set(xlabel="step", ylabel="top-1 accuracy", title="training accuracy per block position")
     right.legend()
     figure.tight_layout()
     figure.savefig(png, dpi=100)
