@@ -30,9 +30,11 @@ from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
 
 from ddtree_mlx import DDTreeConfig, PromptLookupDrafter, generate_ddtree_once
 from ddtree_mlx.blas import OPENBLAS, blas_name, slow_blas
+from ddtree_mlx.drafter_training import DrafterShape, new_drafter
 from ddtree_mlx.drafters import ScriptedDrafter
 from ddtree_mlx.generate import PHASES
 from ddtree_mlx.models import adapter_for
+from ddtree_mlx.progress import show
 from ddtree_mlx.tree import DraftTree
 
 PROMPT_DIR = Path(__file__).parent / "ddtree_mlx" / "prompts"
@@ -264,15 +266,8 @@ def measure(setup: Setup, args: argparse.Namespace) -> dict[tuple[str, str, int]
                     ok = result["generated_token_ids"] == truth if args.temperature == 0 else None
                     runs.setdefault((set_name, variant), Runs()).add(repeat, result, ok)
                     done += 1
-                    progress(done, total, f"{set_name} {variant.label}")
-    print(file=sys.stderr)
+                    show(done, total, f"{set_name} {variant.label:<20}")
     return runs
-
-
-def progress(done: int, total: int, label: str) -> None:
-    width = 30
-    filled = width * done // total
-    print(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {label:<24}", end="", file=sys.stderr, flush=True)
 
 
 def pooled(results: list[dict]) -> dict[str, float]:
@@ -439,27 +434,6 @@ def long_prompt(setup: Setup, length: int) -> list[int]:
     return (tokens * (length // len(tokens) + 1))[:length]
 
 
-def shaped_dflash(target: Any, taps: int = 5, block_size: int = 16) -> Any:
-    """A random one-layer DFlash drafter of the target's width tapping `taps` layers spread from the 2nd to the
-    third-to-last (the DFlash recipe): it costs what a trained one costs; it accepts nothing."""
-    from dflash_mlx.model import DFlashDraftModel, DFlashDraftModelArgs
-
-    adapter, args = adapter_for(target), adapter_for(target).args
-    heads = args.num_attention_heads
-    layers = len(adapter.layers)
-    tapped = sorted({round(1 + i * (layers - 4) / (taps - 1)) for i in range(taps)})
-    draft_args = DFlashDraftModelArgs(
-        model_type="qwen3", hidden_size=args.hidden_size, num_hidden_layers=1,
-        intermediate_size=args.intermediate_size, num_attention_heads=heads, rms_norm_eps=args.rms_norm_eps,
-        vocab_size=args.vocab_size, num_key_value_heads=args.num_key_value_heads, max_position_embeddings=1 << 16,
-        rope_theta=10000.0, head_dim=getattr(args, "head_dim", None) or args.hidden_size // heads,
-        tie_word_embeddings=False, num_target_layers=layers, block_size=block_size,
-        dflash_config={"target_layer_ids": tapped, "mask_token_id": 0})
-    model = DFlashDraftModel(draft_args)
-    mx.eval(model.parameters())
-    return model
-
-
 def peak_above_now(run: Callable[[], Any]) -> tuple[float, float]:
     """(peak MiB above what was allocated before, seconds) of one run."""
     gc.collect()
@@ -478,7 +452,9 @@ def measure_prefill_memory(setup: Setup, args: argparse.Namespace) -> list[dict]
     from mlx_lm.generate import generate_step
 
     prompt = long_prompt(setup, args.context)
-    drafter = shaped_dflash(setup.target)
+    # Random weights of a real drafter's shape (one layer, 5 taps, block 16): it costs what a trained one costs.
+    target = adapter_for(setup.target)
+    drafter = new_drafter(target, DrafterShape(block_size=16, layers=1, taps=min(5, len(target.layers))))
     runs = {
         "mlx-lm generate_step": lambda: mx.eval(next(generate_step(mx.array(prompt), setup.target, max_tokens=1))[0]),
         "ddtree, prompt lookup": lambda: generate_ddtree_once(

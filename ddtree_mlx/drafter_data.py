@@ -10,7 +10,6 @@ and a finished one is never regenerated.
 from __future__ import annotations
 
 import json
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from mlx_lm.generate import batch_generate
 from mlx_lm.sample_utils import make_sampler
 
 from .loading import encode_prompt
+from .progress import show
 
 
 @dataclass
@@ -66,28 +66,29 @@ def read_examples(path: str | Path) -> Iterator[Example]:
 def regenerate(model: Any, tokenizer: Any, prompts: list[tuple[str, Any]], out: str | Path, *, batch_size: int = 32,
                max_tokens: int = 256, temperature: float = 0.0, chat: bool = True, progress: bool = True) -> int:
     """Append the target's answers to `out` for every prompt not there yet; returns how many were added."""
+    drop_torn_tail(out)
     done = {example.id for example in read_examples(out)}
     todo = [(key, encode_prompt(tokenizer, prompt, chat)) for key, prompt in prompts if key not in done]
     sampler = make_sampler(temp=temperature)
-    start, tokens = time.perf_counter(), 0
+    start, written = time.perf_counter(), 0
     for first in range(0, len(todo), batch_size):
         batch = todo[first : first + batch_size]
-        response = batch_generate(model, tokenizer, [tokens for _, tokens in batch], max_tokens=max_tokens,
+        response = batch_generate(model, tokenizer, [prompt for _, prompt in batch], max_tokens=max_tokens,
                                   return_token_ids=True, sampler=sampler)
         with open(out, "a") as file:
             for (key, prompt), answer in zip(batch, response.token_ids):
                 file.write(json.dumps({"id": key, "prompt": prompt, "answer": list(map(int, answer))}) + "\n")
-                tokens += len(answer)
+                written += len(answer)
         mx.clear_cache()
         if progress:
-            report(first + len(batch), len(todo), tokens, time.perf_counter() - start)
+            seconds = time.perf_counter() - start
+            show(first + len(batch), len(todo), f"prompts, {written} tokens, {written / seconds:.0f} tok/s", seconds)
     return len(todo)
 
 
-def report(done: int, total: int, tokens: int, seconds: float) -> None:
-    rate = tokens / seconds if seconds else 0.0
-    eta = (total - done) * seconds / done if done else 0.0
-    width = 30
-    bar = "#" * (width * done // total) + "-" * (width - width * done // total)
-    print(f"\r[{bar}] {done}/{total} prompts, {tokens} tokens, {rate:.0f} tok/s, ETA {eta / 60:.0f} min",
-          end="\n" if done == total else "", file=sys.stderr, flush=True)
+def drop_torn_tail(path: str | Path) -> None:
+    """An interrupted write can leave a last line without its newline; appending after it would join the next
+    example to it, and both would be lost. Cut it off before appending."""
+    path = Path(path)
+    if path.exists() and (data := path.read_bytes()) and not data.endswith(b"\n"):
+        path.write_bytes(data[: data.rfind(b"\n") + 1])

@@ -33,6 +33,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from .drafter_data import Example
 from .models import adapter_for
 from .models.base import TargetAdapter, rope_at
+from .progress import show
 
 
 @dataclass(frozen=True)
@@ -282,7 +283,9 @@ class Trainer:
             if self.step % self.settings.checkpoint_every == 0 or self.step == end:
                 self.save()
             if progress:
-                report(self.step, self.total_steps, row, time.perf_counter() - start, len(rows))
+                seconds = (time.perf_counter() - start) * self.step / len(rows)  # as if every step ran now
+                show(self.step, self.total_steps, f"steps, loss {row['loss']:.3f}, acc@1 {row['accuracy'][0]:.2f}",
+                     seconds)
         return rows
 
     def evaluate(self, examples: list[Example], anchors: int = 32) -> dict:
@@ -337,14 +340,6 @@ def tree_map_add(a: Any, b: Any) -> Any:
 
 def tree_scale(a: Any, factor: float) -> Any:
     return tree_map(lambda x: x * factor, a)
-
-
-def report(step: int, total: int, row: dict, seconds: float, done: int) -> None:
-    eta = (total - step) * seconds / done
-    width = 30
-    bar = "#" * (width * step // total) + "-" * (width - width * step // total)
-    print(f"\r[{bar}] step {step}/{total} loss {row['loss']:.3f} acc@1 {row['accuracy'][0]:.2f} "
-          f"ETA {eta / 60:.0f} min", end="\n" if step == total else "", file=sys.stderr, flush=True)
 
 
 # --- export -------------------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ddtree_mlx import generate_ddtree_once
-from ddtree_mlx.drafter_data import Example, read_prompts
+from ddtree_mlx.drafter_data import Example, drop_torn_tail, read_examples, read_prompts
 from ddtree_mlx.drafter_training import (DrafterShape, Trainer, TrainSettings, block_mask, draft_hidden, export,
                                          new_drafter)
 from ddtree_mlx.loading import load_dflash
@@ -138,3 +138,12 @@ def test_bad_input_fails_before_training(llama, examples, tmp_path):
         read_prompts(bad)
     with pytest.raises(ValueError, match="does not exist"):
         read_prompts(tmp_path / "missing.jsonl")
+
+
+def test_an_interrupted_write_does_not_swallow_the_next_example(tmp_path):
+    answers = tmp_path / "answers.jsonl"
+    answers.write_text(json.dumps({"id": "a", "prompt": [1], "answer": [2]}) + '\n{"id": "b", "prom')
+    drop_torn_tail(answers)
+    with open(answers, "a") as file:  # what regenerate appends next
+        file.write(json.dumps({"id": "c", "prompt": [3], "answer": [4]}) + "\n")
+    assert [example.id for example in read_examples(answers)] == ["a", "c"]
