@@ -124,6 +124,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=settings.lr)
     parser.add_argument("--max-len", type=positive_int, default=settings.max_len, help="tokens per sequence")
     parser.add_argument("--max-steps", type=positive_int, help="stop after N more steps (resume later)")
+    parser.add_argument("--vocab", choices=("full", "data"), default=settings.vocab,
+                        help="training softmax over the whole vocabulary, or only the tokens in the data (faster; "
+                             "evaluation always uses the whole vocabulary)")
+    parser.add_argument("--init", help="start from an exported drafter of the same shape (fine-tune it)")
     parser.add_argument("--seed", type=int, default=settings.seed)
 
 
@@ -132,11 +136,12 @@ def run_train_drafter(args: argparse.Namespace) -> int:
 
     shape = DrafterShape(args.block_size, args.layers, args.taps)
     settings = TrainSettings(epochs=args.epochs, anchors=args.anchors, accumulate=args.accumulate, lr=args.lr,
-                             max_len=args.max_len, seed=args.seed)
+                             max_len=args.max_len, seed=args.seed, vocab=args.vocab)
     out = train_drafter(args.model, args.prompts, args.out, shape=shape, settings=settings,
                         mask_token_id=args.mask_token_id, max_prompts=args.max_prompts,
                         answer_tokens=args.answer_tokens, gen_batch=args.gen_batch, temperature=args.temperature,
-                        max_steps=args.max_steps, eval_prompts=args.eval_prompts, eval_count=args.eval_count)
+                        max_steps=args.max_steps, eval_prompts=args.eval_prompts, eval_count=args.eval_count,
+                        init=args.init)
     print(f"drafter: {out} (use it with --draft {out})", file=sys.stderr)
     return 0
 

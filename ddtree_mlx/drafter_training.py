@@ -64,6 +64,14 @@ class TrainSettings:
     max_len: int = 1024
     seed: int = 0
     checkpoint_every: int = 25
+    # "full": the softmax runs over the whole vocabulary (the public recipe). "data": over the tokens that occur in
+    # the training data only (every label is one); the LM head is most of a step's cost on a CPU and this is often
+    # 5-10x fewer rows. Evaluation always uses the whole vocabulary, so it shows what this costs in acceptance.
+    vocab: str = "full"
+
+    def __post_init__(self) -> None:
+        if self.vocab not in ("full", "data"):
+            raise ValueError(f"vocab {self.vocab!r}: use 'full' or 'data'")
 
 
 def default_gamma(block_size: int) -> float:
@@ -116,6 +124,24 @@ def choose_mask_token(tokenizer: Any, examples: list[Example]) -> int:
     return unused[-1]
 
 
+@dataclass(frozen=True)
+class TrainVocab:
+    """Part of the vocabulary for the training softmax: the LM head's rows for `ids` and each token's index among
+    them (labels are remapped through it)."""
+
+    rows: mx.array  # [k, hidden] float32, frozen
+    index: mx.array  # [V] int32, -1 for ids outside
+
+    @classmethod
+    def of(cls, target: TargetAdapter, examples: list[Example]) -> TrainVocab:
+        ids = sorted({t for e in examples for t in e.prompt + e.answer})
+        index = np.full(target.vocab_size, -1, np.int32)
+        index[ids] = np.arange(len(ids), dtype=np.int32)
+        rows = target.head_rows(mx.array(ids)).astype(mx.float32)
+        mx.eval(rows)
+        return cls(rows, mx.array(index))
+
+
 # --- one training forward ---------------------------------------------------------------------------------------
 
 
@@ -158,21 +184,24 @@ def draft_hidden(drafter: DFlashDraftModel, target: TargetAdapter, tokens: mx.ar
 
 
 def block_predictions(drafter: DFlashDraftModel, target: TargetAdapter, tokens: mx.array, hidden: mx.array,
-                      anchors: mx.array) -> tuple[mx.array, mx.array, mx.array]:
-    """Logits [A, B-1, V] for block positions 1..B-1, their labels, and which labels lie inside the sequence."""
+                      anchors: mx.array, vocab: TrainVocab | None = None) -> tuple[mx.array, mx.array, mx.array]:
+    """Logits [A, B-1, V] for block positions 1..B-1 (over `vocab` only, with labels as indices into it, when
+    given), their labels, and which labels lie inside the sequence."""
     size = drafter.block_size
     h = draft_hidden(drafter, target, tokens, hidden, anchors)[:, 1:]
     label_at = anchors[:, None] + mx.arange(1, size)[None]
     valid = label_at < tokens.shape[0]
     labels = tokens[mx.minimum(label_at, tokens.shape[0] - 1)]
+    if vocab is not None:
+        return h @ vocab.rows.T, vocab.index[labels], valid
     return target.lm_head(h).astype(mx.float32), labels, valid
 
 
 def block_loss(drafter: DFlashDraftModel, target: TargetAdapter, tokens: mx.array, hidden: mx.array,
-               anchors: mx.array, gamma: float) -> tuple[mx.array, mx.array, mx.array]:
+               anchors: mx.array, gamma: float, vocab: TrainVocab | None = None) -> tuple[mx.array, mx.array, mx.array]:
     """Weighted cross-entropy over block positions 1..B-1 whose label lies inside the sequence, and the correct /
     counted predictions per position (for per-position accuracy)."""
-    logits, labels, valid = block_predictions(drafter, target, tokens, hidden, anchors)
+    logits, labels, valid = block_predictions(drafter, target, tokens, hidden, anchors, vocab)
     weights = mx.exp(-mx.arange(drafter.block_size - 1) / gamma)[None] * valid
     loss = (nn.losses.cross_entropy(logits, labels) * weights).sum() / weights.sum()
     correct = ((mx.argmax(logits, axis=-1) == labels) & valid).sum(axis=0)
@@ -207,7 +236,7 @@ class Trainer:
     a new Trainer on the same out_dir continues from there. The data order is a function of (seed, epoch)."""
 
     def __init__(self, target_model: Any, examples: list[Example], out_dir: str | Path, shape: DrafterShape,
-                 settings: TrainSettings = TrainSettings()):
+                 settings: TrainSettings = TrainSettings(), init: str | Path | None = None):
         self.target = adapter_for(target_model)
         check_shape(self.target, shape)
         self.examples = usable(examples, settings.max_len, self.target.vocab_size)
@@ -217,6 +246,9 @@ class Trainer:
         self.gamma = settings.gamma or default_gamma(shape.block_size)
         self.total_steps = max(1, math.ceil(settings.epochs * len(self.examples) / settings.accumulate))
         self.drafter = new_drafter(self.target, shape, settings.seed)
+        if init is not None:
+            start_from(self.drafter, Path(init))
+        self.vocab = TrainVocab.of(self.target, self.examples) if settings.vocab == "data" else None
         warm = max(1, int(settings.warmup * self.total_steps))
         schedule = optim.join_schedules([optim.linear_schedule(0.0, settings.lr, warm),
                                          optim.cosine_decay(settings.lr, max(1, self.total_steps - warm))], [warm])
@@ -321,7 +353,8 @@ class Trainer:
             tokens = (example.prompt + example.answer)[: self.settings.max_len]
             anchors = sample_anchors(rng, len(example.prompt), len(tokens), self.settings.anchors)
             (loss, right, count), g = step_fn(self.drafter, self.target, mx.array(tokens),
-                                              self.target_hidden(example, tokens), anchors, self.gamma)
+                                              self.target_hidden(example, tokens), anchors, self.gamma,
+                                              self.vocab)
             grads = g if grads is None else tree_map_add(grads, g)
             mx.eval(loss, right, count, grads)
             losses.append(loss.item())
@@ -332,6 +365,24 @@ class Trainer:
         self.step += 1
         return {"step": self.step, "loss": float(np.mean(losses)), "grad_norm": norm.item(),
                 "accuracy": (correct / np.maximum(counted, 1)).round(4).tolist()}
+
+
+def start_from(drafter: DFlashDraftModel, exported: Path) -> None:
+    """Initialise from an exported drafter of the same shape (a z-lab checkpoint or an earlier run's export): the
+    run then fine-tunes it. A checkpoint in out_dir, when there is one, still wins (resume)."""
+    config_file = exported / "config.json"
+    if not config_file.exists():
+        raise ValueError(f"--init {exported}: no config.json there; give a drafter directory (an export)")
+    config = json.loads(config_file.read_text())
+    mine = {"block_size": drafter.block_size, "num_hidden_layers": len(drafter.layers),
+            "hidden_size": drafter.args.hidden_size, "dflash_config": drafter.args.dflash_config}
+    theirs = {key: config.get(key) for key in mine}
+    if theirs != mine:
+        raise ValueError(f"--init {exported} has shape {theirs}, this run {mine}; pass matching --block-size, "
+                         "--layers, --taps and --mask-token-id")
+    weights = mx.load(str(exported / "model.safetensors"))
+    drafter.load_weights([(name, value.astype(mx.float32)) for name, value in weights.items()])
+    mx.eval(drafter.parameters())
 
 
 def tree_map_add(a: Any, b: Any) -> Any:
@@ -367,7 +418,7 @@ def train_drafter(model: str | None, prompts_file: str | Path, out_dir: str | Pa
                   settings: TrainSettings = TrainSettings(), mask_token_id: int | None = None,
                   max_prompts: int | None = None, answer_tokens: int = 256, gen_batch: int = 32,
                   temperature: float = 0.0, max_steps: int | None = None, eval_prompts: str | Path | None = None,
-                  eval_count: int = 40, progress: bool = True) -> Path:
+                  eval_count: int = 40, init: str | Path | None = None, progress: bool = True) -> Path:
     """Regenerate answers (out_dir/answers.jsonl), train (out_dir/train/), evaluate on held-out prompts
     (out_dir/train/eval.jsonl), export (out_dir/drafter/) and plot the curve (out_dir/curve.png). Every stage
     resumes: run the same command again after an interrupt."""
@@ -387,7 +438,7 @@ def train_drafter(model: str | None, prompts_file: str | Path, out_dir: str | Pa
     if mask_token_id is None:
         mask_token_id = choose_mask_token(tokenizer, answers["answers.jsonl"])
     shape = DrafterShape(shape.block_size, shape.layers, shape.taps, mask_token_id)
-    trainer = Trainer(target, answers["answers.jsonl"], out / "train", shape, settings)
+    trainer = Trainer(target, answers["answers.jsonl"], out / "train", shape, settings, init)
     trainer.train(max_steps=max_steps, progress=progress)
     if answers["eval_answers.jsonl"]:
         row = trainer.evaluate(answers["eval_answers.jsonl"])

@@ -9,8 +9,8 @@ import pytest
 
 from ddtree_mlx import generate_ddtree_once
 from ddtree_mlx.drafter_data import Example, drop_torn_tail, read_examples, read_prompts
-from ddtree_mlx.drafter_training import (DrafterShape, Trainer, TrainSettings, block_mask, draft_hidden, export,
-                                         new_drafter)
+from ddtree_mlx.drafter_training import (DrafterShape, Trainer, TrainSettings, TrainVocab, block_loss, block_mask,
+                                         block_predictions, draft_hidden, export, new_drafter)
 from ddtree_mlx.loading import load_dflash
 from ddtree_mlx.models import adapter_for
 from tiny import VOCAB, greedy_reference, make_target
@@ -55,9 +55,10 @@ def test_all_blocks_at_once_equal_dflash_mlx_one_block_at_a_time(family):
         np.testing.assert_allclose(np.array(together[j]), np.array(alone[0]), rtol=1e-4, atol=1e-4)
 
 
-def test_loss_drops(llama, examples, tmp_path):
+@pytest.mark.parametrize("vocab", ["full", "data"])
+def test_loss_drops(llama, examples, tmp_path, vocab):
     trainer = Trainer(llama, examples, tmp_path, SHAPE,
-                      TrainSettings(epochs=20, anchors=16, accumulate=2, lr=3e-3, checkpoint_every=1000))
+                      TrainSettings(epochs=20, anchors=16, accumulate=2, lr=3e-3, checkpoint_every=1000, vocab=vocab))
     rows = trainer.train(max_steps=60, progress=False)
     first, last = np.mean([r["loss"] for r in rows[:5]]), np.mean([r["loss"] for r in rows[-5:]])
     assert last < 0.8 * first, (first, last)
@@ -68,6 +69,39 @@ def test_loss_drops(llama, examples, tmp_path):
     acceptance = row["acceptance"]
     assert all(a >= b for a, b in zip(acceptance, acceptance[1:])) and acceptance[0] <= row["accuracy"][0]
     assert row["expected_accepted"] == pytest.approx(sum(acceptance), abs=1e-3) and acceptance[0] > 0.1  # chance is 1/128
+
+
+@pytest.mark.parametrize("family,form", [("qwen3", "f32"), ("qwen3", "q4"), ("llama", "f32"), ("llama", "q4"),
+                                         ("qwen3_5", "mixed")])
+def test_head_rows_are_the_lm_heads_columns(family, form):
+    """Tied (qwen3) and untied (llama, qwen3_5) heads, plain and quantized: the rows give the same logits."""
+    target = adapter_for(make_target(family, form=form))
+    h = mx.random.normal((5, target.hidden_size), key=mx.random.key(0)).astype(target.embed(mx.array([0])).dtype)
+    ids = mx.array([3, 0, VOCAB - 1, 17])
+    full = target.lm_head(h)[:, ids].astype(mx.float32)
+    part = h.astype(mx.float32) @ target.head_rows(ids).astype(mx.float32).T
+    np.testing.assert_allclose(np.array(part), np.array(full), rtol=2e-2 if form == "bf16" else 1e-4, atol=1e-3)
+
+
+def test_data_vocabulary_is_the_full_softmax_restricted(llama, examples):
+    """The fast path against the simple one: over every id it is the full loss; over the data's ids its logits
+    are the full logits' columns and its labels point at the same tokens."""
+    target = adapter_for(llama)
+    drafter = new_drafter(target, SHAPE, seed=1)
+    tokens = mx.array(examples[0].prompt + examples[0].answer)
+    _, hidden = target.forward(tokens, target.make_cache(), drafter.target_layer_ids)
+    anchors = mx.array([5, 9, 20])
+    full_loss = block_loss(drafter, target, tokens, hidden, anchors, 4.0)
+    every = TrainVocab.of(target, [Example("all", list(range(VOCAB)), [])])
+    for a, b in zip(full_loss, block_loss(drafter, target, tokens, hidden, anchors, 4.0, every)):
+        np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-5, atol=1e-5)
+    vocab = TrainVocab.of(target, examples)
+    ids = np.flatnonzero(np.array(vocab.index) >= 0)
+    assert 0 < len(ids) < VOCAB
+    logits, labels, _ = block_predictions(drafter, target, tokens, hidden, anchors)
+    part, indices, _ = block_predictions(drafter, target, tokens, hidden, anchors, vocab)
+    np.testing.assert_allclose(np.array(part), np.array(logits)[..., ids], rtol=1e-5, atol=1e-5)
+    assert (ids[np.array(indices)] == np.array(labels)).all()
 
 
 @pytest.mark.parametrize("family,form", [("llama", "q4"), ("qwen3_5", "bf16"), ("qwen3_5", "q8")])
@@ -121,6 +155,21 @@ def test_export_loads_through_dflash_mlx_and_generates_losslessly(llama, example
     result = generate_ddtree_once(target_model=llama, draft_model=drafter, prompt_tokens=prompt,
                                   max_new_tokens=32, stop_token_ids=[], tree_budget=4)
     assert result["generated_token_ids"] == greedy_reference(llama, prompt, 32)
+
+
+def test_init_starts_from_an_export_of_the_same_shape(llama, examples, tmp_path):
+    first = Trainer(llama, examples, tmp_path / "first", SHAPE, TrainSettings(epochs=1, anchors=8, accumulate=2))
+    first.train(max_steps=2, progress=False)
+    out = export(first.drafter, tmp_path / "drafter", dtype=mx.float32)
+    second = Trainer(llama, examples, tmp_path / "second", SHAPE, TrainSettings(seed=5), init=out)
+    for a, b in zip(_leaves(first.drafter.parameters()), _leaves(second.drafter.parameters())):
+        assert mx.array_equal(a, b).item()
+    with pytest.raises(ValueError, match="pass matching --block-size"):
+        Trainer(llama, examples, tmp_path / "third", DrafterShape(6, 1, 2, VOCAB - 1), init=out)
+    with pytest.raises(ValueError, match="no config.json"):
+        Trainer(llama, examples, tmp_path / "fourth", SHAPE, init=tmp_path)
+    with pytest.raises(ValueError, match="vocab 'some'"):
+        TrainSettings(vocab="some")
 
 
 def test_bad_input_fails_before_training(llama, examples, tmp_path):

@@ -198,6 +198,18 @@ class TargetAdapter:
             return self.inner.embed_tokens.as_linear(hidden)
         return self.text.lm_head(hidden)
 
+    def head_rows(self, ids: mx.array) -> mx.array:
+        """The LM head's rows for token `ids` [k] -> [k, hidden], dequantized: logits over part of the vocabulary
+        without computing the rest."""
+        if self.args.tie_word_embeddings:
+            return self.inner.embed_tokens(ids)
+        head = self.text.lm_head
+        if isinstance(head, nn.QuantizedLinear):
+            biases = head.biases[ids] if head.get("biases") is not None else None
+            return mx.dequantize(head.weight[ids], head.scales[ids], biases, head.group_size, head.bits,
+                                 mode=head.mode)
+        return head.weight[ids]
+
     def make_cache(self) -> list[Any]:
         return self.model.make_cache() if hasattr(self.model, "make_cache") else [KVCache() for _ in self.layers]
 
