@@ -299,7 +299,9 @@ class Trainer:
         if not path.exists():
             _, hidden = self.target.forward(mx.array(tokens), self.target.make_cache(), self.drafter.target_layer_ids)
             path.parent.mkdir(exist_ok=True)
-            mx.save_safetensors(str(path), {"hidden": hidden.astype(mx.float16)})
+            partial = path.with_suffix(".partial.safetensors")  # a killed run leaves no torn file behind
+            mx.save_safetensors(str(partial), {"hidden": hidden.astype(mx.float16)})
+            partial.replace(path)
         return mx.load(str(path))["hidden"].astype(mx.float32)  # every epoch sees the same (stored) values
 
     def train(self, max_steps: int | None = None, progress: bool = True) -> list[dict]:
