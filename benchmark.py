@@ -15,7 +15,6 @@ import argparse
 import gc
 import json
 import math
-import os
 import platform
 import random
 import statistics
@@ -29,7 +28,7 @@ import mlx.core as mx
 from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
 
 from ddtree_mlx import DDTreeConfig, PromptLookupDrafter, generate_ddtree_once
-from ddtree_mlx.blas import OPENBLAS, blas_name, slow_blas
+from ddtree_mlx.blas import OPENBLAS, blas_name, slow_blas, use_openblas
 from ddtree_mlx.drafter_training import DrafterShape, new_drafter
 from ddtree_mlx.drafters import ScriptedDrafter
 from ddtree_mlx.generate import PHASES
@@ -560,7 +559,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-chat-template", action="store_true")
     parser.add_argument("--json", help="write one row per set x method x budget")
     parser.add_argument("--plot", help="write a PNG: speedup vs budget per set, and phase shares")
-    parser.add_argument("--openblas", action="store_true", help="Linux: re-run with Debian's OpenBLAS preloaded")
+    parser.add_argument("--openblas", action="store_true",
+                        help="Linux: refuse to run without Debian's OpenBLAS (used by default whenever installed)")
     parser.add_argument("--measure", choices=["generation", "verify", "twin", "scratch", "prefill-memory"],
                         default="generation",
                         help="verify: N-node tree vs N-token chain verify on the preset's target; twin: one "
@@ -580,16 +580,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def preload_openblas(argv: list[str]) -> None:
-    """MLX's Linux CPU wheel ships a reference BLAS (~3 GFLOP/s); Debian's OpenBLAS is ~25x faster."""
-    if "openblas" in os.environ.get("LD_PRELOAD", ""):
-        return
-    if not Path(OPENBLAS).exists():
-        raise SystemExit(f"{OPENBLAS} not found: apt-get install libopenblas0-pthread")
-    env = dict(os.environ, LD_PRELOAD=OPENBLAS, OPENBLAS_NUM_THREADS=os.environ.get("OPENBLAS_NUM_THREADS", "1"))
-    os.execve(sys.executable, [sys.executable, *argv], env)
-
-
 def make_setup(args: argparse.Namespace) -> Setup:
     if args.preset == "synthetic":
         setup = synthetic_setup(args)
@@ -605,13 +595,16 @@ def make_setup(args: argparse.Namespace) -> Setup:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # run as a command: Debian's OpenBLAS when installed (DDTREE_OPENBLAS=0: MLX's own BLAS)
+        use_openblas(DDTreeConfig.from_env().openblas)
     args = parse_args(argv)
-    if args.openblas and platform.system() == "Linux":
-        preload_openblas(sys.argv)
+    if args.openblas and "OpenBLAS" not in blas_name():
+        raise SystemExit(f"--openblas: OpenBLAS is not in use; apt-get install libopenblas0-pthread ({OPENBLAS}) "
+                         "and leave DDTREE_OPENBLAS unset")
     print(f"# {' '.join(['python', *sys.argv])}\n# BLAS: {blas_name()}; mlx {mx.__version__}; "
           f"{platform.machine()} {platform.system()}", flush=True)
     if slow_blas():
-        print("# hint: numbers on the reference BLAS are ~25x off; rerun with --openblas", flush=True)
+        print("# hint: numbers on the reference BLAS are ~25x off; apt-get install libopenblas0-pthread", flush=True)
     start = time.perf_counter()
     if args.measure == "twin":
         rows = measure_twin(args)

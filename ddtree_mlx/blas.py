@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
 from pathlib import Path
 
 import mlx.core as mx
 
 OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0"
-HINT = (f"MLX's Linux CPU wheel uses a slow reference BLAS; for ~25x faster matmuls: "
-        f"apt-get install libopenblas0-pthread, then run with LD_PRELOAD={OPENBLAS} OPENBLAS_NUM_THREADS=1")
+HINT = ("MLX's Linux CPU wheel uses a slow reference BLAS; for ~25x faster matmuls: apt-get install "
+        "libopenblas0-pthread (ddtree-mlx and benchmark.py then preload it themselves; DDTREE_OPENBLAS=0 turns that off)")
 
 
 def blas_name() -> str:
@@ -24,6 +25,17 @@ def blas_name() -> str:
     if "openblas" in preloaded.lower() and maps.exists() and OPENBLAS.rsplit("/", 2)[-2] in maps.read_text():
         return f"OpenBLAS (preloaded, OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')})"
     return "MLX CPU wheel's reference BLAS (slow)"
+
+
+def use_openblas(enabled: bool) -> None:
+    """Re-run this process with Debian's OpenBLAS preloaded, on Linux, when it is installed and not in use yet
+    (a BLAS can only replace MLX's bundled one before the process starts). Call it first thing in a command."""
+    preloaded = os.environ.get("LD_PRELOAD", "")
+    if not enabled or platform.system() != "Linux" or "openblas" in preloaded.lower() or not Path(OPENBLAS).exists():
+        return
+    env = dict(os.environ, LD_PRELOAD=":".join(filter(None, [OPENBLAS, preloaded])),
+               OPENBLAS_NUM_THREADS=os.environ.get("OPENBLAS_NUM_THREADS", "1"))
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
 
 
 def slow_blas() -> bool:

@@ -1,4 +1,5 @@
-"""The `ddtree-mlx` command: `generate` streams a completion to stdout, `serve` runs the HTTP server.
+"""The `ddtree-mlx` command: `generate` streams a completion to stdout, `serve` runs the HTTP server,
+`train-drafter` trains a DFlash drafter, `doctor` checks the machine.
 
     ddtree-mlx generate "Write a haiku about trees"                  # the embedded SmolLM2, prompt lookup
     ddtree-mlx generate --model mlx-community/Qwen3.5-27B-4bit --budget 16 "..."
@@ -10,7 +11,7 @@ import argparse
 import sys
 from typing import Any, Iterator, Sequence
 
-from .blas import HINT, slow_blas
+from .blas import HINT, slow_blas, use_openblas
 from .config import DDTreeConfig
 from .generate import METHODS, DecodeStep, stream_generate
 from .loading import encode_prompt, load, stop_token_ids
@@ -18,6 +19,8 @@ from .sampling import SamplingParams
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if argv is None:  # the real command line (not a call from Python): fast BLAS first
+        use_openblas(DDTreeConfig.from_env().openblas)
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(serving=argv[:1] == ["serve"])
     args = parser.parse_args(argv)
@@ -29,7 +32,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def build_parser(serving: bool = False) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ddtree-mlx", description="Lossless tree speculative decoding for MLX.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{generate,serve,train-drafter}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{generate,serve,train-drafter,doctor}")
     generate = commands.add_parser("generate", help="stream a completion of one prompt to stdout")
     add_generate_arguments(generate)
     generate.set_defaults(run=run_generate)
@@ -42,6 +45,11 @@ def build_parser(serving: bool = False) -> argparse.ArgumentParser:
     train = commands.add_parser("train-drafter", help="train a DFlash drafter for a model on a prompt file")
     add_train_arguments(train)
     train.set_defaults(run=run_train_drafter)
+    doctor = commands.add_parser("doctor", help="check this machine: versions, BLAS, Metal kernels, lossless self-test")
+    doctor.add_argument("--model", help="model for the self-test (default: the embedded SmolLM2)")
+    doctor.add_argument("--draft", help="drafter for the self-test, as for generate")
+    doctor.add_argument("--json", action="store_true", help="one JSON object, for bug reports")
+    doctor.set_defaults(run=run_doctor)
     return parser
 
 
@@ -144,6 +152,12 @@ def run_train_drafter(args: argparse.Namespace) -> int:
                         init=args.init)
     print(f"drafter: {out} (use it with --draft {out})", file=sys.stderr)
     return 0
+
+
+def run_doctor(args: argparse.Namespace) -> int:
+    from .doctor import run_doctor as doctor
+
+    return doctor(args.model, args.draft, args.json)
 
 
 def run_serve(args: argparse.Namespace) -> int:

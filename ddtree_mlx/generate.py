@@ -41,6 +41,7 @@ class GenerationStats:
     phase_seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
     verify_parts: dict[str, float] = field(default_factory=dict)  # with DDTREE_PROFILE_VERIFY
     method_cycles: dict[str, int] = field(default_factory=dict)  # cycles run as ddtree / dflash / ar
+    kernels: set[str] = field(default_factory=set)  # what hybrid targets' tree conv and recurrence ran as
 
     def summary(self, generated: int) -> dict[str, Any]:
         """Per-generation numbers. tokens_per_second counts decode only: tokens after the first (which prefill
@@ -58,6 +59,7 @@ class GenerationStats:
             "phase_timings": dict(self.phase_seconds),
             "verify_profile": dict(self.verify_parts),
             "method_cycles": dict(self.method_cycles),
+            "kernels": "+".join(sorted(self.kernels)) or "none",  # "metal", "twin", "metal+twin" or "none"
         }
 
     def lap(self, phase: str, since: float) -> float:
@@ -126,6 +128,7 @@ class Session:
         self.sync(tokens)
         for part, seconds in out.profile.items():
             self.stats.verify_parts[part] = self.stats.verify_parts.get(part, 0.0) + seconds
+        self.stats.kernels |= out.kernels
         return out, np.array(tokens)
 
     @staticmethod

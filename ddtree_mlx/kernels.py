@@ -29,6 +29,26 @@ def kernel_maker() -> KernelMaker | None:
     return None
 
 
+SWITCHES = {"ddtree_tree_gated_delta": "tree_kernel", "ddtree_tree_conv1d": "tree_conv_kernel"}  # config fields
+
+
+def checked_maker(kernel: str, config: Any) -> KernelMaker | None:
+    """The maker, if `kernel` is switched on in `config`, can be built here and passed its self-check in this
+    process (see kernel_check); otherwise None: the twin runs."""
+    maker = kernel_maker()
+    if maker is None or not getattr(config, SWITCHES[kernel]):
+        return None
+    from .kernel_check import check  # it drives the kernels through this module
+
+    return maker if check(maker, kernel).ok else None
+
+
+def kernel_path(config: Any) -> str:
+    """What the tree conv and recurrence of a hybrid target run as here: "metal", "twin" or "metal+twin"."""
+    used = {checked_maker(kernel, config) is not None for kernel in SWITCHES}
+    return "metal" if used == {True} else "twin" if used == {False} else "metal+twin"
+
+
 def kernel_source(name: str) -> str:
     """A wheel ships the bodies as ddtree_mlx/kernel_sources/; a checkout (or editable install) has kernels/."""
     here = Path(__file__).parent
@@ -154,15 +174,32 @@ class ConvWindows:
         return self.source[self.index[node]]
 
 
+def conv_by_kernel(maker: KernelMaker, x: mx.array, cached: mx.array, weight: mx.array,
+                   parents: mx.array) -> tuple[mx.array, ConvWindows]:
+    T, C = x.shape
+    K = weight.shape[1]
+    spec = tree_conv1d_launch(T=T, C=C, K=K, in_dtype=x.dtype)
+    out, windows = launch(maker, spec, [x, cached.astype(x.dtype), weight.reshape(C, K), parents])
+    return out, ConvWindows(windows.reshape(T * (K - 1), C), mx.arange(T * (K - 1)).reshape(T, K - 1))
+
+
+def delta_by_kernel(maker: KernelMaker, q, k, v, log_g, beta, state0, parents: mx.array, plan: LevelPlan,
+                    ancestors: mx.array) -> tuple[mx.array, recurrence.TreeRecurrence]:
+    T, Hk, Dk = k.shape
+    Hv, Dv = v.shape[1:]
+    spec = tree_gated_delta_launch(T=T, Hk=Hk, Hv=Hv, Dk=Dk, Dv=Dv, in_dtype=v.dtype, f32=mx.float32,
+                                   max_level_width=plan.width, scratch_rows=plan.scratch_rows)
+    y, delta, _ = launch(maker, spec, [q, k, v, mx.exp(log_g), beta, state0.astype(mx.float32), parents,
+                                       plan.order, plan.level_start, plan.slot, plan.levels])
+    return y, recurrence.delta_record(delta, k, log_g, state0, ancestors)
+
+
 def tree_conv(x: mx.array, cached: mx.array, weight: mx.array, inputs: Any) -> tuple[mx.array, ConvWindows]:
     """x [T, C] node inputs, cached [K-1, C], weight [C, K, 1]: SiLU(depthwise conv over each node's ancestors)."""
-    maker = kernel_maker()
-    if inputs.config.tree_conv_kernel and maker is not None:
-        T, C = x.shape
-        K = weight.shape[1]
-        spec = tree_conv1d_launch(T=T, C=C, K=K, in_dtype=x.dtype)
-        out, windows = launch(maker, spec, [x, cached.astype(x.dtype), weight.reshape(C, K), inputs.parents])
-        return out, ConvWindows(windows.reshape(T * (K - 1), C), mx.arange(T * (K - 1)).reshape(T, K - 1))
+    maker = checked_maker("ddtree_tree_conv1d", inputs.config)
+    inputs.kernels.add("twin" if maker is None else "metal")
+    if maker is not None:
+        return conv_by_kernel(maker, x, cached, weight, inputs.parents)
     window_index = inputs.window_index(weight.shape[1])
     out, rows = recurrence.tree_conv(x, cached, weight, window_index)
     return out, ConvWindows(rows, window_index[:, 1:])
@@ -173,15 +210,13 @@ def tree_gated_delta(q, k, v, a, beta, A_log, dt_bias, state0, inputs: Any):
     with state_at(nodes) for the commit."""
     log_g = recurrence.log_decay(a, A_log, dt_bias)
     if not inputs.config.tree_aware_linear:
+        inputs.kernels.add("twin")
         return recurrence.chain_gated_delta(q, k, v, log_g, beta, state0, inputs.tree)
-    maker = kernel_maker()
-    T, Hk, Dk = k.shape
-    Hv, Dv = v.shape[1:]
-    if inputs.config.tree_kernel and maker is not None and Dk % 32 == 0 and Hv % Hk == 0:
-        plan = inputs.level_plan()
-        spec = tree_gated_delta_launch(T=T, Hk=Hk, Hv=Hv, Dk=Dk, Dv=Dv, in_dtype=v.dtype, f32=mx.float32,
-                                       max_level_width=plan.width, scratch_rows=plan.scratch_rows)
-        y, delta, _ = launch(maker, spec, [q, k, v, mx.exp(log_g), beta, state0.astype(mx.float32), inputs.parents,
-                                           plan.order, plan.level_start, plan.slot, plan.levels])
-        return y, recurrence.delta_record(delta, k, log_g, state0, inputs.ancestors)
+    maker = checked_maker("ddtree_tree_gated_delta", inputs.config)
+    Hk, Dk = k.shape[1:]
+    if maker is not None and Dk % 32 == 0 and v.shape[1] % Hk == 0:
+        inputs.kernels.add("metal")
+        return delta_by_kernel(maker, q, k, v, log_g, beta, state0, inputs.parents, inputs.level_plan(),
+                               inputs.ancestors)
+    inputs.kernels.add("twin")
     return recurrence.tree_gated_delta(q, k, v, log_g, beta, state0, inputs.ancestors)

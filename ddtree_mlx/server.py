@@ -25,9 +25,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from itertools import chain
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
+from .blas import blas_name
 from .cli import add_engine_arguments
-from .config import is_int, is_number
+from .config import DDTreeConfig, is_int, is_number
 from .generate import GenerationStats, stream_generate
+from .kernels import kernel_path
+from .models import adapter_for
 
 DEFAULT_MAX_TOKENS = 256
 
@@ -235,6 +238,14 @@ class Engine:
     def generate(self, request: Request) -> Iterator[Piece]:
         return self.worker.stream(lambda: self._pieces(request))
 
+    def health(self) -> dict[str, Any]:
+        """What a hybrid target's tree recurrence runs as here ("metal" once the kernels passed their self-check,
+        else "twin"; "none" for other targets) and which BLAS the CPU uses."""
+        target = adapter_for(self.target_model)
+        hybrid = any(target.mixer_kind(layer) == "linear" for layer in target.layers)
+        return {"status": "ok", "kernels": kernel_path(DDTreeConfig.from_env()) if hybrid else "none",
+                "blas": blas_name()}
+
     def _prompt_tokens(self, request: Request) -> list[int]:
         if request.kind == "completion":
             return self.tokenizer.encode(request.prompt)
@@ -328,7 +339,7 @@ class _Handler(BaseHTTPRequestHandler):
     server: "_Server"
 
     def do_GET(self) -> None:
-        self._route({"/v1/models": self._models, "/health": lambda: self._send_json(200, {"status": "ok"})})
+        self._route({"/v1/models": self._models, "/health": lambda: self._send_json(200, self.server.engine.health())})
 
     def do_POST(self) -> None:
         self._route({"/v1/chat/completions": lambda: self._complete("chat"),

@@ -4,7 +4,7 @@ generation stays lossless, and the commit installs exactly what a sequential for
 import mlx.core as mx
 import pytest
 
-from ddtree_mlx import DDTreeConfig, generate_ddtree_once, kernels
+from ddtree_mlx import DDTreeConfig, generate_ddtree_once, kernel_check, kernels
 from metal_harness import harness as H
 from tiny import OracleDrafter, greedy_reference, make_target
 
@@ -22,9 +22,11 @@ def launches(monkeypatch):
         return H.cpu_metal_kernel(**spec)
 
     kernels._built.cache_clear()
+    kernel_check.check.cache_clear()
     monkeypatch.setattr(kernels, "kernel_maker", lambda: maker)
     yield seen
     kernels._built.cache_clear()
+    kernel_check.check.cache_clear()
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +36,7 @@ def target():
 
 @pytest.mark.parametrize("budget", [1, 6, 16])
 def test_engine_with_harness_kernels_matches_greedy(launches, target, budget, monkeypatch):
+    assert kernels.kernel_path(DDTreeConfig()) == "metal"  # the self-checks run first (they build plans too)
     plans = []
     monkeypatch.setattr(kernels.LevelPlan, "of", lambda parents, of=kernels.LevelPlan.of: plans.append(1) or of(parents))
     expected = greedy_reference(target, PROMPT, 24)
@@ -72,3 +75,58 @@ def test_kernel_verify_equals_twin_verify(launches, target):
         outputs.append([out.logits, out.hidden] + [a for entry in cache if not hasattr(entry, "offset") for a in entry.cache])
     for with_kernel, with_twin in zip(*outputs):
         assert mx.allclose(with_kernel, with_twin, rtol=1e-5, atol=1e-5).item()
+
+
+def _generate(target, budget=6, tokens=16):
+    expected = greedy_reference(target, PROMPT, tokens)
+    result = generate_ddtree_once(target_model=target, draft_model=OracleDrafter(PROMPT + expected, seed=budget),
+                                  prompt_tokens=PROMPT, max_new_tokens=tokens, stop_token_ids=[], tree_budget=budget)
+    assert result["generated_token_ids"] == expected
+    return result
+
+
+def test_kernels_that_pass_their_self_check_run(launches, target, recwarn):
+    result = _generate(target)
+    assert result["kernels"] == "metal" and not [w for w in recwarn if "self-check" in str(w.message)]
+
+
+def _broken(monkeypatch, maker):
+    kernels._built.cache_clear()
+    kernel_check.check.cache_clear()
+    monkeypatch.setattr(kernels, "kernel_maker", lambda: maker)
+
+
+def test_a_kernel_that_does_not_build_leaves_the_twin_running(target, monkeypatch):
+    def maker(**spec):
+        raise RuntimeError("[metal::Device] Unable to build metal library from source")
+
+    _broken(monkeypatch, maker)
+    with pytest.warns(RuntimeWarning, match="ddtree_tree_gated_delta failed its self-check.*could not build"):
+        result = _generate(target)
+    assert result["kernels"] == "twin"
+
+
+@pytest.mark.parametrize("kernel", ["ddtree_tree_gated_delta", "ddtree_tree_conv1d"])
+def test_a_kernel_with_wrong_numbers_leaves_the_twin_running(target, monkeypatch, kernel):
+    """The self-check really runs the kernel: one that is off by a little in its first output is caught (a check
+    comparing the twin with itself would pass it), only that kernel is dropped, and the output stays exact."""
+    runs = []
+
+    def maker(**spec):
+        built = H.cpu_metal_kernel(**spec)
+        if spec["name"] != kernel:
+            return built
+
+        def wrong(**launch):
+            runs.append(1)
+            first, *rest = built(**launch)
+            return [first + 0.01] + rest
+
+        return wrong
+
+    _broken(monkeypatch, maker)
+    switch = "DDTREE_TREE_KERNEL" if kernel == "ddtree_tree_gated_delta" else "DDTREE_TREE_CONV_KERNEL"
+    with pytest.warns(RuntimeWarning, match=f"{kernel} failed its self-check.*{switch}=0"):
+        result = _generate(target)
+    assert runs and result["kernels"] == "metal+twin"
+    assert not kernel_check.check(maker, kernel).ok

@@ -15,6 +15,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from ddtree_mlx import generate_ddtree_once
+from ddtree_mlx.kernels import kernel_maker
 from ddtree_mlx.server import TextStream, make_server
 from tiny import make_dflash, make_target
 
@@ -200,7 +201,9 @@ def test_bad_requests(port, path, body, param):
 
 def test_models_health_and_unknown_paths(port, client):
     assert [m.id for m in client.models.list().data] == ["ddtree"]
-    assert raw(port, "GET", "/health") == (200, {"status": "ok"})
+    status, health = raw(port, "GET", "/health")
+    assert status == 200 and health["status"] == "ok" and health["blas"]
+    assert health["kernels"] == ("twin" if kernel_maker() is None else "metal")  # a hybrid target
     status, payload = raw(port, "GET", "/v1/nothing")
     assert status == 404 and payload["error"]["code"] == "not_found"
 

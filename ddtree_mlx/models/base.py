@@ -43,6 +43,7 @@ class TreeInputs:
     conv_windows: dict[int, mx.array]  # kernel width -> [T, width] rows of concat(cached, nodes)
     mask: mx.array | None = None
     plan: LevelPlan | None = None
+    kernels: set[str] = field(default_factory=set)  # what the recurrent layers ran as: "metal" and/or "twin"
 
     @classmethod
     def build(cls, tree: DraftTree, prefix_len: int, config: DDTreeConfig) -> "TreeInputs":
@@ -85,6 +86,7 @@ class VerifyOutput:
     hidden: mx.array | None  # [T, F]: concatenated hidden states of the requested layers (None if none)
     captures: list[Capture]
     profile: dict[str, float] = field(default_factory=dict)  # seconds per layer part, with profile_verify
+    kernels: set[str] = field(default_factory=set)
 
 
 @dataclass
@@ -281,7 +283,7 @@ class TargetAdapter:
             if index in capture_layers:
                 captured.append(h)
         logits = clock.lap("head", self.logits(h[0]))
-        return VerifyOutput(logits, _concat_hidden(captured), captures, clock.seconds)
+        return VerifyOutput(logits, _concat_hidden(captured), captures, clock.seconds, inputs.kernels)
 
     def prefix_length(self, cache: list[Any]) -> int:
         return next(entry.offset for entry in cache if self.is_attention_cache(entry))
