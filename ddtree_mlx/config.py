@@ -86,7 +86,7 @@ class DDTreeConfig:
         values: dict[str, Any] = {}
         for f in fields(cls):
             name = "DDTREE_" + f.name.upper()
-            if name in env:
+            if name in env and overrides.get(f.name) is None:  # an explicit argument wins, even over a bad var
                 values[f.name] = _parse_field(f, name, env[name])
         values.update({k: v for k, v in overrides.items() if v is not None})
         config = cls(**values)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import mlx.core as mx
 import numpy as np
@@ -210,10 +210,17 @@ def _validate(target: TargetAdapter, prompt_tokens: Any, max_new_tokens: int, me
     return tokens.tolist()
 
 
-def _stop_ids(tokenizer: Any, stop_token_ids: Sequence[int] | None) -> set[int]:
-    if stop_token_ids is not None:
-        return {int(t) for t in stop_token_ids}
-    return set(stop_token_ids_of(tokenizer))
+def _stop_ids(tokenizer: Any, stop_token_ids: Sequence[int] | None, vocab_size: int | None = None) -> set[int]:
+    if stop_token_ids is None:
+        return set(stop_token_ids_of(tokenizer))
+    if isinstance(stop_token_ids, (str, bytes, Mapping)) or not isinstance(stop_token_ids, Iterable):
+        raise ValueError(f"stop_token_ids must be a list of token ids, got {stop_token_ids!r}")
+    ids = list(stop_token_ids)
+    bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or t < 0
+           or (vocab_size is not None and t >= vocab_size)]
+    if bad:
+        raise ValueError(f"stop_token_ids {bad[:5]!r} are not token ids of this model (integers in [0, {vocab_size}))")
+    return {int(t) for t in ids}
 
 
 def stream_generate(
@@ -236,10 +243,18 @@ def stream_generate(
     or "ar" (no drafter). temperature 0 is greedy; otherwise tokens are drawn (seeded by `seed`) from the
     target's distribution after top-p and top-k, exactly as plain sampling would. Arguments and configuration
     are checked now, before any model work: explicit arguments win over `config`, then DDTREE_* env vars."""
-    config = (config or DDTreeConfig.from_env()).replace(**({"budget": tree_budget} if tree_budget is not None else {}))
+    if config is not None and not isinstance(config, DDTreeConfig):
+        raise ValueError(f"config must be a DDTreeConfig (ddtree_mlx.DDTreeConfig(budget=...)), got {type(config).__name__}")
+    explicit = {"budget": tree_budget} if tree_budget is not None else {}
+    config = config.replace(**explicit) if config is not None else DDTreeConfig.from_env(**explicit)
     sampling = SamplingParams(temperature, top_p, top_k, seed)
     target = adapter_for(target_model)
     prompt = _validate(target, prompt_tokens, max_new_tokens, method)
+    stops = _stop_ids(tokenizer, stop_token_ids, target.vocab_size)
+    room = target.context_length - len(prompt) if target.context_length else max_new_tokens
+    if room <= 0:
+        raise ValueError(f"the prompt has {len(prompt)} tokens and the model's context is {target.context_length}; "
+                         "shorten the prompt")
     drafter = None
     if method != "ar":
         if draft_model is None:
@@ -248,11 +263,10 @@ def stream_generate(
         drafter.reset(target, prompt)
     cache = target.make_cache()
     target.check_cache(cache)
-    stops = _stop_ids(tokenizer, stop_token_ids)
     session = Session(target=target, drafter=drafter, config=config, method=method, cache=cache,
                       choose=TokenChooser(sampling), stats=GenerationStats(prompt_tokens=len(prompt)),
                       controller=MethodController() if config.dflash_controller and method == "ddtree" else None)
-    return _run(session, prompt, max_new_tokens, stops)
+    return _run(session, prompt, min(max_new_tokens, room), stops)  # generation ends with the context: "length"
 
 
 def _run(session: Session, prompt: list[int], max_new_tokens: int, stops: set[int]) -> Iterator[DecodeStep]:

@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 import queue
+import select
+import socket
 import threading
 import time
 import traceback
@@ -33,14 +35,16 @@ from .kernels import kernel_path
 from .models import adapter_for
 
 DEFAULT_MAX_TOKENS = 256
+MAX_BODY_BYTES = 16 * 2**20  # a 262k-token conversation is ~1 MB of JSON
+READ_TIMEOUT = 30.0  # seconds to send a request (and to take each streamed write)
 
 
 class BadRequest(ValueError):
-    """A request the server refuses with HTTP 400; `param` names the offending field."""
+    """A request the server refuses, with HTTP `status` (400 unless said); `param` names the offending field."""
 
-    def __init__(self, message: str, param: str | None = None):
+    def __init__(self, message: str, param: str | None = None, status: int = 400, code: str | None = None):
         super().__init__(message)
-        self.param = param
+        self.param, self.status, self.code = param, status, code
 
 
 # --- requests ---------------------------------------------------------------------------------------------------
@@ -94,9 +98,30 @@ def _prompt(body: Mapping[str, Any]) -> str:
     return prompt
 
 
+# OpenAI fields this server cannot honour, each with the values that ask for nothing more: anything else is
+# refused, not silently ignored.
+_UNSUPPORTED = {
+    "n": (lambda v: is_int(v) and v == 1, "one completion per request"),
+    "best_of": (lambda v: is_int(v) and v == 1, "one completion per request"),
+    "logprobs": (lambda v: v is False, "no log-probabilities"),
+    "top_logprobs": (lambda v: is_int(v) and v == 0, "no log-probabilities"),
+    "tools": (lambda v: v == [], "no tool calling"),
+    "tool_choice": (lambda v: v == "none", "no tool calling"),
+    "functions": (lambda v: v == [], "no function calling"),
+    "function_call": (lambda v: v == "none", "no function calling"),
+}
+
+
+def _refuse_unsupported(body: Mapping[str, Any]) -> None:
+    for name, (harmless, what) in _UNSUPPORTED.items():
+        if body.get(name) is not None and not harmless(body[name]):
+            raise BadRequest(f"'{name}' is not supported: this server gives {what}; leave it out", name)
+
+
 def parse_request(kind: str, body: Any) -> Request:
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")
+    _refuse_unsupported(body)
     prompt = _messages(body) if kind == "chat" else _prompt(body)
     # Newer chat clients send max_completion_tokens instead of max_tokens.
     limit = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
@@ -335,23 +360,31 @@ def _error(message: str, kind: str = "invalid_request_error", param: str | None 
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
+_ROUTES = {"/v1/models": "GET", "/health": "GET", "/v1/chat/completions": "POST", "/v1/completions": "POST"}
+
+
 class _Handler(BaseHTTPRequestHandler):
     server: "_Server"
 
-    def do_GET(self) -> None:
-        self._route({"/v1/models": self._models, "/health": lambda: self._send_json(200, self.server.engine.health())})
+    def setup(self) -> None:
+        self.timeout = self.server.read_timeout  # a client that stops sending mid-request cannot hold a thread
+        super().setup()
 
-    def do_POST(self) -> None:
-        self._route({"/v1/chat/completions": lambda: self._complete("chat"),
-                     "/v1/completions": lambda: self._complete("completion")})
-
-    def _route(self, routes: dict[str, Callable[[], None]]) -> None:
+    def _dispatch(self) -> None:
         path = self.path.split("?", 1)[0].rstrip("/")
-        action = routes.get(path)
-        if action is None:
-            self._send_json(404, _error(f"no route for {self.command} {path}", code="not_found"))
-        else:
-            action()
+        method = _ROUTES.get(path)
+        if method is None:
+            return self._send_json(404, _error(f"no route for {self.command} {path}", code="not_found"))
+        if method != self.command:
+            self.close_connection = True  # a body we will not read may follow
+            return self._send_json(405, _error(f"{path} takes {method}, not {self.command}",
+                                               code="method_not_allowed"), {"Allow": method})
+        actions = {"/v1/models": self._models, "/health": lambda: self._send_json(200, self.server.engine.health()),
+                   "/v1/chat/completions": lambda: self._complete("chat"),
+                   "/v1/completions": lambda: self._complete("completion")}
+        actions[path]()
+
+    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _dispatch
 
     def _models(self) -> None:
         engine = self.server.engine
@@ -365,7 +398,10 @@ class _Handler(BaseHTTPRequestHandler):
             pieces = engine.generate(request)
             first = next(pieces)  # waits for the model and prefill; the engine checks its arguments first
         except ValueError as error:
-            return self._send_json(400, _error(str(error), param=getattr(error, "param", None)))
+            if getattr(error, "status", 400) != 400:
+                self.close_connection = True  # the body was not read to its end
+            return self._send_json(getattr(error, "status", 400),
+                                   _error(str(error), param=getattr(error, "param", None), code=getattr(error, "code", None)))
         except Exception as error:
             traceback.print_exc()
             return self._send_json(500, _error(f"generation failed: {error}", kind="server_error"))
@@ -374,22 +410,62 @@ class _Handler(BaseHTTPRequestHandler):
                 if request.stream:
                     self._send_events(stream_chunks(request, engine.model_name, chain([first], pieces)))
                 else:
-                    self._send_json(200, full_response(request, engine.model_name, [first, *pieces]))
-            except ConnectionError:  # BrokenPipe / ConnectionReset on write: the client is gone
+                    collected = [first]
+                    for piece in pieces:
+                        if self._client_gone():  # nobody will read the answer: free the model now
+                            raise ConnectionAbortedError
+                        collected.append(piece)
+                    self._send_json(200, full_response(request, engine.model_name, collected))
+            except (ConnectionError, TimeoutError):  # the client is gone or stopped reading
                 self.close_connection = True
+
+    def _client_gone(self) -> bool:
+        """A closed connection reads as readable with nothing in it (a client sends nothing more after its body)."""
+        readable, _, _ = select.select([self.connection], [], [], 0)
+        try:
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except OSError:
+            return True
 
     def _read_json(self) -> Any:
         try:
-            length = max(int(self.headers.get("Content-Length") or 0), 0)
-            return json.loads(self.rfile.read(length))
-        except ValueError as error:  # also a bad Content-Length or undecodable bytes
+            return json.loads(self._read_body(), parse_constant=_no_constant)
+        except ValueError as error:  # also undecodable bytes
+            if isinstance(error, BadRequest):
+                raise
             raise BadRequest(f"the request body is not valid JSON: {error}") from None
 
-    def _send_json(self, status: int, payload: dict[str, Any]) -> None:
+    def _read_body(self) -> bytes:
+        """The body by Content-Length or chunked transfer, at most max_body_bytes, within the read timeout."""
+        limit = self.server.max_body_bytes
+        too_large = BadRequest(f"the request body is larger than {limit} bytes (serve --max-body-bytes)",
+                               status=413, code="request_too_large")
+        try:
+            if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+                return _read_chunked(self.rfile, limit, too_large)
+            try:
+                length = int(self.headers.get("Content-Length") or 0)
+            except ValueError:
+                raise BadRequest("Content-Length is not a number") from None
+            if length < 0:
+                raise BadRequest("Content-Length is negative")
+            if length > limit:
+                raise too_large
+            body = self.rfile.read(length)
+        except TimeoutError:
+            raise BadRequest(f"the request body did not arrive within {self.server.read_timeout} s",
+                             status=408, code="request_timeout") from None
+        if len(body) < length:
+            raise BadRequest(f"the body ended after {len(body)} of its {length} bytes (Content-Length)")
+        return body
+
+    def _send_json(self, status: int, payload: dict[str, Any], headers: Mapping[str, str] | None = None) -> None:
         data = json.dumps(payload).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.end_headers()
         self.wfile.write(data)
 
@@ -403,41 +479,79 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(b"data: [DONE]\n\n")
 
 
+def _no_constant(name: str) -> Any:
+    raise BadRequest(f"the request body holds {name}, which is not JSON; send a finite number")
+
+
+def _read_chunked(stream: Any, limit: int, too_large: BadRequest) -> bytes:
+    body = bytearray()
+    while True:
+        line = stream.readline(1024)
+        try:
+            size = int(line.split(b";", 1)[0].strip(), 16)
+        except ValueError:
+            raise BadRequest("a chunk of the chunked request body has no valid size line") from None
+        if size == 0:
+            while stream.readline(1024).strip():  # trailer fields, up to the blank line
+                pass
+            return bytes(body)
+        if len(body) + size > limit:
+            raise too_large
+        chunk = stream.read(size)
+        if len(chunk) < size:
+            raise BadRequest("the chunked request body ended inside a chunk")
+        body += chunk
+        stream.readline(1024)  # the CRLF after the chunk
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, address: tuple[str, int], engine: Engine):
-        super().__init__(address, _Handler)
-        self.engine = engine
+    def __init__(self, address: tuple[str, int], engine: Engine | None = None, *,
+                 max_body_bytes: int = MAX_BODY_BYTES, read_timeout: float = READ_TIMEOUT):
+        self.engine, self.max_body_bytes, self.read_timeout = engine, max_body_bytes, read_timeout
+        try:
+            super().__init__(address, _Handler)
+        except OSError as error:  # before any model loads: a busy port is a usage error
+            raise ValueError(f"cannot listen on {address[0]}:{address[1]}: {error.strerror}; is another server "
+                             "running there? Pick another --port") from None
 
     def server_close(self) -> None:
         super().server_close()
-        self.engine.worker.stop()
+        if self.engine is not None:
+            self.engine.worker.stop()
 
 
 def make_server(target_model: Any, tokenizer: Any, drafter: Any, *, host: str = "127.0.0.1", port: int = 0,
                 model_name: str = "ddtree", method: str = "ddtree", budget: int | None = None,
-                stop_token_ids: Sequence[int] | None = None) -> ThreadingHTTPServer:
+                stop_token_ids: Sequence[int] | None = None, max_body_bytes: int = MAX_BODY_BYTES,
+                read_timeout: float = READ_TIMEOUT) -> ThreadingHTTPServer:
     """A bound, not yet serving server: call serve_forever(); server_address holds the port when port=0."""
     engine = Engine(target_model, tokenizer, drafter, model_name=model_name, method=method, budget=budget,
                     stop_token_ids=stop_token_ids)
-    return _Server((host, port), engine)
+    return _Server((host, port), engine, max_body_bytes=max_body_bytes, read_timeout=read_timeout)
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     add_engine_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES,
+                        help=f"largest request body accepted, else HTTP 413 (default {MAX_BODY_BYTES})")
+    parser.add_argument("--read-timeout", type=float, default=READ_TIMEOUT,
+                        help=f"seconds a client may take to send its request, else HTTP 408 (default {READ_TIMEOUT})")
 
 
 def run_server(args: argparse.Namespace) -> None:
     from .loading import load, stop_token_ids
 
-    target_model, tokenizer, drafter = load(args.model, args.draft)
+    if args.max_body_bytes < 1 or not args.read_timeout > 0:
+        raise ValueError("--max-body-bytes and --read-timeout must be positive")
+    server = _Server((args.host, args.port), max_body_bytes=args.max_body_bytes, read_timeout=args.read_timeout)
+    target_model, tokenizer, drafter = load(args.model, args.draft)  # the port is ours first: then the model
     # stop_token_ids reads generation_config.json when --model is a local directory.
-    server = make_server(target_model, tokenizer, drafter, host=args.host, port=args.port,
-                         model_name=args.model or "ddtree", method=args.method, budget=args.budget,
-                         stop_token_ids=stop_token_ids(tokenizer, args.model))
+    server.engine = Engine(target_model, tokenizer, drafter, model_name=args.model or "ddtree", method=args.method,
+                           budget=args.budget, stop_token_ids=stop_token_ids(tokenizer, args.model))
     host, port = server.server_address[:2]
     print(f"ddtree-mlx serving {args.model or 'the embedded model'} at http://{host}:{port}/v1", flush=True)
     try:

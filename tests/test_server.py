@@ -191,6 +191,15 @@ def raw(port, method, path, body=None, timeout=30):
     ("/v1/chat/completions", {"messages": CHAT, "temperature": "hot"}, "temperature"),
     ("/v1/chat/completions", {"messages": CHAT, "stop": [1]}, "stop"),
     ("/v1/completions", {"prompt": ["w3"]}, "prompt"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "w5"}], "temperature": NaN}', None),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "w5"}], "temperature": Infinity}', None),
+    ("/v1/chat/completions", {"messages": CHAT, "seed": -1}, None),
+    ("/v1/chat/completions", {"messages": CHAT, "seed": 2**70}, None),
+    ("/v1/chat/completions", {"messages": CHAT, "n": 2}, "n"),
+    ("/v1/chat/completions", {"messages": CHAT, "logprobs": True}, "logprobs"),
+    ("/v1/chat/completions", {"messages": CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ("/v1/completions", {"prompt": PROMPT, "best_of": 3}, "best_of"),
+    ("/v1/completions", {"prompt": " ".join(["w5"] * 5000)}, None),  # past the tiny model's 4,096-token context
 ])
 def test_bad_requests(port, path, body, param):
     status, payload = raw(port, "POST", path, body)
@@ -206,6 +215,67 @@ def test_models_health_and_unknown_paths(port, client):
     assert health["kernels"] == ("twin" if kernel_maker() is None else "metal")  # a hybrid target
     status, payload = raw(port, "GET", "/v1/nothing")
     assert status == 404 and payload["error"]["code"] == "not_found"
+
+
+@pytest.mark.parametrize("method,path,allowed", [("GET", "/v1/chat/completions", "POST"), ("PUT", "/v1/completions", "POST"),
+                                                 ("DELETE", "/v1/models", "GET"), ("POST", "/health", "GET")])
+def test_wrong_methods_get_405_json(port, method, path, allowed):
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    connection.request(method, path)
+    response = connection.getresponse()
+    payload = json.loads(response.read())
+    assert response.status == 405 and response.getheader("Allow") == allowed
+    assert payload["error"]["code"] == "method_not_allowed"
+
+
+def send_raw(port, head, body=b"", timeout=10):
+    """Send bytes as they are; return (status, JSON payload) of the reply."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(head + body)
+        reply = b""
+        while b"\r\n\r\n" not in reply or len(reply.split(b"\r\n\r\n", 1)[1]) < _length(reply):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            reply += chunk
+    status = int(reply.split(b" ", 2)[1])
+    return status, json.loads(reply.split(b"\r\n\r\n", 1)[1])
+
+
+def _length(reply):
+    head = reply.split(b"\r\n\r\n", 1)[0].decode().lower()
+    return next((int(line.split(":")[1]) for line in head.split("\r\n") if line.startswith("content-length")), 0)
+
+
+POST = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+
+
+def test_bodies_too_large_short_or_chunked():
+    with serving(TOKENIZER, max_body_bytes=4096, read_timeout=1.0) as bound:
+        status, payload = send_raw(bound, POST + b"Content-Length: 1000000000000\r\n\r\n")
+        assert status == 413 and payload["error"]["code"] == "request_too_large"  # refused before reading
+        status, payload = send_raw(bound, POST + b"Content-Length: 8000\r\n\r\n", b"x" * 8000)
+        assert status == 413
+        start = time.monotonic()
+        status, payload = send_raw(bound, POST + b"Content-Length: 100\r\n\r\n", b'{"messages": ')
+        assert status == 408 and time.monotonic() - start < 5  # a body shorter than announced cannot hang
+        body = json.dumps({"messages": CHAT, "max_tokens": 3}).encode()
+        chunked = b"".join(b"%x\r\n%s\r\n" % (len(part), part) for part in (body[:10], body[10:])) + b"0\r\n\r\n"
+        status, payload = send_raw(bound, POST + b"Transfer-Encoding: chunked\r\n\r\n", chunked)
+        assert status == 200 and payload["usage"]["completion_tokens"] == 3
+        big = b"%x\r\n%s\r\n" % (5000, b" " * 5000) + b"0\r\n\r\n"
+        status, payload = send_raw(bound, POST + b"Transfer-Encoding: chunked\r\n\r\n", big)
+        assert status == 413
+
+
+def test_a_busy_port_fails_before_the_model_loads(port, monkeypatch):
+    from ddtree_mlx import loading
+    from ddtree_mlx.cli import main
+
+    monkeypatch.setattr(loading, "load", lambda *a, **k: pytest.fail("the model loaded before the port was bound"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", "--port", str(port)])
+    assert exit_info.value.code == 2
 
 
 def test_no_chat_template():
@@ -236,6 +306,17 @@ def test_client_disconnect_frees_the_model():
         status, payload = raw(bound, "POST", "/v1/chat/completions", {"messages": CHAT, "max_tokens": 4}, timeout=10)
         assert status == 200 and payload["choices"][0]["finish_reason"] == "length"
         assert time.monotonic() - start < 10
+
+
+def test_a_non_streaming_client_that_leaves_frees_the_model():
+    body = json.dumps({"messages": CHAT, "max_tokens": 3000}).encode()
+    with serving(TOKENIZER, stop_token_ids=[]) as bound:  # 3000 tokens without end-of-sequence take over 10 s
+        with socket.create_connection(("127.0.0.1", bound), timeout=30) as sock:
+            sock.sendall(POST + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+            time.sleep(1.0)  # generation under way; then the client hangs up without reading
+        start = time.monotonic()
+        status, payload = raw(bound, "POST", "/v1/chat/completions", {"messages": CHAT, "max_tokens": 4}, timeout=10)
+        assert status == 200 and time.monotonic() - start < 5
 
 
 def byte_stream(stops):

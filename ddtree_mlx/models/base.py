@@ -192,6 +192,11 @@ class TargetAdapter:
     def hidden_size(self) -> int:
         return self.args.hidden_size
 
+    @property
+    def context_length(self) -> int | None:
+        """The longest sequence the model was made for (None if its config does not say)."""
+        return getattr(self.args, "max_position_embeddings", None)
+
     def embed(self, tokens: mx.array) -> mx.array:
         return self.inner.embed_tokens(tokens)
 
