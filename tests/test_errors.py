@@ -30,6 +30,16 @@ def start(**kwargs):
     ({"method": "beam"}, "unknown method"),
     ({"draft_model": None}, "needs a draft_model"),
     ({"draft_model": object()}, "drafter protocol"),
+    ({"stop_token_ids": [10**9]}, r"stop_token_ids \[1000000000\] are not token ids"),
+    ({"stop_token_ids": ["abc"]}, "are not token ids of this model"),
+    ({"stop_token_ids": "abc"}, "must be a list of token ids"),
+    ({"stop_token_ids": 5}, "must be a list of token ids"),
+    ({"seed": -1, "temperature": 1.0}, r"seed must be an integer in \[0, 2\*\*64\)"),
+    ({"seed": 2**70, "temperature": 1.0}, "seed must be an integer in"),
+    ({"temperature": float("nan")}, "temperature must be a number >= 0"),
+    ({"temperature": float("inf")}, "temperature must be a number >= 0"),
+    ({"config": {"budget": 4}}, "config must be a DDTreeConfig"),
+    ({"prompt_tokens": [1] * 4096}, "the prompt has 4096 tokens and the model's context is 4096"),
 ])
 def test_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -139,3 +149,15 @@ def test_node_cost_setting(monkeypatch):
     assert DDTreeConfig.from_env().resolved_node_cost() == 0.2
     with pytest.raises(ValueError, match="node cost must be a number >= 0"):
         DDTreeConfig(node_cost=-1).validate()
+
+
+def test_explicit_arguments_win_even_over_a_bad_env_var(monkeypatch):
+    monkeypatch.setenv("DDTREE_BUDGET", "abc")
+    with pytest.raises(ValueError, match="DDTREE_BUDGET='abc' is not an integer"):
+        start()
+    list(start(tree_budget=4, draft_model=None, method="ar"))  # the broken variable is never read
+
+
+def test_generation_ends_at_the_context():
+    steps = list(start(prompt_tokens=[1] * 4094, max_new_tokens=50, draft_model=None, method="ar"))
+    assert sum(len(step.tokens) for step in steps) == 2 and steps[-1].finish_reason == "length"
