@@ -76,6 +76,8 @@ class DDTreeConfig:
     """DDTREE_PROFILE_VERIFY: time verify per layer part (attention, linear, mlp, head); serializes, so slower."""
     profile_detail: bool = False
     """DDTREE_PROFILE_DETAIL: with DDTREE_PROFILE_VERIFY, also time the steps inside the token mixers."""
+    prompt_cache_mb: int = 2048
+    """DDTREE_PROMPT_CACHE_MB: the server's prompt cache bound in MiB (least recently used entries go first); 0 off."""
     openblas: bool = True
     """DDTREE_OPENBLAS: on Linux, `ddtree-mlx` and `benchmark.py` re-run themselves with Debian's OpenBLAS
     (libopenblas0-pthread) preloaded when it is installed, ~25x faster matmuls than MLX's bundled BLAS; 0 keeps it."""
@@ -98,6 +100,8 @@ class DDTreeConfig:
             raise ValueError(f"tree budget must be an integer >= 1, got {self.budget!r}")
         if not is_int(self.prefill_chunk) or self.prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be an integer >= 1, got {self.prefill_chunk!r}")
+        if not is_int(self.prompt_cache_mb) or self.prompt_cache_mb < 0:
+            raise ValueError(f"prompt_cache_mb must be an integer >= 0 (0 turns the cache off), got {self.prompt_cache_mb!r}")
         prefix = self.exact_tree_attention_min_prefix
         if not is_int(prefix) or prefix < 0:
             raise ValueError(f"exact_tree_attention_min_prefix must be an integer >= 0, got {prefix!r}")
@@ -135,4 +139,4 @@ def _parse_field(f: dataclasses.Field, name: str, text: str) -> Any:
         return parse_bool(name, text)
     if f.name == "node_cost":
         return parse_cost(name, text)
-    return parse_int(name, text, minimum=0 if f.name.endswith("min_prefix") else 1)
+    return parse_int(name, text, minimum=0 if f.name in ("exact_tree_attention_min_prefix", "prompt_cache_mb") else 1)

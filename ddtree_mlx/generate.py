@@ -21,7 +21,8 @@ from .controller import MethodController
 from .drafters import Drafter, as_drafter
 from .loading import stop_token_ids as stop_token_ids_of
 from .models import adapter_for
-from .models.base import TargetAdapter, VerifyOutput
+from .models.base import TargetAdapter, VerifyOutput, join_rows
+from .prompt_cache import PromptCache
 from .sampling import SamplingParams, TokenChooser
 from .tree import Candidates, DraftTree, build_tree, chain_tree, top_candidates
 
@@ -42,6 +43,7 @@ class GenerationStats:
     verify_parts: dict[str, float] = field(default_factory=dict)  # with DDTREE_PROFILE_VERIFY
     method_cycles: dict[str, int] = field(default_factory=dict)  # cycles run as ddtree / dflash / ar
     kernels: set[str] = field(default_factory=set)  # what hybrid targets' tree conv and recurrence ran as
+    reused_prompt_tokens: int = 0  # prompt tokens a prompt-cache hit saved from prefill
 
     def summary(self, generated: int) -> dict[str, Any]:
         """Per-generation numbers. tokens_per_second counts decode only: tokens after the first (which prefill
@@ -60,6 +62,7 @@ class GenerationStats:
             "verify_profile": dict(self.verify_parts),
             "method_cycles": dict(self.method_cycles),
             "kernels": "+".join(sorted(self.kernels)) or "none",  # "metal", "twin", "metal+twin" or "none"
+            "reused_prompt_tokens": self.reused_prompt_tokens,
         }
 
     def lap(self, phase: str, since: float) -> float:
@@ -92,6 +95,9 @@ class Session:
     root: int = 0
     pending_tokens: list[int] = field(default_factory=list)
     pending_hidden: mx.array | None = None
+    prompt_cache: PromptCache | None = None
+    held: list[int] = field(default_factory=list)  # with a prompt cache: the tokens the cache holds,
+    held_hidden: list[mx.array] = field(default_factory=list)  # and their captured hidden states
 
     @property
     def capture_layers(self) -> list[int]:
@@ -150,6 +156,7 @@ class Session:
             hidden = None if out.hidden is None else out.hidden[index]
         self.pending_tokens, self.pending_hidden, self.root = accepted, hidden, bonus
         self.sync(hidden, [entry.state for entry in self.cache])  # mx.eval skips None
+        self.hold(accepted, hidden)
 
     # --- the cycle ------------------------------------------------------------------------------------------
 
@@ -178,13 +185,44 @@ class Session:
         return new
 
     def prefill(self, prompt: list[int]) -> int:
+        """mlx-lm's prefill (see TargetAdapter.prefill), starting after the longest prefix the prompt cache has."""
         start = time.perf_counter()
-        logits, hidden = self.target.prefill(prompt, self.cache, self.capture_layers, self.config.prefill_chunk)
+        done, reused = self.reuse(prompt)
+        store = None
+        if self.prompt_cache is not None:  # the prompt's body, for later prompts that start the same way
+            store = lambda body: self.prompt_cache.store(prompt[:-1], self.cache, self.capture_layers,  # noqa: E731
+                                                         join_rows(reused, body))
+        logits, hidden = self.target.prefill(prompt[done:], self.cache, self.capture_layers,
+                                             self.config.prefill_chunk, after_body=store)
         first = self.choose(logits)
+        hidden = join_rows(reused, hidden)
         mx.eval(first, hidden, [entry.state for entry in self.cache])
         self.pending_tokens, self.pending_hidden, self.root = list(prompt), hidden, int(first[0])
+        self.hold(prompt, hidden)
         self.stats.prefill_seconds = time.perf_counter() - start
         return self.root
+
+    # --- the prompt cache (serving) ---------------------------------------------------------------------------
+
+    def reuse(self, prompt: list[int]) -> tuple[int, mx.array | None]:
+        """Prompt tokens already in the cache from the prompt cache, and their captured hidden states."""
+        hit = self.prompt_cache.lookup(prompt, self.capture_layers) if self.prompt_cache is not None else None
+        if hit is None:
+            return 0, None
+        self.cache = hit.cache
+        self.stats.reused_prompt_tokens = hit.length
+        return hit.length, hit.hidden
+
+    def hold(self, tokens: list[int], hidden: mx.array | None) -> None:
+        if self.prompt_cache is not None:
+            self.held += tokens
+            self.held_hidden += [hidden] if hidden is not None else []
+
+    def remember(self) -> None:
+        """At the end of a generation: the conversation so far, for its next turn."""
+        if self.prompt_cache is not None:
+            hidden = mx.concatenate(self.held_hidden) if self.held_hidden else None
+            self.prompt_cache.store(self.held, self.cache, self.capture_layers, hidden)
 
 
 def _validate(target: TargetAdapter, prompt_tokens: Any, max_new_tokens: int, method: str) -> list[int]:
@@ -238,11 +276,13 @@ def stream_generate(
     top_p: float = 1.0,
     top_k: int = 0,
     seed: int | None = None,
+    prompt_cache: PromptCache | None = None,
 ) -> Iterator[DecodeStep]:
     """Return an iterator that yields tokens as they are committed. `method` is "ddtree", "dflash" (single path)
     or "ar" (no drafter). temperature 0 is greedy; otherwise tokens are drawn (seeded by `seed`) from the
     target's distribution after top-p and top-k, exactly as plain sampling would. Arguments and configuration
-    are checked now, before any model work: explicit arguments win over `config`, then DDTREE_* env vars."""
+    are checked now, before any model work: explicit arguments win over `config`, then DDTREE_* env vars.
+    `prompt_cache` (a PromptCache, shared across calls) skips prefilling what an earlier call already did."""
     if config is not None and not isinstance(config, DDTreeConfig):
         raise ValueError(f"config must be a DDTreeConfig (ddtree_mlx.DDTreeConfig(budget=...)), got {type(config).__name__}")
     explicit = {"budget": tree_budget} if tree_budget is not None else {}
@@ -265,7 +305,8 @@ def stream_generate(
     target.check_cache(cache)
     session = Session(target=target, drafter=drafter, config=config, method=method, cache=cache,
                       choose=TokenChooser(sampling), stats=GenerationStats(prompt_tokens=len(prompt)),
-                      controller=MethodController() if config.dflash_controller and method == "ddtree" else None)
+                      controller=MethodController() if config.dflash_controller and method == "ddtree" else None,
+                      prompt_cache=prompt_cache)
     return _run(session, prompt, min(max_new_tokens, room), stops)  # generation ends with the context: "length"
 
 
@@ -276,6 +317,8 @@ def _run(session: Session, prompt: list[int], max_new_tokens: int, stops: set[in
         new, finish = _clip(new, max_new_tokens - produced, stops)
         produced += len(new)
         session.stats.committed = produced - 1  # kept tokens from cycles: prefill gave the first
+        if finish:
+            session.remember()
         yield DecodeStep(new, session.stats, finish)
         if finish:
             return

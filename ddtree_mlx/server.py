@@ -33,6 +33,7 @@ from .config import DDTreeConfig, is_int, is_number
 from .generate import GenerationStats, stream_generate
 from .kernels import kernel_path
 from .models import adapter_for
+from .prompt_cache import PromptCache
 
 DEFAULT_MAX_TOKENS = 256
 MAX_BODY_BYTES = 16 * 2**20  # a 262k-token conversation is ~1 MB of JSON
@@ -254,9 +255,11 @@ class Engine:
     """The model, its tokenizer and drafter, and the settings every request runs with."""
 
     def __init__(self, target_model: Any, tokenizer: Any, drafter: Any, *, model_name: str, method: str,
-                 budget: int | None, stop_token_ids: Sequence[int] | None):
+                 budget: int | None, stop_token_ids: Sequence[int] | None, prompt_cache_mb: int | None = None):
         self.target_model, self.tokenizer, self.drafter = target_model, tokenizer, drafter
         self.model_name, self.method, self.budget, self.stop_token_ids = model_name, method, budget, stop_token_ids
+        megabytes = DDTreeConfig.from_env(prompt_cache_mb=prompt_cache_mb).prompt_cache_mb
+        self.prompt_cache = PromptCache(megabytes * 2**20) if megabytes else None
         self.created = int(time.time())
         self.worker = Worker()
 
@@ -269,7 +272,7 @@ class Engine:
         target = adapter_for(self.target_model)
         hybrid = any(target.mixer_kind(layer) == "linear" for layer in target.layers)
         return {"status": "ok", "kernels": kernel_path(DDTreeConfig.from_env()) if hybrid else "none",
-                "blas": blas_name()}
+                "blas": blas_name(), "prompt_cache": self.prompt_cache.stats() if self.prompt_cache else None}
 
     def _prompt_tokens(self, request: Request) -> list[int]:
         if request.kind == "completion":
@@ -288,7 +291,8 @@ class Engine:
         steps = stream_generate(
             target_model=self.target_model, draft_model=self.drafter, tokenizer=self.tokenizer,
             prompt_tokens=prompt, max_new_tokens=request.max_tokens, tree_budget=self.budget,
-            stop_token_ids=self.stop_token_ids, method=self.method, **request.sampling,
+            stop_token_ids=self.stop_token_ids, method=self.method, prompt_cache=self.prompt_cache,
+            **request.sampling,
         )
         text = TextStream(self.tokenizer.decode, request.stop)
         generated = 0
@@ -310,7 +314,8 @@ class Engine:
 
 def _stats(stats: GenerationStats, generated: int) -> dict[str, Any]:
     summary = stats.summary(generated)
-    keys = ("tokens_per_second", "cycles", "avg_acceptance", "fast_path_ratio", "prefill_seconds")
+    keys = ("tokens_per_second", "cycles", "avg_acceptance", "fast_path_ratio", "prefill_seconds",
+            "reused_prompt_tokens")
     return {key: summary[key] for key in keys}
 
 
@@ -525,10 +530,10 @@ class _Server(ThreadingHTTPServer):
 def make_server(target_model: Any, tokenizer: Any, drafter: Any, *, host: str = "127.0.0.1", port: int = 0,
                 model_name: str = "ddtree", method: str = "ddtree", budget: int | None = None,
                 stop_token_ids: Sequence[int] | None = None, max_body_bytes: int = MAX_BODY_BYTES,
-                read_timeout: float = READ_TIMEOUT) -> ThreadingHTTPServer:
+                read_timeout: float = READ_TIMEOUT, prompt_cache_mb: int | None = None) -> ThreadingHTTPServer:
     """A bound, not yet serving server: call serve_forever(); server_address holds the port when port=0."""
     engine = Engine(target_model, tokenizer, drafter, model_name=model_name, method=method, budget=budget,
-                    stop_token_ids=stop_token_ids)
+                    stop_token_ids=stop_token_ids, prompt_cache_mb=prompt_cache_mb)
     return _Server((host, port), engine, max_body_bytes=max_body_bytes, read_timeout=read_timeout)
 
 
@@ -538,6 +543,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8080)
     parser.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES,
                         help=f"largest request body accepted, else HTTP 413 (default {MAX_BODY_BYTES})")
+    parser.add_argument("--prompt-cache-mb", type=int, help="prompt cache bound in MiB, 0 off "
+                                                            "(default: DDTREE_PROMPT_CACHE_MB or 2048)")
     parser.add_argument("--read-timeout", type=float, default=READ_TIMEOUT,
                         help=f"seconds a client may take to send its request, else HTTP 408 (default {READ_TIMEOUT})")
 
@@ -547,11 +554,13 @@ def run_server(args: argparse.Namespace) -> None:
 
     if args.max_body_bytes < 1 or not args.read_timeout > 0:
         raise ValueError("--max-body-bytes and --read-timeout must be positive")
+    DDTreeConfig.from_env(prompt_cache_mb=args.prompt_cache_mb)  # a bad bound fails before the model loads
     server = _Server((args.host, args.port), max_body_bytes=args.max_body_bytes, read_timeout=args.read_timeout)
     target_model, tokenizer, drafter = load(args.model, args.draft)  # the port is ours first: then the model
     # stop_token_ids reads generation_config.json when --model is a local directory.
     server.engine = Engine(target_model, tokenizer, drafter, model_name=args.model or "ddtree", method=args.method,
-                           budget=args.budget, stop_token_ids=stop_token_ids(tokenizer, args.model))
+                           budget=args.budget, stop_token_ids=stop_token_ids(tokenizer, args.model),
+                           prompt_cache_mb=args.prompt_cache_mb)
     host, port = server.server_address[:2]
     print(f"ddtree-mlx serving {args.model or 'the embedded model'} at http://{host}:{port}/v1", flush=True)
     try:

@@ -278,6 +278,22 @@ def test_a_busy_port_fails_before_the_model_loads(port, monkeypatch):
     assert exit_info.value.code == 2
 
 
+def test_a_second_turn_hits_the_prompt_cache():
+    with serving(TOKENIZER) as bound:
+        status, first = raw(bound, "POST", "/v1/chat/completions", {"messages": CHAT, "max_tokens": 6})
+        turn = CHAT + [{"role": "assistant", "content": first["choices"][0]["message"]["content"]},
+                       {"role": "user", "content": "w20 w21"}]
+        status, second = raw(bound, "POST", "/v1/chat/completions", {"messages": turn, "max_tokens": 6})
+        result, prompt_tokens = expected(6, turn)
+        assert status == 200 and second["choices"][0]["message"]["content"] == result["text"]
+        assert first["ddtree"]["reused_prompt_tokens"] == 0
+        assert second["ddtree"]["reused_prompt_tokens"] >= first["usage"]["prompt_tokens"] - 1
+        cache = raw(bound, "GET", "/health")[1]["prompt_cache"]
+        assert cache["hits"] == 1 and cache["misses"] == 1 and 0 < cache["bytes"] <= cache["max_bytes"]
+    with serving(TOKENIZER, prompt_cache_mb=0) as bound:
+        assert raw(bound, "GET", "/health")[1]["prompt_cache"] is None
+
+
 def test_no_chat_template():
     with serving(make_tokenizer(chat_template=None)) as bound:
         status, payload = raw(bound, "POST", "/v1/chat/completions", {"messages": CHAT, "max_tokens": 2})

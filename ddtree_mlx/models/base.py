@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -256,12 +256,13 @@ class TargetAdapter:
                 captured.append(h)
         return h[0], _concat_hidden(captured)
 
-    def prefill(self, tokens: list[int], cache: list[Any], capture_layers: list[int],
-                chunk: int) -> tuple[mx.array, mx.array | None]:
+    def prefill(self, tokens: list[int], cache: list[Any], capture_layers: list[int], chunk: int,
+                after_body: Callable[[mx.array | None], None] | None = None) -> tuple[mx.array, mx.array | None]:
         """mlx-lm's prefill: all but the last token in chunks of `chunk`, evaluated chunk by chunk with no LM
         head; then the last token alone, whose logits [1, V] are the only ones computed. The rounding is then
         the same as mlx-lm's own (same chunks, same one-token step), and memory is bounded by a chunk.
-        Returns those logits and the captured hidden states of every prompt token [n, F] (None if none)."""
+        Returns those logits and the captured hidden states of every prompt token [n, F] (None if none).
+        `after_body`, if given, sees the cache and the captured states once all but the last token are in."""
         captured = []
         for start in range(0, len(tokens) - 1, chunk):
             _, hidden = self.forward(mx.array(tokens[start : min(start + chunk, len(tokens) - 1)]), cache,
@@ -269,9 +270,11 @@ class TargetAdapter:
             mx.eval(hidden, [entry.state for entry in cache])
             captured.append(hidden)
             mx.clear_cache()
+        body = mx.concatenate(captured) if captured and captured[0] is not None else None
+        if after_body is not None and captured:
+            after_body(body)
         h, hidden = self.forward(mx.array(tokens[-1:]), cache, capture_layers)
-        captured.append(hidden)
-        return self.logits(h), None if hidden is None else mx.concatenate(captured)
+        return self.logits(h), join_rows(body, hidden)
 
     def verify(self, tree: DraftTree, cache: list[Any], capture_layers: list[int], config: DDTreeConfig) -> VerifyOutput:
         """One forward over [root, nodes...]: the prefix fully visible, ancestors only inside the tree.
@@ -323,6 +326,11 @@ class PartClock:
         self.seconds[part] = self.seconds.get(part, 0.0) + now - self.last
         self.last = now
         return value
+
+
+def join_rows(a: mx.array | None, b: mx.array | None) -> mx.array | None:
+    """Captured hidden states of consecutive tokens, either part possibly absent."""
+    return b if a is None else a if b is None else mx.concatenate([a, b])
 
 
 def _concat_hidden(captured: list[mx.array]) -> mx.array | None:

@@ -1,0 +1,90 @@
+"""The prompt cache: later prompts that start like earlier ones skip that part of prefill, and every output is
+still mlx-lm's own greedy output (and the same drafts: the drafter's hidden states line up with its tokens)."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from ddtree_mlx import PromptLookupDrafter, generate_ddtree_once
+from ddtree_mlx.drafters import as_drafter
+from ddtree_mlx.models import adapter_for
+from ddtree_mlx.prompt_cache import PromptCache
+from tiny import greedy_reference, make_dflash, make_target
+
+FIRST = [int(t) for t in np.random.default_rng(5).integers(0, 120, 30)]
+
+
+class Recording:
+    """A drafter that records what the engine hands it: the context tokens and their hidden states."""
+
+    def __init__(self, inner):
+        self.inner, self.block_size, self.target_layer_ids = inner, inner.block_size, inner.target_layer_ids
+        self.calls = []
+
+    def reset(self, target, prompt_tokens):
+        self.calls = []
+        self.inner.reset(target, prompt_tokens)
+
+    def draft(self, root, tokens, hidden):
+        self.calls.append((list(tokens), None if hidden is None else np.array(hidden)))
+        return self.inner.draft(root, tokens, hidden)
+
+
+def run(model, drafter, prompt, cache, tokens=16):
+    result = generate_ddtree_once(target_model=model, draft_model=drafter, prompt_tokens=prompt, max_new_tokens=tokens,
+                                  stop_token_ids=[], tree_budget=4, prompt_cache=cache)
+    assert result["generated_token_ids"] == greedy_reference(model, prompt, tokens)
+    return result
+
+
+@pytest.mark.parametrize("family", ["qwen3_5", "llama"])
+@pytest.mark.parametrize("drafter_kind", ["dflash", "lookup"])
+def test_turns_reuse_what_earlier_turns_prefilled(family, drafter_kind):
+    model = make_target(family)
+    drafter = Recording(as_drafter(make_dflash(model) if drafter_kind == "dflash" else PromptLookupDrafter()))
+    cache = PromptCache(2**30)
+    first = run(model, drafter, FIRST, cache)
+    assert first["reused_prompt_tokens"] == 0 and cache.stats()["misses"] == 1
+
+    # The next turn of the conversation: the first prompt, its answer and more.
+    second_prompt = FIRST + first["generated_token_ids"] + [7, 8, 9]
+    second = run(model, drafter, second_prompt, cache)
+    assert second["reused_prompt_tokens"] >= len(FIRST) - 1
+    seen = drafter.calls
+    uncached = run(model, drafter, second_prompt, None)
+    assert (second["cycles"], second["avg_acceptance"]) == (uncached["cycles"], uncached["avg_acceptance"])
+    for (tokens, hidden), (want_tokens, want_hidden) in zip(seen, drafter.calls):  # the drafter saw the same
+        assert tokens == want_tokens
+        if want_hidden is not None:
+            np.testing.assert_allclose(hidden, want_hidden, rtol=1e-5, atol=1e-5)
+
+    # A prompt that shares only its first 12 tokens: attention caches are trimmed to them; a recurrent state
+    # cannot be rewound, so a hybrid target prefills it all again.
+    third = run(model, drafter, FIRST[:12] + [3, 3, 3, 3, 3], cache)
+    hybrid = any(adapter_for(model).mixer_kind(layer) == "linear" for layer in adapter_for(model).layers)
+    assert third["reused_prompt_tokens"] == (0 if hybrid else 12)
+
+    again = run(model, drafter, FIRST, cache)  # entries are copies: generating never changed them
+    assert again["generated_token_ids"] == first["generated_token_ids"] and again["reused_prompt_tokens"] > 0
+    assert cache.stats()["hits"] >= 2
+
+
+def test_least_recently_used_entries_go_first():
+    model = make_target("llama")
+    target = adapter_for(model)
+    caches = []
+    for prompt in ([1, 2, 3], [4, 5, 6], [7, 8, 9]):
+        kv = target.make_cache()
+        target.forward(mx.array(prompt), kv, [])
+        caches.append((prompt, kv))
+    size = sum(entry.nbytes for entry in caches[0][1])
+    cache = PromptCache(int(2.5 * size))
+    for prompt, kv in caches[:2]:
+        cache.store(prompt, kv, [], None)
+    assert cache.lookup([1, 2, 3, 99], []).length == 3  # touches the first entry: the second is now the oldest
+    cache.store(*caches[2][0:2], [], None)
+    assert cache.stats()["entries"] == 2 and cache.stats()["bytes"] <= 2.5 * size
+    assert cache.lookup([4, 5, 6, 99], []) is None and cache.lookup([7, 8, 9, 99], []).length == 3
+    assert cache.lookup([1, 2, 3, 99], [0]) is None  # a drafter tapping other layers needs other hidden states
+    with pytest.raises(ValueError, match="must be >= 0 bytes"):
+        PromptCache(-1)
