@@ -14,6 +14,7 @@ from typing import Any, Iterator, Sequence
 from .blas import HINT, slow_blas, use_openblas
 from .config import DDTreeConfig
 from .generate import METHODS, DecodeStep, stream_generate
+from .kv_quantization import BITS, GROUP_SIZES, KVQuantization
 from .loading import encode_prompt, load, stop_token_ids
 from .sampling import SamplingParams
 
@@ -53,13 +54,17 @@ def build_parser(serving: bool = False) -> argparse.ArgumentParser:
     return parser
 
 
-def positive_int(text: str) -> int:
+def non_negative_int(text: str) -> int:
+    return positive_int(text, minimum=0)
+
+
+def positive_int(text: str, minimum: int = 1) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {value}")
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= {minimum}, got {value}")
     return value
 
 
@@ -71,6 +76,17 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", choices=METHODS, default="ddtree",
                         help="ddtree: draft tree; dflash: single draft path; ar: plain decoding (default: ddtree)")
     parser.add_argument("--budget", type=positive_int, help="draft-tree nodes per cycle (default: DDTREE_BUDGET or 4)")
+    kv = KVQuantization()
+    parser.add_argument("--kv-bits", type=int, choices=BITS, help="quantize the KV cache to this many bits "
+                                                                  "(as mlx-lm; default: not quantized)")
+    parser.add_argument("--kv-group-size", type=int, choices=GROUP_SIZES, default=kv.group_size,
+                        help=f"KV quantization group size (default: {kv.group_size})")
+    parser.add_argument("--quantized-kv-start", type=non_negative_int, default=kv.start,
+                        help=f"quantize the KV cache once it holds this many tokens (default: {kv.start}, as mlx-lm)")
+
+
+def kv_options(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(kv_bits=args.kv_bits, kv_group_size=args.kv_group_size, quantized_kv_start=args.quantized_kv_start)
 
 
 def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
@@ -97,7 +113,7 @@ def run_generate(args: argparse.Namespace) -> int:
     steps = stream_generate(
         target_model=target, draft_model=None if args.method == "ar" else drafter, tokenizer=tokenizer,
         prompt_tokens=encode_prompt(tokenizer, prompt, chat=not args.no_chat_template), max_new_tokens=args.max_tokens,
-        stop_token_ids=stops, method=args.method, config=config, **sampling,
+        stop_token_ids=stops, method=args.method, config=config, **sampling, **kv_options(args),
     )
     tokens, last = print_stream(steps, tokenizer, set(stops))
     print(stats_line(tokens, last), file=sys.stderr)

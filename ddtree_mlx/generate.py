@@ -20,6 +20,7 @@ from .config import DDTreeConfig, is_int
 from .controller import MethodController
 from .drafters import Drafter, as_drafter
 from .loading import stop_token_ids as stop_token_ids_of
+from .kv_quantization import DEFAULT_QUANTIZED_KV_START, KVQuantization
 from .models import adapter_for
 from .models.base import TargetAdapter, VerifyOutput, join_rows
 from .prompt_cache import PromptCache
@@ -92,6 +93,7 @@ class Session:
     choose: TokenChooser
     stats: GenerationStats
     controller: MethodController | None = None  # DDTREE_DFLASH_CONTROLLER: ddtree or dflash, per cycle
+    kv: KVQuantization = KVQuantization()
     root: int = 0
     pending_tokens: list[int] = field(default_factory=list)
     pending_hidden: mx.array | None = None
@@ -122,8 +124,11 @@ class Session:
         return candidates.to_numpy()
 
     def build_tree(self, candidates: Candidates | None, method: str) -> DraftTree:
-        if candidates is None:
+        room = self.kv.depth_room(self.cache, self.target.prefix_length(self.cache))
+        if candidates is None or room == 0:
             return DraftTree.root_only(self.root)
+        if room is not None:
+            candidates = candidates.first(room)
         if method == "dflash":
             return chain_tree(candidates, self.root)
         return build_tree(candidates, self.root, self.config.budget, self.config.resolved_node_cost())
@@ -155,6 +160,7 @@ class Session:
                 capture.commit(entry, index)
             hidden = None if out.hidden is None else out.hidden[index]
         self.pending_tokens, self.pending_hidden, self.root = accepted, hidden, bonus
+        self.kv.convert(self.cache)
         self.sync(hidden, [entry.state for entry in self.cache])  # mx.eval skips None
         self.hold(accepted, hidden)
 
@@ -190,10 +196,10 @@ class Session:
         done, reused = self.reuse(prompt)
         store = None
         if self.prompt_cache is not None:  # the prompt's body, for later prompts that start the same way
-            store = lambda body: self.prompt_cache.store(prompt[:-1], self.cache, self.capture_layers,  # noqa: E731
+            store = lambda body: self.prompt_cache.store(prompt[:-1], self.cache, self.variant,  # noqa: E731
                                                          join_rows(reused, body))
         logits, hidden = self.target.prefill(prompt[done:], self.cache, self.capture_layers,
-                                             self.config.prefill_chunk, after_body=store)
+                                             self.config.prefill_chunk, after_body=store, after_chunk=self.kv.convert)
         first = self.choose(logits)
         hidden = join_rows(reused, hidden)
         mx.eval(first, hidden, [entry.state for entry in self.cache])
@@ -206,12 +212,17 @@ class Session:
 
     def reuse(self, prompt: list[int]) -> tuple[int, mx.array | None]:
         """Prompt tokens already in the cache from the prompt cache, and their captured hidden states."""
-        hit = self.prompt_cache.lookup(prompt, self.capture_layers) if self.prompt_cache is not None else None
+        hit = self.prompt_cache.lookup(prompt, self.variant) if self.prompt_cache is not None else None
         if hit is None:
             return 0, None
         self.cache = hit.cache
         self.stats.reused_prompt_tokens = hit.length
         return hit.length, hit.hidden
+
+    @property
+    def variant(self) -> tuple:
+        """What a prompt-cache entry must share with this session besides tokens."""
+        return tuple(self.capture_layers), self.kv
 
     def hold(self, tokens: list[int], hidden: mx.array | None) -> None:
         if self.prompt_cache is not None:
@@ -222,7 +233,7 @@ class Session:
         """At the end of a generation: the conversation so far, for its next turn."""
         if self.prompt_cache is not None:
             hidden = mx.concatenate(self.held_hidden) if self.held_hidden else None
-            self.prompt_cache.store(self.held, self.cache, self.capture_layers, hidden)
+            self.prompt_cache.store(self.held, self.cache, self.variant, hidden)
 
 
 def _validate(target: TargetAdapter, prompt_tokens: Any, max_new_tokens: int, method: str) -> list[int]:
@@ -277,18 +288,24 @@ def stream_generate(
     top_k: int = 0,
     seed: int | None = None,
     prompt_cache: PromptCache | None = None,
+    kv_bits: int | None = None,
+    kv_group_size: int = 64,
+    quantized_kv_start: int = DEFAULT_QUANTIZED_KV_START,
 ) -> Iterator[DecodeStep]:
     """Return an iterator that yields tokens as they are committed. `method` is "ddtree", "dflash" (single path)
     or "ar" (no drafter). temperature 0 is greedy; otherwise tokens are drawn (seeded by `seed`) from the
     target's distribution after top-p and top-k, exactly as plain sampling would. Arguments and configuration
     are checked now, before any model work: explicit arguments win over `config`, then DDTREE_* env vars.
-    `prompt_cache` (a PromptCache, shared across calls) skips prefilling what an earlier call already did."""
+    `prompt_cache` (a PromptCache, shared across calls) skips prefilling what an earlier call already did.
+    `kv_bits`, `kv_group_size`, `quantized_kv_start`: a quantized KV cache, as mlx-lm's generate_step means them."""
     if config is not None and not isinstance(config, DDTreeConfig):
         raise ValueError(f"config must be a DDTreeConfig (ddtree_mlx.DDTreeConfig(budget=...)), got {type(config).__name__}")
     explicit = {"budget": tree_budget} if tree_budget is not None else {}
     config = config.replace(**explicit) if config is not None else DDTreeConfig.from_env(**explicit)
     sampling = SamplingParams(temperature, top_p, top_k, seed)
     target = adapter_for(target_model)
+    kv = KVQuantization(kv_bits, kv_group_size, quantized_kv_start)
+    kv.check(target.head_dim)
     prompt = _validate(target, prompt_tokens, max_new_tokens, method)
     stops = _stop_ids(tokenizer, stop_token_ids, target.vocab_size)
     room = target.context_length - len(prompt) if target.context_length else max_new_tokens
@@ -306,7 +323,7 @@ def stream_generate(
     session = Session(target=target, drafter=drafter, config=config, method=method, cache=cache,
                       choose=TokenChooser(sampling), stats=GenerationStats(prompt_tokens=len(prompt)),
                       controller=MethodController() if config.dflash_controller and method == "ddtree" else None,
-                      prompt_cache=prompt_cache)
+                      prompt_cache=prompt_cache, kv=kv)
     return _run(session, prompt, min(max_new_tokens, room), stops)  # generation ends with the context: "length"
 
 

@@ -18,7 +18,7 @@ import copy
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Hashable
 
 import mlx.core as mx
 from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
@@ -27,7 +27,7 @@ from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 @dataclass
 class Snapshot:
     tokens: tuple[int, ...]  # what the cache holds
-    layers: tuple[int, ...]  # the target layers whose hidden states were captured (the drafter's taps)
+    variant: Hashable  # what else must match: the captured layers (the drafter's taps), the KV quantization
     cache: list[Any]
     hidden: mx.array | None  # the captured hidden states of those tokens [n, F] (None without a DFlash drafter)
     nbytes: int
@@ -57,14 +57,14 @@ class PromptCache:
     def nbytes(self) -> int:
         return sum(entry.nbytes for entry in self.entries.values())
 
-    def lookup(self, prompt: list[int], layers: list[int]) -> Hit | None:
-        """The longest usable cached prefix of prompt[:-1] (the last token always runs, for its logits), as a
-        cache of its own (a copy: generating must not change the entry), with the hidden states of `layers`."""
+    def lookup(self, prompt: list[int], variant: Hashable) -> Hit | None:
+        """The longest usable cached prefix of prompt[:-1] (the last token always runs, for its logits) among
+        entries of the same `variant`, as a cache of its own (a copy: generating must not change the entry)."""
         body = tuple(prompt[:-1])
         best, best_length = None, 0
         with self.lock:
             for key, entry in self.entries.items():
-                if entry.layers != tuple(layers):
+                if entry.variant != variant:
                     continue
                 shared = _shared(key, body)
                 usable = shared if can_trim_prompt_cache(entry.cache) else (shared if shared == len(key) else 0)
@@ -82,12 +82,12 @@ class PromptCache:
         hidden = entry.hidden[:best_length] if entry.hidden is not None else None
         return Hit(best_length, cache, hidden)
 
-    def store(self, tokens: list[int], cache: list[Any], layers: list[int], hidden: mx.array | None) -> None:
-        """Keep a copy of `cache` holding `tokens` (and the hidden states of `layers`), evicting as needed."""
+    def store(self, tokens: list[int], cache: list[Any], variant: Hashable, hidden: mx.array | None) -> None:
+        """Keep a copy of `cache` holding `tokens` (and their captured hidden states), evicting as needed."""
         nbytes = _nbytes(cache, hidden)
         if not tokens or nbytes > self.max_bytes:
             return
-        snapshot = Snapshot(tuple(tokens), tuple(layers), copy.deepcopy(cache), hidden, nbytes)
+        snapshot = Snapshot(tuple(tokens), variant, copy.deepcopy(cache), hidden, nbytes)
         with self.lock:
             self.entries.pop(snapshot.tokens, None)
             self.entries[snapshot.tokens] = snapshot

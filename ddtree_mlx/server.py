@@ -28,10 +28,11 @@ from itertools import chain
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from .blas import blas_name
-from .cli import add_engine_arguments
+from .cli import add_engine_arguments, kv_options
 from .config import DDTreeConfig, is_int, is_number
 from .generate import GenerationStats, stream_generate
 from .kernels import kernel_path
+from .kv_quantization import KVQuantization
 from .models import adapter_for
 from .prompt_cache import PromptCache
 
@@ -255,11 +256,14 @@ class Engine:
     """The model, its tokenizer and drafter, and the settings every request runs with."""
 
     def __init__(self, target_model: Any, tokenizer: Any, drafter: Any, *, model_name: str, method: str,
-                 budget: int | None, stop_token_ids: Sequence[int] | None, prompt_cache_mb: int | None = None):
+                 budget: int | None, stop_token_ids: Sequence[int] | None, prompt_cache_mb: int | None = None,
+                 kv: Mapping[str, Any] | None = None):
         self.target_model, self.tokenizer, self.drafter = target_model, tokenizer, drafter
         self.model_name, self.method, self.budget, self.stop_token_ids = model_name, method, budget, stop_token_ids
         megabytes = DDTreeConfig.from_env(prompt_cache_mb=prompt_cache_mb).prompt_cache_mb
         self.prompt_cache = PromptCache(megabytes * 2**20) if megabytes else None
+        self.kv = dict(kv or {})  # kv_bits, kv_group_size, quantized_kv_start for every request
+        KVQuantization(*self.kv.values()).check(adapter_for(target_model).head_dim)  # fails at start, not per request
         self.created = int(time.time())
         self.worker = Worker()
 
@@ -292,7 +296,7 @@ class Engine:
             target_model=self.target_model, draft_model=self.drafter, tokenizer=self.tokenizer,
             prompt_tokens=prompt, max_new_tokens=request.max_tokens, tree_budget=self.budget,
             stop_token_ids=self.stop_token_ids, method=self.method, prompt_cache=self.prompt_cache,
-            **request.sampling,
+            **request.sampling, **self.kv,
         )
         text = TextStream(self.tokenizer.decode, request.stop)
         generated = 0
@@ -530,10 +534,11 @@ class _Server(ThreadingHTTPServer):
 def make_server(target_model: Any, tokenizer: Any, drafter: Any, *, host: str = "127.0.0.1", port: int = 0,
                 model_name: str = "ddtree", method: str = "ddtree", budget: int | None = None,
                 stop_token_ids: Sequence[int] | None = None, max_body_bytes: int = MAX_BODY_BYTES,
-                read_timeout: float = READ_TIMEOUT, prompt_cache_mb: int | None = None) -> ThreadingHTTPServer:
+                read_timeout: float = READ_TIMEOUT, prompt_cache_mb: int | None = None,
+                kv: Mapping[str, Any] | None = None) -> ThreadingHTTPServer:
     """A bound, not yet serving server: call serve_forever(); server_address holds the port when port=0."""
     engine = Engine(target_model, tokenizer, drafter, model_name=model_name, method=method, budget=budget,
-                    stop_token_ids=stop_token_ids, prompt_cache_mb=prompt_cache_mb)
+                    stop_token_ids=stop_token_ids, prompt_cache_mb=prompt_cache_mb, kv=kv)
     return _Server((host, port), engine, max_body_bytes=max_body_bytes, read_timeout=read_timeout)
 
 
@@ -560,7 +565,7 @@ def run_server(args: argparse.Namespace) -> None:
     # stop_token_ids reads generation_config.json when --model is a local directory.
     server.engine = Engine(target_model, tokenizer, drafter, model_name=args.model or "ddtree", method=args.method,
                            budget=args.budget, stop_token_ids=stop_token_ids(tokenizer, args.model),
-                           prompt_cache_mb=args.prompt_cache_mb)
+                           prompt_cache_mb=args.prompt_cache_mb, kv=kv_options(args))
     host, port = server.server_address[:2]
     print(f"ddtree-mlx serving {args.model or 'the embedded model'} at http://{host}:{port}/v1", flush=True)
     try:

@@ -80,6 +80,9 @@ class Candidates:
     def to_numpy(self) -> "Candidates":
         return Candidates(np.array(self.tokens), np.array(self.log_probs, dtype=np.float64))
 
+    def first(self, depths: int) -> "Candidates":
+        return Candidates(self.tokens[:depths], self.log_probs[:depths])
+
 
 def top_candidates(log_probs: mx.array, k: int) -> Candidates:
     """Top-k per position, best first, selected in MLX so only [D, k] values cross to the host.

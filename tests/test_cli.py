@@ -25,6 +25,8 @@ def embedded_cache(tmp_path_factory):
     (["--budget", "four", "hi"], "argument --budget: 'four' is not a whole number"),
     (["--max-tokens", "-1", "hi"], "argument --max-tokens: must be a whole number >= 1"),
     (["--method", "beam", "hi"], "argument --method: invalid choice: 'beam'"),
+    (["--kv-bits", "7", "hi"], "argument --kv-bits: invalid choice: 7"),
+    (["--quantized-kv-start", "-1", "hi"], "argument --quantized-kv-start: must be a whole number >= 0"),
     (["--prompt", "a", "b"], "give the prompt once"),
     ([], "a prompt is required"),
     (["--temperature", "-1", "hi"], "temperature must be a number >= 0"),

@@ -80,11 +80,11 @@ def test_least_recently_used_entries_go_first():
     size = sum(entry.nbytes for entry in caches[0][1])
     cache = PromptCache(int(2.5 * size))
     for prompt, kv in caches[:2]:
-        cache.store(prompt, kv, [], None)
-    assert cache.lookup([1, 2, 3, 99], []).length == 3  # touches the first entry: the second is now the oldest
-    cache.store(*caches[2][0:2], [], None)
+        cache.store(prompt, kv, (), None)
+    assert cache.lookup([1, 2, 3, 99], ()).length == 3  # touches the first entry: the second is now the oldest
+    cache.store(*caches[2], (), None)
     assert cache.stats()["entries"] == 2 and cache.stats()["bytes"] <= 2.5 * size
-    assert cache.lookup([4, 5, 6, 99], []) is None and cache.lookup([7, 8, 9, 99], []).length == 3
-    assert cache.lookup([1, 2, 3, 99], [0]) is None  # a drafter tapping other layers needs other hidden states
+    assert cache.lookup([4, 5, 6, 99], ()) is None and cache.lookup([7, 8, 9, 99], ()).length == 3
+    assert cache.lookup([1, 2, 3, 99], ((0,), None)) is None  # e.g. a drafter tapping layers needs their states
     with pytest.raises(ValueError, match="must be >= 0 bytes"):
         PromptCache(-1)

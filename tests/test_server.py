@@ -294,6 +294,24 @@ def test_a_second_turn_hits_the_prompt_cache():
         assert raw(bound, "GET", "/health")[1]["prompt_cache"] is None
 
 
+def test_a_quantized_kv_cache_is_checked_at_start_and_used():
+    with pytest.raises(ValueError, match="divide the model's head size 16"):
+        make_server(TARGET, TOKENIZER, DRAFTER, kv=dict(kv_bits=4, kv_group_size=32, quantized_kv_start=0))
+    model = make_target("llama", head_dim=32)
+    kv = dict(kv_bits=4, kv_group_size=32, quantized_kv_start=0)
+    server = make_server(model, TOKENIZER, make_dflash(model), budget=BUDGET, kv=kv)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        status, payload = raw(server.server_address[1], "POST", "/v1/completions", {"prompt": PROMPT, "max_tokens": 12})
+    finally:
+        server.shutdown()
+        server.server_close()
+    want = generate_ddtree_once(target_model=model, draft_model=make_dflash(model), tokenizer=TOKENIZER,
+                                prompt_tokens=TOKENIZER.encode(PROMPT), max_new_tokens=12, tree_budget=BUDGET, **kv)
+    assert status == 200 and payload["choices"][0]["text"] == want["text"]
+
+
 def test_no_chat_template():
     with serving(make_tokenizer(chat_template=None)) as bound:
         status, payload = raw(bound, "POST", "/v1/chat/completions", {"messages": CHAT, "max_tokens": 2})

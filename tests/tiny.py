@@ -108,10 +108,12 @@ class Reference:
     margins: list[float]
 
 
-def mlx_lm_greedy(model, prompt: list[int], max_new_tokens: int, stop_ids=()) -> Reference:
-    """Plain mlx-lm greedy decoding (generate_step's default sampler), stopping after a stop token."""
+def mlx_lm_greedy(model, prompt: list[int], max_new_tokens: int, stop_ids=(), **step_options) -> Reference:
+    """Plain mlx-lm greedy decoding (generate_step's default sampler, with its `step_options` such as kv_bits),
+    stopping after a stop token."""
     tokens, margins = [], []
-    for token, log_probs in generate_module.generate_step(mx.array(prompt), model, max_tokens=max_new_tokens):
+    for token, log_probs in generate_module.generate_step(mx.array(prompt), model, max_tokens=max_new_tokens,
+                                                          **step_options):
         top2 = mx.sort(log_probs.astype(mx.float32))[-2:]
         tokens.append(int(token))
         margins.append((top2[1] - top2[0]).item())

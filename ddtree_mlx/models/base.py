@@ -16,8 +16,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx_lm.models import rope_utils
-from mlx_lm.models.base import create_attention_mask
-from mlx_lm.models.cache import KVCache
+from mlx_lm.models.base import create_attention_mask, quantized_scaled_dot_product_attention
+from mlx_lm.models.cache import KVCache, QuantizedKVCache
 
 from ..config import DDTreeConfig
 from ..kernels import LevelPlan
@@ -126,7 +126,9 @@ def tree_attention(attn: Any, queries: mx.array, keys: mx.array, values: mx.arra
     queries = rope_at(attn.rope, queries, inputs.positions)
     keys = inputs.clock.detail("attention.proj_rope", rope_at(attn.rope, keys, inputs.positions))
     config = inputs.config
-    if config.exact_tree_attention and cache.offset >= config.exact_tree_attention_min_prefix:
+    if hasattr(cache, "bits"):  # a quantized KV cache: the nodes attend to keys and values as it stores them
+        out = quantized_tree_attention(queries, keys, values, cache, attn.scale, inputs.attention_mask())
+    elif config.exact_tree_attention and cache.offset >= config.exact_tree_attention_min_prefix:
         prefix = cache.keys[..., : cache.offset, :], cache.values[..., : cache.offset, :]
         out = split_attention(queries, prefix, (keys, values), attn.scale, inputs.ancestors)
     else:
@@ -139,6 +141,17 @@ def tree_attention(attn: Any, queries: mx.array, keys: mx.array, values: mx.arra
         )
     out = inputs.clock.detail("attention.sdpa", out)
     return out.transpose(0, 2, 1, 3).reshape(1, queries.shape[2], -1), KVCapture(keys, values)
+
+
+def quantized_tree_attention(queries: mx.array, keys: mx.array, values: mx.array, cache: Any, scale: float,
+                             mask: mx.array | None) -> mx.array:
+    """mlx-lm's quantized attention over [the cached prefix, the tree's keys and values quantized per token]."""
+    def with_tree(stored, new):
+        quantized = mx.quantize(new, group_size=cache.group_size, bits=cache.bits)
+        return tuple(mx.concatenate([part[..., : cache.offset, :], q], axis=2) for part, q in zip(stored, quantized))
+
+    return quantized_scaled_dot_product_attention(queries, with_tree(cache.keys, keys), with_tree(cache.values, values),
+                                                  scale=scale, mask=mask, group_size=cache.group_size, bits=cache.bits)
 
 
 def split_attention(queries: mx.array, prefix: tuple[mx.array, mx.array], tree: tuple[mx.array, mx.array],
@@ -193,6 +206,10 @@ class TargetAdapter:
         return self.args.hidden_size
 
     @property
+    def head_dim(self) -> int:
+        return getattr(self.args, "head_dim", None) or self.hidden_size // self.args.num_attention_heads
+
+    @property
     def context_length(self) -> int | None:
         """The longest sequence the model was made for (None if its config does not say)."""
         return getattr(self.args, "max_position_embeddings", None)
@@ -221,12 +238,12 @@ class TargetAdapter:
         return self.model.make_cache() if hasattr(self.model, "make_cache") else [KVCache() for _ in self.layers]
 
     def check_cache(self, cache: list[Any]) -> None:
-        """Tree verify reads and appends plain KV caches; anything else would be silently wrong."""
+        """Tree verify reads and appends plain or quantized KV caches; anything else would be silently wrong."""
         for entry in cache:
-            if self.is_attention_cache(entry) and type(entry) is not KVCache:
+            if self.is_attention_cache(entry) and type(entry) not in (KVCache, QuantizedKVCache):
                 raise ValueError(
-                    f"unsupported KV cache {type(entry).__name__}: DDTree needs plain mlx_lm KVCache "
-                    "(no quantized, rotating or batched caches); build it with model.make_cache()"
+                    f"unsupported KV cache {type(entry).__name__}: DDTree needs mlx_lm's KVCache (quantized with "
+                    "kv_bits; no rotating or batched caches); build it with model.make_cache()"
                 )
 
     @staticmethod
@@ -257,16 +274,20 @@ class TargetAdapter:
         return h[0], _concat_hidden(captured)
 
     def prefill(self, tokens: list[int], cache: list[Any], capture_layers: list[int], chunk: int,
-                after_body: Callable[[mx.array | None], None] | None = None) -> tuple[mx.array, mx.array | None]:
+                after_body: Callable[[mx.array | None], None] | None = None,
+                after_chunk: Callable[[list[Any]], None] | None = None) -> tuple[mx.array, mx.array | None]:
         """mlx-lm's prefill: all but the last token in chunks of `chunk`, evaluated chunk by chunk with no LM
         head; then the last token alone, whose logits [1, V] are the only ones computed. The rounding is then
         the same as mlx-lm's own (same chunks, same one-token step), and memory is bounded by a chunk.
         Returns those logits and the captured hidden states of every prompt token [n, F] (None if none).
-        `after_body`, if given, sees the cache and the captured states once all but the last token are in."""
+        `after_body`, if given, sees the captured states once all but the last token are in; `after_chunk` sees the
+        cache after every model call (mlx-lm quantizes its KV cache there)."""
+        after_chunk = after_chunk or (lambda cache: None)
         captured = []
         for start in range(0, len(tokens) - 1, chunk):
             _, hidden = self.forward(mx.array(tokens[start : min(start + chunk, len(tokens) - 1)]), cache,
                                      capture_layers)
+            after_chunk(cache)
             mx.eval(hidden, [entry.state for entry in cache])
             captured.append(hidden)
             mx.clear_cache()
@@ -274,6 +295,7 @@ class TargetAdapter:
         if after_body is not None and captured:
             after_body(body)
         h, hidden = self.forward(mx.array(tokens[-1:]), cache, capture_layers)
+        after_chunk(cache)
         return self.logits(h), join_rows(body, hidden)
 
     def verify(self, tree: DraftTree, cache: list[Any], capture_layers: list[int], config: DDTreeConfig) -> VerifyOutput:
