@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from importlib.metadata import version
 from typing import Any, Iterator, Sequence
 
 from .blas import HINT, slow_blas, use_openblas
@@ -29,10 +30,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.run(args)
     except ValueError as err:  # bad input found past argparse (the engine, the loader): a usage error too
         parser.error(str(err))
+    except KeyboardInterrupt:  # Ctrl-C: stop quietly, with the shell's code for it
+        print("\ninterrupted", file=sys.stderr)
+        return 130
 
 
 def build_parser(serving: bool = False) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ddtree-mlx", description="Lossless tree speculative decoding for MLX.")
+    parser.add_argument("--version", action="version", version=f"ddtree-mlx {version('ddtree-mlx')}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="{generate,serve,train-drafter,doctor}")
     generate = commands.add_parser("generate", help="stream a completion of one prompt to stdout")
     add_generate_arguments(generate)

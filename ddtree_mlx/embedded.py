@@ -14,7 +14,9 @@ import json
 import os
 import re
 import shutil
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import mlx.core as mx
@@ -63,7 +65,11 @@ def embedded_model_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     root = cache_dir or os.environ.get("DDTREE_CACHE_DIR") or Path.home() / ".cache" / "ddtree-mlx"
     out = Path(root).expanduser() / DIR_NAME
     if not (out / MARKER).exists():
+        print(f"ddtree-mlx: converting the embedded SmolLM2-135M-Instruct to MLX once, into {out} ...",
+              file=sys.stderr, flush=True)
+        start = time.perf_counter()
         convert(gguf_path(), out)
+        print(f"ddtree-mlx: converted in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
     return out
 
 

@@ -17,6 +17,7 @@ import json
 import queue
 import select
 import socket
+import sys
 import threading
 import time
 import traceback
@@ -39,6 +40,8 @@ from .prompt_cache import PromptCache
 DEFAULT_MAX_TOKENS = 256
 MAX_BODY_BYTES = 16 * 2**20  # a 262k-token conversation is ~1 MB of JSON
 READ_TIMEOUT = 30.0  # seconds to send a request (and to take each streamed write)
+MAX_QUEUE = 32  # requests waiting for the model beyond the one it runs; more get 503
+RETRY_AFTER = 2  # seconds, in a 503's Retry-After
 
 
 class BadRequest(ValueError):
@@ -56,7 +59,7 @@ class BadRequest(ValueError):
 class Request:
     kind: str  # "chat" or "completion"
     prompt: Any  # the messages for chat, the prompt string for completion
-    max_tokens: int
+    max_tokens: int | None  # None: the client did not say (DEFAULT_MAX_TOKENS, within the context)
     stream: bool
     stop: list[str]
     sampling: dict[str, Any]  # temperature, top_p, top_k, seed: only those the client sent
@@ -127,7 +130,7 @@ def parse_request(kind: str, body: Any) -> Request:
     prompt = _messages(body) if kind == "chat" else _prompt(body)
     # Newer chat clients send max_completion_tokens instead of max_tokens.
     limit = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    max_tokens = _field(body, limit, lambda v: is_int(v) and v > 0, "a positive integer", DEFAULT_MAX_TOKENS)
+    max_tokens = _field(body, limit, lambda v: is_int(v) and v > 0, "a positive integer")
     stream = _field(body, "stream", lambda v: isinstance(v, bool), "a boolean", False)
     stop = _field(body, "stop", _is_stop, "a string or a list of strings", [])
     sampling = {name: value for name, (check, what) in _SAMPLING.items()
@@ -218,11 +221,15 @@ class Worker:
     """One thread that runs jobs one at a time. A job is a function returning an iterator; its items travel to
     the caller through a queue, and a caller that stops listening cancels the job at its next item."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_waiting: int = MAX_QUEUE) -> None:
         self.jobs: queue.Queue = queue.Queue()
+        self.max_waiting = max_waiting
         threading.Thread(target=self._loop, name="ddtree-model", daemon=True).start()
 
     def stream(self, produce: Callable[[], Iterator[Any]]) -> Iterator[Any]:
+        if self.jobs.qsize() >= self.max_waiting:  # waiting without bound would only time clients out later
+            raise BadRequest(f"the server is busy ({self.max_waiting} requests waiting); retry shortly",
+                             status=503, code="server_busy")
         job = _Job(produce)
         self.jobs.put(job)
         try:
@@ -257,7 +264,7 @@ class Engine:
 
     def __init__(self, target_model: Any, tokenizer: Any, drafter: Any, *, model_name: str, method: str,
                  budget: int | None, stop_token_ids: Sequence[int] | None, prompt_cache_mb: int | None = None,
-                 kv: Mapping[str, Any] | None = None):
+                 kv: Mapping[str, Any] | None = None, max_queue: int = MAX_QUEUE):
         self.target_model, self.tokenizer, self.drafter = target_model, tokenizer, drafter
         self.model_name, self.method, self.budget, self.stop_token_ids = model_name, method, budget, stop_token_ids
         megabytes = DDTreeConfig.from_env(prompt_cache_mb=prompt_cache_mb).prompt_cache_mb
@@ -265,7 +272,7 @@ class Engine:
         self.kv = dict(kv or {})  # kv_bits, kv_group_size, quantized_kv_start for every request
         KVQuantization(*self.kv.values()).check(adapter_for(target_model).head_dim)  # fails at start, not per request
         self.created = int(time.time())
-        self.worker = Worker()
+        self.worker = Worker(max_queue)
 
     def generate(self, request: Request) -> Iterator[Piece]:
         return self.worker.stream(lambda: self._pieces(request))
@@ -290,11 +297,23 @@ class Engine:
             raise BadRequest(f"the chat template rejected the messages: {error}", "messages") from error
         return tokens["input_ids"] if isinstance(tokens, Mapping) else tokens
 
+    def _max_tokens(self, request: Request, prompt: list[int]) -> int:
+        """The client's max_tokens, refused if the context cannot hold it; else the default, within the context."""
+        context = adapter_for(self.target_model).context_length
+        room = context - len(prompt) if context else None
+        wanted = request.max_tokens or DEFAULT_MAX_TOKENS
+        if room is not None and (room <= 0 or (request.max_tokens is not None and wanted > room)):
+            raise BadRequest(f"the model's context is {context} tokens; the prompt has {len(prompt)} and max_tokens "
+                             f"asks for {wanted}: shorten the prompt or ask for at most {max(room, 0)} tokens",
+                             "max_tokens" if room > 0 else "messages" if request.kind == "chat" else "prompt",
+                             code="context_length_exceeded")
+        return wanted if room is None else min(wanted, room)
+
     def _pieces(self, request: Request) -> Iterator[Piece]:
         prompt = self._prompt_tokens(request)
         steps = stream_generate(
             target_model=self.target_model, draft_model=self.drafter, tokenizer=self.tokenizer,
-            prompt_tokens=prompt, max_new_tokens=request.max_tokens, tree_budget=self.budget,
+            prompt_tokens=prompt, max_new_tokens=self._max_tokens(request, prompt), tree_budget=self.budget,
             stop_token_ids=self.stop_token_ids, method=self.method, prompt_cache=self.prompt_cache,
             **request.sampling, **self.kv,
         )
@@ -409,8 +428,10 @@ class _Handler(BaseHTTPRequestHandler):
         except ValueError as error:
             if getattr(error, "status", 400) != 400:
                 self.close_connection = True  # the body was not read to its end
-            return self._send_json(getattr(error, "status", 400),
-                                   _error(str(error), param=getattr(error, "param", None), code=getattr(error, "code", None)))
+            status = getattr(error, "status", 400)
+            return self._send_json(status, _error(str(error), param=getattr(error, "param", None),
+                                                  code=getattr(error, "code", None)),
+                                   {"Retry-After": str(RETRY_AFTER)} if status == 503 else None)
         except Exception as error:
             traceback.print_exc()
             return self._send_json(500, _error(f"generation failed: {error}", kind="server_error"))
@@ -515,6 +536,11 @@ def _read_chunked(stream: Any, limit: int, too_large: BadRequest) -> bytes:
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = 128  # the listen backlog: a burst of clients is queued by the kernel, not reset
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):  # a client that left is no error
+            super().handle_error(request, client_address)
 
     def __init__(self, address: tuple[str, int], engine: Engine | None = None, *,
                  max_body_bytes: int = MAX_BODY_BYTES, read_timeout: float = READ_TIMEOUT):
@@ -535,10 +561,10 @@ def make_server(target_model: Any, tokenizer: Any, drafter: Any, *, host: str = 
                 model_name: str = "ddtree", method: str = "ddtree", budget: int | None = None,
                 stop_token_ids: Sequence[int] | None = None, max_body_bytes: int = MAX_BODY_BYTES,
                 read_timeout: float = READ_TIMEOUT, prompt_cache_mb: int | None = None,
-                kv: Mapping[str, Any] | None = None) -> ThreadingHTTPServer:
+                kv: Mapping[str, Any] | None = None, max_queue: int = MAX_QUEUE) -> ThreadingHTTPServer:
     """A bound, not yet serving server: call serve_forever(); server_address holds the port when port=0."""
     engine = Engine(target_model, tokenizer, drafter, model_name=model_name, method=method, budget=budget,
-                    stop_token_ids=stop_token_ids, prompt_cache_mb=prompt_cache_mb, kv=kv)
+                    stop_token_ids=stop_token_ids, prompt_cache_mb=prompt_cache_mb, kv=kv, max_queue=max_queue)
     return _Server((host, port), engine, max_body_bytes=max_body_bytes, read_timeout=read_timeout)
 
 
@@ -550,6 +576,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"largest request body accepted, else HTTP 413 (default {MAX_BODY_BYTES})")
     parser.add_argument("--prompt-cache-mb", type=int, help="prompt cache bound in MiB, 0 off "
                                                             "(default: DDTREE_PROMPT_CACHE_MB or 2048)")
+    parser.add_argument("--max-queue", type=int, default=MAX_QUEUE,
+                        help=f"requests that may wait for the model; more get 503 + Retry-After (default {MAX_QUEUE})")
     parser.add_argument("--read-timeout", type=float, default=READ_TIMEOUT,
                         help=f"seconds a client may take to send its request, else HTTP 408 (default {READ_TIMEOUT})")
 
@@ -557,15 +585,15 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 def run_server(args: argparse.Namespace) -> None:
     from .loading import load, stop_token_ids
 
-    if args.max_body_bytes < 1 or not args.read_timeout > 0:
-        raise ValueError("--max-body-bytes and --read-timeout must be positive")
+    if args.max_body_bytes < 1 or not args.read_timeout > 0 or args.max_queue < 0:
+        raise ValueError("--max-body-bytes and --read-timeout must be positive, --max-queue >= 0")
     DDTreeConfig.from_env(prompt_cache_mb=args.prompt_cache_mb)  # a bad bound fails before the model loads
     server = _Server((args.host, args.port), max_body_bytes=args.max_body_bytes, read_timeout=args.read_timeout)
     target_model, tokenizer, drafter = load(args.model, args.draft)  # the port is ours first: then the model
     # stop_token_ids reads generation_config.json when --model is a local directory.
     server.engine = Engine(target_model, tokenizer, drafter, model_name=args.model or "ddtree", method=args.method,
                            budget=args.budget, stop_token_ids=stop_token_ids(tokenizer, args.model),
-                           prompt_cache_mb=args.prompt_cache_mb, kv=kv_options(args))
+                           prompt_cache_mb=args.prompt_cache_mb, kv=kv_options(args), max_queue=args.max_queue)
     host, port = server.server_address[:2]
     print(f"ddtree-mlx serving {args.model or 'the embedded model'} at http://{host}:{port}/v1", flush=True)
     try:

@@ -62,3 +62,17 @@ def test_generate_streams_text_and_stats(capsys, embedded_cache):
     assert code == 0 and out.strip()
     for field in ("tokens/s", "prefill", "tokens/cycle", "fast path", "cycles"):
         assert field in err
+
+
+def test_version_and_ctrl_c(capsys, monkeypatch):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.startswith("ddtree-mlx ")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    import ddtree_mlx.cli as cli
+
+    monkeypatch.setattr(cli, "load", interrupted)
+    assert main(["generate", "hi"]) == 130 and "interrupted" in capsys.readouterr().err

@@ -199,7 +199,8 @@ def raw(port, method, path, body=None, timeout=30):
     ("/v1/chat/completions", {"messages": CHAT, "logprobs": True}, "logprobs"),
     ("/v1/chat/completions", {"messages": CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ("/v1/completions", {"prompt": PROMPT, "best_of": 3}, "best_of"),
-    ("/v1/completions", {"prompt": " ".join(["w5"] * 5000)}, None),  # past the tiny model's 4,096-token context
+    ("/v1/completions", {"prompt": " ".join(["w5"] * 5000)}, "prompt"),  # past the tiny model's 4,096-token context
+    ("/v1/completions", {"prompt": " ".join(["w5"] * 4000), "max_tokens": 100}, "max_tokens"),
 ])
 def test_bad_requests(port, path, body, param):
     status, payload = raw(port, "POST", path, body)
@@ -310,6 +311,46 @@ def test_a_quantized_kv_cache_is_checked_at_start_and_used():
     want = generate_ddtree_once(target_model=model, draft_model=make_dflash(model), tokenizer=TOKENIZER,
                                 prompt_tokens=TOKENIZER.encode(PROMPT), max_new_tokens=12, tree_budget=BUDGET, **kv)
     assert status == 200 and payload["choices"][0]["text"] == want["text"]
+
+
+def test_a_load_of_mixed_clients_leaves_the_server_healthy():
+    """50 clients x 3 requests: valid ones get their answer or, past the queue bound, 503 with Retry-After;
+    invalid ones a 4xx JSON error; clients that hang up mid-request cost nothing; nothing else happens."""
+    want = expected(4, CHAT)[0]["text"]
+    body = json.dumps({"messages": CHAT, "max_tokens": 4}).encode()
+
+    def client_run(index):
+        seen = []
+        for turn in range(3):
+            kind = ("valid", "invalid", "leaves")[(index + turn) % 3]
+            if kind == "leaves":
+                with socket.create_connection(("127.0.0.1", bound), timeout=30) as sock:
+                    sock.sendall(POST + b"Content-Length: %d\r\n\r\n" % len(body) + body[:10])
+                continue
+            connection = http.client.HTTPConnection("127.0.0.1", bound, timeout=60)
+            connection.request("POST", "/v1/chat/completions", body=body if kind == "valid" else b'{"messages": 5}',
+                               headers={"Content-Type": "application/json"})
+            response = connection.getresponse()
+            payload = json.loads(response.read())
+            seen.append((kind, response.status, response.getheader("Retry-After"), payload))
+            connection.close()
+        return seen
+
+    with serving(TOKENIZER, max_queue=4, read_timeout=2.0) as bound:
+        with ThreadPoolExecutor(50) as pool:
+            results = [r for rs in pool.map(client_run, range(50)) for r in rs]
+        for kind, status, retry, payload in results:
+            if kind == "invalid":
+                assert status == 400 and payload["error"]["param"] == "messages"
+            elif status == 503:
+                assert retry == "2" and payload["error"]["code"] == "server_busy"
+            else:
+                assert status == 200 and payload["choices"][0]["message"]["content"] == want
+        assert any(kind == "valid" and status == 200 for kind, status, _, _ in results)
+        assert any(status == 503 for _, status, _, _ in results)  # the queue bound was reached
+        assert raw(bound, "GET", "/health")[0] == 200
+        status, payload = raw(bound, "POST", "/v1/chat/completions", {"messages": CHAT, "max_tokens": 4})
+        assert status == 200 and payload["choices"][0]["message"]["content"] == want
 
 
 def test_no_chat_template():
