@@ -472,6 +472,49 @@ def measure_prefill_memory(setup: Setup, args: argparse.Namespace) -> list[dict]
     return rows
 
 
+def measure_serving(setup: Setup, args: argparse.Namespace) -> list[dict]:
+    """What serving features buy at --context tokens: time to first token of a conversation's second turn with the
+    prompt cache vs its first turn (and vs the second turn without the cache), and the KV cache's bytes with
+    --kv-bits 8 and 4 (quantized from the start) vs the plain cache, after the same prefill."""
+    from ddtree_mlx.kv_quantization import KVQuantization
+    from ddtree_mlx.prompt_cache import PromptCache
+
+    first = long_prompt(setup, args.context)
+    cache = PromptCache(2**32)
+
+    def turn(prompt: list[int], prompt_cache: PromptCache | None) -> dict:
+        return generate_ddtree_once(target_model=setup.target, draft_model=PromptLookupDrafter(), prompt_tokens=prompt,
+                                    max_new_tokens=32, stop_token_ids=[], prompt_cache=prompt_cache)
+
+    one = turn(first, cache)
+    second = first + one["generated_token_ids"] + long_prompt(setup, args.context + 24)[-24:]  # a short new message
+    rows = [{"run": "turn 1 (empty cache)", "ttft_s": one["prefill_seconds"], "reused": one["reused_prompt_tokens"]}]
+    for name, prompt_cache in (("turn 2, prompt cache", cache), ("turn 2, no cache", None)):
+        result = turn(second, prompt_cache)
+        rows.append({"run": name, "ttft_s": result["prefill_seconds"], "reused": result["reused_prompt_tokens"]})
+    for row in rows:
+        row["vs_turn_1"] = row["ttft_s"] / rows[0]["ttft_s"]
+        print(f"{row['run']:<24} {len(first)}-token conversation: time to first token {row['ttft_s']:6.3f} s "
+              f"({row['vs_turn_1']:.1%} of turn 1), {row['reused']} prompt tokens reused", flush=True)
+    target = adapter_for(setup.target)
+    for dtype in (None, mx.bfloat16):  # the model as loaded, then cast to bf16 (the KV cache takes its dtype)
+        if dtype is not None:
+            setup.target.set_dtype(dtype)
+        plain = None
+        for bits in (None, 8, 4):
+            kv = target.make_cache()
+            target.prefill(first, kv, [], DDTreeConfig.from_env().prefill_chunk,
+                           after_chunk=KVQuantization(bits, 64, 0).convert if bits else None)
+            nbytes = sum(entry.nbytes for entry in kv if target.is_attention_cache(entry))
+            plain = plain or nbytes
+            name = str(target.embed(mx.array([0])).dtype).split(".")[-1]
+            rows.append({"run": f"KV cache, {name}, {f'{bits}-bit' if bits else 'plain'}", "kv_mib": nbytes / 2**20,
+                         "vs_plain": nbytes / plain})
+            print(f"{rows[-1]['run']:<28} after {len(first)} tokens: {nbytes / 2**20:8.1f} MiB "
+                  f"({nbytes / plain:.1%} of the plain {name} cache)", flush=True)
+    return rows
+
+
 # --- reporting ------------------------------------------------------------------------------------------------
 
 
@@ -561,13 +604,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--plot", help="write a PNG: speedup vs budget per set, and phase shares")
     parser.add_argument("--openblas", action="store_true",
                         help="Linux: refuse to run without Debian's OpenBLAS (used by default whenever installed)")
-    parser.add_argument("--measure", choices=["generation", "verify", "twin", "scratch", "prefill-memory"],
+    parser.add_argument("--measure", choices=["generation", "verify", "twin", "scratch", "prefill-memory", "serving"],
                         default="generation",
                         help="verify: N-node tree vs N-token chain verify on the preset's target; twin: one "
                              "GatedDeltaNet layer's tree recurrence and commit variants (no model); scratch: Metal "
                              "recurrent-state bytes per verify at Qwen3.5-27B shapes (arithmetic, no model); "
-                             "prefill-memory: peak memory of a --context-token prefill, ours beside mlx-lm's")
-    parser.add_argument("--context", type=int, default=8192, help="prefill-memory: prompt tokens")
+                             "prefill-memory: peak memory of a --context-token prefill, ours beside mlx-lm's; "
+                             "serving: a second turn's time to first token with the prompt cache, and KV cache "
+                             "bytes with --kv-bits 8/4")
+    parser.add_argument("--context", type=int, default=8192, help="prefill-memory and serving: prompt tokens")
     parser.add_argument("--twin-shape", choices=sorted(TWIN_SHAPES), default="150m")
     args = parser.parse_args(argv)
     unknown = set(args.methods) - {"ar", "dflash", "ddtree", PEER} or set(args.sets) - set(PROMPT_SETS)
@@ -612,6 +657,8 @@ def main(argv: list[str] | None = None) -> int:
         rows = measure_scratch(args)
     elif args.measure == "prefill-memory":
         rows = measure_prefill_memory(make_setup(args), args)
+    elif args.measure == "serving":
+        rows = measure_serving(make_setup(args), args)
     elif args.measure == "verify":
         rows = measure_verify(make_setup(args), args)
     else:

@@ -152,7 +152,9 @@ class Session:
 
     def commit(self, tree: DraftTree, out: VerifyOutput, path: list[int], bonus: int) -> None:
         accepted = [tree.tokens[node] for node in path]
-        if self.config.exact_commit:
+        if out.committed:
+            hidden = out.hidden
+        elif self.config.exact_commit:
             _, hidden = self.target.forward(mx.array(accepted), self.cache, self.capture_layers)
         else:
             index = mx.array(path)

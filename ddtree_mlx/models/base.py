@@ -87,6 +87,7 @@ class VerifyOutput:
     captures: list[Capture]
     profile: dict[str, float] = field(default_factory=dict)  # seconds per layer part, with profile_verify
     kernels: set[str] = field(default_factory=set)
+    committed: bool = False  # the root was run straight into the cache (a lone root): nothing left to commit
 
 
 @dataclass
@@ -300,7 +301,11 @@ class TargetAdapter:
 
     def verify(self, tree: DraftTree, cache: list[Any], capture_layers: list[int], config: DDTreeConfig) -> VerifyOutput:
         """One forward over [root, nodes...]: the prefix fully visible, ancestors only inside the tree.
-        Leaves the cache untouched; the captures commit the accepted path later."""
+        Leaves the cache untouched; the captures commit the accepted path later. A lone root (plain decoding, or
+        no draft this cycle) is always accepted: it runs as the model's own step, straight into the cache."""
+        if len(tree) == 1 and not config.profile_verify:
+            h, hidden = self.forward(mx.array(tree.tokens), cache, capture_layers)
+            return VerifyOutput(self.logits(h), hidden, [], committed=True)
         inputs = TreeInputs.build(tree, self.prefix_length(cache), config)
         clock = inputs.clock
         h = clock.lap("embed", self.embed(mx.array(tree.tokens)[None]))
