@@ -141,12 +141,22 @@ def encode_prompt(tokenizer: Any, prompt: str | list[dict], chat: bool = True) -
     """Token ids for a text prompt or a list of chat messages, as mlx-lm's generate encodes them: the chat
     template renders text whose special tokens are already in place, so encoding adds none."""
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-    if chat and tokenizer.has_chat_template:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    if chat and has_chat_template(tokenizer):
+        try:
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as error:  # templates reject message sequences they do not support by raising
+            raise ValueError(f"the chat template rejected the messages: {error}") from None
         return list(tokenizer.encode(text, add_special_tokens=False))
     if not isinstance(prompt, str):
-        raise ValueError("chat messages need a tokenizer with a chat template; pass plain text instead")
+        raise ValueError("this model's tokenizer has no chat template, so chat messages cannot be encoded; send a "
+                         "plain prompt (/v1/completions)")
     return list(tokenizer.encode(prompt))
+
+
+def has_chat_template(tokenizer: Any) -> bool:
+    # mlx-lm's TokenizerWrapper also counts its own renderers; a bare Hugging Face tokenizer has chat_template.
+    flag = getattr(tokenizer, "has_chat_template", None)
+    return bool(flag) if flag is not None else getattr(tokenizer, "chat_template", None) is not None
 
 
 def stop_token_ids(tokenizer: Any, model_path: str | Path | None = None) -> list[int]:

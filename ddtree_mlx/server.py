@@ -34,6 +34,7 @@ from .config import DDTreeConfig, is_int, is_number
 from .generate import GenerationStats, stream_generate
 from .kernels import kernel_path
 from .kv_quantization import KVQuantization
+from .loading import encode_prompt
 from .models import adapter_for
 from .prompt_cache import PromptCache
 
@@ -286,16 +287,11 @@ class Engine:
                 "blas": blas_name(), "prompt_cache": self.prompt_cache.stats() if self.prompt_cache else None}
 
     def _prompt_tokens(self, request: Request) -> list[int]:
-        if request.kind == "completion":
-            return self.tokenizer.encode(request.prompt)
-        if not _has_chat_template(self.tokenizer):
-            raise BadRequest("this model's tokenizer has no chat template; use /v1/completions with a plain prompt",
-                             "messages")
+        """The one encoder the CLI and benchmark use too (loading.encode_prompt)."""
         try:
-            tokens = self.tokenizer.apply_chat_template(request.prompt, add_generation_prompt=True, tokenize=True)
-        except Exception as error:  # templates reject message sequences they do not support by raising
-            raise BadRequest(f"the chat template rejected the messages: {error}", "messages") from error
-        return tokens["input_ids"] if isinstance(tokens, Mapping) else tokens
+            return encode_prompt(self.tokenizer, request.prompt, chat=request.kind == "chat")
+        except ValueError as error:
+            raise BadRequest(str(error), "messages" if request.kind == "chat" else "prompt") from None
 
     def _max_tokens(self, request: Request, prompt: list[int]) -> int:
         """The client's max_tokens, refused if the context cannot hold it; else the default, within the context."""
@@ -340,12 +336,6 @@ def _stats(stats: GenerationStats, generated: int) -> dict[str, Any]:
     keys = ("tokens_per_second", "cycles", "avg_acceptance", "fast_path_ratio", "prefill_seconds",
             "reused_prompt_tokens")
     return {key: summary[key] for key in keys}
-
-
-def _has_chat_template(tokenizer: Any) -> bool:
-    # mlx-lm's TokenizerWrapper also counts its own renderers; a bare Hugging Face tokenizer has chat_template.
-    flag = getattr(tokenizer, "has_chat_template", None)
-    return bool(flag) if flag is not None else getattr(tokenizer, "chat_template", None) is not None
 
 
 # --- responses --------------------------------------------------------------------------------------------------
