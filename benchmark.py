@@ -45,10 +45,14 @@ PROMPT_SETS = {
     "gsm8k": ("gsm8k_heldout.jsonl", lambda row: row["prompt"]),  # the last 500 of GSM8K train: never trained on
 }
 
-SYNTHETIC_SIZES = {  # a ~40M-parameter hybrid, and a tiny one for smoke tests
+SYNTHETIC_SIZES = {  # a ~40M-parameter hybrid, a deep narrow one, and a tiny one for smoke tests
     "small": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
                   num_key_value_heads=2, head_dim=64, vocab_size=8192, linear_num_value_heads=8,
                   linear_num_key_heads=4, linear_key_head_dim=64, linear_value_head_dim=64),
+    # 48 layers of width 256: per-op overhead dominates, as for a large model's step on an Apple GPU.
+    "deep": dict(hidden_size=256, intermediate_size=704, num_hidden_layers=48, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=64, vocab_size=8192, linear_num_value_heads=4,
+                 linear_num_key_heads=2, linear_key_head_dim=64, linear_value_head_dim=64),
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=16, vocab_size=512, linear_num_value_heads=4,
                  linear_num_key_heads=2, linear_key_head_dim=16, linear_value_head_dim=16),
