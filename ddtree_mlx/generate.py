@@ -37,6 +37,7 @@ class GenerationStats:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     sync_seconds: float = 0.0  # decode time spent waiting for MLX to compute; the rest is host work
+    overlap_seconds: float = 0.0  # host work done while the device had queued work (free: it waited for nothing)
     cycles: int = 0
     committed: int = 0  # tokens cycles produced and the caller kept (cut at a stop token or the length limit)
     fast_path_cycles: int = 0
@@ -54,7 +55,8 @@ class GenerationStats:
             "tokens_per_second": (generated - 1) / decode if decode > 0 else 0.0,
             "prefill_seconds": self.prefill_seconds,
             "decode_seconds": decode,
-            "host_overhead_share": 1 - self.sync_seconds / decode if decode > 0 else 0.0,
+            # Host time the device waited for: decode time neither waiting on MLX nor overlapped with its work.
+            "host_overhead_share": 1 - (self.sync_seconds + self.overlap_seconds) / decode if decode > 0 else 0.0,
             "prompt_tokens": self.prompt_tokens,
             "cycles": self.cycles,
             "avg_acceptance": self.committed / self.cycles if self.cycles else 0.0,
@@ -98,6 +100,8 @@ class Session:
     pending_tokens: list[int] = field(default_factory=list)
     pending_hidden: mx.array | None = None
     prompt_cache: PromptCache | None = None
+    next_step: VerifyOutput | None = None  # plain decoding: the next step, issued before this one was read
+    more_steps: bool = False  # whether another cycle will surely follow this one (set by the loop)
     held: list[int] = field(default_factory=list)  # with a prompt cache: the tokens the cache holds,
     held_hidden: list[mx.array] = field(default_factory=list)  # and their captured hidden states
 
@@ -134,8 +138,19 @@ class Session:
         return build_tree(candidates, self.root, self.config.budget, self.config.resolved_node_cost())
 
     def verify(self, tree: DraftTree) -> tuple[VerifyOutput, np.ndarray]:
-        out = self.target.verify(tree, self.cache, self.capture_layers, self.config)
+        out, self.next_step = self.next_step, None
+        if out is None:
+            out = self.target.verify(tree, self.cache, self.capture_layers, self.config)
         tokens = self.choose(out.logits)
+        if self.method == "ar" and self.more_steps and self.prompt_cache is None and self.kv.bits is None:
+            # As mlx-lm: queue this step, then build the next one on its still-lazy token while the device works
+            # (the next root is this token whatever it is). Not with a prompt cache (a stop token would leave one
+            # step too many in the cache it stores) nor a quantized KV cache (it may convert after this step).
+            mx.async_eval(tokens)
+            start = time.perf_counter()
+            self.next_step = self.target.step(tokens, self.cache, self.capture_layers)
+            mx.async_eval(self.next_step.logits)
+            self.stats.overlap_seconds += time.perf_counter() - start
         self.sync(tokens)
         for part, seconds in out.profile.items():
             self.stats.verify_parts[part] = self.stats.verify_parts.get(part, 0.0) + seconds
@@ -163,7 +178,8 @@ class Session:
             hidden = None if out.hidden is None else out.hidden[index]
         self.pending_tokens, self.pending_hidden, self.root = accepted, hidden, bonus
         self.kv.convert(self.cache)
-        self.sync(hidden, [entry.state for entry in self.cache])  # mx.eval skips None
+        if not out.committed:  # a step wrote the cache itself: the next one will wait for it, as in mlx-lm
+            self.sync(hidden, [entry.state for entry in self.cache])  # mx.eval skips None
         self.hold(accepted, hidden)
 
     # --- the cycle ------------------------------------------------------------------------------------------
@@ -341,6 +357,7 @@ def _run(session: Session, prompt: list[int], max_new_tokens: int, stops: set[in
         yield DecodeStep(new, session.stats, finish)
         if finish:
             return
+        session.more_steps = max_new_tokens - produced > 1
         new = session.cycle()
 
 

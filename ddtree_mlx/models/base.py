@@ -304,8 +304,7 @@ class TargetAdapter:
         Leaves the cache untouched; the captures commit the accepted path later. A lone root (plain decoding, or
         no draft this cycle) is always accepted: it runs as the model's own step, straight into the cache."""
         if len(tree) == 1 and not config.profile_verify:
-            h, hidden = self.forward(mx.array(tree.tokens), cache, capture_layers)
-            return VerifyOutput(self.logits(h), hidden, [], committed=True)
+            return self.step(mx.array(tree.tokens), cache, capture_layers)
         inputs = TreeInputs.build(tree, self.prefix_length(cache), config)
         clock = inputs.clock
         h = clock.lap("embed", self.embed(mx.array(tree.tokens)[None]))
@@ -319,6 +318,11 @@ class TargetAdapter:
                 captured.append(h)
         logits = clock.lap("head", self.logits(h[0]))
         return VerifyOutput(logits, _concat_hidden(captured), captures, clock.seconds, inputs.kernels)
+
+    def step(self, token: mx.array, cache: list[Any], capture_layers: list[int]) -> VerifyOutput:
+        """The model's own one-token step, straight into the cache (`token` [1] may still be lazy)."""
+        h, hidden = self.forward(token, cache, capture_layers)
+        return VerifyOutput(self.logits(h), hidden, [], committed=True)
 
     def prefix_length(self, cache: list[Any]) -> int:
         return next(entry.offset for entry in cache if self.is_attention_cache(entry))
