@@ -142,20 +142,24 @@ class Session:
         if out is None:
             out = self.target.verify(tree, self.cache, self.capture_layers, self.config)
         tokens = self.choose(out.logits)
-        if self.method == "ar" and self.more_steps and self.prompt_cache is None and self.kv.bits is None:
-            # As mlx-lm: queue this step, then build the next one on its still-lazy token while the device works
-            # (the next root is this token whatever it is). Not with a prompt cache (a stop token would leave one
-            # step too many in the cache it stores) nor a quantized KV cache (it may convert after this step).
-            mx.async_eval(tokens)
-            start = time.perf_counter()
-            self.next_step = self.target.step(tokens, self.cache, self.capture_layers)
-            mx.async_eval(self.next_step.logits)
-            self.stats.overlap_seconds += time.perf_counter() - start
+        self.queue_next_step(tokens)
         self.sync(tokens)
         for part, seconds in out.profile.items():
             self.stats.verify_parts[part] = self.stats.verify_parts.get(part, 0.0) + seconds
         self.stats.kernels |= out.kernels
         return out, np.array(tokens)
+
+    def queue_next_step(self, tokens: mx.array) -> None:
+        """Plain decoding, as mlx-lm: queue this step, then build the next one on its still-lazy token while the
+        device works (the next root is this token whatever it is). Not with a prompt cache (a stop token would
+        leave one step too many in the cache it stores) nor a quantized KV cache (it may convert after this step)."""
+        if self.method != "ar" or not self.more_steps or self.prompt_cache is not None or self.kv.bits is not None:
+            return
+        mx.async_eval(tokens)
+        start = time.perf_counter()
+        self.next_step = self.target.step(tokens, self.cache, self.capture_layers)
+        mx.async_eval(self.next_step.logits)
+        self.stats.overlap_seconds += time.perf_counter() - start
 
     @staticmethod
     def walk(tree: DraftTree, target_tokens: np.ndarray) -> list[int]:
