@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import mlx.core as mx
 import numpy as np
+from mlx_lm.models.cache import can_trim_prompt_cache
 
 from .config import DDTreeConfig, is_int
 from .controller import MethodController
@@ -212,16 +213,15 @@ class Session:
         stats.fast_path_cycles += all(tree.ranks[node] == 0 for node in path)
         return new
 
-    def prefill(self, prompt: list[int]) -> int:
-        """mlx-lm's prefill (see TargetAdapter.prefill), starting after the longest prefix the prompt cache has."""
+    def prefill(self, prompt: list[int], checkpoints: Sequence[int] = ()) -> int:
+        """mlx-lm's prefill (see TargetAdapter.prefill), starting after the longest prefix the prompt cache has,
+        which then keeps the prompt's body (and, where a recurrent state cannot be rewound, `checkpoints`)."""
         start = time.perf_counter()
         done, reused = self.reuse(prompt)
-        store = None
-        if self.prompt_cache is not None:  # the prompt's body, for later prompts that start the same way
-            store = lambda body: self.prompt_cache.store(prompt[:-1], self.cache, self.variant,  # noqa: E731
-                                                         join_rows(reused, body))
-        logits, hidden = self.target.prefill(prompt[done:], self.cache, self.capture_layers,
-                                             self.config.prefill_chunk, after_body=store, after_chunk=self.kv.convert)
+        marks = [len(prompt) - 1] + ([] if can_trim_prompt_cache(self.cache) else list(checkpoints))
+        logits, hidden = self.target.prefill(prompt[done:], self.cache, self.capture_layers, self.config.prefill_chunk,
+                                             after_chunk=self.kv.convert, snapshots=[n - done for n in marks],
+                                             snapshot=self.snapshot(prompt, done, reused))
         first = self.choose(logits)
         hidden = join_rows(reused, hidden)
         mx.eval(first, hidden, [entry.state for entry in self.cache])
@@ -231,6 +231,13 @@ class Session:
         return self.root
 
     # --- the prompt cache (serving) ---------------------------------------------------------------------------
+
+    def snapshot(self, prompt: list[int], done: int, reused: mx.array | None) -> Callable | None:
+        """What keeps the cache once `n` more prompt tokens (after the `done` reused ones) are in it."""
+        if self.prompt_cache is None:
+            return None
+        return lambda n, hidden: self.prompt_cache.store(prompt[: done + n], self.cache, self.variant,
+                                                         join_rows(reused, hidden))
 
     def reuse(self, prompt: list[int]) -> tuple[int, mx.array | None]:
         """Prompt tokens already in the cache from the prompt cache, and their captured hidden states."""
@@ -310,6 +317,7 @@ def stream_generate(
     top_k: int = 0,
     seed: int | None = None,
     prompt_cache: PromptCache | None = None,
+    prompt_checkpoints: Sequence[int] = (),
     kv_bits: int | None = None,
     kv_group_size: int = 64,
     quantized_kv_start: int = DEFAULT_QUANTIZED_KV_START,
@@ -318,7 +326,9 @@ def stream_generate(
     or "ar" (no drafter). temperature 0 is greedy; otherwise tokens are drawn (seeded by `seed`) from the
     target's distribution after top-p and top-k, exactly as plain sampling would. Arguments and configuration
     are checked now, before any model work: explicit arguments win over `config`, then DDTREE_* env vars.
-    `prompt_cache` (a PromptCache, shared across calls) skips prefilling what an earlier call already did.
+    `prompt_cache` (a PromptCache, shared across calls) skips prefilling what an earlier call already did;
+    `prompt_checkpoints` are prompt lengths it should also keep (e.g. where a chat's earlier messages end): a
+    hybrid target's recurrent state cannot be rewound, so a later prompt sharing only that much hits there.
     `kv_bits`, `kv_group_size`, `quantized_kv_start`: a quantized KV cache, as mlx-lm's generate_step means them."""
     if config is not None and not isinstance(config, DDTreeConfig):
         raise ValueError(f"config must be a DDTreeConfig (ddtree_mlx.DDTreeConfig(budget=...)), got {type(config).__name__}")
@@ -346,11 +356,12 @@ def stream_generate(
                       choose=TokenChooser(sampling), stats=GenerationStats(prompt_tokens=len(prompt)),
                       controller=MethodController() if config.dflash_controller and method == "ddtree" else None,
                       prompt_cache=prompt_cache, kv=kv)
-    return _run(session, prompt, min(max_new_tokens, room), stops)  # generation ends with the context: "length"
+    return _run(session, prompt, min(max_new_tokens, room), stops, prompt_checkpoints)  # generation ends with the context: "length"
 
 
-def _run(session: Session, prompt: list[int], max_new_tokens: int, stops: set[int]) -> Iterator[DecodeStep]:
-    new = [session.prefill(prompt)]
+def _run(session: Session, prompt: list[int], max_new_tokens: int, stops: set[int],
+         checkpoints: Sequence[int]) -> Iterator[DecodeStep]:
+    new = [session.prefill(prompt, checkpoints)]
     produced = 0
     while True:
         new, finish = _clip(new, max_new_tokens - produced, stops)

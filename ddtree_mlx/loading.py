@@ -137,13 +137,14 @@ def local_dir(ref: str, flag: str) -> Path:
         ) from err
 
 
-def encode_prompt(tokenizer: Any, prompt: str | list[dict], chat: bool = True) -> list[int]:
+def encode_prompt(tokenizer: Any, prompt: str | list[dict], chat: bool = True,
+                  add_generation_prompt: bool = True) -> list[int]:
     """Token ids for a text prompt or a list of chat messages, as mlx-lm's generate encodes them: the chat
     template renders text whose special tokens are already in place, so encoding adds none."""
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
     if chat and has_chat_template(tokenizer):
         try:
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
         except Exception as error:  # templates reject message sequences they do not support by raising
             raise ValueError(f"the chat template rejected the messages: {error}") from None
         return list(tokenizer.encode(text, add_special_tokens=False))

@@ -293,6 +293,20 @@ class Engine:
         except ValueError as error:
             raise BadRequest(str(error), "messages" if request.kind == "chat" else "prompt") from None
 
+    def _checkpoints(self, request: Request, prompt: list[int]) -> list[int]:
+        """Where a chat's system message and its earlier turns end in the prompt: later requests that share only
+        that much (another user turn on the same system prompt) still hit the prompt cache on hybrid targets."""
+        if request.kind != "chat" or self.prompt_cache is None:
+            return []
+        messages = request.prompt
+        heads = [messages[:1]] if messages[0]["role"] == "system" and len(messages) > 1 else []
+        heads += [messages[:-1]] if len(messages) > 2 else []
+        ends = set()
+        for head in heads:
+            rendered = encode_prompt(self.tokenizer, head, add_generation_prompt=False)
+            ends.add(next((i for i, (a, b) in enumerate(zip(rendered, prompt)) if a != b), min(len(rendered), len(prompt))))
+        return sorted(ends)
+
     def _max_tokens(self, request: Request, prompt: list[int]) -> int:
         """The client's max_tokens, refused if the context cannot hold it; else the default, within the context."""
         context = adapter_for(self.target_model).context_length
@@ -311,6 +325,7 @@ class Engine:
             target_model=self.target_model, draft_model=self.drafter, tokenizer=self.tokenizer,
             prompt_tokens=prompt, max_new_tokens=self._max_tokens(request, prompt), tree_budget=self.budget,
             stop_token_ids=self.stop_token_ids, method=self.method, prompt_cache=self.prompt_cache,
+            prompt_checkpoints=self._checkpoints(request, prompt),
             **request.sampling, **self.kv,
         )
         text = TextStream(self.tokenizer.decode, request.stop)

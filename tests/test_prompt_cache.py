@@ -30,9 +30,9 @@ class Recording:
         return self.inner.draft(root, tokens, hidden)
 
 
-def run(model, drafter, prompt, cache, tokens=16):
+def run(model, drafter, prompt, cache, tokens=16, checkpoints=()):
     result = generate_ddtree_once(target_model=model, draft_model=drafter, prompt_tokens=prompt, max_new_tokens=tokens,
-                                  stop_token_ids=[], tree_budget=4, prompt_cache=cache)
+                                  stop_token_ids=[], tree_budget=4, prompt_cache=cache, prompt_checkpoints=checkpoints)
     assert result["generated_token_ids"] == greedy_reference(model, prompt, tokens)
     return result
 
@@ -43,7 +43,7 @@ def test_turns_reuse_what_earlier_turns_prefilled(family, drafter_kind):
     model = make_target(family)
     drafter = Recording(as_drafter(make_dflash(model) if drafter_kind == "dflash" else PromptLookupDrafter()))
     cache = PromptCache(2**30)
-    first = run(model, drafter, FIRST, cache)
+    first = run(model, drafter, FIRST, cache, checkpoints=[12])  # e.g. where a system message ends
     assert first["reused_prompt_tokens"] == 0 and cache.stats()["misses"] == 1
 
     # The next turn of the conversation: the first prompt, its answer and more.
@@ -58,11 +58,11 @@ def test_turns_reuse_what_earlier_turns_prefilled(family, drafter_kind):
         if want_hidden is not None:
             np.testing.assert_allclose(hidden, want_hidden, rtol=1e-5, atol=1e-5)
 
-    # A prompt that shares only its first 12 tokens: attention caches are trimmed to them; a recurrent state
-    # cannot be rewound, so a hybrid target prefills it all again.
-    third = run(model, drafter, FIRST[:12] + [3, 3, 3, 3, 3], cache)
+    # Prompts that share only part of the first: attention caches are trimmed to any shared length; a recurrent
+    # state cannot be rewound, so a hybrid target resumes from the checkpoint kept at 12 tokens.
     hybrid = any(adapter_for(model).mixer_kind(layer) == "linear" for layer in adapter_for(model).layers)
-    assert third["reused_prompt_tokens"] == (0 if hybrid else 12)
+    assert run(model, drafter, FIRST[:12] + [3, 3, 3, 3, 3], cache)["reused_prompt_tokens"] == 12
+    assert run(model, drafter, FIRST[:20] + [4, 4, 4], cache)["reused_prompt_tokens"] == (12 if hybrid else 20)
 
     again = run(model, drafter, FIRST, cache)  # entries are copies: generating never changed them
     assert again["generated_token_ids"] == first["generated_token_ids"] and again["reused_prompt_tokens"] > 0

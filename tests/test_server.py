@@ -291,6 +291,13 @@ def test_a_second_turn_hits_the_prompt_cache():
         assert second["ddtree"]["reused_prompt_tokens"] >= first["usage"]["prompt_tokens"] - 1
         cache = raw(bound, "GET", "/health")[1]["prompt_cache"]
         assert cache["hits"] == 1 and cache["misses"] == 1 and 0 < cache["bytes"] <= cache["max_bytes"]
+        # Another user turn on the same system prompt: a hybrid target's state cannot be rewound, but the server
+        # kept a checkpoint where the system message ends.
+        other = [CHAT[0], {"role": "user", "content": "w30 w31 w32"}]
+        status, third = raw(bound, "POST", "/v1/chat/completions", {"messages": other, "max_tokens": 6})
+        system_end = len(TOKENIZER.apply_chat_template(CHAT[:1], tokenize=True))
+        assert third["ddtree"]["reused_prompt_tokens"] == system_end > 0
+        assert third["choices"][0]["message"]["content"] == expected(6, other)[0]["text"]
     with serving(TOKENIZER, prompt_cache_mb=0) as bound:
         assert raw(bound, "GET", "/health")[1]["prompt_cache"] is None
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -275,26 +275,30 @@ class TargetAdapter:
         return h[0], _concat_hidden(captured)
 
     def prefill(self, tokens: list[int], cache: list[Any], capture_layers: list[int], chunk: int,
-                after_body: Callable[[mx.array | None], None] | None = None,
-                after_chunk: Callable[[list[Any]], None] | None = None) -> tuple[mx.array, mx.array | None]:
+                after_chunk: Callable[[list[Any]], None] | None = None, snapshots: Sequence[int] = (),
+                snapshot: Callable[[int, mx.array | None], None] | None = None) -> tuple[mx.array, mx.array | None]:
         """mlx-lm's prefill: all but the last token in chunks of `chunk`, evaluated chunk by chunk with no LM
         head; then the last token alone, whose logits [1, V] are the only ones computed. The rounding is then
         the same as mlx-lm's own (same chunks, same one-token step), and memory is bounded by a chunk.
         Returns those logits and the captured hidden states of every prompt token [n, F] (None if none).
-        `after_body`, if given, sees the captured states once all but the last token are in; `after_chunk` sees the
-        cache after every model call (mlx-lm quantizes its KV cache there)."""
+        `after_chunk` sees the cache after every model call (mlx-lm quantizes its KV cache there); `snapshot(n,
+        hidden)` is called once the first n tokens are in, for each n in `snapshots` below the last token (a chunk
+        ends there too), with their captured states."""
         after_chunk = after_chunk or (lambda cache: None)
-        captured = []
-        for start in range(0, len(tokens) - 1, chunk):
-            _, hidden = self.forward(mx.array(tokens[start : min(start + chunk, len(tokens) - 1)]), cache,
-                                     capture_layers)
+        body = len(tokens) - 1
+        marks = {n for n in snapshots if 0 < n <= body}
+        ends = sorted({*range(chunk, body, chunk), *marks, body} - {0})
+        captured, start = [], 0
+        for end in ends:
+            _, hidden = self.forward(mx.array(tokens[start:end]), cache, capture_layers)
             after_chunk(cache)
             mx.eval(hidden, [entry.state for entry in cache])
             captured.append(hidden)
             mx.clear_cache()
+            start = end
+            if end in marks and snapshot is not None:
+                snapshot(end, None if hidden is None else mx.concatenate(captured))
         body = mx.concatenate(captured) if captured and captured[0] is not None else None
-        if after_body is not None and captured:
-            after_body(body)
         h, hidden = self.forward(mx.array(tokens[-1:]), cache, capture_layers)
         after_chunk(cache)
         return self.logits(h), join_rows(body, hidden)
