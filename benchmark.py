@@ -31,7 +31,7 @@ from ddtree_mlx import DDTreeConfig, PromptLookupDrafter, generate_ddtree_once
 from ddtree_mlx.blas import OPENBLAS, blas_name, slow_blas, use_openblas
 from ddtree_mlx.drafter_training import DrafterShape, new_drafter
 from ddtree_mlx.drafters import ScriptedDrafter
-from ddtree_mlx.generate import PHASES
+from ddtree_mlx.generate import PHASES, node_cost_for
 from ddtree_mlx.models import adapter_for
 from ddtree_mlx.progress import show
 from ddtree_mlx.tree import DraftTree
@@ -304,8 +304,8 @@ def summarize(runs: dict[tuple[str, Variant], Runs], setup: Setup, args: argpars
         rows.append({
             "preset": setup.name, "set": set_name, "method": variant.method, "label": variant.label,
             "budget": variant.budget if variant.method == "ddtree" else None,
-            "node_cost": (DDTreeConfig.from_env(node_cost=variant.node_cost).resolved_node_cost()
-                          if variant.method == "ddtree" else None),
+            "node_cost": (node_cost_for(adapter_for(setup.target), DDTreeConfig.from_env(node_cost=variant.node_cost),
+                                        "ddtree") if variant.method == "ddtree" else None),
             "prompts": len(setup.prompts[set_name]), "repeats": len(repeats), "max_tokens": args.max_tokens,
             "temperature": args.temperature, "drafter": args.drafter,
             "lossless": group.lossless,

@@ -11,9 +11,7 @@ import os
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
-import mlx.core as mx
 
-CPU_NODE_COST = 0.06
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -62,7 +60,8 @@ class DDTreeConfig:
     """DDTREE_TREE_CONV_KERNEL: use the Metal tree conv kernel where Metal is available."""
     node_cost: float | None = None
     """DDTREE_NODE_COST: verify cost of one more tree node as a fraction of a one-token verify; the tree stops
-    growing when a node's path probability no longer pays for it. "auto" (default): 0.06 on a CPU, 0 on a GPU."""
+    growing when a node's path probability no longer pays for it. "auto" (default): measured for the model on this
+    machine at first use (a few seconds) and cached on disk (ddtree_mlx.calibration)."""
     exact_tree_attention: bool = False
     """DDTREE_EXACT_TREE_ATTENTION: verify attention as a prefix part and a tree part merged exactly (log-sum-exp),
     reading the cached prefix in place instead of concatenating it with the tree's keys under one mask."""
@@ -108,13 +107,6 @@ class DDTreeConfig:
         cost = self.node_cost
         if cost is not None and (not is_number(cost) or not 0 <= cost < 1e6):
             raise ValueError(f"node cost must be a number >= 0 (or None for auto), got {cost!r}")
-
-    def resolved_node_cost(self) -> float:
-        """Measured on 2-core x86 CPUs: one more node costs ~6% of a one-token verify (BENCHMARKS.md); on a
-        GPU a verify of a few dozen tokens costs about what one token does."""
-        if self.node_cost is not None:
-            return float(self.node_cost)
-        return CPU_NODE_COST if mx.default_device() == mx.cpu else 0.0
 
     def replace(self, **changes: Any) -> "DDTreeConfig":
         config = dataclasses.replace(self, **changes)

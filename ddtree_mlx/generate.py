@@ -47,6 +47,7 @@ class GenerationStats:
     method_cycles: dict[str, int] = field(default_factory=dict)  # cycles run as ddtree / dflash / ar
     kernels: set[str] = field(default_factory=set)  # what hybrid targets' tree conv and recurrence ran as
     reused_prompt_tokens: int = 0  # prompt tokens a prompt-cache hit saved from prefill
+    node_cost: float = 0.0  # the node cost the trees were built with (configured, or measured on this machine)
 
     def summary(self, generated: int) -> dict[str, Any]:
         """Per-generation numbers. tokens_per_second counts decode only: tokens after the first (which prefill
@@ -67,6 +68,7 @@ class GenerationStats:
             "method_cycles": dict(self.method_cycles),
             "kernels": "+".join(sorted(self.kernels)) or "none",  # "metal", "twin", "metal+twin" or "none"
             "reused_prompt_tokens": self.reused_prompt_tokens,
+            "node_cost": self.node_cost,
         }
 
     def lap(self, phase: str, since: float) -> float:
@@ -97,6 +99,7 @@ class Session:
     stats: GenerationStats
     controller: MethodController | None = None  # DDTREE_DFLASH_CONTROLLER: ddtree or dflash, per cycle
     kv: KVQuantization = KVQuantization()
+    node_cost: float = 0.0  # one more tree node's verify cost, in one-token verifies
     root: int = 0
     pending_tokens: list[int] = field(default_factory=list)
     pending_hidden: mx.array | None = None
@@ -136,7 +139,7 @@ class Session:
             candidates = candidates.first(room)
         if method == "dflash":
             return chain_tree(candidates, self.root)
-        return build_tree(candidates, self.root, self.config.budget, self.config.resolved_node_cost())
+        return build_tree(candidates, self.root, self.config.budget, self.node_cost)
 
     def verify(self, tree: DraftTree) -> tuple[VerifyOutput, np.ndarray]:
         out, self.next_step = self.next_step, None
@@ -352,11 +355,21 @@ def stream_generate(
         drafter.reset(target, prompt)
     cache = target.make_cache()
     target.check_cache(cache)
+    node_cost = node_cost_for(target, config, method)
     session = Session(target=target, drafter=drafter, config=config, method=method, cache=cache,
-                      choose=TokenChooser(sampling), stats=GenerationStats(prompt_tokens=len(prompt)),
+                      choose=TokenChooser(sampling), stats=GenerationStats(prompt_tokens=len(prompt), node_cost=node_cost),
                       controller=MethodController() if config.dflash_controller and method == "ddtree" else None,
-                      prompt_cache=prompt_cache, kv=kv)
+                      prompt_cache=prompt_cache, kv=kv, node_cost=node_cost)
     return _run(session, prompt, min(max_new_tokens, room), stops, prompt_checkpoints)  # generation ends with the context: "length"
+
+
+def node_cost_for(target: TargetAdapter, config: DDTreeConfig, method: str) -> float:
+    """The configured node cost, or (auto) this machine's, measured once per model (calibration.verify_costs)."""
+    if config.node_cost is not None or method != "ddtree":
+        return float(config.node_cost or 0.0)
+    from .calibration import verify_costs
+
+    return verify_costs(target).node_cost
 
 
 def _run(session: Session, prompt: list[int], max_new_tokens: int, stops: set[int],

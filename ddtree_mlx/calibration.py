@@ -1,0 +1,131 @@
+"""What one more tree node costs on this machine, measured once and remembered.
+
+The tree stops growing when a node's expected tokens no longer pay for its verify cost (tree.build_tree's node
+cost: one more node's verify time as a fraction of a one-token verify). That fraction depends on the machine more
+than on anything else: ~0.06 on these CPUs with OpenBLAS, close to 1 on MLX's bundled reference BLAS (every node
+is one more row through every matmul), ~0 on a GPU at small trees. So it is measured at first use: verify of
+bushy random trees of a few sizes on the real target after a short prompt, and the least-squares slope over the
+one-token cost. The result is cached on disk per (model, dtype and quantization, device, MLX version, BLAS,
+ddtree-mlx version); a cache file that is unreadable or of another format is measured again, never an error.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+
+from .blas import blas_name
+from .config import DDTreeConfig
+from .models.base import TargetAdapter
+from .tree import DraftTree
+
+SIZES = (1, 4, 16)
+PROMPT_TOKENS = 128
+REPEATS = 3
+FORMAT = 1
+
+
+@dataclass(frozen=True)
+class VerifyCosts:
+    sizes: tuple[int, ...]
+    seconds: tuple[float, ...]  # median verify time of a tree of each size (root included)
+
+    @property
+    def node_cost(self) -> float:
+        """The least-squares slope of verify time over tree size, in one-token verifies."""
+        slope = float(np.polyfit(self.sizes, self.seconds, 1)[0])
+        return max(slope, 0.0) / self.seconds[0]
+
+
+def random_tree(size: int, rng: np.random.Generator, vocab: int) -> DraftTree:
+    tree = DraftTree.root_only(int(rng.integers(vocab)))
+    for _ in range(size - 1):
+        parent = int(rng.integers(len(tree)))
+        tree.add(parent, int(rng.integers(vocab)), 0)
+    return tree
+
+
+def measure(target: TargetAdapter, sizes: tuple[int, ...] = SIZES) -> VerifyCosts:
+    """Verify time per tree size after a PROMPT_TOKENS prompt (each run on a copy of the prompt's cache: a
+    one-node verify writes into the cache it runs on)."""
+    rng = np.random.default_rng(0)
+    cache = target.make_cache()
+    target.forward(mx.array(rng.integers(target.vocab_size, size=PROMPT_TOKENS)), cache, [])
+    mx.eval([entry.state for entry in cache])
+    config = DDTreeConfig(node_cost=0.0)
+    seconds = []
+    for size in sizes:
+        times = []
+        for _ in range(REPEATS + 1):  # the first run of each size builds its kernels: not counted
+            tree, copied = random_tree(size, rng, target.vocab_size), copy.deepcopy(cache)
+            start = time.perf_counter()
+            mx.eval(target.verify(tree, copied, [], config).logits)
+            times.append(time.perf_counter() - start)
+        seconds.append(statistics.median(times[1:]))
+    return VerifyCosts(tuple(sizes), tuple(seconds))
+
+
+def machine_key(target: TargetAdapter) -> str:
+    """What the verify cost depends on besides the tree: the model's shape, dtype and quantization, the device
+    and the software it runs on."""
+    from importlib.metadata import version
+
+    weights = sorted((name, str(value.dtype), tuple(value.shape)) for name, value in _leaves(target.model))
+    parts = [repr(sorted(vars(target.args).items(), key=str)), repr(weights), str(mx.default_device()),
+             mx.__version__, blas_name(), version("ddtree-mlx"), str(FORMAT)]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
+
+
+def _leaves(model: Any) -> list[tuple[str, mx.array]]:
+    from mlx.utils import tree_flatten
+
+    return tree_flatten(model.parameters())
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("DDTREE_CACHE_DIR") or Path.home() / ".cache" / "ddtree-mlx"
+    return Path(root).expanduser() / "calibration"
+
+
+_MEMORY: dict[str, VerifyCosts] = {}
+
+
+def verify_costs(target: TargetAdapter) -> VerifyCosts:
+    """This machine's costs for this target: from memory, from disk, or measured now (a few seconds) and saved."""
+    key = machine_key(target)
+    if key in _MEMORY:
+        return _MEMORY[key]
+    path = cache_dir() / f"{key}.json"
+    costs = _read(path)
+    if costs is None:
+        print("ddtree-mlx: measuring what a draft-tree node costs on this machine (once per model; cached)",
+              file=sys.stderr, flush=True)
+        costs = measure(target)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(".partial")
+        partial.write_text(json.dumps({"format": FORMAT, **asdict(costs)}))
+        partial.replace(path)
+    _MEMORY[key] = costs
+    return costs
+
+
+def _read(path: Path) -> VerifyCosts | None:
+    try:
+        data = json.loads(path.read_text())
+        costs = VerifyCosts(tuple(int(s) for s in data["sizes"]), tuple(float(s) for s in data["seconds"]))
+        if data["format"] != FORMAT or len(costs.sizes) != len(costs.seconds) or min(costs.seconds) <= 0:
+            return None
+        return costs
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

@@ -1,0 +1,71 @@
+"""The node cost measured on this machine: the measurement, its arithmetic, and its cache on disk."""
+
+import json
+
+import pytest
+
+from ddtree_mlx import DDTreeConfig, calibration, generate_ddtree_once
+from ddtree_mlx.calibration import VerifyCosts
+from ddtree_mlx.models import adapter_for
+from tiny import OracleDrafter, greedy_reference, make_target
+
+PROMPT = [3, 17, 42, 9, 100, 5]
+
+
+@pytest.fixture
+def fresh(tmp_path, monkeypatch):
+    """An empty disk cache and no costs remembered in memory."""
+    monkeypatch.setenv("DDTREE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(calibration, "_MEMORY", {})
+    return tmp_path / "calibration"
+
+
+def test_the_node_cost_is_the_slope_over_the_one_token_cost():
+    costs = VerifyCosts((1, 2, 4, 8), (1.0, 1.1, 1.3, 1.7))
+    assert costs.node_cost == pytest.approx(0.1)
+    assert VerifyCosts((1, 2, 4), (1.0, 0.9, 0.8)).node_cost == 0  # cheaper big trees: nothing to prune
+
+
+def test_measuring_a_real_target():
+    costs = calibration.measure(adapter_for(make_target("qwen3_5")), sizes=(1, 4, 16))
+    assert costs.sizes == (1, 4, 16) and all(s > 0 for s in costs.seconds)
+    assert costs.node_cost >= 0
+
+
+def test_measured_once_then_read_from_disk(fresh, monkeypatch):
+    target = adapter_for(make_target("llama"))
+    monkeypatch.setattr(calibration, "measure", lambda target: VerifyCosts((1, 2), (1.0, 1.5)))
+    assert calibration.verify_costs(target).node_cost == pytest.approx(0.5)
+    [saved] = fresh.glob("*.json")
+    monkeypatch.setattr(calibration, "_MEMORY", {})
+    monkeypatch.setattr(calibration, "measure", lambda target: pytest.fail("measured again"))
+    assert calibration.verify_costs(target).node_cost == pytest.approx(0.5)
+    for broken in ("{not json", json.dumps({"format": 99, "sizes": [1, 2], "seconds": [1.0, 2.0]}),
+                   json.dumps({"format": calibration.FORMAT, "sizes": [1], "seconds": [0.0]})):
+        saved.write_text(broken)
+        monkeypatch.setattr(calibration, "_MEMORY", {})
+        monkeypatch.setattr(calibration, "measure", lambda target: VerifyCosts((1, 2), (1.0, 1.2)))
+        assert calibration.verify_costs(target).node_cost == pytest.approx(0.2)  # measured again, no error
+
+
+def test_the_key_follows_what_the_cost_depends_on(monkeypatch):
+    keys = {calibration.machine_key(adapter_for(make_target("llama", form=form))) for form in ("f32", "bf16", "q4")}
+    assert len(keys) == 3
+    target = adapter_for(make_target("llama"))
+    before = calibration.machine_key(target)
+    monkeypatch.setattr(calibration, "blas_name", lambda: "another BLAS")
+    assert calibration.machine_key(target) != before
+
+
+def test_auto_uses_the_measured_cost_and_stays_lossless(fresh, monkeypatch):
+    monkeypatch.setattr(calibration, "measure", lambda target: VerifyCosts((1, 2), (1.0, 1.8)))  # dear nodes
+    model = make_target("qwen3_5")
+    expected = greedy_reference(model, PROMPT, 24)
+    runs = {}
+    for name, cost in (("auto", None), ("free", 0.0)):
+        runs[name] = generate_ddtree_once(target_model=model, draft_model=OracleDrafter(PROMPT + expected),
+                                          prompt_tokens=PROMPT, max_new_tokens=24, stop_token_ids=[],
+                                          config=DDTreeConfig(budget=16, node_cost=cost))
+        assert runs[name]["generated_token_ids"] == expected
+    assert runs["auto"]["node_cost"] == pytest.approx(0.8) and runs["free"]["node_cost"] == 0
+    assert runs["auto"]["avg_acceptance"] < runs["free"]["avg_acceptance"]  # dear nodes: smaller trees
