@@ -185,7 +185,8 @@ def run_once(setup: Setup, prompt: list[int], truth: list[int] | None, variant: 
         result["peak_memory_bytes"] = mx.get_peak_memory()
         return result
     drafter = None if variant.method == "ar" else setup.make_drafter(prompt, truth or [])
-    config = DDTreeConfig.from_env(budget=variant.budget, node_cost=variant.node_cost)
+    # A row is what its label says: the tree every cycle (the default AR fallback would mix in plain steps).
+    config = DDTreeConfig.from_env(budget=variant.budget, node_cost=variant.node_cost, ar_fallback=False)
     result = generate_ddtree_once(target_model=setup.target, draft_model=drafter, prompt_tokens=prompt,
                                   max_new_tokens=max_tokens, stop_token_ids=setup.stop_token_ids,
                                   method=variant.method, config=config, temperature=temperature, seed=seed)

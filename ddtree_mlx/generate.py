@@ -97,7 +97,7 @@ class Session:
     cache: list[Any]
     choose: TokenChooser
     stats: GenerationStats
-    controller: MethodController | None = None  # DDTREE_DFLASH_CONTROLLER: ddtree or dflash, per cycle
+    controller: MethodController | None = None  # DDTREE_AR_FALLBACK / DDTREE_DFLASH_CONTROLLER: method per cycle
     kv: KVQuantization = KVQuantization()
     node_cost: float = 0.0  # one more tree node's verify cost, in one-token verifies
     root: int = 0
@@ -126,6 +126,7 @@ class Session:
         if method == "ar":
             return None
         log_probs = self.drafter.draft(self.root, self.pending_tokens, self.pending_hidden)
+        self.pending_tokens, self.pending_hidden = [], None  # the drafter has seen them
         width = 1 if method == "dflash" else self.config.budget
         candidates = top_candidates(log_probs, width)
         self.sync(candidates.tokens, candidates.log_probs)
@@ -184,7 +185,10 @@ class Session:
             for capture, entry in zip(out.captures, self.cache):
                 capture.commit(entry, index)
             hidden = None if out.hidden is None else out.hidden[index]
-        self.pending_tokens, self.pending_hidden, self.root = accepted, hidden, bonus
+        if self.drafter is not None:  # what the drafter has not seen yet (plain steps in between included)
+            self.pending_tokens = self.pending_tokens + accepted
+            self.pending_hidden = join_rows(self.pending_hidden, hidden)
+        self.root = bonus
         self.kv.convert(self.cache)
         if not out.committed:  # a step wrote the cache itself: the next one will wait for it, as in mlx-lm
             self.sync(hidden, [entry.state for entry in self.cache])  # mx.eval skips None
@@ -358,9 +362,14 @@ def stream_generate(
     node_cost = node_cost_for(target, config, method)
     session = Session(target=target, drafter=drafter, config=config, method=method, cache=cache,
                       choose=TokenChooser(sampling), stats=GenerationStats(prompt_tokens=len(prompt), node_cost=node_cost),
-                      controller=MethodController() if config.dflash_controller and method == "ddtree" else None,
+                      controller=controller_for(config, method),
                       prompt_cache=prompt_cache, kv=kv, node_cost=node_cost)
     return _run(session, prompt, min(max_new_tokens, room), stops, prompt_checkpoints)  # generation ends with the context: "length"
+
+
+def controller_for(config: DDTreeConfig, method: str) -> MethodController | None:
+    methods = ("ddtree",) + ("dflash",) * config.dflash_controller + ("ar",) * config.ar_fallback
+    return MethodController(methods) if method == "ddtree" and len(methods) > 1 else None
 
 
 def node_cost_for(target: TargetAdapter, config: DDTreeConfig, method: str) -> float:

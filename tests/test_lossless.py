@@ -147,14 +147,45 @@ def test_dflash_controller_switches_and_stays_lossless(family):
 def test_controller_exploits_the_faster_method():
     from ddtree_mlx.controller import MethodController
 
-    controller = MethodController(warmup=2, probe_every=5)
+    controller = MethodController(("ddtree", "dflash", "ar"), warmup=2, probe_every=5)
     picks = []
-    for _ in range(30):
+    for _ in range(60):
         method = controller.pick()
         picks.append(method)
-        controller.record(method, tokens=4 if method == "dflash" else 2, seconds=0.1)
-    assert picks[:4].count("ddtree") == 2 and picks[:4].count("dflash") == 2
-    assert picks[4:].count("dflash") > 3 * picks[4:].count("ddtree") > 0
+        controller.record(method, tokens={"dflash": 4, "ddtree": 2, "ar": 1}[method], seconds=0.1)
+    assert [picks[:6].count(method) for method in ("ddtree", "dflash", "ar")] == [2, 2, 2]
+    rest = picks[6:]
+    assert rest.count("dflash") > 3 * (rest.count("ddtree") + rest.count("ar"))
+    assert rest.count("ddtree") > 0 and rest.count("ar") > 0  # both others are still probed, in turn
+
+
+class Recording:
+    """Prompt lookup that records the context it is handed."""
+
+    def __init__(self):
+        from ddtree_mlx import PromptLookupDrafter
+
+        self.inner, self.seen = PromptLookupDrafter(), []
+        self.block_size, self.target_layer_ids = self.inner.block_size, self.inner.target_layer_ids
+
+    def reset(self, target, prompt_tokens):
+        self.inner.reset(target, prompt_tokens)
+
+    def draft(self, root, tokens, hidden):
+        self.seen += tokens
+        return self.inner.draft(root, tokens, hidden)
+
+
+@pytest.mark.parametrize("family", ["qwen3_5", "llama"])
+def test_ar_fallback_stays_lossless_and_the_drafter_misses_nothing(family):
+    """Plain steps in between drafts: the drafter is still handed every token once, in order."""
+    drafter = Recording()
+    result = run(family, 0, 1, drafter, config=DDTreeConfig(budget=8, ar_fallback=True))
+    tokens = result["generated_token_ids"]
+    assert tokens == reference(family, 0, 1)
+    assert result["method_cycles"]["ddtree"] >= 3 and result["method_cycles"]["ar"] >= 3
+    prompt = PROMPTS[1]
+    assert drafter.seen == (prompt + tokens)[: len(drafter.seen)] and len(drafter.seen) >= len(prompt) + 3
 
 
 @pytest.mark.parametrize("family", ["qwen3_5", "qwen3"])
