@@ -165,10 +165,14 @@ class Variant:
     node_cost: float | None = None  # None: DDTREE_NODE_COST or auto
 
     @property
+    def tree(self) -> bool:
+        return self.method in ("ddtree", "ddtree+ar")
+
+    @property
     def label(self) -> str:
-        if self.method != "ddtree":
+        if not self.tree:
             return self.method
-        return f"ddtree@{self.budget}" + ("" if self.node_cost is None else f"/c{self.node_cost:g}")
+        return f"{self.method}@{self.budget}" + ("" if self.node_cost is None else f"/c{self.node_cost:g}")
 
 
 MLX_LM = Variant("mlx-lm")  # what users run instead: the reference for tokens and for speedups
@@ -185,11 +189,13 @@ def run_once(setup: Setup, prompt: list[int], truth: list[int] | None, variant: 
         result["peak_memory_bytes"] = mx.get_peak_memory()
         return result
     drafter = None if variant.method == "ar" else setup.make_drafter(prompt, truth or [])
-    # A row is what its label says: the tree every cycle (the default AR fallback would mix in plain steps).
-    config = DDTreeConfig.from_env(budget=variant.budget, node_cost=variant.node_cost, ar_fallback=False)
+    # A row is what its label says: `ddtree` the tree every cycle, `ddtree+ar` with the AR fallback (the default).
+    config = DDTreeConfig.from_env(budget=variant.budget, node_cost=variant.node_cost,
+                                   ar_fallback=variant.method == "ddtree+ar")
     result = generate_ddtree_once(target_model=setup.target, draft_model=drafter, prompt_tokens=prompt,
                                   max_new_tokens=max_tokens, stop_token_ids=setup.stop_token_ids,
-                                  method=variant.method, config=config, temperature=temperature, seed=seed)
+                                  method="ddtree" if variant.tree else variant.method, config=config,
+                                  temperature=temperature, seed=seed)
     result["peak_memory_bytes"] = mx.get_peak_memory()
     return result
 
@@ -240,7 +246,7 @@ def run_mlx_lm_speculative(setup: Setup, prompt: list[int], max_tokens: int, dra
 def variants(methods: list[str], budgets: list[int], node_costs: list[float | None]) -> list[Variant]:
     out = []
     for method in methods:
-        if method == "ddtree":
+        if Variant(method).tree:
             out += [Variant(method, b, c) for c in node_costs for b in budgets]
         else:
             out.append(Variant(method))
@@ -304,9 +310,9 @@ def summarize(runs: dict[tuple[str, Variant], Runs], setup: Setup, args: argpars
                 for name, variant in (("ar", AR), ("mlx_lm", MLX_LM))}
         rows.append({
             "preset": setup.name, "set": set_name, "method": variant.method, "label": variant.label,
-            "budget": variant.budget if variant.method == "ddtree" else None,
+            "budget": variant.budget if variant.tree else None,
             "node_cost": (node_cost_for(adapter_for(setup.target), DDTreeConfig.from_env(node_cost=variant.node_cost),
-                                        "ddtree") if variant.method == "ddtree" else None),
+                                        "ddtree") if variant.tree else None),
             "prompts": len(setup.prompts[set_name]), "repeats": len(repeats), "max_tokens": args.max_tokens,
             "temperature": args.temperature, "drafter": args.drafter,
             "lossless": group.lossless,
@@ -583,7 +589,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", help="target (repo id or path); overrides the preset's")
     parser.add_argument("--draft", help="drafter (DFlash checkpoint, 'prompt-lookup'); overrides the preset's")
     parser.add_argument("--methods", default="ar,dflash,ddtree", type=lambda s: s.split(","),
-                        help=f"ar, dflash, ddtree, and the peer {PEER} (needs --peer-draft)")
+                        help=f"ar, dflash, ddtree (the tree every cycle), ddtree+ar (with the default AR fallback), "
+                             f"and the peer {PEER} (needs --peer-draft)")
     parser.add_argument("--peer-draft", help=f"draft model for {PEER} (mlx-lm speculative decoding): a path or "
                                              "repo id, or 'self' (the target, a smoke test)")
     parser.add_argument("--budgets", default="2,4,8,16", type=lambda s: [int(b) for b in s.split(",")])
@@ -620,7 +627,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--context", type=int, default=8192, help="prefill-memory and serving: prompt tokens")
     parser.add_argument("--twin-shape", choices=sorted(TWIN_SHAPES), default="150m")
     args = parser.parse_args(argv)
-    unknown = set(args.methods) - {"ar", "dflash", "ddtree", PEER} or set(args.sets) - set(PROMPT_SETS)
+    unknown = set(args.methods) - {"ar", "dflash", "ddtree", "ddtree+ar", PEER} or set(args.sets) - set(PROMPT_SETS)
     if PEER in args.methods and not args.peer_draft:
         parser.error(f"--methods {PEER} needs --peer-draft MODEL")
     if unknown:
