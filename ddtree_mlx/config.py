@@ -69,9 +69,10 @@ class DDTreeConfig:
     """DDTREE_EXACT_TREE_ATTENTION_MIN_PREFIX: the split is used once the prefix has at least this many tokens."""
     prefill_chunk: int = 2048
     """DDTREE_PREFILL_CHUNK: prompt tokens per prefill step (mlx-lm's prefill_step_size); bounds prefill memory."""
-    ar_fallback: bool = True
+    ar_fallback: bool = False
     """DDTREE_AR_FALLBACK: per cycle, run the tree or a plain AR step, whichever measures more tokens/s (tries
-    both, re-probes every 8 cycles), so drafting never costs more than it brings; `method_cycles` says how often."""
+    both, re-probes every 8 cycles); `method_cycles` says how often each ran. Off by default: it pays where
+    drafting never does (a slow BLAS, text with nothing to copy) and costs where acceptance comes in bursts."""
     dflash_controller: bool = False
     """DDTREE_DFLASH_CONTROLLER: per cycle, run the tree or the single DFlash path, whichever measures faster."""
     profile_verify: bool = False

@@ -147,18 +147,19 @@ class Session:
         if out is None:
             out = self.target.verify(tree, self.cache, self.capture_layers, self.config)
         tokens = self.choose(out.logits)
-        self.queue_next_step(tokens)
+        self.queue_next_step(out, tokens)
         self.sync(tokens)
         for part, seconds in out.profile.items():
             self.stats.verify_parts[part] = self.stats.verify_parts.get(part, 0.0) + seconds
         self.stats.kernels |= out.kernels
         return out, np.array(tokens)
 
-    def queue_next_step(self, tokens: mx.array) -> None:
+    def queue_next_step(self, out: VerifyOutput, tokens: mx.array) -> None:
         """Plain decoding, as mlx-lm: queue this step, then build the next one on its still-lazy token while the
         device works (the next root is this token whatever it is). Not with a prompt cache (a stop token would
         leave one step too many in the cache it stores) nor a quantized KV cache (it may convert after this step)."""
-        if self.method != "ar" or not self.more_steps or self.prompt_cache is not None or self.kv.bits is not None:
+        plain_next = self.method == "ar" or (self.controller is not None and self.controller.upcoming() == "ar")
+        if not (out.committed and plain_next and self.more_steps) or self.prompt_cache or self.kv.bits is not None:
             return
         mx.async_eval(tokens)
         start = time.perf_counter()
@@ -198,7 +199,7 @@ class Session:
 
     def cycle(self) -> list[int]:
         stats = self.stats
-        method = self.controller.pick() if self.controller else self.method
+        method = self.next_method()
         start = time.perf_counter()
         candidates = self.draft(method)
         mark = stats.lap("draft", start)
@@ -219,6 +220,10 @@ class Session:
         stats.method_cycles[method] = stats.method_cycles.get(method, 0) + 1
         stats.fast_path_cycles += all(tree.ranks[node] == 0 for node in path)
         return new
+
+    def next_method(self) -> str:
+        method = self.controller.pick() if self.controller else self.method
+        return "ar" if self.next_step is not None else method  # a queued plain step runs whatever the pick
 
     def prefill(self, prompt: list[int], checkpoints: Sequence[int] = ()) -> int:
         """mlx-lm's prefill (see TargetAdapter.prefill), starting after the longest prefix the prompt cache has,

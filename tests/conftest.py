@@ -7,8 +7,6 @@ for name in [n for n in os.environ if n.startswith("DDTREE_") and n != "DDTREE_C
     del os.environ[name]
 # Full-budget trees unless a test asks for cost-aware pruning, so the trees the tests build are the ones they mean.
 os.environ["DDTREE_NODE_COST"] = "0"
-# Trees every cycle unless a test asks for the AR fallback: a timing-driven switch would blur what a test checks.
-os.environ["DDTREE_AR_FALLBACK"] = "0"
 
 # One converted embedded model per checkout, reused across test runs (a developer's own cache dir wins).
 os.environ.setdefault("DDTREE_CACHE_DIR", os.path.join(os.path.dirname(__file__), "..", ".pytest_cache", "ddtree"))
