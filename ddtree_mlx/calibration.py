@@ -56,14 +56,13 @@ def random_tree(size: int, rng: np.random.Generator, vocab: int) -> DraftTree:
     return tree
 
 
-def measure(target: TargetAdapter, sizes: tuple[int, ...] = SIZES) -> VerifyCosts:
-    """Verify time per tree size after a PROMPT_TOKENS prompt (each run on a copy of the prompt's cache: a
-    one-node verify writes into the cache it runs on)."""
+def measure(target: TargetAdapter, config: DDTreeConfig = DDTreeConfig(), sizes: tuple[int, ...] = SIZES) -> VerifyCosts:
+    """Verify time per tree size after a PROMPT_TOKENS prompt, with the generation's own settings (kernels on or
+    off), each run on a copy of the prompt's cache (a one-node verify writes into the cache it runs on)."""
     rng = np.random.default_rng(0)
     cache = target.make_cache()
     target.forward(mx.array(rng.integers(target.vocab_size, size=PROMPT_TOKENS)), cache, [])
     mx.eval([entry.state for entry in cache])
-    config = DDTreeConfig(node_cost=0.0)
     seconds = []
     for size in sizes:
         times = []
@@ -101,7 +100,7 @@ def cache_dir() -> Path:
 _MEMORY: dict[str, VerifyCosts] = {}
 
 
-def verify_costs(target: TargetAdapter) -> VerifyCosts:
+def verify_costs(target: TargetAdapter, config: DDTreeConfig = DDTreeConfig()) -> VerifyCosts:
     """This machine's costs for this target: from memory, from disk, or measured now (a few seconds) and saved."""
     key = machine_key(target)
     if key in _MEMORY:
@@ -111,7 +110,7 @@ def verify_costs(target: TargetAdapter) -> VerifyCosts:
     if costs is None:
         print("ddtree-mlx: measuring what a draft-tree node costs on this machine (once per model; cached)",
               file=sys.stderr, flush=True)
-        costs = measure(target)
+        costs = measure(target, config)
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_suffix(".partial")
         partial.write_text(json.dumps({"format": FORMAT, **asdict(costs)}))

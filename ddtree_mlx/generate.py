@@ -383,7 +383,7 @@ def node_cost_for(target: TargetAdapter, config: DDTreeConfig, method: str) -> f
         return float(config.node_cost or 0.0)
     from .calibration import verify_costs
 
-    return verify_costs(target).node_cost
+    return verify_costs(target, config).node_cost
 
 
 def _run(session: Session, prompt: list[int], max_new_tokens: int, stops: set[int],

@@ -34,17 +34,17 @@ def test_measuring_a_real_target():
 
 def test_measured_once_then_read_from_disk(fresh, monkeypatch):
     target = adapter_for(make_target("llama"))
-    monkeypatch.setattr(calibration, "measure", lambda target: VerifyCosts((1, 2), (1.0, 1.5)))
+    monkeypatch.setattr(calibration, "measure", lambda target, config: VerifyCosts((1, 2), (1.0, 1.5)))
     assert calibration.verify_costs(target).node_cost == pytest.approx(0.5)
     [saved] = fresh.glob("*.json")
     monkeypatch.setattr(calibration, "_MEMORY", {})
-    monkeypatch.setattr(calibration, "measure", lambda target: pytest.fail("measured again"))
+    monkeypatch.setattr(calibration, "measure", lambda target, config: pytest.fail("measured again"))
     assert calibration.verify_costs(target).node_cost == pytest.approx(0.5)
     for broken in ("{not json", json.dumps({"format": 99, "sizes": [1, 2], "seconds": [1.0, 2.0]}),
                    json.dumps({"format": calibration.FORMAT, "sizes": [1], "seconds": [0.0]})):
         saved.write_text(broken)
         monkeypatch.setattr(calibration, "_MEMORY", {})
-        monkeypatch.setattr(calibration, "measure", lambda target: VerifyCosts((1, 2), (1.0, 1.2)))
+        monkeypatch.setattr(calibration, "measure", lambda target, config: VerifyCosts((1, 2), (1.0, 1.2)))
         assert calibration.verify_costs(target).node_cost == pytest.approx(0.2)  # measured again, no error
 
 
@@ -58,7 +58,7 @@ def test_the_key_follows_what_the_cost_depends_on(monkeypatch):
 
 
 def test_auto_uses_the_measured_cost_and_stays_lossless(fresh, monkeypatch):
-    monkeypatch.setattr(calibration, "measure", lambda target: VerifyCosts((1, 2), (1.0, 1.8)))  # dear nodes
+    monkeypatch.setattr(calibration, "measure", lambda target, config: VerifyCosts((1, 2), (1.0, 1.8)))  # dear nodes
     model = make_target("qwen3_5")
     expected = greedy_reference(model, PROMPT, 24)
     runs = {}
