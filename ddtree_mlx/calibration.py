@@ -106,7 +106,7 @@ def verify_costs(target: TargetAdapter, config: DDTreeConfig = DDTreeConfig()) -
     if key in _MEMORY:
         return _MEMORY[key]
     path = cache_dir() / f"{key}.json"
-    costs = _read(path)
+    costs = read(path)
     if costs is None:
         print("ddtree-mlx: measuring what a draft-tree node costs on this machine (once per model; cached)",
               file=sys.stderr, flush=True)
@@ -119,7 +119,7 @@ def verify_costs(target: TargetAdapter, config: DDTreeConfig = DDTreeConfig()) -
     return costs
 
 
-def _read(path: Path) -> VerifyCosts | None:
+def read(path: Path) -> VerifyCosts | None:
     try:
         data = json.loads(path.read_text())
         costs = VerifyCosts(tuple(int(s) for s in data["sizes"]), tuple(float(s) for s in data["seconds"]))

@@ -74,7 +74,7 @@ def kernel_report(config: DDTreeConfig) -> dict[str, Any]:
     return {"path": kernels.kernel_path(config), "checks": checks, "ok": all(c["ok"] for c in checks)}
 
 
-def self_test(model: str | None, draft: str | None, max_tokens: int = 24) -> dict[str, Any]:
+def self_test(model: str | None, draft: str | None, max_tokens: int = 16) -> dict[str, Any]:
     """DDTree's greedy tokens against mlx-lm's stream_generate on PROMPTS. Any difference fails; the report gives
     mlx-lm's top-2 log-prob margin there (a tiny margin in bf16 or quantized models points at rounding)."""
     import mlx_lm
@@ -89,8 +89,10 @@ def self_test(model: str | None, draft: str | None, max_tokens: int = 24) -> dic
         tokens = encode_prompt(tokenizer, prompt)
         responses = list(mlx_lm.stream_generate(target, tokenizer, prompt=tokens, max_tokens=max_tokens))
         expected = [r.token for r in responses if r.finish_reason in (None, "length")]
+        # Full-budget trees (node cost 0): the most engine per token, and no first-use calibration to wait for.
         ours = generate_ddtree_once(target_model=target, draft_model=drafter, tokenizer=tokenizer,
-                                    prompt_tokens=tokens, max_new_tokens=max_tokens)
+                                    prompt_tokens=tokens, max_new_tokens=max_tokens,
+                                    config=DDTreeConfig.from_env(node_cost=0.0))
         got = [t for t in ours["generated_token_ids"] if t not in tokenizer.eos_token_ids][: len(expected)]
         run = {"prompt": prompt, "tokens": len(expected), "identical": got == expected,
                "tokens_per_cycle": round(ours["avg_acceptance"], 2), "kernels": ours["kernels"]}
@@ -102,7 +104,17 @@ def self_test(model: str | None, draft: str | None, max_tokens: int = 24) -> dic
                 run["mlx_lm_top2_margin"] = float(top2[1] - top2[0])
         runs.append(run)
     return {"model": model or "embedded SmolLM2-135M-Instruct", "drafter": type(drafter).__name__,
-            "runs": runs, "seconds": round(time.perf_counter() - start, 1), "ok": all(r["identical"] for r in runs)}
+            "runs": runs, "seconds": round(time.perf_counter() - start, 1), "ok": all(r["identical"] for r in runs),
+            "calibration": calibration_report(target)}
+
+
+def calibration_report(target_model: Any) -> dict[str, Any] | None:
+    """The node cost measured for this model on this machine, if it has been (the doctor does not measure)."""
+    from .calibration import cache_dir, machine_key, read
+    from .models import adapter_for
+
+    costs = read(cache_dir() / f"{machine_key(adapter_for(target_model))}.json")
+    return None if costs is None else {"sizes": costs.sizes, "seconds": costs.seconds, "node_cost": costs.node_cost}
 
 
 def report(model: str | None = None, draft: str | None = None) -> dict[str, Any]:
@@ -144,6 +156,10 @@ def print_report(info: dict[str, Any], as_json: bool) -> None:
     else:
         print(f"self-test  {test['model']} with {test['drafter']}, against mlx-lm stream_generate "
               f"({test['seconds']} s)")
+        calibration = test["calibration"]
+        print("node cost  " + (f"{calibration['node_cost']:.3f} (measured: verify seconds {calibration['seconds']} "
+                               f"at tree sizes {calibration['sizes']})" if calibration else
+                               "not measured yet for this model here (the first generation measures it)"))
         for run in test["runs"]:
             detail = ("identical" if run["identical"] else
                       f"DIFFERS at token {run['first_difference']} (mlx-lm top-2 margin "
