@@ -156,7 +156,7 @@ def print_report(info: dict[str, Any], as_json: bool) -> None:
     else:
         print(f"self-test  {test['model']} with {test['drafter']}, against mlx-lm stream_generate "
               f"({test['seconds']} s)")
-        calibration = test["calibration"]
+        calibration = test.get("calibration")
         print("node cost  " + (f"{calibration['node_cost']:.3f} (measured: verify seconds {calibration['seconds']} "
                                f"at tree sizes {calibration['sizes']})" if calibration else
                                "not measured yet for this model here (the first generation measures it)"))
