@@ -133,7 +133,7 @@ class Session:
         return candidates.to_numpy()
 
     def build_tree(self, candidates: Candidates | None, method: str) -> DraftTree:
-        room = self.kv.depth_room(self.cache, self.target.prefix_length(self.cache))
+        room = self.kv.depth_room(self.cache, self.target.prefix_length(self.cache)) if self.kv.bits else None
         if candidates is None or room == 0:
             return DraftTree.root_only(self.root)
         if room is not None:

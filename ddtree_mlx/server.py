@@ -271,7 +271,8 @@ class Engine:
         megabytes = DDTreeConfig.from_env(prompt_cache_mb=prompt_cache_mb).prompt_cache_mb
         self.prompt_cache = PromptCache(megabytes * 2**20) if megabytes else None
         self.kv = dict(kv or {})  # kv_bits, kv_group_size, quantized_kv_start for every request
-        KVQuantization(*self.kv.values()).check(adapter_for(target_model).head_dim)  # fails at start, not per request
+        self.target = adapter_for(target_model)  # sizes and layer kinds, built once (not per request)
+        KVQuantization(*self.kv.values()).check(self.target.head_dim)  # fails at start, not per request
         self.created = int(time.time())
         self.worker = Worker(max_queue)
 
@@ -281,7 +282,7 @@ class Engine:
     def health(self) -> dict[str, Any]:
         """What a hybrid target's tree recurrence runs as here ("metal" once the kernels passed their self-check,
         else "twin"; "none" for other targets) and which BLAS the CPU uses."""
-        target = adapter_for(self.target_model)
+        target = self.target
         hybrid = any(target.mixer_kind(layer) == "linear" for layer in target.layers)
         return {"status": "ok", "kernels": kernel_path(DDTreeConfig.from_env()) if hybrid else "none",
                 "blas": blas_name(), "prompt_cache": self.prompt_cache.stats() if self.prompt_cache else None}
@@ -309,7 +310,7 @@ class Engine:
 
     def _max_tokens(self, request: Request, prompt: list[int]) -> int:
         """The client's max_tokens, refused if the context cannot hold it; else the default, within the context."""
-        context = adapter_for(self.target_model).context_length
+        context = self.target.context_length
         room = context - len(prompt) if context else None
         wanted = request.max_tokens or DEFAULT_MAX_TOKENS
         if room is not None and (room <= 0 or (request.max_tokens is not None and wanted > room)):
