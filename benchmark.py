@@ -31,7 +31,7 @@ from ddtree_mlx import DDTreeConfig, PromptLookupDrafter, generate_ddtree_once
 from ddtree_mlx.blas import OPENBLAS, blas_name, slow_blas, use_openblas
 from ddtree_mlx.drafter_training import DrafterShape, new_drafter
 from ddtree_mlx.drafters import ScriptedDrafter
-from ddtree_mlx.generate import PHASES, node_cost_for
+from ddtree_mlx.generate import PHASES
 from ddtree_mlx.models import adapter_for
 from ddtree_mlx.progress import show
 from ddtree_mlx.tree import DraftTree
@@ -90,6 +90,20 @@ def load_prompts(sets: list[str], limit: int, seed: int, files: list[str] = ()) 
     return prompts
 
 
+def with_context(texts: dict[str, list[Any]], tokenizer: Any, length: int) -> dict[str, list[Any]]:
+    """Each prompt after `length` tokens of real text, as in an agent's long prompt: MT-Bench and Alpaca
+    instructions (none of the prompts measured), then the prompt; chat rows get it as a system message."""
+    measured = {t for rows in texts.values() for t in rows if isinstance(t, str)}
+    pool = [text for name in ("mt_bench", "alpaca") for text in load_prompts([name], 10**6, 0)[name]
+            if text not in measured]
+    tokens = tokenizer.encode("\n\n".join(pool))
+    if len(tokens) < length:
+        raise SystemExit(f"--context {length}: only {len(tokens)} tokens of context text are bundled")
+    context = tokenizer.decode(tokens[:length])
+    return {name: [f"{context}\n\n{t}" if isinstance(t, str) else [{"role": "system", "content": context}, *t]
+                   for t in rows] for name, rows in texts.items()}
+
+
 def real_setup(args: argparse.Namespace, name: str, model: str | None, draft: str | None) -> Setup:
     from ddtree_mlx.loading import encode_prompt, load, stop_token_ids
 
@@ -97,6 +111,8 @@ def real_setup(args: argparse.Namespace, name: str, model: str | None, draft: st
     if args.drafter == "self":
         drafter = SelfDrafter(target)
     texts = load_prompts(args.sets, args.limit, args.seed, args.prompts)
+    if args.context:
+        texts = with_context(texts, tokenizer, args.context)
     prompts = {s: [encode_prompt(tokenizer, t, not args.no_chat_template) for t in rows] for s, rows in texts.items()}
     return Setup(name, target, lambda prompt, truth: drafter, prompts, stop_token_ids(tokenizer))
 
@@ -113,7 +129,8 @@ def synthetic_setup(args: argparse.Namespace) -> Setup:
     target = qwen3_5.Model(qwen3_5.ModelArgs.from_dict(config))
     mx.eval(target.parameters())
     rng = random.Random(args.seed)
-    prompts = {"synthetic": [[rng.randrange(config["vocab_size"]) for _ in range(128)] for _ in range(args.limit)]}
+    length = 128 + (args.context or 0)
+    prompts = {"synthetic": [[rng.randrange(config["vocab_size"]) for _ in range(length)] for _ in range(args.limit)]}
     weights = (args.accuracy, (1 - args.accuracy) / 2, (1 - args.accuracy) / 4, (1 - args.accuracy) / 4)
     return Setup("synthetic", target, lambda prompt, truth: ScriptedDrafter(prompt + truth, 16, weights, args.seed),
                  prompts, [])
@@ -161,18 +178,15 @@ class Runs:
 @dataclass(frozen=True)
 class Variant:
     method: str
-    budget: int = 1
-    node_cost: float | None = None  # None: DDTREE_NODE_COST or auto
+    budget: int | str = 1  # ddtree: a fixed number of draft nodes per cycle, or "auto"
 
     @property
     def tree(self) -> bool:
-        return self.method in ("ddtree", "ddtree+ar")
+        return self.method == "ddtree"
 
     @property
     def label(self) -> str:
-        if not self.tree:
-            return self.method
-        return f"{self.method}@{self.budget}" + ("" if self.node_cost is None else f"/c{self.node_cost:g}")
+        return f"{self.method}@{self.budget}" if self.tree else self.method
 
 
 MLX_LM = Variant("mlx-lm")  # what users run instead: the reference for tokens and for speedups
@@ -189,12 +203,11 @@ def run_once(setup: Setup, prompt: list[int], truth: list[int] | None, variant: 
         result["peak_memory_bytes"] = mx.get_peak_memory()
         return result
     drafter = None if variant.method == "ar" else setup.make_drafter(prompt, truth or [])
-    # A row is what its label says: `ddtree` the tree every cycle, `ddtree+ar` with the AR fallback (the default).
-    config = DDTreeConfig.from_env(budget=variant.budget, node_cost=variant.node_cost,
-                                   ar_fallback=variant.method == "ddtree+ar")
+    # A row is what its label says: ddtree@N a tree of N nodes every cycle, ddtree@auto sized per cycle.
+    config = DDTreeConfig.from_env(budget=variant.budget if variant.tree else None)
     result = generate_ddtree_once(target_model=setup.target, draft_model=drafter, prompt_tokens=prompt,
                                   max_new_tokens=max_tokens, stop_token_ids=setup.stop_token_ids,
-                                  method="ddtree" if variant.tree else variant.method, config=config,
+                                  method=variant.method, config=config,
                                   temperature=temperature, seed=seed)
     result["peak_memory_bytes"] = mx.get_peak_memory()
     return result
@@ -243,18 +256,15 @@ def run_mlx_lm_speculative(setup: Setup, prompt: list[int], max_tokens: int, dra
     return peer_result(tokens, time.perf_counter() - first, cycles)
 
 
-def variants(methods: list[str], budgets: list[int], node_costs: list[float | None]) -> list[Variant]:
+def variants(methods: list[str], budgets: list[int | str]) -> list[Variant]:
     out = []
     for method in methods:
-        if Variant(method).tree:
-            out += [Variant(method, b, c) for c in node_costs for b in budgets]
-        else:
-            out.append(Variant(method))
+        out += [Variant(method, b) for b in budgets] if Variant(method).tree else [Variant(method)]
     return out
 
 
 def measure(setup: Setup, args: argparse.Namespace) -> dict[tuple[str, str, int], Runs]:
-    plan = variants(args.methods, args.budgets, args.node_costs)
+    plan = variants(args.methods, args.budgets)
     plan = [MLX_LM, AR] + [v for v in plan if v not in (MLX_LM, AR)]  # both baselines, mlx-lm's tokens first
     total = sum(len(p) for p in setup.prompts.values()) * args.repeats * len(plan)
     runs: dict[tuple[str, Variant], Runs] = {}
@@ -297,6 +307,15 @@ def pooled(results: list[dict]) -> dict[str, float]:
     }
 
 
+def tree_sizes(results: Any) -> dict[int, int]:
+    """Cycles per number of draft nodes verified (0: a plain step), over all of a row's runs."""
+    total: dict[int, int] = {}
+    for result in results:
+        for size, count in result.get("tree_sizes", {}).items():
+            total[size] = total.get(size, 0) + count
+    return dict(sorted(total.items()))
+
+
 def spread(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
@@ -311,8 +330,10 @@ def summarize(runs: dict[tuple[str, Variant], Runs], setup: Setup, args: argpars
         rows.append({
             "preset": setup.name, "set": set_name, "method": variant.method, "label": variant.label,
             "budget": variant.budget if variant.tree else None,
-            "node_cost": (node_cost_for(adapter_for(setup.target), DDTreeConfig.from_env(node_cost=variant.node_cost),
-                                        "ddtree") if variant.tree else None),
+            "tree_sizes": tree_sizes(r for rs in group.per_repeat.values() for r in rs),
+            "calibration": next((r["calibration"] for rs in group.per_repeat.values() for r in rs
+                                 if r.get("calibration")), None),
+            "context": args.context or 0,
             "prompts": len(setup.prompts[set_name]), "repeats": len(repeats), "max_tokens": args.max_tokens,
             "temperature": args.temperature, "drafter": args.drafter,
             "lossless": group.lossless,
@@ -541,6 +562,9 @@ def print_table(rows: list[dict]) -> None:
               f"{r['tokens_per_cycle']:7.2f} {r['fast_path_ratio']:5.2f} {r['host_overhead_share']:5.1%} "
               f"{r['cycle_ms']:7.1f} {shares['verify']:6.1%} {shares['draft']:6.1%} {r['peak_memory_mb']:8.0f} "
               f"{ {True: 'yes', False: 'NO', None: 'n/a'}[r['lossless']]}")
+    for r in rows:
+        if r["budget"] == "auto":
+            print(f"{r['set']:<10} {r['label']:<14} draft nodes per cycle: {r['tree_sizes']} (0: a plain step)")
 
 
 def plot(rows: list[dict], path: str) -> None:
@@ -553,19 +577,18 @@ def plot(rows: list[dict], path: str) -> None:
         raise SystemExit("--plot needs matplotlib: pip install matplotlib")
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     for set_name in sorted({r["set"] for r in rows}):
-        color = None
-        for cost in sorted({r["node_cost"] for r in rows if r["method"] == "ddtree"}):
-            tree = sorted((r for r in rows if r["set"] == set_name and r["method"] == "ddtree"
-                           and r["node_cost"] == cost), key=lambda r: r["budget"])
-            line, = left.plot([r["budget"] for r in tree], [r["speedup_vs_mlx_lm"]["median"] for r in tree],
-                              "o-" if cost else "s--", color=color, label=f"{set_name}, node cost {cost:g}")
-            color = line.get_color()
-        chain = [r for r in rows if r["set"] == set_name and r["method"] == "dflash"]
-        if chain:
-            left.axhline(chain[0]["speedup_vs_mlx_lm"]["median"], linestyle=":", color=color)
+        tree = sorted((r for r in rows if r["set"] == set_name and r["method"] == "ddtree" and r["budget"] != "auto"),
+                      key=lambda r: r["budget"])
+        line, = left.plot([r["budget"] for r in tree], [r["speedup_vs_mlx_lm"]["median"] for r in tree], "o-",
+                          label=set_name)
+        for method, budget, style in (("dflash", None, ":"), ("ddtree", "auto", "--")):
+            for r in rows:
+                if r["set"] == set_name and r["method"] == method and r["budget"] == budget:
+                    left.axhline(r["speedup_vs_mlx_lm"]["median"], linestyle=style, color=line.get_color())
     left.set_xscale("log", base=2)
     left.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-    left.set(xlabel="tree budget (dotted: DFlash single path)", ylabel="speedup vs mlx-lm", title="DDTree")
+    left.set(xlabel="tree budget (dashed: auto; dotted: DFlash single path)", ylabel="speedup vs mlx-lm",
+             title="DDTree")
     left.legend()
     labels = [f"{r['set']} {r['label']}" for r in rows]
     bottom = [0.0] * len(rows)
@@ -589,14 +612,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", help="target (repo id or path); overrides the preset's")
     parser.add_argument("--draft", help="drafter (DFlash checkpoint, 'prompt-lookup'); overrides the preset's")
     parser.add_argument("--methods", default="ar,dflash,ddtree", type=lambda s: s.split(","),
-                        help=f"ar, dflash, ddtree (the tree every cycle), ddtree+ar (with the default AR fallback), "
-                             f"and the peer {PEER} (needs --peer-draft)")
+                        help=f"ar, dflash, ddtree (once per --budgets entry), and the peer {PEER} (needs "
+                             "--peer-draft)")
     parser.add_argument("--peer-draft", help=f"draft model for {PEER} (mlx-lm speculative decoding): a path or "
                                              "repo id, or 'self' (the target, a smoke test)")
-    parser.add_argument("--budgets", default="2,4,8,16", type=lambda s: [int(b) for b in s.split(",")])
-    parser.add_argument("--node-costs", default="auto", type=lambda s: [None if c == "auto" else float(c)
-                                                                        for c in s.split(",")],
-                        help="DDTree node costs to compare, e.g. auto,0 (see DDTREE_NODE_COST)")
+    parser.add_argument("--budgets", default="auto,4,8,16", type=lambda s: [b if b == "auto" else int(b)
+                                                                            for b in s.split(",")],
+                        help="DDTree tree sizes: draft nodes per cycle, or auto (sized per cycle)")
     parser.add_argument("--sets", default=",".join(PROMPT_SETS), type=lambda s: s.split(",") if s else [],
                         help="bundled prompt sets ('' for none)")
     parser.add_argument("--prompts", action="append", default=[], metavar="FILE.jsonl",
@@ -624,16 +646,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "prefill-memory: peak memory of a --context-token prefill, ours beside mlx-lm's; "
                              "serving: a second turn's time to first token with the prompt cache, and KV cache "
                              "bytes with --kv-bits 8/4")
-    parser.add_argument("--context", type=int, default=8192, help="prefill-memory and serving: prompt tokens")
+    parser.add_argument("--context", type=int, help="generation: put this many tokens of real text (MT-Bench and "
+                                                     "Alpaca instructions) before each prompt; prefill-memory and "
+                                                     "serving: prompt tokens (default 8192)")
     parser.add_argument("--twin-shape", choices=sorted(TWIN_SHAPES), default="150m")
     args = parser.parse_args(argv)
-    unknown = set(args.methods) - {"ar", "dflash", "ddtree", "ddtree+ar", PEER} or set(args.sets) - set(PROMPT_SETS)
+    unknown = set(args.methods) - {"ar", "dflash", "ddtree", PEER} or set(args.sets) - set(PROMPT_SETS)
     if PEER in args.methods and not args.peer_draft:
         parser.error(f"--methods {PEER} needs --peer-draft MODEL")
     if unknown:
         parser.error(f"unknown method or prompt set: {', '.join(sorted(unknown))}")
-    if min(args.budgets) < 1 or args.limit < 1 or args.repeats < 1 or args.max_tokens < 1:
+    if min(b for b in args.budgets + [1] if b != "auto") < 1 or min(args.limit, args.repeats, args.max_tokens) < 1:
         parser.error("--budgets, --limit, --repeats and --max-tokens must be >= 1")
+    if args.context is None and args.measure in ("prefill-memory", "serving"):
+        args.context = 8192
     return args
 
 

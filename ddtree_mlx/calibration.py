@@ -1,12 +1,13 @@
-"""What one more tree node costs on this machine, measured once and remembered.
+"""What a verify of a tree of each size costs on this machine, measured once and remembered.
 
-The tree stops growing when a node's expected tokens no longer pay for its verify cost (tree.build_tree's node
-cost: one more node's verify time as a fraction of a one-token verify). That fraction depends on the machine more
-than on anything else: ~0.06 on these CPUs with OpenBLAS, close to 1 on MLX's bundled reference BLAS (every node
-is one more row through every matmul), ~0 on a GPU at small trees. So it is measured at first use: verify of
-bushy random trees of a few sizes on the real target after a short prompt, and the least-squares slope over the
-one-token cost. The result is cached on disk per (model, dtype and quantization, device, MLX version, BLAS,
-ddtree-mlx version); a cache file that is unreadable or of another format is measured again, never an error.
+The tree size worth verifying (tree_size.TreeSizer) depends on how verify time grows with the tree, and that
+depends on the machine more than on anything else: a node costs ~4% of a one-token verify on these CPUs with
+OpenBLAS, close to 100% on MLX's bundled reference BLAS (every node is one more row through every matmul), ~0 on a
+GPU at small trees. So the curve is measured at first use: verify of bushy random trees of 1, 2, 3, 5, 9, ... 65
+nodes on the real target after a short prompt (a slow machine stops the grid after TIME_BUDGET seconds; the curve
+extends linearly past its last point). It is cached on disk per (model, dtype and quantization, device, MLX version,
+BLAS, ddtree-mlx version); a cache file that is unreadable or of another format is measured again, never an error.
+What the curve cannot know (a longer context, other work on the machine, the drafter) the cycles measure online.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import copy
 import hashlib
 import json
 import os
-import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -30,10 +30,11 @@ from .config import DDTreeConfig
 from .models.base import TargetAdapter
 from .tree import DraftTree
 
-SIZES = (1, 4, 16)
+SIZES = (1, 2, 3, 5, 9, 17, 33, 65)  # nodes, root included
 PROMPT_TOKENS = 128
 REPEATS = 3
-FORMAT = 1
+TIME_BUDGET = 6.0  # seconds of measuring after which the grid stops (it always has its first two sizes)
+FORMAT = 2
 
 
 @dataclass(frozen=True)
@@ -41,11 +42,14 @@ class VerifyCosts:
     sizes: tuple[int, ...]
     seconds: tuple[float, ...]  # median verify time of a tree of each size (root included)
 
-    @property
-    def node_cost(self) -> float:
-        """The least-squares slope of verify time over tree size, in one-token verifies."""
-        slope = float(np.polyfit(self.sizes, self.seconds, 1)[0])
-        return max(slope, 0.0) / self.seconds[0]
+    def at(self, nodes: np.ndarray | int) -> np.ndarray:
+        """Verify seconds of trees of `nodes` nodes: the measured curve, straight past its last point, and never
+        below the one-token cost."""
+        sizes, seconds = np.array(self.sizes, dtype=float), np.array(self.seconds)
+        slope = (seconds[-1] - seconds[-2]) / (sizes[-1] - sizes[-2]) if len(sizes) > 1 else 0.0
+        beyond = seconds[-1] + max(slope, 0.0) * (np.asarray(nodes) - sizes[-1])
+        inside = np.interp(nodes, sizes, seconds)
+        return np.maximum(np.where(np.asarray(nodes) > sizes[-1], beyond, inside), seconds[0])
 
 
 def random_tree(size: int, rng: np.random.Generator, vocab: int) -> DraftTree:
@@ -63,16 +67,21 @@ def measure(target: TargetAdapter, config: DDTreeConfig = DDTreeConfig(), sizes:
     cache = target.make_cache()
     target.forward(mx.array(rng.integers(target.vocab_size, size=PROMPT_TOKENS)), cache, [])
     mx.eval([entry.state for entry in cache])
-    seconds = []
+
+    def run(size: int) -> float:
+        tree, copied = random_tree(size, rng, target.vocab_size), copy.deepcopy(cache)
+        start = time.perf_counter()
+        mx.eval(target.verify(tree, copied, [], config).logits)
+        return time.perf_counter() - start
+
+    run(1)  # the process's first verify pays for one-time set-up (kernel checks, allocations): not counted
+    seconds, start = [], time.perf_counter()
     for size in sizes:
-        times = []
-        for _ in range(REPEATS + 1):  # the first run of each size builds its kernels: not counted
-            tree, copied = random_tree(size, rng, target.vocab_size), copy.deepcopy(cache)
-            start = time.perf_counter()
-            mx.eval(target.verify(tree, copied, [], config).logits)
-            times.append(time.perf_counter() - start)
-        seconds.append(statistics.median(times[1:]))
-    return VerifyCosts(tuple(sizes), tuple(seconds))
+        if len(seconds) >= 2 and time.perf_counter() - start > TIME_BUDGET:
+            break  # a slow machine: the curve continues linearly from here
+        # The first run of each size builds its kernels; of the rest the fastest, as timing noise only adds.
+        seconds.append(min([run(size) for _ in range(REPEATS + 1)][1:]))
+    return VerifyCosts(tuple(sizes[: len(seconds)]), tuple(seconds))
 
 
 def machine_key(target: TargetAdapter) -> str:
@@ -108,7 +117,7 @@ def verify_costs(target: TargetAdapter, config: DDTreeConfig = DDTreeConfig()) -
     path = cache_dir() / f"{key}.json"
     costs = read(path)
     if costs is None:
-        print("ddtree-mlx: measuring what a draft-tree node costs on this machine (once per model; cached)",
+        print("ddtree-mlx: measuring verify cost per tree size on this machine (once per model; cached)",
               file=sys.stderr, flush=True)
         costs = measure(target, config)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -123,7 +132,8 @@ def read(path: Path) -> VerifyCosts | None:
     try:
         data = json.loads(path.read_text())
         costs = VerifyCosts(tuple(int(s) for s in data["sizes"]), tuple(float(s) for s in data["seconds"]))
-        if data["format"] != FORMAT or len(costs.sizes) != len(costs.seconds) or min(costs.seconds) <= 0:
+        if (data["format"] != FORMAT or len(costs.sizes) != len(costs.seconds) or len(costs.sizes) < 2
+                or min(costs.seconds) <= 0 or list(costs.sizes) != sorted(set(costs.sizes))):
             return None
         return costs
     except (OSError, ValueError, KeyError, TypeError):

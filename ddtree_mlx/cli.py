@@ -63,6 +63,10 @@ def non_negative_int(text: str) -> int:
     return positive_int(text, minimum=0)
 
 
+def budget(text: str) -> int | str:
+    return "auto" if text.strip().lower() == "auto" else positive_int(text)
+
+
 def positive_int(text: str, minimum: int = 1) -> int:
     try:
         value = int(text)
@@ -80,7 +84,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                                         "(default: the model's known DFlash drafter, else prompt lookup)")
     parser.add_argument("--method", choices=METHODS, default="ddtree",
                         help="ddtree: draft tree; dflash: single draft path; ar: plain decoding (default: ddtree)")
-    parser.add_argument("--budget", type=positive_int, help="draft-tree nodes per cycle (default: DDTREE_BUDGET or 4)")
+    parser.add_argument("--budget", type=budget, help="draft-tree nodes per cycle, or 'auto': sized per cycle for "
+                                                      "this machine (default: DDTREE_BUDGET or auto)")
     kv = KVQuantization()
     parser.add_argument("--kv-bits", type=int, choices=BITS, help="quantize the KV cache to this many bits "
                                                                   "(as mlx-lm; default: not quantized)")

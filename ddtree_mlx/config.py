@@ -48,8 +48,13 @@ def parse_int(name: str, text: str, minimum: int) -> int:
 class DDTreeConfig:
     """Engine settings. Field docs double as the README's env-var table."""
 
-    budget: int = 4
-    """DDTREE_BUDGET: draft-tree nodes per cycle (the root not counted)."""
+    budget: int | str = "auto"
+    """DDTREE_BUDGET: draft-tree nodes per cycle (the root not counted): "auto" (default) sizes each cycle's tree
+    for the most tokens per second from this machine's verify costs (measured once per model, a few seconds, cached
+    on disk) and the drafter's measured acceptance, down to a plain step when drafting does not pay; a number
+    verifies a tree of that many nodes every cycle."""
+    max_budget: int = 32
+    """DDTREE_MAX_BUDGET: the largest tree DDTREE_BUDGET=auto may choose."""
     exact_commit: bool = False
     """DDTREE_EXACT_COMMIT: re-run accepted tokens through the plain model instead of installing captured state."""
     tree_aware_linear: bool = True
@@ -58,10 +63,6 @@ class DDTreeConfig:
     """DDTREE_TREE_KERNEL: use the Metal tree recurrence kernel where Metal is available."""
     tree_conv_kernel: bool = True
     """DDTREE_TREE_CONV_KERNEL: use the Metal tree conv kernel where Metal is available."""
-    node_cost: float | None = None
-    """DDTREE_NODE_COST: verify cost of one more tree node as a fraction of a one-token verify; the tree stops
-    growing when a node's path probability no longer pays for it. "auto" (default): measured for the model on this
-    machine at first use (a few seconds) and cached on disk (ddtree_mlx.calibration)."""
     exact_tree_attention: bool = False
     """DDTREE_EXACT_TREE_ATTENTION: verify attention as a prefix part and a tree part merged exactly (log-sum-exp),
     reading the cached prefix in place instead of concatenating it with the tree's keys under one mask."""
@@ -69,12 +70,6 @@ class DDTreeConfig:
     """DDTREE_EXACT_TREE_ATTENTION_MIN_PREFIX: the split is used once the prefix has at least this many tokens."""
     prefill_chunk: int = 2048
     """DDTREE_PREFILL_CHUNK: prompt tokens per prefill step (mlx-lm's prefill_step_size); bounds prefill memory."""
-    ar_fallback: bool = False
-    """DDTREE_AR_FALLBACK: per cycle, run the tree or a plain AR step, whichever measures more tokens/s (tries
-    both, re-probes every 8 cycles); `method_cycles` says how often each ran. Off by default: it pays where
-    drafting never does (a slow BLAS, text with nothing to copy) and costs where acceptance comes in bursts."""
-    dflash_controller: bool = False
-    """DDTREE_DFLASH_CONTROLLER: per cycle, run the tree or the single DFlash path, whichever measures faster."""
     profile_verify: bool = False
     """DDTREE_PROFILE_VERIFY: time verify per layer part (attention, linear, mlp, head); serializes, so slower."""
     profile_detail: bool = False
@@ -98,9 +93,16 @@ class DDTreeConfig:
         config.validate()
         return config
 
+    @property
+    def tree_cap(self) -> int:
+        """The most draft nodes a tree may have."""
+        return self.max_budget if self.budget == "auto" else self.budget
+
     def validate(self) -> None:
-        if not is_int(self.budget) or self.budget < 1:
-            raise ValueError(f"tree budget must be an integer >= 1, got {self.budget!r}")
+        if self.budget != "auto" and (not is_int(self.budget) or self.budget < 1):
+            raise ValueError(f"tree budget must be 'auto' or an integer >= 1, got {self.budget!r}")
+        if not is_int(self.max_budget) or self.max_budget < 1:
+            raise ValueError(f"max_budget must be an integer >= 1, got {self.max_budget!r}")
         if not is_int(self.prefill_chunk) or self.prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be an integer >= 1, got {self.prefill_chunk!r}")
         if not is_int(self.prompt_cache_mb) or self.prompt_cache_mb < 0:
@@ -108,9 +110,6 @@ class DDTreeConfig:
         prefix = self.exact_tree_attention_min_prefix
         if not is_int(prefix) or prefix < 0:
             raise ValueError(f"exact_tree_attention_min_prefix must be an integer >= 0, got {prefix!r}")
-        cost = self.node_cost
-        if cost is not None and (not is_number(cost) or not 0 <= cost < 1e6):
-            raise ValueError(f"node cost must be a number >= 0 (or None for auto), got {cost!r}")
 
     def replace(self, **changes: Any) -> "DDTreeConfig":
         config = dataclasses.replace(self, **changes)
@@ -118,21 +117,18 @@ class DDTreeConfig:
         return config
 
 
-def parse_cost(name: str, text: str) -> float | None:
+def parse_budget(name: str, text: str) -> int | str:
     if text.strip().lower() == "auto":
-        return None
+        return "auto"
     try:
-        value = float(text)
+        return parse_int(name, text, minimum=1)
     except ValueError:
-        raise ValueError(f"{name}={text!r} is not a number; set it to a number >= 0 or 'auto'") from None
-    if not value >= 0:
-        raise ValueError(f"{name}={text!r} must be >= 0 (or 'auto')")
-    return value
+        raise ValueError(f"{name}={text!r} is not a tree budget; set it to 'auto' or a whole number >= 1") from None
 
 
 def _parse_field(f: dataclasses.Field, name: str, text: str) -> Any:
     if f.type in ("bool", bool):
         return parse_bool(name, text)
-    if f.name == "node_cost":
-        return parse_cost(name, text)
+    if f.name == "budget":
+        return parse_budget(name, text)
     return parse_int(name, text, minimum=0 if f.name in ("exact_tree_attention_min_prefix", "prompt_cache_mb") else 1)

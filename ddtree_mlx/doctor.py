@@ -26,6 +26,7 @@ from .config import DDTreeConfig
 PROMPTS = ("Explain in two sentences why the sky is blue.",
            "Write a Python function that returns the n-th Fibonacci number.")
 PACKAGES = ("ddtree-mlx", "mlx", "mlx-lm", "dflash-mlx")
+SELF_TEST_BUDGET = 8  # draft nodes per tree in the self-test
 
 
 def chip() -> str:
@@ -89,10 +90,10 @@ def self_test(model: str | None, draft: str | None, max_tokens: int = 16) -> dic
         tokens = encode_prompt(tokenizer, prompt)
         responses = list(mlx_lm.stream_generate(target, tokenizer, prompt=tokens, max_tokens=max_tokens))
         expected = [r.token for r in responses if r.finish_reason in (None, "length")]
-        # Full-budget trees (node cost 0): the most engine per token, and no first-use calibration to wait for.
+        # Fixed full trees: the most engine per token, and no first-use calibration to wait for.
         ours = generate_ddtree_once(target_model=target, draft_model=drafter, tokenizer=tokenizer,
                                     prompt_tokens=tokens, max_new_tokens=max_tokens,
-                                    config=DDTreeConfig.from_env(node_cost=0.0))
+                                    config=DDTreeConfig.from_env(budget=SELF_TEST_BUDGET))
         got = [t for t in ours["generated_token_ids"] if t not in tokenizer.eos_token_ids][: len(expected)]
         run = {"prompt": prompt, "tokens": len(expected), "identical": got == expected,
                "tokens_per_cycle": round(ours["avg_acceptance"], 2), "kernels": ours["kernels"]}
@@ -109,12 +110,13 @@ def self_test(model: str | None, draft: str | None, max_tokens: int = 16) -> dic
 
 
 def calibration_report(target_model: Any) -> dict[str, Any] | None:
-    """The node cost measured for this model on this machine, if it has been (the doctor does not measure)."""
+    """The verify cost curve measured for this model on this machine, if it has been (the doctor does not
+    measure)."""
     from .calibration import cache_dir, machine_key, read
     from .models import adapter_for
 
     costs = read(cache_dir() / f"{machine_key(adapter_for(target_model))}.json")
-    return None if costs is None else {"sizes": costs.sizes, "seconds": costs.seconds, "node_cost": costs.node_cost}
+    return None if costs is None else {"sizes": costs.sizes, "seconds": costs.seconds}
 
 
 def report(model: str | None = None, draft: str | None = None) -> dict[str, Any]:
@@ -157,9 +159,9 @@ def print_report(info: dict[str, Any], as_json: bool) -> None:
         print(f"self-test  {test['model']} with {test['drafter']}, against mlx-lm stream_generate "
               f"({test['seconds']} s)")
         calibration = test.get("calibration")
-        print("node cost  " + (f"{calibration['node_cost']:.3f} (measured: verify seconds {calibration['seconds']} "
-                               f"at tree sizes {calibration['sizes']})" if calibration else
-                               "not measured yet for this model here (the first generation measures it)"))
+        print("verify     " + (f"measured: {[round(s * 1000, 1) for s in calibration['seconds']]} ms at tree sizes "
+                               f"{list(calibration['sizes'])}" if calibration else
+                               "cost per tree size not measured yet for this model here (the first generation does)"))
         for run in test["runs"]:
             detail = ("identical" if run["identical"] else
                       f"DIFFERS at token {run['first_difference']} (mlx-lm top-2 margin "

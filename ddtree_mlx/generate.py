@@ -18,7 +18,6 @@ import numpy as np
 from mlx_lm.models.cache import can_trim_prompt_cache
 
 from .config import DDTreeConfig, is_int
-from .controller import MethodController
 from .drafters import Drafter, as_drafter
 from .loading import stop_token_ids as stop_token_ids_of
 from .kv_quantization import DEFAULT_QUANTIZED_KV_START, KVQuantization
@@ -27,6 +26,7 @@ from .models.base import TargetAdapter, VerifyOutput, join_rows
 from .prompt_cache import PromptCache
 from .sampling import SamplingParams, TokenChooser
 from .tree import Candidates, DraftTree, build_tree, chain_tree, top_candidates
+from .tree_size import TreeSizer
 
 METHODS = ("ddtree", "dflash", "ar")
 PHASES = ("draft", "build", "verify", "walk", "commit")
@@ -47,7 +47,8 @@ class GenerationStats:
     method_cycles: dict[str, int] = field(default_factory=dict)  # cycles run as ddtree / dflash / ar
     kernels: set[str] = field(default_factory=set)  # what hybrid targets' tree conv and recurrence ran as
     reused_prompt_tokens: int = 0  # prompt tokens a prompt-cache hit saved from prefill
-    node_cost: float = 0.0  # the node cost the trees were built with (configured, or measured on this machine)
+    tree_sizes: dict[int, int] = field(default_factory=dict)  # cycles per number of draft nodes verified
+    sizer: TreeSizer | None = None  # DDTREE_BUDGET=auto: the costs the sizes were chosen from
 
     def summary(self, generated: int) -> dict[str, Any]:
         """Per-generation numbers. tokens_per_second counts decode only: tokens after the first (which prefill
@@ -68,7 +69,8 @@ class GenerationStats:
             "method_cycles": dict(self.method_cycles),
             "kernels": "+".join(sorted(self.kernels)) or "none",  # "metal", "twin", "metal+twin" or "none"
             "reused_prompt_tokens": self.reused_prompt_tokens,
-            "node_cost": self.node_cost,
+            "tree_sizes": dict(sorted(self.tree_sizes.items())),
+            "calibration": self.sizer.report() if self.sizer else None,
         }
 
     def lap(self, phase: str, since: float) -> float:
@@ -97,9 +99,8 @@ class Session:
     cache: list[Any]
     choose: TokenChooser
     stats: GenerationStats
-    controller: MethodController | None = None  # DDTREE_AR_FALLBACK / DDTREE_DFLASH_CONTROLLER: method per cycle
+    sizer: TreeSizer | None = None  # DDTREE_BUDGET=auto: tree size (and whether to draft) per cycle
     kv: KVQuantization = KVQuantization()
-    node_cost: float = 0.0  # one more tree node's verify cost, in one-token verifies
     root: int = 0
     pending_tokens: list[int] = field(default_factory=list)
     pending_hidden: mx.array | None = None
@@ -127,7 +128,7 @@ class Session:
             return None
         log_probs = self.drafter.draft(self.root, self.pending_tokens, self.pending_hidden)
         self.pending_tokens, self.pending_hidden = [], None  # the drafter has seen them
-        width = 1 if method == "dflash" else self.config.budget
+        width = 1 if method == "dflash" else self.config.tree_cap
         candidates = top_candidates(log_probs, width)
         self.sync(candidates.tokens, candidates.log_probs)
         return candidates.to_numpy()
@@ -140,7 +141,9 @@ class Session:
             candidates = candidates.first(room)
         if method == "dflash":
             return chain_tree(candidates, self.root)
-        return build_tree(candidates, self.root, self.config.budget, self.node_cost)
+        if self.sizer is None:
+            return build_tree(candidates, self.root, self.config.budget)
+        return self.sizer.size(build_tree(self.sizer.acceptance.calibrate(candidates), self.root, self.sizer.cap))
 
     def verify(self, tree: DraftTree) -> tuple[VerifyOutput, np.ndarray]:
         out, self.next_step = self.next_step, None
@@ -158,7 +161,7 @@ class Session:
         """Plain decoding, as mlx-lm: queue this step, then build the next one on its still-lazy token while the
         device works (the next root is this token whatever it is). Not with a prompt cache (a stop token would
         leave one step too many in the cache it stores) nor a quantized KV cache (it may convert after this step)."""
-        plain_next = self.method == "ar" or (self.controller is not None and self.controller.upcoming() == "ar")
+        plain_next = self.method == "ar" or (self.sizer is not None and not self.sizer.will_draft())
         if not (out.committed and plain_next and self.more_steps) or self.prompt_cache or self.kv.bits is not None:
             return
         mx.async_eval(tokens)
@@ -204,25 +207,26 @@ class Session:
         candidates = self.draft(method)
         mark = stats.lap("draft", start)
         tree = self.build_tree(candidates, method)
-        mark = stats.lap("build", mark)
+        built = stats.lap("build", mark)
         out, target_tokens = self.verify(tree)
-        mark = stats.lap("verify", mark)
+        verified = stats.lap("verify", built)
         path = self.walk(tree, target_tokens)
         bonus = int(target_tokens[path[-1]])
-        mark = stats.lap("walk", mark)
+        mark = stats.lap("walk", verified)
         self.commit(tree, out, path, bonus)
         seconds = stats.lap("commit", mark) - start
         new = [tree.tokens[node] for node in path[1:]] + [bonus]
-        if self.controller:
-            self.controller.record(method, len(new), seconds)
+        if self.sizer is not None:
+            self.sizer.record(candidates, tree, path, len(new), seconds, built - start, verified - built)
         stats.decode_seconds += seconds
+        stats.tree_sizes[len(tree) - 1] = stats.tree_sizes.get(len(tree) - 1, 0) + 1
         stats.cycles += 1
         stats.method_cycles[method] = stats.method_cycles.get(method, 0) + 1
         stats.fast_path_cycles += all(tree.ranks[node] == 0 for node in path)
         return new
 
     def next_method(self) -> str:
-        method = self.controller.pick() if self.controller else self.method
+        method = self.sizer.pick(self.method) if self.sizer else self.method
         return "ar" if self.next_step is not None else method  # a queued plain step runs whatever the pick
 
     def prefill(self, prompt: list[int], checkpoints: Sequence[int] = ()) -> int:
@@ -320,7 +324,7 @@ def stream_generate(
     tokenizer: Any = None,
     prompt_tokens: Any,
     max_new_tokens: int = 2048,
-    tree_budget: int | None = None,
+    tree_budget: int | str | None = None,
     stop_token_ids: Sequence[int] | None = None,
     method: str = "ddtree",
     config: DDTreeConfig | None = None,
@@ -344,7 +348,7 @@ def stream_generate(
     `kv_bits`, `kv_group_size`, `quantized_kv_start`: a quantized KV cache, as mlx-lm's generate_step means them."""
     if config is not None and not isinstance(config, DDTreeConfig):
         raise ValueError(f"config must be a DDTreeConfig (ddtree_mlx.DDTreeConfig(budget=...)), got {type(config).__name__}")
-    explicit = {"budget": tree_budget} if tree_budget is not None else {}
+    explicit = {"budget": tree_budget} if tree_budget is not None else {}  # an int or "auto"
     config = config.replace(**explicit) if config is not None else DDTreeConfig.from_env(**explicit)
     sampling = SamplingParams(temperature, top_p, top_k, seed)
     target = adapter_for(target_model)
@@ -364,26 +368,20 @@ def stream_generate(
         drafter.reset(target, prompt)
     cache = target.make_cache()
     target.check_cache(cache)
-    node_cost = node_cost_for(target, config, method)
+    sizer = tree_sizer_for(target, config, method)
     session = Session(target=target, drafter=drafter, config=config, method=method, cache=cache,
-                      choose=TokenChooser(sampling), stats=GenerationStats(prompt_tokens=len(prompt), node_cost=node_cost),
-                      controller=controller_for(config, method),
-                      prompt_cache=prompt_cache, kv=kv, node_cost=node_cost)
+                      choose=TokenChooser(sampling), stats=GenerationStats(prompt_tokens=len(prompt), sizer=sizer),
+                      sizer=sizer, prompt_cache=prompt_cache, kv=kv)
     return _run(session, prompt, min(max_new_tokens, room), stops, prompt_checkpoints)  # generation ends with the context: "length"
 
 
-def controller_for(config: DDTreeConfig, method: str) -> MethodController | None:
-    methods = ("ddtree",) + ("dflash",) * config.dflash_controller + ("ar",) * config.ar_fallback
-    return MethodController(methods) if method == "ddtree" and len(methods) > 1 else None
-
-
-def node_cost_for(target: TargetAdapter, config: DDTreeConfig, method: str) -> float:
-    """The configured node cost, or (auto) this machine's, measured once per model (calibration.verify_costs)."""
-    if config.node_cost is not None or method != "ddtree":
-        return float(config.node_cost or 0.0)
+def tree_sizer_for(target: TargetAdapter, config: DDTreeConfig, method: str) -> TreeSizer | None:
+    """DDTREE_BUDGET=auto: trees sized per cycle from this machine's verify costs (measured once per model)."""
+    if method != "ddtree" or config.budget != "auto":
+        return None
     from .calibration import verify_costs
 
-    return verify_costs(target, config).node_cost
+    return TreeSizer(verify_costs(target, config), config.max_budget)
 
 
 def _run(session: Session, prompt: list[int], max_new_tokens: int, stops: set[int],

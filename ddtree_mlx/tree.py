@@ -21,20 +21,31 @@ class DraftTree:
     ranks: list[int]
     """Rank of each node's token among its depth's draft candidates (0 = the drafter's first choice)."""
     children: list[dict[int, int]] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)
+    """Each node's path log-probability under the candidates the tree was built from (root: 0)."""
 
     @classmethod
     def root_only(cls, token: int) -> "DraftTree":
-        return cls(tokens=[token], parents=[-1], depths=[0], ranks=[0], children=[{}])
+        return cls(tokens=[token], parents=[-1], depths=[0], ranks=[0], children=[{}], scores=[0.0])
 
-    def add(self, parent: int, token: int, rank: int) -> int:
+    def add(self, parent: int, token: int, rank: int, score: float = 0.0) -> int:
         node = len(self.tokens)
         self.tokens.append(token)
         self.parents.append(parent)
         self.depths.append(self.depths[parent] + 1)
         self.ranks.append(rank)
         self.children.append({})
+        self.scores.append(score)
         self.children[parent][token] = node
         return node
+
+    def prefix(self, size: int) -> "DraftTree":
+        """The first `size` nodes: parents precede children, so they form a tree (of best-first pops, the best
+        tree of that size)."""
+        tree = DraftTree.root_only(self.tokens[0])
+        for node in range(1, min(size, len(self))):
+            tree.add(self.parents[node], self.tokens[node], self.ranks[node], self.scores[node])
+        return tree
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -94,16 +105,13 @@ def top_candidates(log_probs: mx.array, k: int) -> Candidates:
     return Candidates(mx.take_along_axis(tokens, order, -1), mx.take_along_axis(values, order, -1))
 
 
-def build_tree(candidates: Candidates, root_token: int, budget: int, node_cost: float = 0.0) -> DraftTree:
+def build_tree(candidates: Candidates, root_token: int, budget: int) -> DraftTree:
     """Best-first search over prefixes scored by the sum of per-position log-probs (DDTree, Algorithm 1).
 
     The heap holds frontier candidates (score, parent node, depth, rank); popping one adds it to the tree and
     pushes its next sibling (same parent, next rank) and its first child (next depth, rank 0). Neither can score
-    higher than the node that spawned it, so the pops are the budget-sized prefix-closed set of highest score.
-
-    With node_cost c > 0 (one more node's verify cost, in one-token verifies), growth also stops when the next
-    node no longer pays: a node of path probability p adds p expected tokens for c more cost, which raises the
-    tokens per second of a tree of T nodes and E expected tokens only if p > c E / (1 + c T).
+    higher than the node that spawned it, so the pops are the budget-sized prefix-closed set of highest score,
+    and every prefix of the pop order is the best tree of its own size (tree_size chooses among them).
     """
     tree = DraftTree.root_only(root_token)
     depth_limit, width = candidates.tokens.shape
@@ -112,14 +120,9 @@ def build_tree(candidates: Candidates, root_token: int, budget: int, node_cost: 
     top_k = min(budget, width)
     scores = candidates.log_probs
     heap = [(-scores[0, 0], 0, 0, 0)]  # (-score, parent, depth index, rank)
-    expected = 1.0  # tokens the tree commits on average if the drafter is calibrated: the bonus plus sum of p
     while heap and len(tree) <= budget:
-        probability = np.exp(-heap[0][0])
-        if probability * (1 + node_cost * len(tree)) <= node_cost * expected:
-            break
-        expected += probability
         neg_score, parent, depth, rank = heapq.heappop(heap)
-        node = tree.add(parent, int(candidates.tokens[depth, rank]), rank)
+        node = tree.add(parent, int(candidates.tokens[depth, rank]), rank, float(-neg_score))
         parent_score = -neg_score - scores[depth, rank]
         if rank + 1 < top_k:
             heapq.heappush(heap, (-(parent_score + scores[depth, rank + 1]), parent, depth, rank + 1))
@@ -132,5 +135,5 @@ def chain_tree(candidates: Candidates, root_token: int) -> DraftTree:
     """The single DFlash path: the drafter's first choice at every depth."""
     tree = DraftTree.root_only(root_token)
     for depth, token in enumerate(candidates.tokens[:, 0]):
-        tree.add(depth, int(token), 0)
+        tree.add(depth, int(token), 0, tree.scores[-1] + float(candidates.log_probs[depth, 0]))
     return tree

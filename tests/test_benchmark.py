@@ -14,11 +14,14 @@ import benchmark  # noqa: E402
 def test_synthetic_preset_writes_rows(tmp_path, capsys):
     out = tmp_path / "rows.json"
     code = benchmark.main(["--preset", "synthetic", "--limit", "1", "--repeats", "2", "--max-tokens", "12",
-                           "--budgets", "2,8", "--synthetic-size", "tiny", "--json", str(out)])
+                           "--budgets", "auto,2,8", "--synthetic-size", "tiny", "--json", str(out)])
     rows = json.loads(out.read_text())
     assert code == 0
-    assert {r["label"] for r in rows} == {"mlx-lm", "ar", "dflash", "ddtree@2", "ddtree@8"}
-    assert all(r["node_cost"] == 0 for r in rows if r["method"] == "ddtree")  # the tests' DDTREE_NODE_COST
+    assert {r["label"] for r in rows} == {"mlx-lm", "ar", "dflash", "ddtree@auto", "ddtree@2", "ddtree@8"}
+    by_label = {r["label"]: r for r in rows}
+    assert set(by_label["ddtree@8"]["tree_sizes"]) == {"8"} and by_label["ddtree@8"]["calibration"] is None
+    auto = by_label["ddtree@auto"]
+    assert sum(auto["tree_sizes"].values()) > 0 and auto["calibration"]["seconds"]  # the sizes it chose, and from what
     for row in rows:
         assert row["lossless"] is True and row["repeats"] == 2  # every method's tokens == mlx-lm's own
         assert row["speedup_vs_mlx_lm"]["median"] > 0 and row["speedup_vs_ar"]["median"] > 0
@@ -103,3 +106,27 @@ def test_blas_report_is_not_fooled_by_numpys_own_openblas(monkeypatch):
 
     monkeypatch.setenv("LD_PRELOAD", "")
     assert "reference BLAS" in blas_name() and slow_blas()
+
+
+class Characters:
+    """A tokenizer of one token per character."""
+
+    def encode(self, text):
+        return [ord(c) for c in text]
+
+    def decode(self, tokens):
+        return "".join(map(chr, tokens))
+
+
+def test_context_puts_real_text_before_each_prompt():
+    texts = benchmark.load_prompts(["alpaca"], limit=2, seed=0)
+    texts["chat"] = [[{"role": "user", "content": "hi"}]]
+    long = benchmark.with_context(texts, Characters(), 6000)
+    for original, prompt in zip(texts["alpaca"], long["alpaca"]):
+        context, ask = prompt[:6000], prompt[6000:]
+        assert ask == "\n\n" + original and original not in context  # no measured prompt in its own context
+    assert long["chat"] == [[{"role": "system", "content": context}, {"role": "user", "content": "hi"}]]
+    with pytest.raises(SystemExit, match="only"):
+        benchmark.with_context(texts, Characters(), 10**8)
+    args = benchmark.parse_args(["--measure", "serving"])
+    assert args.context == 8192 and benchmark.parse_args([]).context is None  # generation: no context unless asked

@@ -1,4 +1,4 @@
-"""The node cost measured on this machine: the measurement, its arithmetic, and its cache on disk."""
+"""Verify cost per tree size measured on this machine: the measurement, its time bound, and its cache on disk."""
 
 import json
 
@@ -20,32 +20,30 @@ def fresh(tmp_path, monkeypatch):
     return tmp_path / "calibration"
 
 
-def test_the_node_cost_is_the_slope_over_the_one_token_cost():
-    costs = VerifyCosts((1, 2, 4, 8), (1.0, 1.1, 1.3, 1.7))
-    assert costs.node_cost == pytest.approx(0.1)
-    assert VerifyCosts((1, 2, 4), (1.0, 0.9, 0.8)).node_cost == 0  # cheaper big trees: nothing to prune
-
-
-def test_measuring_a_real_target():
-    costs = calibration.measure(adapter_for(make_target("qwen3_5")), sizes=(1, 4, 16))
+def test_measuring_a_real_target(monkeypatch):
+    target = adapter_for(make_target("qwen3_5"))
+    costs = calibration.measure(target, sizes=(1, 4, 16))
     assert costs.sizes == (1, 4, 16) and all(s > 0 for s in costs.seconds)
-    assert costs.node_cost >= 0
+    monkeypatch.setattr(calibration, "TIME_BUDGET", 0.0)  # a slow machine: the grid stops after two sizes
+    assert calibration.measure(target).sizes == calibration.SIZES[:2]
 
 
 def test_measured_once_then_read_from_disk(fresh, monkeypatch):
     target = adapter_for(make_target("llama"))
     monkeypatch.setattr(calibration, "measure", lambda target, config: VerifyCosts((1, 2), (1.0, 1.5)))
-    assert calibration.verify_costs(target).node_cost == pytest.approx(0.5)
+    assert calibration.verify_costs(target).seconds == (1.0, 1.5)
     [saved] = fresh.glob("*.json")
     monkeypatch.setattr(calibration, "_MEMORY", {})
     monkeypatch.setattr(calibration, "measure", lambda target, config: pytest.fail("measured again"))
-    assert calibration.verify_costs(target).node_cost == pytest.approx(0.5)
+    assert calibration.verify_costs(target).seconds == (1.0, 1.5)
     for broken in ("{not json", json.dumps({"format": 99, "sizes": [1, 2], "seconds": [1.0, 2.0]}),
-                   json.dumps({"format": calibration.FORMAT, "sizes": [1], "seconds": [0.0]})):
+                   json.dumps({"format": calibration.FORMAT, "sizes": [1], "seconds": [1.0]}),
+                   json.dumps({"format": calibration.FORMAT, "sizes": [2, 1], "seconds": [1.0, 2.0]}),
+                   json.dumps({"format": calibration.FORMAT, "sizes": [1, 2], "seconds": [0.0, 1.0]})):
         saved.write_text(broken)
         monkeypatch.setattr(calibration, "_MEMORY", {})
         monkeypatch.setattr(calibration, "measure", lambda target, config: VerifyCosts((1, 2), (1.0, 1.2)))
-        assert calibration.verify_costs(target).node_cost == pytest.approx(0.2)  # measured again, no error
+        assert calibration.verify_costs(target).seconds == (1.0, 1.2)  # measured again, no error
 
 
 def test_the_key_follows_what_the_cost_depends_on(monkeypatch):
@@ -57,15 +55,18 @@ def test_the_key_follows_what_the_cost_depends_on(monkeypatch):
     assert calibration.machine_key(target) != before
 
 
-def test_auto_uses_the_measured_cost_and_stays_lossless(fresh, monkeypatch):
-    monkeypatch.setattr(calibration, "measure", lambda target, config: VerifyCosts((1, 2), (1.0, 1.8)))  # dear nodes
+def test_auto_uses_the_measured_costs_and_stays_lossless(fresh, monkeypatch):
     model = make_target("qwen3_5")
     expected = greedy_reference(model, PROMPT, 24)
-    runs = {}
-    for name, cost in (("auto", None), ("free", 0.0)):
-        runs[name] = generate_ddtree_once(target_model=model, draft_model=OracleDrafter(PROMPT + expected),
-                                          prompt_tokens=PROMPT, max_new_tokens=24, stop_token_ids=[],
-                                          config=DDTreeConfig(budget=16, node_cost=cost))
-        assert runs[name]["generated_token_ids"] == expected
-    assert runs["auto"]["node_cost"] == pytest.approx(0.8) and runs["free"]["node_cost"] == 0
-    assert runs["auto"]["avg_acceptance"] < runs["free"]["avg_acceptance"]  # dear nodes: smaller trees
+    sizes = {}
+    for name, node in (("dear", 0.8), ("cheap", 0.01)):  # what one more node costs, in one-token verifies
+        monkeypatch.setattr(calibration, "_MEMORY", {})
+        monkeypatch.setenv("DDTREE_CACHE_DIR", str(fresh / name))
+        monkeypatch.setattr(calibration, "measure", lambda target, config: VerifyCosts((1, 2), (1.0, 1.0 + node)))
+        result = generate_ddtree_once(target_model=model, draft_model=OracleDrafter(PROMPT + expected),
+                                      prompt_tokens=PROMPT, max_new_tokens=24, stop_token_ids=[],
+                                      config=DDTreeConfig(budget="auto", max_budget=16))
+        assert result["generated_token_ids"] == expected
+        assert result["calibration"]["seconds"] == [1.0, 1.0 + node]
+        sizes[name] = max(result["tree_sizes"])
+    assert sizes["dear"] < sizes["cheap"]  # dear nodes: smaller trees

@@ -45,7 +45,7 @@ def test_bad_environment_exits_2(capsys, monkeypatch):
     with pytest.raises(SystemExit) as exit_info:
         main(["generate", "hi"])
     assert exit_info.value.code == 2
-    assert "DDTREE_BUDGET='lots' is not an integer" in capsys.readouterr().err
+    assert "DDTREE_BUDGET='lots' is not a tree budget" in capsys.readouterr().err
 
 
 def test_unknown_dflash_drafter_exits_2(capsys):

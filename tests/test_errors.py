@@ -25,8 +25,8 @@ def start(**kwargs):
     ({"prompt_tokens": [[1, 2], [3, 4]]}, "batch size 1"),
     ({"max_new_tokens": 0}, "max_new_tokens must be a positive integer"),
     ({"max_new_tokens": -3}, "max_new_tokens must be a positive integer"),
-    ({"tree_budget": 0}, "tree budget must be an integer >= 1"),
-    ({"tree_budget": -2}, "tree budget must be an integer >= 1"),
+    ({"tree_budget": 0}, "tree budget must be 'auto' or an integer >= 1"),
+    ({"tree_budget": -2}, "tree budget must be 'auto' or an integer >= 1"),
     ({"method": "beam"}, "unknown method"),
     ({"draft_model": None}, "needs a draft_model"),
     ({"draft_model": object()}, "drafter protocol"),
@@ -90,11 +90,8 @@ def test_unsupported_family_and_cache():
 
 def test_env_parsing_is_strict(monkeypatch):
     monkeypatch.setenv("DDTREE_BUDGET", "abc")
-    with pytest.raises(ValueError, match="DDTREE_BUDGET='abc' is not an integer"):
+    with pytest.raises(ValueError, match="DDTREE_BUDGET='abc' is not a tree budget"):
         start()
-    monkeypatch.setenv("DDTREE_BUDGET", "0")
-    with pytest.raises(ValueError, match="DDTREE_BUDGET=0 is too small"):
-        DDTreeConfig.from_env()
     monkeypatch.setenv("DDTREE_BUDGET", "12")
     monkeypatch.setenv("DDTREE_EXACT_COMMIT", "maybe")
     with pytest.raises(ValueError, match="DDTREE_EXACT_COMMIT='maybe' is not a boolean"):
@@ -136,24 +133,28 @@ def test_readme_documents_every_setting():
         assert f"`DDTREE_{f.name.upper()}`" in readme
 
 
-def test_node_cost_setting(monkeypatch):
-    monkeypatch.setenv("DDTREE_NODE_COST", "cheap")
-    with pytest.raises(ValueError, match="DDTREE_NODE_COST='cheap' is not a number"):
+def test_budget_setting(monkeypatch):
+    assert DDTreeConfig.from_env().budget == "auto" and DDTreeConfig().tree_cap == 32
+    for bad in ("cheap", "0", "-3", "8.5"):
+        monkeypatch.setenv("DDTREE_BUDGET", bad)
+        with pytest.raises(ValueError, match=f"DDTREE_BUDGET='{bad}' is not a tree budget; set it to 'auto'"):
+            DDTreeConfig.from_env()
+    monkeypatch.setenv("DDTREE_BUDGET", " AUTO ")
+    assert DDTreeConfig.from_env().budget == "auto"
+    monkeypatch.setenv("DDTREE_BUDGET", "12")
+    assert DDTreeConfig.from_env().budget == 12 and DDTreeConfig.from_env().tree_cap == 12
+    assert DDTreeConfig.from_env(budget="auto").budget == "auto"  # an explicit argument wins over the variable
+    monkeypatch.setenv("DDTREE_MAX_BUDGET", "0")
+    with pytest.raises(ValueError, match="DDTREE_MAX_BUDGET=0 is too small"):
         DDTreeConfig.from_env()
-    monkeypatch.setenv("DDTREE_NODE_COST", "-0.1")
-    with pytest.raises(ValueError, match="must be >= 0"):
-        DDTreeConfig.from_env()
-    monkeypatch.setenv("DDTREE_NODE_COST", "auto")
-    assert DDTreeConfig.from_env().node_cost is None  # measured on this machine (tests/test_calibration.py)
-    monkeypatch.setenv("DDTREE_NODE_COST", "0.2")
-    assert DDTreeConfig.from_env().node_cost == 0.2
-    with pytest.raises(ValueError, match="node cost must be a number >= 0"):
-        DDTreeConfig(node_cost=-1).validate()
+    for bad in (0, "big", 2.0, True):
+        with pytest.raises(ValueError, match="tree budget must be 'auto' or an integer >= 1"):
+            DDTreeConfig(budget=bad).validate()
 
 
 def test_explicit_arguments_win_even_over_a_bad_env_var(monkeypatch):
     monkeypatch.setenv("DDTREE_BUDGET", "abc")
-    with pytest.raises(ValueError, match="DDTREE_BUDGET='abc' is not an integer"):
+    with pytest.raises(ValueError, match="DDTREE_BUDGET='abc' is not a tree budget"):
         start()
     list(start(tree_budget=4, draft_model=None, method="ar"))  # the broken variable is never read
 

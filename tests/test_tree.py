@@ -88,25 +88,17 @@ def test_ancestor_mask_and_window_index(seed):
 
 
 @pytest.mark.parametrize("seed", range(10))
-@pytest.mark.parametrize("cost", [0.02, 0.1, 0.5])
-def test_node_cost_keeps_the_nodes_that_pay(seed, cost):
-    """The pruned tree is the longest run of best-first prefixes each of which raises expected tokens per cost."""
+def test_every_prefix_of_the_pop_order_is_the_best_tree_of_its_size(seed):
+    """What auto sizing rests on: cutting the full best-first tree after n nodes gives the heap's tree of n."""
     rng = np.random.default_rng(seed)
     candidates = random_candidates(rng, 4, 3)
     full = build_tree(candidates, 0, budget=20)
-    pruned = build_tree(candidates, 0, budget=20, node_cost=cost)
-    probabilities = sorted((np.exp(s) for _, s in all_prefixes(candidates)), reverse=True)
-    expected, kept = 1.0, 0
-    for p in probabilities[:20]:
-        if (expected + p) / (1 + cost * (kept + 2)) <= expected / (1 + cost * (kept + 1)):
-            break
-        expected, kept = expected + p, kept + 1
-    assert len(pruned) == kept + 1
-    assert tree_prefixes(pruned) == set(sorted(tree_prefixes(full), key=lambda r: -sum(
-        candidates.log_probs[d, x] for d, x in enumerate(r)))[:kept])
-
-
-def test_flat_drafts_give_a_root_only_tree():
-    flat = Candidates(np.arange(12).reshape(3, 4), np.full((3, 4), np.log(1 / 5000)))
-    assert len(build_tree(flat, 0, budget=8, node_cost=0.06)) == 1
-    assert len(build_tree(flat, 0, budget=8, node_cost=0.0)) == 9
+    for nodes in range(1, 21):
+        cut, direct = full.prefix(nodes + 1), build_tree(candidates, 0, budget=nodes)
+        assert (cut.tokens, cut.parents, cut.ranks) == (direct.tokens, direct.parents, direct.ranks)
+        assert cut.children == direct.children
+    assert full.scores == sorted(full.scores, reverse=True)  # path scores fall along the pop order
+    for node in range(1, len(full)):
+        path = full.path_to(node)[1:]
+        assert full.scores[node] == pytest.approx(sum(candidates.log_probs[full.depths[n] - 1, full.ranks[n]]
+                                                      for n in path))

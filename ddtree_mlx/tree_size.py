@@ -1,0 +1,164 @@
+"""How big a tree to verify, cycle by cycle (DDTREE_BUDGET=auto): the size that commits the most tokens per second
+on this machine, and whether to draft at all.
+
+Value. The heap pops nodes best first, so the first n pops are the best tree of n nodes, and node i adds its path
+probability p_i to the tokens a cycle commits on average: E(n) = 1 + p_1 + ... + p_n. A drafter's probabilities
+are not what the target accepts (a DFlash drafter is trained on each position alone, not on the path; prompt
+lookup's are match weights), so `Acceptance` learns what they are worth on this text: per depth and probability
+bucket, how often a node whose parent was accepted was accepted too, starting from the drafter's own word.
+
+Cost. V(n) = scale * c(n + 1): c is the verify curve measured once for this machine (calibration.VerifyCosts) and
+`scale` what the cycles measure against it (a longer context, other work on the machine).
+
+Choice. The size maximizing E(n) - rate * V(n), where `rate` is the tokens per second decoding has been running at:
+a node is worth verifying when the tokens it adds pay for its time at that rate (Dinkelbach's step towards the
+highest tokens per second). n = 0 verifies the root alone, a plain decoding step.
+
+Draft or not. Drafting costs time too (a DFlash drafter's forward). After each drafted cycle the sizer knows what
+the draft was worth over a plain step, E(n*) - rate * V(n*) - (1 - rate * V(0)), and what it cost, rate * seconds
+drafting; while the recent average says it does not pay, cycles are plain steps, with a draft every PROBE_EVERY
+cycles to notice when the text changes. Every choice here changes speed only: verify and walk keep the output the
+target's own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .calibration import VerifyCosts
+from .tree import Candidates, DraftTree
+
+EDGES = np.array([0.0, 0.01, 0.03, 0.1, 0.2, 0.35, 0.5, 0.65, 0.8, 0.9, 0.97, 1.0])  # drafter probability buckets
+CENTERS = (EDGES[:-1] + EDGES[1:]) / 2
+PRIOR = 1.0  # the drafter's own probability (or the depth above's estimate) counts as this many observations
+MEMORY = 0.995  # per drafted cycle: old observations fade, so the estimate follows the text
+SMOOTHING = 0.1  # weight of the newest cycle in the moving averages of time and tokens
+PROBE_EVERY = 8  # while drafting does not pay, draft once every this many cycles
+
+
+@dataclass
+class Acceptance:
+    """P(a node is accepted | its parent was, the drafter gave it probability p, at depth d), per (d, bucket)."""
+
+    hits: np.ndarray = field(default_factory=lambda: np.zeros((0, len(CENTERS))))
+    trials: np.ndarray = field(default_factory=lambda: np.zeros((0, len(CENTERS))))
+
+    def rates(self, depths: int) -> np.ndarray:
+        """[depths, buckets] estimates, made non-decreasing in p (weighted isotonic regression) so calibrating
+        keeps each depth's order, as the heap needs."""
+        self.grow(depths)
+        rates, prior = [], CENTERS  # a depth's prior is the depth above's estimate: deeper nodes are tried less
+        for hits, trials in zip(self.hits[:depths], self.trials[:depths]):
+            prior = isotonic((hits + PRIOR * prior) / (trials + PRIOR), trials + PRIOR)
+            rates.append(prior)
+        return np.array(rates).reshape(depths, len(CENTERS))
+
+    def calibrate(self, candidates: Candidates) -> Candidates:
+        """The same candidates with log-probabilities replaced by estimated acceptance (still sorted per depth)."""
+        rates = self.rates(len(candidates.log_probs))
+        probs = np.exp(candidates.log_probs)
+        calibrated = [np.interp(row, np.r_[0.0, CENTERS], np.r_[0.0, rate]) for row, rate in zip(probs, rates)]
+        return Candidates(candidates.tokens, np.log(np.clip(np.reshape(calibrated, probs.shape), 1e-12, 1.0)))
+
+    def record(self, candidates: Candidates, tree: DraftTree, path: list[int]) -> None:
+        """Every node whose parent is on the accepted path was a trial; it succeeded if it is on the path too."""
+        on_path = set(path)
+        nodes = [n for n in range(1, len(tree)) if tree.parents[n] in on_path]
+        self.hits *= MEMORY
+        self.trials *= MEMORY
+        if not nodes:
+            return
+        depth = np.array([tree.depths[n] - 1 for n in nodes])
+        p = np.exp(candidates.log_probs[depth, [tree.ranks[n] for n in nodes]])
+        bucket = np.clip(np.searchsorted(EDGES, p, side="right") - 1, 0, len(CENTERS) - 1)
+        np.add.at(self.trials, (depth, bucket), 1.0)
+        np.add.at(self.hits, (depth, bucket), [float(n in on_path) for n in nodes])
+
+    def grow(self, depths: int) -> None:
+        if len(self.hits) < depths:
+            pad = ((0, depths - len(self.hits)), (0, 0))
+            self.hits, self.trials = np.pad(self.hits, pad), np.pad(self.trials, pad)
+
+
+@dataclass
+class TreeSizer:
+    costs: VerifyCosts
+    cap: int  # the most draft nodes a tree may have (DDTREE_MAX_BUDGET)
+    acceptance: Acceptance = field(default_factory=Acceptance)
+    scale: float = 1.0  # observed verify time over the curve's
+    tokens: float = 1.0  # moving averages of tokens and seconds per cycle: their ratio is the rate
+    seconds: float = 0.0
+    drafting: float = 0.0  # moving average of seconds spent drafting and building a tree
+    gain: float = 0.0  # moving average of what a draft was worth over a plain step, in tokens
+    last_gain: float = 0.0  # the newest draft's worth, before its cost
+    skipped: int = 0
+    probing: bool = False  # this cycle drafts only to check whether drafting pays again
+
+    def __post_init__(self) -> None:
+        self.seconds = float(self.costs.at(1))  # until cycles are measured: plain decoding's rate
+
+    @property
+    def rate(self) -> float:
+        return self.tokens / self.seconds
+
+    def verify_seconds(self, nodes: np.ndarray | int) -> np.ndarray:
+        return self.scale * self.costs.at(np.asarray(nodes) + 1)
+
+    # --- before drafting -------------------------------------------------------------------------------------
+
+    def will_draft(self) -> bool:
+        return self.gain >= 0 or self.skipped + 1 >= PROBE_EVERY
+
+    def pick(self, method: str) -> str:
+        """The method of the next cycle: `method`, or "ar" while drafting does not pay."""
+        if self.will_draft():
+            self.probing, self.skipped = self.gain < 0, 0
+            return method
+        self.skipped += 1
+        return "ar"
+
+    # --- building --------------------------------------------------------------------------------------------
+
+    def size(self, tree: DraftTree) -> DraftTree:
+        """The best prefix of a best-first tree built on calibrated candidates (tree.scores are log-acceptance)."""
+        probs = np.exp(np.array(tree.scores[1 : self.cap + 1]))
+        nodes = np.arange(len(probs) + 1)
+        value = 1 + np.concatenate([[0.0], np.cumsum(probs)]) - self.rate * self.verify_seconds(nodes)
+        best = int(np.argmax(value))
+        # What this draft was worth over a plain step (value[0]), before what drafting it cost.
+        self.last_gain = float(value[best] - value[0])
+        return tree.prefix(best + 1)
+
+    # --- after the cycle -------------------------------------------------------------------------------------
+
+    def record(self, candidates: Candidates | None, tree: DraftTree, path: list[int], committed: int,
+               seconds: float, drafting: float, verifying: float) -> None:
+        self.tokens += SMOOTHING * (committed - self.tokens)
+        self.seconds += SMOOTHING * (seconds - self.seconds)
+        if candidates is None:
+            return
+        self.acceptance.record(candidates, tree, path)
+        self.scale += SMOOTHING * (verifying / float(self.costs.at(len(tree))) - self.scale)
+        self.drafting += SMOOTHING * (drafting - self.drafting)
+        gain = self.last_gain - self.rate * self.drafting
+        # A probe's verdict stands alone: averaged with the cycles that stopped drafting, a changed text would
+        # need many probes to be believed.
+        self.gain = gain if self.probing else self.gain + SMOOTHING * (gain - self.gain)
+
+    def report(self) -> dict:
+        return {"sizes": list(self.costs.sizes), "seconds": [round(s, 6) for s in self.costs.seconds],
+                "scale": round(self.scale, 3)}
+
+
+def isotonic(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """The non-decreasing sequence closest to `values` in weighted squared error (pool adjacent violators): a
+    well-observed bucket that the drafter overrates pulls its sparsely observed neighbours down with it."""
+    blocks: list[list[float]] = []  # [value, weight, buckets]
+    for value, weight in zip(values, weights):
+        blocks.append([value, weight, 1])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            (v2, w2, n2), (v1, w1, n1) = blocks.pop(), blocks.pop()
+            blocks.append([(v1 * w1 + v2 * w2) / (w1 + w2), w1 + w2, n1 + n2])
+    return np.repeat([b[0] for b in blocks], [int(b[2]) for b in blocks])

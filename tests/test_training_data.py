@@ -1,0 +1,36 @@
+"""The shipped drafter's training prompts share nothing with a benchmark prompt set."""
+
+import json
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).parents[1]
+BENCHMARKS = ["humaneval.jsonl", "mbpp_sanitized.jsonl", "mt_bench.jsonl", "alpaca_eval.jsonl", "gsm8k_heldout.jsonl"]
+
+
+def texts(row):
+    values = [row.get(key) for key in ("prompt", "instruction", "input", "text", "code")] + row.get("turns", [])
+    return [v for v in values if isinstance(v, str) and v.strip()]
+
+
+def shingles(text, n=8):
+    """Runs of n words (numbers aside: "[1.0, 2.0, 3.0, 4.0]" is no shared prompt)."""
+    words = re.findall(r"[a-z]+", text.lower())
+    return {" ".join(words[i : i + n]) for i in range(len(words) - n + 1)}
+
+
+def test_no_training_prompt_is_a_benchmark_prompt():
+    """The instructions written for the drafter share no run of eight words with any benchmark prompt; the GSM8K
+    questions (whose phrasing is formulaic: "how many ... are in the") are none of the held-out ones."""
+    benchmark, exact = set(), set()
+    for name in BENCHMARKS:
+        for line in (ROOT / "ddtree_mlx" / "prompts" / name).read_text().splitlines():
+            for text in texts(json.loads(line)):
+                benchmark |= shingles(text)
+                exact.add(text.strip())
+    rows = [json.loads(line) for line in (ROOT / "drafters/smollm2-135m/general_prompts.jsonl").read_text().splitlines()]
+    written = [r for r in rows if r["id"].startswith("general-")]
+    assert len(written) > 500 and len(rows) - len(written) == 1248
+    assert not {r["id"]: shingles(r["prompt"]) & benchmark for r in written if shingles(r["prompt"]) & benchmark}
+    assert not [r["id"] for r in rows if r["prompt"].strip() in exact]
+    assert benchmark and len(exact) > 1000, "the benchmark prompts were not read: the test would pass vacuously"

@@ -1,0 +1,126 @@
+"""DDTREE_BUDGET=auto: the size chosen vs brute force over every tree, what the acceptance estimate learns, when
+drafting stops and restarts, and what the cycles' timings correct."""
+
+import numpy as np
+import pytest
+
+from ddtree_mlx.calibration import VerifyCosts
+from ddtree_mlx.tree import Candidates, DraftTree, build_tree
+from ddtree_mlx.tree_size import PROBE_EVERY, Acceptance, TreeSizer
+from test_tree import all_prefixes, random_candidates
+
+
+def prefix_closed_sets(candidates):
+    """Every set of ranked prefixes whose every prefix is in it too (the trees a draft can make)."""
+    prefixes = dict(all_prefixes(candidates))
+    keys = list(prefixes)
+    for mask in range(1 << len(keys)):
+        chosen = {keys[i] for i in range(len(keys)) if mask >> i & 1}
+        if all(p[:-1] in chosen or len(p) == 1 for p in chosen):
+            yield chosen, prefixes
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_the_chosen_size_is_the_best_tree_over_every_tree(seed):
+    rng = np.random.default_rng(seed)
+    candidates = random_candidates(rng, 3, 2)
+    # A convex or concave verify curve, in seconds, and a decoding rate in tokens per second.
+    sizes = (1, 2, 4, 8, 15)
+    seconds = tuple(0.01 * (1 + rng.uniform(0.02, 0.4) * (s - 1) ** rng.uniform(0.6, 1.4)) for s in sizes)
+    sizer = TreeSizer(VerifyCosts(sizes, seconds), cap=14)
+    sizer.tokens, sizer.seconds = rng.uniform(1.5, 3.0), 0.01
+    chosen = sizer.size(build_tree(sizer.acceptance.calibrate(candidates), 0, sizer.cap))
+    value = lambda nodes, total: 1 + total - sizer.rate * sizer.verify_seconds(nodes)  # noqa: E731
+    best = max(value(len(s), sum(np.exp(p[r]) for r in s)) for s, p in prefix_closed_sets(candidates))
+    picked = sum(np.exp(chosen.scores[1:]))  # path probabilities (tests/test_tree.py checks the scores)
+    assert value(len(chosen) - 1, picked) == pytest.approx(best)
+
+
+def test_unlikely_nodes_are_cut_and_free_ones_kept():
+    flat = Candidates(np.arange(12).reshape(3, 4), np.full((3, 4), np.log(1 / 5000)))
+    dear = TreeSizer(VerifyCosts((1, 2), (0.01, 0.02)), cap=8)
+    assert len(dear.size(build_tree(dear.acceptance.calibrate(flat), 0, 8))) == 1  # a plain step
+    sure = Candidates(np.arange(12).reshape(3, 4), np.log(np.tile([0.97, 0.01, 0.01, 0.01], (3, 1))))
+    free = TreeSizer(VerifyCosts((1, 2), (0.01, 0.01)), cap=8)
+    assert len(free.size(build_tree(free.acceptance.calibrate(sure), 0, 8))) == 9
+    assert len(dear.size(build_tree(dear.acceptance.calibrate(sure), 0, 8))) == 1  # 0.97 token for a token's time
+    half = TreeSizer(VerifyCosts((1, 2), (0.01, 0.015)), cap=8)
+    assert len(half.size(build_tree(half.acceptance.calibrate(sure), 0, 8))) == 4  # the likely chain only
+
+
+def one_node_tree(candidates):
+    tree = DraftTree.root_only(0)
+    tree.add(0, int(candidates.tokens[0, 0]), 0, float(candidates.log_probs[0, 0]))
+    return tree
+
+
+def test_acceptance_learns_what_the_drafter_is_worth():
+    """A drafter that says 0.9 and is right 30% of the time at depth 1: after a few hundred cycles its 0.9 is
+    worth ~0.3, and calibrating keeps every depth's order (the heap needs it)."""
+    rng = np.random.default_rng(0)
+    acceptance = Acceptance()
+    candidates = Candidates(np.array([[5, 6, 7], [8, 9, 10]]), np.log([[0.9, 0.05, 0.01], [0.6, 0.3, 0.02]]))
+    before = np.exp(acceptance.calibrate(candidates).log_probs)
+    assert before == pytest.approx(np.exp(candidates.log_probs))  # no evidence yet: the drafter's word
+    tree = one_node_tree(candidates)
+    for _ in range(600):
+        acceptance.record(candidates, tree, [0, 1] if rng.random() < 0.3 else [0])
+    after = np.exp(acceptance.calibrate(candidates).log_probs)
+    assert after[0, 0] == pytest.approx(0.3, abs=0.08)
+    assert after[1, 0] < 0.4  # depth 2 was never tried: it takes depth 1's lesson (the drafter overrates)
+    assert all(np.all(np.diff(row) <= 0) for row in after)
+
+
+def test_drafting_stops_when_it_does_not_pay_and_is_probed():
+    sizer = TreeSizer(VerifyCosts((1, 2), (0.01, 0.011)), cap=8)
+    candidates = Candidates(np.array([[5, 6]]), np.log([[0.5, 0.1]]))
+    picks = []
+    for cycle in range(60):
+        method = sizer.pick("ddtree")
+        picks.append(method)
+        if method == "ar":
+            sizer.record(None, DraftTree.root_only(0), [0], 1, 0.01, 0.0, 0.01)
+            continue
+        tree = sizer.size(build_tree(sizer.acceptance.calibrate(candidates), 0, 8))
+        # Drafting takes 30 ms, three plain steps' time, and the draft is never accepted.
+        sizer.record(candidates, tree, [0], 1, 0.04 + 0.01, 0.04, 0.01)
+    assert picks[:2] == ["ddtree", "ddtree"]
+    rest = picks[20:]
+    assert rest.count("ar") >= 30 and 0 < rest.count("ddtree") <= len(rest) // PROBE_EVERY + 1
+    # The text changes: every draft is accepted. The next probe brings drafting back to stay.
+    candidates = Candidates(np.arange(8)[:, None], np.log(np.full((8, 1), 0.99)))
+    picks = []
+    for _ in range(3 * PROBE_EVERY):
+        picks.append(sizer.pick("ddtree"))
+        if picks[-1] == "ddtree":
+            tree = sizer.size(build_tree(sizer.acceptance.calibrate(candidates), 0, 8))
+            sizer.record(candidates, tree, list(range(len(tree))), len(tree), 0.04 + 0.012, 0.04, 0.012)
+        else:
+            sizer.record(None, DraftTree.root_only(0), [0], 1, 0.01, 0.0, 0.01)
+    first = picks.index("ddtree")
+    assert first < PROBE_EVERY and set(picks[first:]) == {"ddtree"}
+
+
+def test_the_cycles_correct_the_curve():
+    """Verify twice as slow as calibrated (a longer context, a busy machine): the scale finds it."""
+    sizer = TreeSizer(VerifyCosts((1, 5), (0.01, 0.02)), cap=4)
+    candidates = Candidates(np.array([[5], [6], [7], [8]]), np.log(np.full((4, 1), 0.9)))
+    for _ in range(80):
+        tree = sizer.size(build_tree(sizer.acceptance.calibrate(candidates), 0, 4))
+        sizer.record(candidates, tree, list(range(len(tree))), len(tree), 0.03, 0.001,
+                     2 * float(sizer.costs.at(len(tree))))
+    assert sizer.scale == pytest.approx(2.0, rel=0.01)
+    assert sizer.verify_seconds(4) == pytest.approx(0.04, rel=0.01)
+
+
+def test_the_curve_extends_past_its_last_point():
+    costs = VerifyCosts((1, 3, 5), (0.01, 0.012, 0.016))
+    assert costs.at(np.array([1, 2, 5, 9])) == pytest.approx([0.01, 0.011, 0.016, 0.024])
+    assert VerifyCosts((1, 3), (0.01, 0.008)).at(2) == pytest.approx(0.01)  # never below a one-token verify
+
+
+@pytest.mark.parametrize("cap", [1, 3])
+def test_the_cap_bounds_the_tree(cap):
+    sure = Candidates(np.arange(12).reshape(3, 4), np.log(np.tile([0.97, 0.01, 0.01, 0.01], (3, 1))))
+    sizer = TreeSizer(VerifyCosts((1, 2), (0.01, 0.01)), cap=cap)
+    assert len(sizer.size(build_tree(sizer.acceptance.calibrate(sure), 0, cap))) == cap + 1
