@@ -96,7 +96,11 @@ def with_context(texts: dict[str, list[Any]], tokenizer: Any, length: int) -> di
     measured = {t for rows in texts.values() for t in rows if isinstance(t, str)}
     pool = [text for name in ("mt_bench", "alpaca") for text in load_prompts([name], 10**6, 0)[name]
             if text not in measured]
-    tokens = tokenizer.encode("\n\n".join(pool))
+    tokens = []
+    for text in pool:  # piece by piece: only as much as needed goes through the tokenizer
+        tokens += tokenizer.encode(text + "\n\n")
+        if len(tokens) >= length:
+            break
     if len(tokens) < length:
         raise SystemExit(f"--context {length}: only {len(tokens)} tokens of context text are bundled")
     context = tokenizer.decode(tokens[:length])

@@ -19,6 +19,7 @@ import os
 import sys
 import time
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -27,29 +28,52 @@ import numpy as np
 
 from .blas import blas_name
 from .config import DDTreeConfig
+from .distributed import broadcast
 from .models.base import TargetAdapter
 from .tree import DraftTree
 
 SIZES = (1, 2, 3, 5, 9, 17, 33, 65)  # nodes, root included
-PROMPT_TOKENS = 128
-REPEATS = 3
-TIME_BUDGET = 6.0  # seconds of measuring after which the grid stops (it always has its first two sizes)
+PROMPT_TOKENS = 32  # a short context: what a longer one adds, the cycles measure (TreeSizer.scale)
+REPEATS = 4
+TIME_BUDGET = 8.0  # seconds of measuring, about: a slow machine measures fewer sizes (always two)
 FORMAT = 2
 
 
 @dataclass(frozen=True)
 class VerifyCosts:
     sizes: tuple[int, ...]
-    seconds: tuple[float, ...]  # median verify time of a tree of each size (root included)
+    seconds: tuple[float, ...]  # the fastest verify of a tree of each size (root included)
+
+    @cached_property
+    def curve(self) -> tuple[np.ndarray, np.ndarray, float]:
+        """(sizes, seconds made non-decreasing, slope past the last size). Timing noise can make a bigger tree
+        look cheaper; no tree is, and a flat end would make every bigger tree look free. The slope is the
+        least-squares slope of the upper half of the grid (where a GPU's curve bends up), or of the whole grid if
+        that is steeper."""
+        sizes = np.array(self.sizes, dtype=float)
+        seconds = isotonic(np.array(self.seconds), np.ones(len(sizes)))
+        if len(sizes) < 2:
+            return sizes, seconds, 0.0
+        half = len(sizes) // 2 if len(sizes) >= 4 else 0
+        slopes = [np.polyfit(sizes[first:], seconds[first:], 1)[0] for first in (0, half)]
+        return sizes, seconds, max(float(max(slopes)), 0.0)
 
     def at(self, nodes: np.ndarray | int) -> np.ndarray:
-        """Verify seconds of trees of `nodes` nodes: the measured curve, straight past its last point, and never
-        below the one-token cost."""
-        sizes, seconds = np.array(self.sizes, dtype=float), np.array(self.seconds)
-        slope = (seconds[-1] - seconds[-2]) / (sizes[-1] - sizes[-2]) if len(sizes) > 1 else 0.0
-        beyond = seconds[-1] + max(slope, 0.0) * (np.asarray(nodes) - sizes[-1])
-        inside = np.interp(nodes, sizes, seconds)
-        return np.maximum(np.where(np.asarray(nodes) > sizes[-1], beyond, inside), seconds[0])
+        """Verify seconds of trees of `nodes` nodes: the measured curve, straight past its last point."""
+        sizes, seconds, slope = self.curve
+        nodes = np.asarray(nodes)
+        return np.where(nodes > sizes[-1], seconds[-1] + slope * (nodes - sizes[-1]), np.interp(nodes, sizes, seconds))
+
+
+def isotonic(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """The non-decreasing sequence closest to `values` in weighted squared error (pool adjacent violators)."""
+    blocks: list[list[float]] = []  # [value, weight, points]
+    for value, weight in zip(values, weights):
+        blocks.append([value, weight, 1])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            (v2, w2, n2), (v1, w1, n1) = blocks.pop(), blocks.pop()
+            blocks.append([(v1 * w1 + v2 * w2) / (w1 + w2), w1 + w2, n1 + n2])
+    return np.repeat([b[0] for b in blocks], [int(b[2]) for b in blocks])
 
 
 def random_tree(size: int, rng: np.random.Generator, vocab: int) -> DraftTree:
@@ -75,13 +99,24 @@ def measure(target: TargetAdapter, config: DDTreeConfig = DDTreeConfig(), sizes:
         return time.perf_counter() - start
 
     run(1)  # the process's first verify pays for one-time set-up (kernel checks, allocations): not counted
-    seconds, start = [], time.perf_counter()
+    # A first round builds each size's kernels and says what a round costs: the grid ends where REPEATS more
+    # rounds would not fit in TIME_BUDGET (the curve continues straight from there).
+    first, start = [], time.perf_counter()
     for size in sizes:
-        if len(seconds) >= 2 and time.perf_counter() - start > TIME_BUDGET:
-            break  # a slow machine: the curve continues linearly from here
-        # The first run of each size builds its kernels; of the rest the fastest, as timing noise only adds.
-        seconds.append(min([run(size) for _ in range(REPEATS + 1)][1:]))
-    return VerifyCosts(tuple(sizes[: len(seconds)]), tuple(seconds))
+        if len(first) >= 2:
+            guess = VerifyCosts(tuple(sizes[: len(first)]), tuple(first)).at(size)
+            late = (time.perf_counter() - start + guess) * (REPEATS + 1) > TIME_BUDGET
+            if (broadcast([late], target.group)[0] if target.group else late):  # sharded: rank 0 decides
+                break
+        first.append(run(size))
+    grid = sizes[: len(first)]
+    # Rounds over the whole grid, not one size after another: drift (another job, the clock) hits every size
+    # alike instead of bending the curve. The fastest run of each size, as timing noise only adds.
+    rounds = [[run(size) for size in grid] for _ in range(REPEATS)]
+    seconds = [min(times) for times in zip(*rounds)]
+    if target.group is not None:  # every rank sizes trees from the same curve: rank 0's
+        seconds = broadcast(seconds, target.group)
+    return VerifyCosts(tuple(grid), tuple(seconds))
 
 
 def machine_key(target: TargetAdapter) -> str:
@@ -115,13 +150,18 @@ def verify_costs(target: TargetAdapter, config: DDTreeConfig = DDTreeConfig()) -
     if key in _MEMORY:
         return _MEMORY[key]
     path = cache_dir() / f"{key}.json"
+    if target.group is not None:
+        # Sharded: measured on every start, no file (one rank reading a file while another measured would leave
+        # the measuring rank's collectives unanswered).
+        costs = _MEMORY[key] = measure(target, config)
+        return costs
     costs = read(path)
     if costs is None:
         print("ddtree-mlx: measuring verify cost per tree size on this machine (once per model; cached)",
               file=sys.stderr, flush=True)
         costs = measure(target, config)
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(".partial")
+        partial = path.with_suffix(f".{os.getpid()}.partial")  # processes starting together write apart
         partial.write_text(json.dumps({"format": FORMAT, **asdict(costs)}))
         partial.replace(path)
     _MEMORY[key] = costs

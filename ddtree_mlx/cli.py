@@ -8,9 +8,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from importlib.metadata import version
 from typing import Any, Iterator, Sequence
+
+import mlx.core as mx
 
 from .blas import HINT, slow_blas, use_openblas
 from .config import DDTreeConfig
@@ -109,6 +112,8 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1, off)")
     parser.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (default: 0, off)")
     parser.add_argument("--seed", type=int, help="seed for sampling")
+    parser.add_argument("--sharding", choices=("tensor",), help="under mlx.launch: split the target over every "
+                                                                 "process (tensor parallel); rank 0 prints")
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -118,7 +123,10 @@ def run_generate(args: argparse.Namespace) -> int:
     config = DDTreeConfig.from_env(budget=args.budget)
     SamplingParams(**sampling)
     # `ar` drafts nothing; prompt lookup is the drafter that costs nothing to build.
-    target, tokenizer, drafter = load(args.model, "prompt-lookup" if args.method == "ar" else args.draft)
+    target, tokenizer, drafter = load(args.model, "prompt-lookup" if args.method == "ar" else args.draft,
+                                      sharding=args.sharding)
+    if args.sharding and mx.distributed.init().rank() != 0:
+        sys.stdout = sys.stderr = open(os.devnull, "w")  # every rank computes; one prints
     stops = stop_token_ids(tokenizer, args.model)  # a local --model directory may add generation_config ids
     steps = stream_generate(
         target_model=target, draft_model=None if args.method == "ar" else drafter, tokenizer=tokenizer,

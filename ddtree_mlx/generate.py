@@ -381,7 +381,7 @@ def tree_sizer_for(target: TargetAdapter, config: DDTreeConfig, method: str) -> 
         return None
     from .calibration import verify_costs
 
-    return TreeSizer(verify_costs(target, config), config.max_budget)
+    return TreeSizer(verify_costs(target, config), config.max_budget, group=target.group)
 
 
 def _run(session: Session, prompt: list[int], max_new_tokens: int, stops: set[int],

@@ -15,12 +15,14 @@ import re
 from pathlib import Path
 from typing import Any
 
+import mlx.core as mx
 import mlx.nn as nn
 import mlx_lm
 from dflash_mlx.model import DFlashDraftModel, DFlashDraftModelArgs
 from huggingface_hub import snapshot_download
-from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS, load_model
+from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS, load_model, sharded_load
 
+from .distributed import check_shardable, shard
 from .embedded import load_embedded
 from .prompt_lookup import PromptLookupDrafter
 
@@ -42,15 +44,25 @@ _PRECISION_SUFFIX = re.compile(r"(-mlx)?-(\d+bit|bf16|fp16|mxfp\d|nvfp\d)(-\w+)?
 _REPO_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
 
-def load(model: str | None = None, draft: str | None = None, *, cache_dir: str | None = None
-         ) -> tuple[nn.Module, Any, Any]:
+def load(model: str | None = None, draft: str | None = None, *, cache_dir: str | None = None,
+         sharding: str | None = None) -> tuple[nn.Module, Any, Any]:
     """`model`: a local directory or repo id; None is the embedded SmolLM2-135M-Instruct, converted once into
     `cache_dir` (default: DDTREE_CACHE_DIR or the user cache). `draft`: None picks the target's DFlash drafter
     from REGISTRY, or prompt lookup when it has none; "dflash" insists on the registered drafter;
-    "prompt-lookup" forces prompt lookup; anything else is a DFlash checkpoint directory or repo id."""
+    "prompt-lookup" forces prompt lookup; anything else is a DFlash checkpoint directory or repo id.
+    `sharding="tensor"` (under mlx.launch): the target split over every process with mlx-lm's sharded_load,
+    each rank reading only its own part of the weights."""
+    if sharding not in (None, "tensor"):
+        raise ValueError(f"unknown sharding {sharding!r}; use 'tensor' (pipeline parallelism is not supported yet)")
     drafter = load_drafter(model, draft)  # first: a wrong --draft fails before a large target loads
     if model is None:
         target_model, tokenizer = load_embedded(cache_dir)
+        if sharding:
+            shard(target_model)
+    elif sharding:
+        path, group = local_dir(model, "model"), mx.distributed.init()
+        check_shardable(json.loads((path / "config.json").read_text()), group.size())  # before any weight loads
+        target_model, tokenizer = sharded_load(str(path), tensor_group=group)
     else:
         target_model, tokenizer = mlx_lm.load(str(local_dir(model, "model")))
     return target_model, tokenizer, drafter

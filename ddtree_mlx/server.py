@@ -28,6 +28,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from itertools import chain
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
+from . import calibration
 from .blas import blas_name
 from .cli import add_engine_arguments, kv_options
 from .config import DDTreeConfig, is_int, is_number
@@ -264,7 +265,7 @@ class Engine:
     """The model, its tokenizer and drafter, and the settings every request runs with."""
 
     def __init__(self, target_model: Any, tokenizer: Any, drafter: Any, *, model_name: str, method: str,
-                 budget: int | None, stop_token_ids: Sequence[int] | None, prompt_cache_mb: int | None = None,
+                 budget: int | str | None, stop_token_ids: Sequence[int] | None, prompt_cache_mb: int | None = None,
                  kv: Mapping[str, Any] | None = None, max_queue: int = MAX_QUEUE):
         self.target_model, self.tokenizer, self.drafter = target_model, tokenizer, drafter
         self.model_name, self.method, self.budget, self.stop_token_ids = model_name, method, budget, stop_token_ids
@@ -273,6 +274,9 @@ class Engine:
         self.kv = dict(kv or {})  # kv_bits, kv_group_size, quantized_kv_start for every request
         self.target = adapter_for(target_model)  # sizes and layer kinds, built once (not per request)
         KVQuantization(*self.kv.values()).check(self.target.head_dim)  # fails at start, not per request
+        config = DDTreeConfig.from_env(budget=budget)
+        if method == "ddtree" and config.budget == "auto":
+            calibration.verify_costs(self.target, config)  # measured (once per model and machine) before the first request
         self.created = int(time.time())
         self.worker = Worker(max_queue)
 
@@ -564,7 +568,7 @@ class _Server(ThreadingHTTPServer):
 
 
 def make_server(target_model: Any, tokenizer: Any, drafter: Any, *, host: str = "127.0.0.1", port: int = 0,
-                model_name: str = "ddtree", method: str = "ddtree", budget: int | None = None,
+                model_name: str = "ddtree", method: str = "ddtree", budget: int | str | None = None,
                 stop_token_ids: Sequence[int] | None = None, max_body_bytes: int = MAX_BODY_BYTES,
                 read_timeout: float = READ_TIMEOUT, prompt_cache_mb: int | None = None,
                 kv: Mapping[str, Any] | None = None, max_queue: int = MAX_QUEUE) -> ThreadingHTTPServer:

@@ -24,10 +24,12 @@ target's own.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
-from .calibration import VerifyCosts
+from .calibration import VerifyCosts, isotonic
+from .distributed import broadcast
 from .tree import Candidates, DraftTree
 
 EDGES = np.array([0.0, 0.01, 0.03, 0.1, 0.2, 0.35, 0.5, 0.65, 0.8, 0.9, 0.97, 1.0])  # drafter probability buckets
@@ -47,7 +49,8 @@ class Acceptance:
 
     def rates(self, depths: int) -> np.ndarray:
         """[depths, buckets] estimates, made non-decreasing in p (weighted isotonic regression) so calibrating
-        keeps each depth's order, as the heap needs."""
+        keeps each depth's order, as the heap needs: a well-observed bucket the drafter overrates pulls its
+        sparsely observed neighbours down with it."""
         self.grow(depths)
         rates, prior = [], CENTERS  # a depth's prior is the depth above's estimate: deeper nodes are tried less
         for hits, trials in zip(self.hits[:depths], self.trials[:depths]):
@@ -95,6 +98,7 @@ class TreeSizer:
     last_gain: float = 0.0  # the newest draft's worth, before its cost
     skipped: int = 0
     probing: bool = False  # this cycle drafts only to check whether drafting pays again
+    group: Any = None  # tensor parallel: every rank decides from rank 0's timings (distributed.py)
 
     def __post_init__(self) -> None:
         self.seconds = float(self.costs.at(1))  # until cycles are measured: plain decoding's rate
@@ -137,28 +141,23 @@ class TreeSizer:
                seconds: float, drafting: float, verifying: float) -> None:
         self.tokens += SMOOTHING * (committed - self.tokens)
         self.seconds += SMOOTHING * (seconds - self.seconds)
-        if candidates is None:
-            return
-        self.acceptance.record(candidates, tree, path)
-        self.scale += SMOOTHING * (verifying / float(self.costs.at(len(tree))) - self.scale)
-        self.drafting += SMOOTHING * (drafting - self.drafting)
-        gain = self.last_gain - self.rate * self.drafting
-        # A probe's verdict stands alone: averaged with the cycles that stopped drafting, a changed text would
-        # need many probes to be believed.
-        self.gain = gain if self.probing else self.gain + SMOOTHING * (gain - self.gain)
+        if candidates is not None:
+            self.acceptance.record(candidates, tree, path)
+            self.scale += SMOOTHING * (verifying / float(self.costs.at(len(tree))) - self.scale)
+            self.drafting += SMOOTHING * (drafting - self.drafting)
+            gain = self.last_gain - self.rate * self.drafting
+            # A probe's verdict stands alone: averaged with the cycles that stopped drafting, a changed text
+            # would need many probes to be believed.
+            self.gain = gain if self.probing else self.gain + SMOOTHING * (gain - self.gain)
+        self.share()
+
+    def share(self) -> None:
+        """Sharded: what was measured in seconds becomes rank 0's on every rank (one small all-reduce)."""
+        if self.group is not None:
+            self.tokens, self.seconds, self.scale, self.drafting, self.gain = broadcast(
+                [self.tokens, self.seconds, self.scale, self.drafting, self.gain], self.group)
 
     def report(self) -> dict:
         return {"sizes": list(self.costs.sizes), "seconds": [round(s, 6) for s in self.costs.seconds],
                 "scale": round(self.scale, 3)}
 
-
-def isotonic(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """The non-decreasing sequence closest to `values` in weighted squared error (pool adjacent violators): a
-    well-observed bucket that the drafter overrates pulls its sparsely observed neighbours down with it."""
-    blocks: list[list[float]] = []  # [value, weight, buckets]
-    for value, weight in zip(values, weights):
-        blocks.append([value, weight, 1])
-        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
-            (v2, w2, n2), (v1, w1, n1) = blocks.pop(), blocks.pop()
-            blocks.append([(v1 * w1 + v2 * w2) / (w1 + w2), w1 + w2, n1 + n2])
-    return np.repeat([b[0] for b in blocks], [int(b[2]) for b in blocks])

@@ -113,10 +113,12 @@ def test_the_cycles_correct_the_curve():
     assert sizer.verify_seconds(4) == pytest.approx(0.04, rel=0.01)
 
 
-def test_the_curve_extends_past_its_last_point():
-    costs = VerifyCosts((1, 3, 5), (0.01, 0.012, 0.016))
-    assert costs.at(np.array([1, 2, 5, 9])) == pytest.approx([0.01, 0.011, 0.016, 0.024])
-    assert VerifyCosts((1, 3), (0.01, 0.008)).at(2) == pytest.approx(0.01)  # never below a one-token verify
+def test_the_curve_extends_past_its_last_point_and_never_falls():
+    costs = VerifyCosts((1, 3, 5, 9), (0.01, 0.012, 0.016, 0.024))
+    assert costs.at(np.array([1, 2, 5, 13])) == pytest.approx([0.01, 0.011, 0.016, 0.032])  # upper half's slope
+    noisy = VerifyCosts((1, 2, 3, 5), (0.01, 0.008, 0.012, 0.011))  # timing noise: bigger trees looked cheaper
+    assert np.all(np.diff(noisy.at(np.arange(1, 12))) >= 0) and noisy.at(11) > noisy.at(5)
+    assert noisy.at(1) == pytest.approx(0.009)
 
 
 @pytest.mark.parametrize("cap", [1, 3])

@@ -20,6 +20,7 @@ from mlx_lm.models.base import create_attention_mask, quantized_scaled_dot_produ
 from mlx_lm.models.cache import KVCache, QuantizedKVCache
 
 from ..config import DDTreeConfig
+from ..distributed import gather_last_axis, sharding_group
 from ..kernels import LevelPlan
 from ..tree import DraftTree
 
@@ -182,6 +183,7 @@ class TargetAdapter:
         self.model = model
         self.text = self.text_model(model)
         self.inner = self.text.model
+        self.group = sharding_group(model)  # tensor parallel (mx.distributed): the ranks' group, else None
         check_rope(self.layers)
 
     @staticmethod
@@ -221,7 +223,9 @@ class TargetAdapter:
     def lm_head(self, hidden: mx.array) -> mx.array:
         if self.args.tie_word_embeddings:
             return self.inner.embed_tokens.as_linear(hidden)
-        return self.text.lm_head(hidden)
+        logits = self.text.lm_head(hidden)
+        group = getattr(self.text, "sharding_group", None)  # a vocabulary-sharded head (mlx-lm's qwen3_5 shard)
+        return logits if group is None else gather_last_axis(logits, group)
 
     def head_rows(self, ids: mx.array) -> mx.array:
         """The LM head's rows for token `ids` [k] -> [k, hidden], dequantized: logits over part of the vocabulary

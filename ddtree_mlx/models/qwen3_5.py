@@ -75,6 +75,8 @@ class Qwen3_5Adapter(TargetAdapter):
         y = inputs.clock.detail("linear.recurrence", y)
         z = gdn.in_proj_z(x).reshape(1, length, gdn.num_v_heads, gdn.head_v_dim)
         out = gdn.out_proj(gdn.norm(y[None], z).reshape(1, length, -1))
+        if getattr(gdn, "sharding_group", None) is not None:  # tensor parallel: each rank holds some heads' share
+            out = mx.distributed.all_sum(out, group=gdn.sharding_group)
         return out, RecurrentCapture(windows, states)
 
     @staticmethod

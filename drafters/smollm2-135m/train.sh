@@ -1,14 +1,24 @@
 #!/bin/sh
-# The shipped SmolLM2 drafter's recipe, in resumable stretches: each stretch trains up to STRETCH more steps,
-# evaluates on the 40 held-out GSM8K answers (train/eval.jsonl), exports the bf16 drafter (drafter/) and redraws
-# curve.png. Rerun after an interrupt: it resumes from train/checkpoint.json (or, in a fresh clone where only the
-# committed export survives, add --init drafters/smollm2-135m/drafter to fine-tune on from it).
+# The shipped SmolLM2 drafter's recipe, in two phases, each in resumable stretches: a stretch trains up to STRETCH
+# more steps, evaluates on the 40 held-out GSM8K answers (train/eval.jsonl), exports the bf16 drafter (drafter/)
+# and redraws curve.png. Rerun after an interrupt: it resumes from train/checkpoint.json.
+#
+#   PHASE=math    (done: its logs are in math/) 12 epochs from scratch over the 1,248 GSM8K answers, stopped at
+#                 step 2,900 of 3,744 once held-out acceptance had flattened;
+#   PHASE=general (default) from the math phase's export: 2 epochs over those answers plus the 502 written
+#                 instructions' (general_prompts.jsonl: code, explanations, writing, advice), lr 3e-4.
 set -e
 STRETCH=${STRETCH:-500}
+if [ "${PHASE:-general}" = math ]; then
+  DATA="--prompts drafters/smollm2-135m/train_prompts.jsonl --max-prompts 1248 --epochs 12"
+else
+  DATA="--prompts drafters/smollm2-135m/general_prompts.jsonl --epochs 2 --lr 3e-4"
+  [ -f drafters/smollm2-135m/train/checkpoint.json ] || DATA="$DATA --init drafters/smollm2-135m/drafter"
+fi
 while :; do
-  ddtree-mlx train-drafter --prompts drafters/smollm2-135m/train_prompts.jsonl --out drafters/smollm2-135m \
-      --max-prompts 1248 --eval-prompts ddtree_mlx/prompts/gsm8k_heldout.jsonl --eval-count 40 \
-      --block-size 8 --layers 2 --taps 5 --mask-token-id 16 --epochs 12 --anchors 64 --accumulate 4 \
+  ddtree-mlx train-drafter $DATA --out drafters/smollm2-135m \
+      --eval-prompts ddtree_mlx/prompts/gsm8k_heldout.jsonl --eval-count 40 \
+      --block-size 8 --layers 2 --taps 5 --mask-token-id 16 --anchors 64 --accumulate 4 \
       --vocab data --max-steps "$STRETCH" "$@"
   python -c "import json,sys; s=json.load(open('drafters/smollm2-135m/train/checkpoint.json')); \
 sys.exit(0 if s['step'] < s['total_steps'] else 1)" || break
