@@ -72,6 +72,31 @@ class Setup:
     prompts: dict[str, list[list[int]]]
     stop_token_ids: list[int]
     peer_draft: Any = None  # a small mlx-lm model for the mlx-lm speculative decoding peer
+    prefills: Prefills | None = None  # --context: long prompts prefilled once, reused by every method
+
+
+class Prefills:
+    """--context: a long prompt's body is prefilled once per engine and every method's run starts after it (what
+    is measured is decode). Our runs share a prompt cache (the engine's own, as a server uses it); mlx-lm's start
+    from a copy of its own cache after the same body, prefilled in its own chunks."""
+
+    def __init__(self, megabytes: int = 4096):
+        from ddtree_mlx.prompt_cache import PromptCache
+
+        self.ours = PromptCache(megabytes * 2**20)
+        self.mlx_lm: dict[tuple[int, ...], list[Any]] = {}
+
+    def mlx_lm_cache(self, model: Any, prompt: list[int], chunk: int = 2048) -> list[Any]:
+        import copy
+
+        body = tuple(prompt[:-1])
+        if body not in self.mlx_lm:
+            cache = make_prompt_cache(model)
+            for start in range(0, len(body), chunk):
+                model(mx.array(body[start : start + chunk])[None], cache=cache)
+                mx.eval([entry.state for entry in cache])
+            self.mlx_lm = {body: cache}  # one prompt at a time: the previous one's cache is dropped
+        return copy.deepcopy(self.mlx_lm[body])
 
 
 def load_prompts(sets: list[str], limit: int, seed: int, files: list[str] = ()) -> dict[str, list[Any]]:
@@ -211,8 +236,8 @@ def run_once(setup: Setup, prompt: list[int], truth: list[int] | None, variant: 
     config = DDTreeConfig.from_env(budget=variant.budget if variant.tree else None)
     result = generate_ddtree_once(target_model=setup.target, draft_model=drafter, prompt_tokens=prompt,
                                   max_new_tokens=max_tokens, stop_token_ids=setup.stop_token_ids,
-                                  method=variant.method, config=config,
-                                  temperature=temperature, seed=seed)
+                                  method=variant.method, config=config, temperature=temperature, seed=seed,
+                                  prompt_cache=setup.prefills.ours if setup.prefills else None)
     result["peak_memory_bytes"] = mx.get_peak_memory()
     return result
 
@@ -225,8 +250,9 @@ def run_mlx_lm(setup: Setup, prompt: list[int], max_tokens: int, temperature: fl
 
     mx.random.seed(seed)
     tokens, first = [], None
-    for token, _ in generate_step(mx.array(prompt), setup.target, max_tokens=max_tokens,
-                                  sampler=make_sampler(temp=temperature)):
+    cache = setup.prefills.mlx_lm_cache(setup.target, prompt) if setup.prefills else None
+    for token, _ in generate_step(mx.array(prompt[-1:] if cache else prompt), setup.target, max_tokens=max_tokens,
+                                  sampler=make_sampler(temp=temperature), prompt_cache=cache):
         first = first or time.perf_counter()
         tokens.append(int(token))
         if tokens[-1] in setup.stop_token_ids:
@@ -678,6 +704,8 @@ def make_setup(args: argparse.Namespace) -> Setup:
         import mlx_lm
 
         setup.peer_draft = setup.target if args.peer_draft == "self" else mlx_lm.load(args.peer_draft)[0]
+    if args.context and args.measure == "generation":
+        setup.prefills = Prefills()
     return setup
 
 

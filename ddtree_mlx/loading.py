@@ -1,6 +1,7 @@
 """Load a target, its tokenizer and a drafter by name.
 
     target_model, tokenizer, drafter = load()                      # the embedded SmolLM2, prompt lookup
+    target_model, tokenizer, drafter = load(draft="dflash")        # ... with the DFlash drafter trained for it
     target_model, tokenizer, drafter = load("Qwen/Qwen3.5-27B")    # its z-lab DFlash drafter, from REGISTRY
     target_model, tokenizer, drafter = load("path/to/model", draft="path/to/dflash")
 
@@ -39,6 +40,9 @@ REGISTRY = {
     "qwen3.6-35b-a3b": "z-lab/Qwen3.6-35B-A3B-DFlash",
 }
 
+# The embedded SmolLM2's drafter, trained on this project's CPU (recipe and logs: drafters/smollm2-135m/).
+EMBEDDED_DRAFTER = Path(__file__).with_name("smollm2_drafter")
+
 # Conversions keep the target's name and add a precision: mlx-community/Qwen3.5-27B-4bit, ...-bf16, ...-8bit-DWQ.
 _PRECISION_SUFFIX = re.compile(r"(-mlx)?-(\d+bit|bf16|fp16|mxfp\d|nvfp\d)(-\w+)?$", re.IGNORECASE)
 _REPO_ID = re.compile(r"[\w.-]+/[\w.-]+")
@@ -48,7 +52,8 @@ def load(model: str | None = None, draft: str | None = None, *, cache_dir: str |
          sharding: str | None = None) -> tuple[nn.Module, Any, Any]:
     """`model`: a local directory or repo id; None is the embedded SmolLM2-135M-Instruct, converted once into
     `cache_dir` (default: DDTREE_CACHE_DIR or the user cache). `draft`: None picks the target's DFlash drafter
-    from REGISTRY, or prompt lookup when it has none; "dflash" insists on the registered drafter;
+    from REGISTRY, or prompt lookup when it has none (and for the embedded model, whose registered drafter,
+    EMBEDDED_DRAFTER, "dflash" picks); "dflash" insists on the registered drafter;
     "prompt-lookup" forces prompt lookup; anything else is a DFlash checkpoint directory or repo id.
     `sharding="tensor"` (under mlx.launch): the target split over every process with mlx-lm's sharded_load,
     each rank reading only its own part of the weights."""
@@ -69,7 +74,9 @@ def load(model: str | None = None, draft: str | None = None, *, cache_dir: str |
 
 
 def load_drafter(model: str | None, draft: str | None) -> Any:
-    if draft == "prompt-lookup":
+    # The embedded model's trained drafter is chosen with draft="dflash": measured slower than prompt lookup on
+    # chat and code (BENCHMARKS.md, "the shipped drafter"), it is not the default.
+    if draft == "prompt-lookup" or (draft is None and model is None):
         return PromptLookupDrafter()
     if draft is None or draft == "dflash":
         registered = registered_drafter(model)
@@ -86,7 +93,7 @@ def load_drafter(model: str | None, draft: str | None) -> Any:
 
 def registered_drafter(model: str | None) -> str | None:
     if model is None:
-        return None
+        return str(EMBEDDED_DRAFTER)
     name = _PRECISION_SUFFIX.sub("", Path(model.rstrip("/")).name)
     return REGISTRY.get(name.lower())
 

@@ -8,7 +8,8 @@ lookup's are match weights), so `Acceptance` learns what they are worth on this 
 bucket, how often a node whose parent was accepted was accepted too, starting from the drafter's own word.
 
 Cost. V(n) = scale * c(n + 1): c is the verify curve measured once for this machine (calibration.VerifyCosts) and
-`scale` what the cycles measure against it (a longer context, other work on the machine).
+`scale` what the cycles measure against it (a longer context, other work on the machine), one for trees and one
+for the plain step (n = 0), since a long context makes trees dearer faster than it does the plain step.
 
 Choice. The size maximizing E(n) - rate * V(n), where `rate` is the tokens per second decoding has been running at:
 a node is worth verifying when the tokens it adds pay for its time at that rate (Dinkelbach's step towards the
@@ -90,7 +91,10 @@ class TreeSizer:
     costs: VerifyCosts
     cap: int  # the most draft nodes a tree may have (DDTREE_MAX_BUDGET)
     acceptance: Acceptance = field(default_factory=Acceptance)
-    scale: float = 1.0  # observed verify time over the curve's
+    # Observed verify time over the curve's, for a plain step and for trees apart: a long context makes a tree's
+    # every node attend over it, so trees grow dearer than the plain step, which runs mlx-lm's own path.
+    step_scale: float = 1.0
+    scale: float = 1.0
     tokens: float = 1.0  # moving averages of tokens and seconds per cycle: their ratio is the rate
     seconds: float = 0.0
     drafting: float = 0.0  # moving average of seconds spent drafting and building a tree
@@ -108,7 +112,8 @@ class TreeSizer:
         return self.tokens / self.seconds
 
     def verify_seconds(self, nodes: np.ndarray | int) -> np.ndarray:
-        return self.scale * self.costs.at(np.asarray(nodes) + 1)
+        nodes = np.asarray(nodes)
+        return np.where(nodes == 0, self.step_scale, self.scale) * self.costs.at(nodes + 1)
 
     # --- before drafting -------------------------------------------------------------------------------------
 
@@ -141,9 +146,14 @@ class TreeSizer:
                seconds: float, drafting: float, verifying: float) -> None:
         self.tokens += SMOOTHING * (committed - self.tokens)
         self.seconds += SMOOTHING * (seconds - self.seconds)
+        # A plain step's cost: its verify, or (a step queued during the last one, verify then hides) its cycle.
+        step = verifying if candidates is not None else seconds
+        if len(tree) == 1:
+            self.step_scale += SMOOTHING * (step / float(self.costs.at(1)) - self.step_scale)
+        else:
+            self.scale += SMOOTHING * (verifying / float(self.costs.at(len(tree))) - self.scale)
         if candidates is not None:
             self.acceptance.record(candidates, tree, path)
-            self.scale += SMOOTHING * (verifying / float(self.costs.at(len(tree))) - self.scale)
             self.drafting += SMOOTHING * (drafting - self.drafting)
             gain = self.last_gain - self.rate * self.drafting
             # A probe's verdict stands alone: averaged with the cycles that stopped drafting, a changed text
@@ -154,10 +164,10 @@ class TreeSizer:
     def share(self) -> None:
         """Sharded: what was measured in seconds becomes rank 0's on every rank (one small all-reduce)."""
         if self.group is not None:
-            self.tokens, self.seconds, self.scale, self.drafting, self.gain = broadcast(
-                [self.tokens, self.seconds, self.scale, self.drafting, self.gain], self.group)
+            self.tokens, self.seconds, self.step_scale, self.scale, self.drafting, self.gain = broadcast(
+                [self.tokens, self.seconds, self.step_scale, self.scale, self.drafting, self.gain], self.group)
 
     def report(self) -> dict:
         return {"sizes": list(self.costs.sizes), "seconds": [round(s, 6) for s in self.costs.seconds],
-                "scale": round(self.scale, 3)}
+                "scale": round(self.scale, 3), "step_scale": round(self.step_scale, 3)}
 

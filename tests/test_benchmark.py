@@ -130,3 +130,11 @@ def test_context_puts_real_text_before_each_prompt():
         benchmark.with_context(texts, Characters(), 10**8)
     args = benchmark.parse_args(["--measure", "serving"])
     assert args.context == 8192 and benchmark.parse_args([]).context is None  # generation: no context unless asked
+
+
+def test_long_contexts_are_prefilled_once_and_stay_lossless(tmp_path):
+    out = tmp_path / "rows.json"
+    code = benchmark.main(["--preset", "synthetic", "--synthetic-size", "tiny", "--limit", "1", "--repeats", "1",
+                           "--max-tokens", "12", "--budgets", "auto,4", "--context", "300", "--json", str(out)])
+    rows = json.loads(out.read_text())
+    assert code == 0 and all(r["lossless"] and r["context"] == 300 for r in rows)  # mlx-lm's tokens, every method

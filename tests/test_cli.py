@@ -50,9 +50,9 @@ def test_bad_environment_exits_2(capsys, monkeypatch):
 
 def test_unknown_dflash_drafter_exits_2(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["generate", "--draft", "dflash", "hi"])
+        main(["generate", "--model", "someone/unknown-model", "--draft", "dflash", "hi"])
     assert exit_info.value.code == 2
-    assert "no DFlash drafter is known for the embedded SmolLM2" in capsys.readouterr().err
+    assert "no DFlash drafter is known for someone/unknown-model" in capsys.readouterr().err
 
 
 @needs_embedded

@@ -1,6 +1,7 @@
 """Loading drafters by name and from z-lab style checkpoints, without the network."""
 
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import mlx.core as mx
@@ -9,7 +10,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 from ddtree_mlx import generate_ddtree_once, loading
-from ddtree_mlx.loading import load_dflash, load_drafter, registered_drafter, stop_token_ids
+from ddtree_mlx.loading import EMBEDDED_DRAFTER, load_dflash, load_drafter, registered_drafter, stop_token_ids
 from ddtree_mlx.prompt_lookup import PromptLookupDrafter
 from tiny import HIDDEN, VOCAB, greedy_reference, make_dflash, make_target
 
@@ -65,7 +66,7 @@ def test_registry_names():
     assert registered_drafter("mlx-community/Qwen3.5-27B-4bit") == "z-lab/Qwen3.5-27B-DFlash"
     assert registered_drafter("/models/Qwen3.6-35B-A3B-8bit-DWQ/") == "z-lab/Qwen3.6-35B-A3B-DFlash"
     assert registered_drafter("mlx-community/Llama-3.2-1B-Instruct-4bit") is None
-    assert registered_drafter(None) is None
+    assert Path(registered_drafter(None)) == EMBEDDED_DRAFTER  # the embedded SmolLM2's, shipped in the package
 
 
 def test_drafter_choice_without_a_registered_drafter():
@@ -73,8 +74,6 @@ def test_drafter_choice_without_a_registered_drafter():
     assert isinstance(load_drafter("Qwen/Qwen3.5-27B", "prompt-lookup"), PromptLookupDrafter)
     with pytest.raises(ValueError, match="no DFlash drafter is known for someone/unknown-model.*--draft"):
         load_drafter("someone/unknown-model", "dflash")
-    with pytest.raises(ValueError, match="--draft"):
-        load_drafter(None, "dflash")
     with pytest.raises(ValueError, match="neither an existing directory nor a Hugging Face repo id"):
         load_drafter(None, "./no/such/dir")
 

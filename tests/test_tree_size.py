@@ -102,15 +102,20 @@ def test_drafting_stops_when_it_does_not_pay_and_is_probed():
 
 
 def test_the_cycles_correct_the_curve():
-    """Verify twice as slow as calibrated (a longer context, a busy machine): the scale finds it."""
+    """A long context: trees verify three times slower than calibrated, a plain step only 1.2 times (it does not
+    attend from every node). The two scales find both, and the sizer turns to plain steps."""
     sizer = TreeSizer(VerifyCosts((1, 5), (0.01, 0.02)), cap=4)
-    candidates = Candidates(np.array([[5], [6], [7], [8]]), np.log(np.full((4, 1), 0.9)))
-    for _ in range(80):
+    candidates = Candidates(np.array([[5], [6], [7], [8]]), np.log(np.full((4, 1), 0.5)))
+    sizes = []
+    for _ in range(120):
         tree = sizer.size(build_tree(sizer.acceptance.calibrate(candidates), 0, 4))
-        sizer.record(candidates, tree, list(range(len(tree))), len(tree), 0.03, 0.001,
-                     2 * float(sizer.costs.at(len(tree))))
-    assert sizer.scale == pytest.approx(2.0, rel=0.01)
-    assert sizer.verify_seconds(4) == pytest.approx(0.04, rel=0.01)
+        sizes.append(len(tree) - 1)
+        slower = 1.2 if len(tree) == 1 else 3.0
+        accepted = list(range(len(tree) // 2 + 1))  # half the chain: what 0.5 per node gives
+        sizer.record(candidates, tree, accepted, len(accepted), 0.03, 0.001, slower * float(sizer.costs.at(len(tree))))
+    assert sizer.step_scale == pytest.approx(1.2, rel=0.02) and sizer.verify_seconds(0) == pytest.approx(0.012, 0.02)
+    assert sizer.scale > 2  # learned until trees stopped paying, then no tree ran to teach it more
+    assert sizes[0] > 0 and sizes[-10:] == [0] * 10  # trees at first, plain steps once their cost is known
 
 
 def test_the_curve_extends_past_its_last_point_and_never_falls():

@@ -1,7 +1,7 @@
 #!/bin/sh
 # The shipped SmolLM2 drafter's recipe, in two phases, each in resumable stretches: a stretch trains up to STRETCH
-# more steps, evaluates on the 40 held-out GSM8K answers (train/eval.jsonl), exports the bf16 drafter (drafter/)
-# and redraws curve.png. Rerun after an interrupt: it resumes from train/checkpoint.json.
+# more steps, evaluates on the 40 held-out GSM8K answers (train/eval.jsonl), exports the bf16 drafter (drafter/,
+# copied to ddtree_mlx/smollm2_drafter/, the one the package ships) and redraws curve.png. Rerun after an interrupt: it resumes from train/checkpoint.json.
 #
 #   PHASE=math    (done: its logs are in math/) 12 epochs from scratch over the 1,248 GSM8K answers, stopped at
 #                 step 2,900 of 3,744 once held-out acceptance had flattened;
@@ -20,6 +20,7 @@ while :; do
       --eval-prompts ddtree_mlx/prompts/gsm8k_heldout.jsonl --eval-count 40 \
       --block-size 8 --layers 2 --taps 5 --mask-token-id 16 --anchors 64 --accumulate 4 \
       --vocab data --max-steps "$STRETCH" "$@"
+  cp drafters/smollm2-135m/drafter/config.json drafters/smollm2-135m/drafter/model.safetensors ddtree_mlx/smollm2_drafter/
   python -c "import json,sys; s=json.load(open('drafters/smollm2-135m/train/checkpoint.json')); \
 sys.exit(0 if s['step'] < s['total_steps'] else 1)" || break
 done
