@@ -13,7 +13,7 @@ if [ "${PHASE:-general}" = math ]; then
   DATA="--prompts drafters/smollm2-135m/train_prompts.jsonl --max-prompts 1248 --epochs 12"
 else
   DATA="--prompts drafters/smollm2-135m/general_prompts.jsonl --epochs 2 --lr 3e-4"
-  [ -f drafters/smollm2-135m/train/checkpoint.json ] || DATA="$DATA --init drafters/smollm2-135m/drafter"
+  [ -f drafters/smollm2-135m/train/checkpoint.json ] || DATA="$DATA --init ddtree_mlx/smollm2_drafter"
 fi
 while :; do
   ddtree-mlx train-drafter $DATA --out drafters/smollm2-135m \
