@@ -84,19 +84,19 @@ class Prefills:
         from ddtree_mlx.prompt_cache import PromptCache
 
         self.ours = PromptCache(megabytes * 2**20)
-        self.mlx_lm: dict[tuple[int, ...], list[Any]] = {}
+        self.mlx_lm: tuple[list[int], list[Any]] | None = None  # the current prompt's body and its cache
 
     def mlx_lm_cache(self, model: Any, prompt: list[int], chunk: int = 2048) -> list[Any]:
         import copy
 
-        body = tuple(prompt[:-1])
-        if body not in self.mlx_lm:
+        body = prompt[:-1]
+        if self.mlx_lm is None or self.mlx_lm[0] != body:  # prompts run one after another: keep only the last
             cache = make_prompt_cache(model)
             for start in range(0, len(body), chunk):
                 model(mx.array(body[start : start + chunk])[None], cache=cache)
                 mx.eval([entry.state for entry in cache])
-            self.mlx_lm = {body: cache}  # one prompt at a time: the previous one's cache is dropped
-        return copy.deepcopy(self.mlx_lm[body])
+            self.mlx_lm = (body, cache)
+        return copy.deepcopy(self.mlx_lm[1])
 
 
 def load_prompts(sets: list[str], limit: int, seed: int, files: list[str] = ()) -> dict[str, list[Any]]:

@@ -99,7 +99,6 @@ class Session:
     cache: list[Any]
     choose: TokenChooser
     stats: GenerationStats
-    sizer: TreeSizer | None = None  # DDTREE_BUDGET=auto: tree size (and whether to draft) per cycle
     kv: KVQuantization = KVQuantization()
     root: int = 0
     pending_tokens: list[int] = field(default_factory=list)
@@ -109,6 +108,11 @@ class Session:
     more_steps: bool = False  # whether another cycle will surely follow this one (set by the loop)
     held: list[int] = field(default_factory=list)  # with a prompt cache: the tokens the cache holds,
     held_hidden: list[mx.array] = field(default_factory=list)  # and their captured hidden states
+
+    @property
+    def sizer(self) -> TreeSizer | None:
+        """DDTREE_BUDGET=auto: tree size (and whether to draft) per cycle; the stats report what it used."""
+        return self.stats.sizer
 
     @property
     def capture_layers(self) -> list[int]:
@@ -368,10 +372,10 @@ def stream_generate(
         drafter.reset(target, prompt)
     cache = target.make_cache()
     target.check_cache(cache)
-    sizer = tree_sizer_for(target, config, method)
+    stats = GenerationStats(prompt_tokens=len(prompt), sizer=tree_sizer_for(target, config, method))
     session = Session(target=target, drafter=drafter, config=config, method=method, cache=cache,
-                      choose=TokenChooser(sampling), stats=GenerationStats(prompt_tokens=len(prompt), sizer=sizer),
-                      sizer=sizer, prompt_cache=prompt_cache, kv=kv)
+                      choose=TokenChooser(sampling), stats=stats,
+                      prompt_cache=prompt_cache, kv=kv)
     return _run(session, prompt, min(max_new_tokens, room), stops, prompt_checkpoints)  # generation ends with the context: "length"
 
 

@@ -42,10 +42,9 @@ class DraftTree:
     def prefix(self, size: int) -> "DraftTree":
         """The first `size` nodes: parents precede children, so they form a tree (of best-first pops, the best
         tree of that size)."""
-        tree = DraftTree.root_only(self.tokens[0])
-        for node in range(1, min(size, len(self))):
-            tree.add(self.parents[node], self.tokens[node], self.ranks[node], self.scores[node])
-        return tree
+        children = [{token: node for token, node in kids.items() if node < size} for kids in self.children[:size]]
+        return DraftTree(self.tokens[:size], self.parents[:size], self.depths[:size], self.ranks[:size], children,
+                         self.scores[:size])
 
     def __len__(self) -> int:
         return len(self.tokens)

@@ -35,6 +35,7 @@ from .tree import Candidates, DraftTree
 
 EDGES = np.array([0.0, 0.01, 0.03, 0.1, 0.2, 0.35, 0.5, 0.65, 0.8, 0.9, 0.97, 1.0])  # drafter probability buckets
 CENTERS = (EDGES[:-1] + EDGES[1:]) / 2
+KNOTS = np.r_[0.0, CENTERS]  # calibration interpolates between bucket centres, from (0, 0)
 PRIOR = 1.0  # the drafter's own probability (or the depth above's estimate) counts as this many observations
 MEMORY = 0.995  # per drafted cycle: old observations fade, so the estimate follows the text
 SMOOTHING = 0.1  # weight of the newest cycle in the moving averages of time and tokens
@@ -63,7 +64,7 @@ class Acceptance:
         """The same candidates with log-probabilities replaced by estimated acceptance (still sorted per depth)."""
         rates = self.rates(len(candidates.log_probs))
         probs = np.exp(candidates.log_probs)
-        calibrated = [np.interp(row, np.r_[0.0, CENTERS], np.r_[0.0, rate]) for row, rate in zip(probs, rates)]
+        calibrated = [np.interp(row, KNOTS, np.r_[0.0, rate]) for row, rate in zip(probs, rates)]
         return Candidates(candidates.tokens, np.log(np.clip(np.reshape(calibrated, probs.shape), 1e-12, 1.0)))
 
     def record(self, candidates: Candidates, tree: DraftTree, path: list[int]) -> None:
