@@ -5,9 +5,12 @@ depends on the machine more than on anything else: a node costs ~4% of a one-tok
 OpenBLAS, close to 100% on MLX's bundled reference BLAS (every node is one more row through every matmul), ~0 on a
 GPU at small trees. So the curve is measured at first use: verify of bushy random trees of 1, 2, 3, 5, 9, ... 65
 nodes on the real target after a short prompt (a slow machine stops the grid after TIME_BUDGET seconds; the curve
-extends linearly past its last point). It is cached on disk per (model, dtype and quantization, device, MLX version,
-BLAS, ddtree-mlx version); a cache file that is unreadable or of another format is measured again, never an error.
-What the curve cannot know (a longer context, other work on the machine, the drafter) the cycles measure online.
+extends linearly past its last point), then a plain step and two trees again after a long prompt, which says what
+every context token adds: to a plain step, to a tree, and to a tree per node (each node attends over the whole
+context; on this CPU, at 6K tokens, one more node costs ~30 ms where it cost ~3 ms after 32). It is cached on disk
+per (model, dtype and quantization, device, MLX version, BLAS, ddtree-mlx version); a cache file that is
+unreadable or of another format is measured again, never an error. What it cannot know (other work on the machine,
+the drafter) the cycles measure online.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import time
 from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import mlx.core as mx
 import numpy as np
@@ -32,17 +35,24 @@ from .distributed import broadcast
 from .models.base import TargetAdapter
 from .tree import DraftTree
 
-SIZES = (1, 2, 3, 5, 9, 17, 33, 65)  # nodes, root included
-PROMPT_TOKENS = 32  # a short context: what a longer one adds, the cycles measure (TreeSizer.scale)
+SIZES = (1, 2, 3, 5, 9, 17, 33)  # nodes, root included (DDTREE_MAX_BUDGET's default of 32 draft nodes and the root)
+PROMPT_TOKENS = 32  # the grid's context
+LONG_SIZES = (1, 2, 17)  # measured again after a long prompt (the grid's last size if smaller than 17)
+LONG_PROMPT = 1024  # tokens, in chunks of CHUNK: fewer (at least two chunks) where they would take LONG_PREFILL s
+CHUNK = 128
+LONG_PREFILL = 1.5
 REPEATS = 4
-TIME_BUDGET = 8.0  # seconds of measuring, about: a slow machine measures fewer sizes (always two)
-FORMAT = 2
+TIME_BUDGET = 5.5  # seconds of measuring the grid, about: a slow machine measures fewer sizes (always two)
+FORMAT = 3
 
 
 @dataclass(frozen=True)
 class VerifyCosts:
     sizes: tuple[int, ...]
-    seconds: tuple[float, ...]  # the fastest verify of a tree of each size (root included)
+    seconds: tuple[float, ...]  # the fastest verify of a tree of each size (root included) after PROMPT_TOKENS
+    # Seconds each context token past PROMPT_TOKENS adds: to a plain step, to a tree whatever its size, and to a
+    # tree per node. Every tree node attends over the whole context; a tree also copies it next to its own keys.
+    per_token: tuple[float, float, float] = (0.0, 0.0, 0.0)
 
     @cached_property
     def curve(self) -> tuple[np.ndarray, np.ndarray, float]:
@@ -58,11 +68,14 @@ class VerifyCosts:
         slopes = [np.polyfit(sizes[first:], seconds[first:], 1)[0] for first in (0, half)]
         return sizes, seconds, max(float(max(slopes)), 0.0)
 
-    def at(self, nodes: np.ndarray | int) -> np.ndarray:
-        """Verify seconds of trees of `nodes` nodes: the measured curve, straight past its last point."""
+    def at(self, nodes: np.ndarray | int, context: int = PROMPT_TOKENS) -> np.ndarray:
+        """Verify seconds of trees of `nodes` nodes after `context` tokens: the measured curve (straight past its
+        last point) and what the longer context adds."""
         sizes, seconds, slope = self.curve
         nodes = np.asarray(nodes)
-        return np.where(nodes > sizes[-1], seconds[-1] + slope * (nodes - sizes[-1]), np.interp(nodes, sizes, seconds))
+        short = np.where(nodes > sizes[-1], seconds[-1] + slope * (nodes - sizes[-1]), np.interp(nodes, sizes, seconds))
+        step, tree, node = self.per_token
+        return short + max(context - PROMPT_TOKENS, 0) * np.where(nodes == 1, step, tree + node * nodes)
 
 
 def isotonic(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
@@ -85,38 +98,74 @@ def random_tree(size: int, rng: np.random.Generator, vocab: int) -> DraftTree:
 
 
 def measure(target: TargetAdapter, config: DDTreeConfig = DDTreeConfig(), sizes: tuple[int, ...] = SIZES) -> VerifyCosts:
-    """Verify time per tree size after a PROMPT_TOKENS prompt, with the generation's own settings (kernels on or
-    off), each run on a copy of the prompt's cache (a one-node verify writes into the cache it runs on)."""
+    """Verify time per tree size after a PROMPT_TOKENS prompt, then of LONG_SIZES after a long prompt, with the
+    generation's own settings (kernels on or off), each run on a copy of the prompt's cache (a one-node verify
+    writes into the cache it runs on). Sharded, every rank keeps rank 0's numbers and decisions."""
     rng = np.random.default_rng(0)
-    cache = target.make_cache()
-    target.forward(mx.array(rng.integers(target.vocab_size, size=PROMPT_TOKENS)), cache, [])
-    mx.eval([entry.state for entry in cache])
-
-    def run(size: int) -> float:
-        tree, copied = random_tree(size, rng, target.vocab_size), copy.deepcopy(cache)
-        start = time.perf_counter()
-        mx.eval(target.verify(tree, copied, [], config).logits)
-        return time.perf_counter() - start
-
-    run(1)  # the process's first verify pays for one-time set-up (kernel checks, allocations): not counted
+    cache = prompt_cache(target, PROMPT_TOKENS, rng)
+    run = timer(target, config, rng)
+    run(1, cache)  # the process's first verify pays for one-time set-up (kernel checks, allocations): not counted
     # A first round builds each size's kernels and says what a round costs: the grid ends where REPEATS more
     # rounds would not fit in TIME_BUDGET (the curve continues straight from there).
     first, start = [], time.perf_counter()
     for size in sizes:
         if len(first) >= 2:
             guess = VerifyCosts(tuple(sizes[: len(first)]), tuple(first)).at(size)
-            late = (time.perf_counter() - start + guess) * (REPEATS + 1) > TIME_BUDGET
-            if (broadcast([late], target.group)[0] if target.group else late):  # sharded: rank 0 decides
+            if agreed([(time.perf_counter() - start + guess) * (REPEATS + 1) > TIME_BUDGET], target)[0]:
                 break
-        first.append(run(size))
+        first.append(run(size, cache))
     grid = sizes[: len(first)]
-    # Rounds over the whole grid, not one size after another: drift (another job, the clock) hits every size
-    # alike instead of bending the curve. The fastest run of each size, as timing noise only adds.
-    rounds = [[run(size) for size in grid] for _ in range(REPEATS)]
-    seconds = [min(times) for times in zip(*rounds)]
-    if target.group is not None:  # every rank sizes trees from the same curve: rank 0's
-        seconds = broadcast(seconds, target.group)
-    return VerifyCosts(tuple(grid), tuple(seconds))
+    costs = VerifyCosts(tuple(grid), tuple(agreed(fastest(run, grid, cache), target)))
+    long_cache = prompt_cache(target, LONG_PROMPT, rng, LONG_PREFILL)
+    length = target.prefix_length(long_cache)
+    long_sizes = (*LONG_SIZES[:2], min(LONG_SIZES[2], grid[-1]))
+    extra = (np.array(agreed(fastest(run, long_sizes, long_cache), target)) - costs.at(np.array(long_sizes)))
+    return VerifyCosts(costs.sizes, costs.seconds, per_token(long_sizes, extra / (length - PROMPT_TOKENS)))
+
+
+def per_token(sizes: tuple[int, int, int], extra: np.ndarray) -> tuple[float, float, float]:
+    """(plain step, tree, tree node) seconds per context token from the extra seconds per token of `sizes` (1 and
+    two trees): the plain step's directly, the tree's two parts from the line through its two sizes (none below
+    zero: noise)."""
+    (_, small, big), (step, low, high) = sizes, extra
+    node = max((high - low) / (big - small), 0.0) if big > small else 0.0
+    return max(float(step), 0.0), max(float(low - node * small), 0.0), float(node)
+
+
+def prompt_cache(target: TargetAdapter, length: int, rng: np.random.Generator, seconds: float = np.inf) -> list[Any]:
+    """A cache holding `length` random tokens, or as many whole CHUNKs (at least two) as fit in `seconds`."""
+    cache, start, filled = target.make_cache(), time.perf_counter(), 0
+    while filled < length:
+        elapsed = time.perf_counter() - start
+        if filled >= 2 * CHUNK and agreed([elapsed * (filled + CHUNK) / filled > seconds], target)[0]:
+            break
+        count = min(CHUNK, length - filled)
+        target.forward(mx.array(rng.integers(target.vocab_size, size=count)), cache, [])
+        mx.eval([entry.state for entry in cache])
+        filled += count
+    return cache
+
+
+def timer(target: TargetAdapter, config: DDTreeConfig, rng: np.random.Generator) -> Callable[[int, list[Any]], float]:
+    def run(size: int, cache: list[Any]) -> float:
+        tree, copied = random_tree(size, rng, target.vocab_size), copy.deepcopy(cache)
+        start = time.perf_counter()
+        mx.eval(target.verify(tree, copied, [], config).logits)
+        return time.perf_counter() - start
+
+    return run
+
+
+def fastest(run: Callable[[int, list[Any]], float], sizes: tuple[int, ...], cache: list[Any]) -> list[float]:
+    """Rounds over all sizes, not one size after another: drift (another job, the clock) hits every size alike
+    instead of bending the curve. The fastest run of each size, as timing noise only adds."""
+    rounds = [[run(size, cache) for size in sizes] for _ in range(REPEATS)]
+    return [min(times) for times in zip(*rounds)]
+
+
+def agreed(values: list[float], target: TargetAdapter) -> list[float]:
+    """Sharded: rank 0's values on every rank, so all ranks decide alike and size trees from the same curve."""
+    return broadcast(values, target.group) if target.group is not None else values
 
 
 def machine_key(target: TargetAdapter) -> str:
@@ -171,9 +220,11 @@ def verify_costs(target: TargetAdapter, config: DDTreeConfig = DDTreeConfig()) -
 def read(path: Path) -> VerifyCosts | None:
     try:
         data = json.loads(path.read_text())
-        costs = VerifyCosts(tuple(int(s) for s in data["sizes"]), tuple(float(s) for s in data["seconds"]))
+        costs = VerifyCosts(tuple(int(s) for s in data["sizes"]), tuple(float(s) for s in data["seconds"]),
+                            tuple(float(s) for s in data["per_token"]))
         if (data["format"] != FORMAT or len(costs.sizes) != len(costs.seconds) or len(costs.sizes) < 2
-                or min(costs.seconds) <= 0 or list(costs.sizes) != sorted(set(costs.sizes))):
+                or min(costs.seconds) <= 0 or list(costs.sizes) != sorted(set(costs.sizes))
+                or len(costs.per_token) != 3 or not all(0 <= s < 1 for s in costs.per_token)):
             return None
         return costs
     except (OSError, ValueError, KeyError, TypeError):

@@ -6,11 +6,14 @@ The protocol (duck-typed; a test or a user may pass any object with these member
     target_layer_ids: list[int]     # target layers whose outputs it conditions on ([] for none)
     reset(target, prompt_tokens)    # a new generation starts
     draft(root_token, context_tokens, context_hidden) -> mx.array [block_size - 1, vocab] log-probs
+    candidates(root_token, context_tokens, context_hidden, width) -> tree.Candidates   # optional
 
 `context_tokens` are the tokens the target processed since the last call (the prompt on the first call, then
 the root and the accepted nodes of each cycle), and `context_hidden` [len(context_tokens), F] their outputs at
 `target_layer_ids`, concatenated (None when target_layer_ids is empty). Row d of the result is the drafter's
-distribution for the token d + 1 places after the root.
+distribution for the token d + 1 places after the root. A drafter whose distributions are sparse (prompt lookup)
+may also offer `candidates`: the top `width` tokens per depth as numpy arrays, best first, which the session then
+uses instead of a top-k over the dense rows.
 """
 
 from __future__ import annotations

@@ -130,15 +130,18 @@ class Session:
         """The drafter's top candidates per depth for the block after the root (None for plain decoding)."""
         if method == "ar":
             return None
-        log_probs = self.drafter.draft(self.root, self.pending_tokens, self.pending_hidden)
-        self.pending_tokens, self.pending_hidden = [], None  # the drafter has seen them
         width = 1 if method == "dflash" else self.config.tree_cap
-        candidates = top_candidates(log_probs, width)
+        context = self.root, self.pending_tokens, self.pending_hidden
+        self.pending_tokens, self.pending_hidden = [], None  # the drafter will have seen them
+        if hasattr(self.drafter, "candidates"):  # a sparse drafter (prompt lookup) picks its own top tokens
+            return self.drafter.candidates(*context, width)
+        candidates = top_candidates(self.drafter.draft(*context), width)
         self.sync(candidates.tokens, candidates.log_probs)
         return candidates.to_numpy()
 
-    def build_tree(self, candidates: Candidates | None, method: str) -> DraftTree:
-        room = self.kv.depth_room(self.cache, self.target.prefix_length(self.cache)) if self.kv.bits else None
+    def build_tree(self, candidates: Candidates | None, method: str, context: int) -> DraftTree:
+        """The tree to verify after the `context` tokens in the cache."""
+        room = self.kv.depth_room(self.cache, context) if self.kv.bits else None
         if candidates is None or room == 0:
             return DraftTree.root_only(self.root)
         if room is not None:
@@ -147,12 +150,15 @@ class Session:
             return chain_tree(candidates, self.root)
         if self.sizer is None:
             return build_tree(candidates, self.root, self.config.budget)
-        return self.sizer.size(build_tree(self.sizer.acceptance.calibrate(candidates), self.root, self.sizer.cap))
+        tree = build_tree(self.sizer.acceptance.calibrate(candidates), self.root, self.sizer.cap)
+        return self.sizer.size(tree, context)
 
     def verify(self, tree: DraftTree) -> tuple[VerifyOutput, np.ndarray]:
         out, self.next_step = self.next_step, None
         if out is None:
+            start = time.perf_counter()
             out = self.target.verify(tree, self.cache, self.capture_layers, self.config)
+            self.built(out, time.perf_counter() - start)
         tokens = self.choose(out.logits)
         self.queue_next_step(out, tokens)
         self.sync(tokens)
@@ -163,16 +169,23 @@ class Session:
 
     def queue_next_step(self, out: VerifyOutput, tokens: mx.array) -> None:
         """Plain decoding, as mlx-lm: queue this step, then build the next one on its still-lazy token while the
-        device works (the next root is this token whatever it is). Not with a prompt cache (a stop token would
-        leave one step too many in the cache it stores) nor a quantized KV cache (it may convert after this step)."""
+        device works (the next root is this token whatever it is). Not with a quantized KV cache (it may convert
+        after this step)."""
         plain_next = self.method == "ar" or (self.sizer is not None and not self.sizer.will_draft())
-        if not (out.committed and plain_next and self.more_steps) or self.prompt_cache or self.kv.bits is not None:
+        if not (out.committed and plain_next and self.more_steps) or self.kv.bits is not None:
             return
         mx.async_eval(tokens)
         start = time.perf_counter()
         self.next_step = self.target.step(tokens, self.cache, self.capture_layers)
         mx.async_eval(self.next_step.logits)
-        self.stats.overlap_seconds += time.perf_counter() - start
+        self.stats.overlap_seconds += self.built(self.next_step, time.perf_counter() - start)
+
+    def built(self, out: VerifyOutput, seconds: float) -> float:
+        """A graph took `seconds` to build: for a plain step, time a queued step hides (the sizer charges it to
+        drafting, which cannot queue)."""
+        if out.committed and self.sizer is not None:
+            self.sizer.step_built(seconds)
+        return seconds
 
     @staticmethod
     def walk(tree: DraftTree, target_tokens: np.ndarray) -> list[int]:
@@ -207,10 +220,10 @@ class Session:
     def cycle(self) -> list[int]:
         stats = self.stats
         method = self.next_method()
-        start = time.perf_counter()
+        start, context = time.perf_counter(), self.target.prefix_length(self.cache)
         candidates = self.draft(method)
         mark = stats.lap("draft", start)
-        tree = self.build_tree(candidates, method)
+        tree = self.build_tree(candidates, method, context)
         built = stats.lap("build", mark)
         out, target_tokens = self.verify(tree)
         verified = stats.lap("verify", built)
@@ -221,7 +234,7 @@ class Session:
         seconds = stats.lap("commit", mark) - start
         new = [tree.tokens[node] for node in path[1:]] + [bonus]
         if self.sizer is not None:
-            self.sizer.record(candidates, tree, path, len(new), seconds, built - start, verified - built)
+            self.sizer.record(candidates, tree, path, len(new), seconds, built - start, verified - built, context)
         stats.decode_seconds += seconds
         stats.tree_sizes[len(tree) - 1] = stats.tree_sizes.get(len(tree) - 1, 0) + 1
         stats.cycles += 1
@@ -281,6 +294,8 @@ class Session:
     def remember(self) -> None:
         """At the end of a generation: the conversation so far, for its next turn."""
         if self.prompt_cache is not None:
+            if self.next_step is not None:  # a stop token came while the step after it was queued: it is cached
+                self.hold([self.root], self.next_step.hidden)
             hidden = mx.concatenate(self.held_hidden) if self.held_hidden else None
             self.prompt_cache.store(self.held, self.cache, self.variant, hidden)
 

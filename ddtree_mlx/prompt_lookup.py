@@ -18,6 +18,7 @@ import mlx.core as mx
 import numpy as np
 
 from .models.base import TargetAdapter
+from .tree import Candidates
 
 
 class PromptLookupDrafter:
@@ -34,38 +35,46 @@ class PromptLookupDrafter:
         self.max_ngram, self.min_ngram, self.max_matches = max_ngram, min_ngram, max_matches
         self.length_base, self.recency, self.prior = length_base, recency, prior
         self.vocab_size = 0
-        self.history: list[int] = []
+        self.history = History()
 
     def reset(self, target: TargetAdapter, prompt_tokens: list[int]) -> None:
         # The prompt arrives again as the first draft call's context_tokens, so history starts empty.
         self.vocab_size = target.vocab_size
-        self.history = []
+        self.history = History()
 
     def draft(self, root_token: int, context_tokens: list[int], context_hidden: mx.array | None) -> mx.array:
+        """The protocol's dense form: [block_size - 1, vocab] log-probs."""
+        floor, rows, tokens, log_probs = self.evidence(root_token, context_tokens)
+        out = np.empty((self.block_size - 1, self.vocab_size), dtype=np.float32)
+        out[:] = floor[:, None]
+        out[rows, tokens] = log_probs
+        return mx.array(out)
+
+    def candidates(self, root_token: int, context_tokens: list[int], context_hidden: mx.array | None,
+                   width: int) -> Candidates:
+        """The same distributions' top `width` tokens per depth, without building the dense rows: the session
+        asks for these when a drafter has them, so drafting costs microseconds, not a vocabulary-wide top-k.
+        Depths with fewer evidenced tokens are filled with floor tokens (the lowest ids with no evidence)."""
+        floor, rows, tokens, log_probs = self.evidence(root_token, context_tokens)
+        depths, width = self.block_size - 1, min(width, self.vocab_size)
+        out_tokens = np.empty((depths, width), dtype=np.int64)
+        out_log_probs = np.empty((depths, width))
+        order = np.lexsort((tokens, -log_probs, rows))  # by depth, then best first
+        rows, tokens, log_probs = rows[order], tokens[order], log_probs[order]
+        for depth in range(depths):
+            mine = rows == depth
+            top, values = tokens[mine][:width], log_probs[mine][:width]
+            fill = np.setdiff1d(np.arange(width), top, assume_unique=True)[: width - len(top)]
+            out_tokens[depth] = np.r_[top, fill]
+            out_log_probs[depth] = np.r_[values, np.full(len(fill), floor[depth])]
+        return Candidates(out_tokens, out_log_probs)
+
+    def evidence(self, root_token: int, context_tokens: list[int]) -> tuple[np.ndarray, ...]:
+        """Each depth's floor log-prob, and the (depth, token) pairs the matches' continuations give mass to,
+        with their log-probs."""
         self.history.extend(context_tokens)
-        sequence = np.asarray(self.history + [root_token], dtype=np.int64)
+        sequence = np.append(self.history.tokens, root_token)
         starts, weights = self.matches(sequence)
-        return mx.array(self.log_probs(sequence, starts, weights))
-
-    def matches(self, sequence: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Continuation starts (the position after each match) and their weights, heaviest max_matches kept."""
-        starts = np.arange(1, len(sequence))  # a match ends at start - 1, before the root
-        matched = np.zeros(len(starts), dtype=np.int64)
-        alive = np.ones(len(starts), dtype=bool)
-        for back in range(min(self.max_ngram, len(sequence) - 1)):
-            # Compare sequence[start - 1 - back] with the suffix token `back` places before the root.
-            earlier = starts - 1 - back
-            alive &= (earlier >= 0) & (sequence[np.maximum(earlier, 0)] == sequence[-1 - back])
-            matched += alive
-        keep = matched >= self.min_ngram
-        starts, matched = starts[keep], matched[keep]
-        age = np.arange(len(starts))[::-1]  # the newest match has age 0
-        weights = self.length_base ** (matched - 1.0) * self.recency ** age
-        best = np.argsort(-weights, kind="stable")[: self.max_matches]
-        return starts[best], weights[best]
-
-    def log_probs(self, sequence: np.ndarray, starts: np.ndarray, weights: np.ndarray) -> np.ndarray:
-        """[block_size - 1, vocab]: each depth's floor, with the continuations' tokens scattered over it."""
         depths = self.block_size - 1
         offsets = starts[:, None] + np.arange(depths)[None, :]  # [matches, depths] positions in `sequence`
         reaches = offsets < len(sequence)
@@ -78,8 +87,48 @@ class PromptLookupDrafter:
         summed = np.bincount(inverse, weights=mass, minlength=len(pairs))
         smooth = self.prior / self.vocab_size
         scale = np.log(total + self.prior)
-        out = np.empty((depths, self.vocab_size), dtype=np.float32)
-        out[:] = (np.log(smooth) - scale)[:, None]
         pair_rows = pairs // self.vocab_size
-        out[pair_rows, pairs % self.vocab_size] = np.log(summed + smooth) - scale[pair_rows]
-        return out
+        return np.log(smooth) - scale, pair_rows, pairs % self.vocab_size, np.log(summed + smooth) - scale[pair_rows]
+
+    def matches(self, sequence: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Continuation starts (the position after each match) and their weights, heaviest max_matches kept.
+        `sequence` is the history and the root; a match ends at an earlier occurrence of the root, so only those
+        (from the history's index) are compared."""
+        ends = self.history.positions(int(sequence[-1]))
+        matched = np.ones(len(ends), dtype=np.int64)
+        alive = np.ones(len(ends), dtype=bool)
+        for back in range(1, min(self.max_ngram, len(sequence) - 1)):
+            earlier = ends - back  # compared with the suffix token `back` places before the root
+            alive &= (earlier >= 0) & (sequence[np.maximum(earlier, 0)] == sequence[-1 - back])
+            matched += alive
+        keep = matched >= self.min_ngram
+        starts, matched = ends[keep] + 1, matched[keep]
+        age = np.arange(len(starts))[::-1]  # the newest match has age 0
+        weights = self.length_base ** (matched - 1.0) * self.recency ** age
+        best = np.argsort(-weights, kind="stable")[: self.max_matches]
+        return starts[best], weights[best]
+
+
+class History:
+    """The tokens so far, with every token's positions, so finding the root's earlier occurrences costs what
+    they number, not the history's length (a 6K-token context would otherwise be scanned every cycle)."""
+
+    def __init__(self):
+        self.buffer = np.zeros(256, dtype=np.int64)
+        self.length = 0
+        self.index: dict[int, list[int]] = {}
+
+    @property
+    def tokens(self) -> np.ndarray:
+        return self.buffer[: self.length]
+
+    def extend(self, tokens: list[int]) -> None:
+        if self.length + len(tokens) > len(self.buffer):
+            self.buffer = np.resize(self.buffer, 2 * (self.length + len(tokens)))
+        self.buffer[self.length : self.length + len(tokens)] = tokens
+        for offset, token in enumerate(tokens, self.length):
+            self.index.setdefault(int(token), []).append(offset)
+        self.length += len(tokens)
+
+    def positions(self, token: int) -> np.ndarray:
+        return np.array(self.index.get(int(token), []), dtype=np.int64)

@@ -28,18 +28,43 @@ def test_measuring_a_real_target(monkeypatch):
     assert calibration.measure(target).sizes == calibration.SIZES[:2]
 
 
+@pytest.mark.parametrize("prefill_seconds,length", [(1e9, 1024), (0.0, 256)])
+def test_the_long_prompt_measures_what_each_context_token_adds(monkeypatch, prefill_seconds, length):
+    """Verify timings that grow with the context as (step, tree, per node) seconds per token: the calibration
+    recovers them, from a long prompt cut to two chunks where filling it would take too long."""
+    target = adapter_for(make_target("llama"))
+    seen = set()
+
+    def timer(target, config, rng):
+        def run(size, cache):
+            context = target.prefix_length(cache)
+            seen.add(context)
+            return 0.01 + 0.001 * size + (context - 32) * (2e-6 if size == 1 else 3e-6 + 1e-6 * size)
+        return run
+
+    monkeypatch.setattr(calibration, "timer", timer)
+    monkeypatch.setattr(calibration, "LONG_PREFILL", prefill_seconds)
+    costs = calibration.measure(target)
+    assert seen == {32, length}
+    assert costs.per_token == pytest.approx((2e-6, 3e-6, 1e-6))
+    assert costs.at(5, 2032) == pytest.approx(0.015 + 2000 * 8e-6)
+
+
 def test_measured_once_then_read_from_disk(fresh, monkeypatch):
     target = adapter_for(make_target("llama"))
-    monkeypatch.setattr(calibration, "measure", lambda target, config: VerifyCosts((1, 2), (1.0, 1.5)))
+    monkeypatch.setattr(calibration, "measure", lambda target, config: VerifyCosts((1, 2), (1.0, 1.5), (1e-6, 0, 0)))
     assert calibration.verify_costs(target).seconds == (1.0, 1.5)
     [saved] = fresh.glob("*.json")
     monkeypatch.setattr(calibration, "_MEMORY", {})
     monkeypatch.setattr(calibration, "measure", lambda target, config: pytest.fail("measured again"))
-    assert calibration.verify_costs(target).seconds == (1.0, 1.5)
+    assert calibration.verify_costs(target) == VerifyCosts((1, 2), (1.0, 1.5), (1e-6, 0, 0))
     for broken in ("{not json", json.dumps({"format": 99, "sizes": [1, 2], "seconds": [1.0, 2.0]}),
                    json.dumps({"format": calibration.FORMAT, "sizes": [1], "seconds": [1.0]}),
                    json.dumps({"format": calibration.FORMAT, "sizes": [2, 1], "seconds": [1.0, 2.0]}),
-                   json.dumps({"format": calibration.FORMAT, "sizes": [1, 2], "seconds": [0.0, 1.0]})):
+                   json.dumps({"format": calibration.FORMAT, "sizes": [1, 2], "seconds": [0.0, 1.0]}),
+                   json.dumps({"format": calibration.FORMAT, "sizes": [1, 2], "seconds": [1.0, 2.0]}),
+                   json.dumps({"format": calibration.FORMAT, "sizes": [1, 2], "seconds": [1.0, 2.0],
+                               "per_token": [1e-6, -1e-6, 0.0]})):
         saved.write_text(broken)
         monkeypatch.setattr(calibration, "_MEMORY", {})
         monkeypatch.setattr(calibration, "measure", lambda target, config: VerifyCosts((1, 2), (1.0, 1.2)))

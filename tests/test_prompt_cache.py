@@ -88,3 +88,22 @@ def test_least_recently_used_entries_go_first():
     assert cache.lookup([1, 2, 3, 99], ((0,), None)) is None  # e.g. a drafter tapping layers needs their states
     with pytest.raises(ValueError, match="must be >= 0 bytes"):
         PromptCache(-1)
+
+
+@pytest.mark.parametrize("family", ["qwen3_5", "llama"])
+def test_plain_decoding_queues_steps_and_caches_the_last_one(family):
+    """With a prompt cache, plain steps are still queued one ahead (as mlx-lm's loop does). At a stop token the
+    step after it is already in the cache: the entry holds the stop token too, and the next turn is exact."""
+    model = make_target(family)
+    expected = greedy_reference(model, FIRST, 12)
+    stop = next(t for i, t in enumerate(expected) if i >= 3 and expected.index(t) == i)  # a few steps in
+    cut = expected[: expected.index(stop) + 1]
+    cache = PromptCache(2**30)
+    first = generate_ddtree_once(target_model=model, prompt_tokens=FIRST, max_new_tokens=12, method="ar",
+                                 stop_token_ids=[stop], prompt_cache=cache)
+    assert first["generated_token_ids"] == cut and first["finish_reason"] == "stop"
+    second_prompt = FIRST + cut + [7, 8, 9]
+    second = generate_ddtree_once(target_model=model, prompt_tokens=second_prompt, max_new_tokens=8, method="ar",
+                                  stop_token_ids=[], prompt_cache=cache)
+    assert second["reused_prompt_tokens"] == len(FIRST) + len(cut)  # the stop token's step was queued and kept
+    assert second["generated_token_ids"] == greedy_reference(model, second_prompt, 8)

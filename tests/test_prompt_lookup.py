@@ -53,6 +53,59 @@ def test_history_grows_across_calls():
     assert pieces[0].argmax() == 5
 
 
+def brute_force_matches(drafter, sequence):
+    """Every earlier position whose preceding tokens match the suffix ending at the root, by a plain scan."""
+    found = []
+    for start in range(1, len(sequence)):
+        matched = 0
+        while (matched < min(drafter.max_ngram, start) and matched < len(sequence) - 1
+               and sequence[start - 1 - matched] == sequence[-1 - matched]):
+            matched += 1
+        if matched >= drafter.min_ngram:
+            found.append((start, matched))
+    weights = [drafter.length_base ** (m - 1) * drafter.recency ** (len(found) - 1 - i)
+               for i, (_, m) in enumerate(found)]
+    order = sorted(range(len(found)), key=lambda i: -weights[i])[: drafter.max_matches]
+    return [found[i][0] for i in order], [weights[i] for i in order]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_indexed_matches_equal_a_full_scan(seed):
+    """The history's token index finds exactly the matches a scan of the whole history finds, in pieces."""
+    rng = np.random.default_rng(seed)
+    history = rng.integers(0, 6, size=200).tolist()
+    drafter = PromptLookupDrafter(min_ngram=1 + seed % 2, max_matches=16)
+    drafter.reset(TARGET, history)
+    found = 0
+    for cut in (0, 37, 120, 200):
+        drafter.history.extend(history[drafter.history.length : cut])
+        sequence = np.array(history[:cut] + [int(rng.integers(0, 6))])
+        starts, weights = drafter.matches(sequence)
+        expected_starts, expected_weights = brute_force_matches(drafter, sequence.tolist())
+        assert starts.tolist() == expected_starts
+        np.testing.assert_allclose(weights, expected_weights)
+        found += len(starts)
+    assert found > 0
+
+
+@pytest.mark.parametrize("width", [1, 4, 32])
+def test_candidates_are_the_dense_rows_top_tokens(width):
+    """The sparse top tokens equal a top-k over the dense distributions: same values, same evidenced tokens;
+    floor fillers are distinct tokens without evidence."""
+    history = [1, 2, 3, 4, 50, 1, 2, 3, 7, 60, 1, 2, 3, 7, 61, 1, 2]
+    dense = drafted(history, root=3)
+    drafter = PromptLookupDrafter()
+    drafter.reset(TARGET, history)
+    got = drafter.candidates(3, history, None, width)
+    assert got.tokens.shape == got.log_probs.shape == (7, width)
+    expected = np.sort(dense, axis=1)[:, ::-1][:, :width]
+    np.testing.assert_allclose(got.log_probs, expected, rtol=1e-5)
+    np.testing.assert_allclose(np.take_along_axis(dense, got.tokens, 1), got.log_probs, rtol=1e-5)
+    for row in got.tokens:
+        assert len(set(row.tolist())) == width
+    assert got.tokens[0, :2].tolist() == [7, 4][:width] if width > 1 else got.tokens[0, 0] == 7
+
+
 @pytest.mark.parametrize("kwargs,message", [
     ({"block_size": 1}, "no draft positions"),
     ({"min_ngram": 3, "max_ngram": 2}, "min_ngram <= max_ngram"),

@@ -9,6 +9,8 @@ from ddtree_mlx.tree import Candidates, DraftTree, build_tree
 from ddtree_mlx.tree_size import PROBE_EVERY, Acceptance, TreeSizer
 from test_tree import all_prefixes, random_candidates
 
+SHORT = 32  # the calibration's own context: its curve as measured
+
 
 def prefix_closed_sets(candidates):
     """Every set of ranked prefixes whose every prefix is in it too (the trees a draft can make)."""
@@ -29,8 +31,8 @@ def test_the_chosen_size_is_the_best_tree_over_every_tree(seed):
     seconds = tuple(0.01 * (1 + rng.uniform(0.02, 0.4) * (s - 1) ** rng.uniform(0.6, 1.4)) for s in sizes)
     sizer = TreeSizer(VerifyCosts(sizes, seconds), cap=14)
     sizer.tokens, sizer.seconds = rng.uniform(1.5, 3.0), 0.01
-    chosen = sizer.size(build_tree(sizer.acceptance.calibrate(candidates), 0, sizer.cap))
-    value = lambda nodes, total: 1 + total - sizer.rate * sizer.verify_seconds(nodes)  # noqa: E731
+    chosen = sizer.size(build_tree(sizer.acceptance.calibrate(candidates), 0, sizer.cap), SHORT)
+    value = lambda nodes, total: 1 + total - sizer.rate * sizer.verify_seconds(nodes, SHORT)  # noqa: E731
     best = max(value(len(s), sum(np.exp(p[r]) for r in s)) for s, p in prefix_closed_sets(candidates))
     picked = sum(np.exp(chosen.scores[1:]))  # path probabilities (tests/test_tree.py checks the scores)
     assert value(len(chosen) - 1, picked) == pytest.approx(best)
@@ -39,13 +41,13 @@ def test_the_chosen_size_is_the_best_tree_over_every_tree(seed):
 def test_unlikely_nodes_are_cut_and_free_ones_kept():
     flat = Candidates(np.arange(12).reshape(3, 4), np.full((3, 4), np.log(1 / 5000)))
     dear = TreeSizer(VerifyCosts((1, 2), (0.01, 0.02)), cap=8)
-    assert len(dear.size(build_tree(dear.acceptance.calibrate(flat), 0, 8))) == 1  # a plain step
+    assert len(dear.size(build_tree(dear.acceptance.calibrate(flat), 0, 8), SHORT)) == 1  # a plain step
     sure = Candidates(np.arange(12).reshape(3, 4), np.log(np.tile([0.97, 0.01, 0.01, 0.01], (3, 1))))
     free = TreeSizer(VerifyCosts((1, 2), (0.01, 0.01)), cap=8)
-    assert len(free.size(build_tree(free.acceptance.calibrate(sure), 0, 8))) == 9
-    assert len(dear.size(build_tree(dear.acceptance.calibrate(sure), 0, 8))) == 1  # 0.97 token for a token's time
+    assert len(free.size(build_tree(free.acceptance.calibrate(sure), 0, 8), SHORT)) == 9
+    assert len(dear.size(build_tree(dear.acceptance.calibrate(sure), 0, 8), SHORT)) == 1  # 0.97 token for a token's time
     half = TreeSizer(VerifyCosts((1, 2), (0.01, 0.015)), cap=8)
-    assert len(half.size(build_tree(half.acceptance.calibrate(sure), 0, 8))) == 4  # the likely chain only
+    assert len(half.size(build_tree(half.acceptance.calibrate(sure), 0, 8), SHORT)) == 4  # the likely chain only
 
 
 def one_node_tree(candidates):
@@ -79,11 +81,11 @@ def test_drafting_stops_when_it_does_not_pay_and_is_probed():
         method = sizer.pick("ddtree")
         picks.append(method)
         if method == "ar":
-            sizer.record(None, DraftTree.root_only(0), [0], 1, 0.01, 0.0, 0.01)
+            sizer.record(None, DraftTree.root_only(0), [0], 1, 0.01, 0.0, 0.01, SHORT)
             continue
-        tree = sizer.size(build_tree(sizer.acceptance.calibrate(candidates), 0, 8))
+        tree = sizer.size(build_tree(sizer.acceptance.calibrate(candidates), 0, 8), SHORT)
         # Drafting takes 30 ms, three plain steps' time, and the draft is never accepted.
-        sizer.record(candidates, tree, [0], 1, 0.04 + 0.01, 0.04, 0.01)
+        sizer.record(candidates, tree, [0], 1, 0.04 + 0.01, 0.04, 0.01, SHORT)
     assert picks[:2] == ["ddtree", "ddtree"]
     rest = picks[20:]
     assert rest.count("ar") >= 30 and 0 < rest.count("ddtree") <= len(rest) // PROBE_EVERY + 1
@@ -93,10 +95,10 @@ def test_drafting_stops_when_it_does_not_pay_and_is_probed():
     for _ in range(3 * PROBE_EVERY):
         picks.append(sizer.pick("ddtree"))
         if picks[-1] == "ddtree":
-            tree = sizer.size(build_tree(sizer.acceptance.calibrate(candidates), 0, 8))
-            sizer.record(candidates, tree, list(range(len(tree))), len(tree), 0.04 + 0.012, 0.04, 0.012)
+            tree = sizer.size(build_tree(sizer.acceptance.calibrate(candidates), 0, 8), SHORT)
+            sizer.record(candidates, tree, list(range(len(tree))), len(tree), 0.04 + 0.012, 0.04, 0.012, SHORT)
         else:
-            sizer.record(None, DraftTree.root_only(0), [0], 1, 0.01, 0.0, 0.01)
+            sizer.record(None, DraftTree.root_only(0), [0], 1, 0.01, 0.0, 0.01, SHORT)
     first = picks.index("ddtree")
     assert first < PROBE_EVERY and set(picks[first:]) == {"ddtree"}
 
@@ -108,14 +110,45 @@ def test_the_cycles_correct_the_curve():
     candidates = Candidates(np.array([[5], [6], [7], [8]]), np.log(np.full((4, 1), 0.5)))
     sizes = []
     for _ in range(120):
-        tree = sizer.size(build_tree(sizer.acceptance.calibrate(candidates), 0, 4))
+        tree = sizer.size(build_tree(sizer.acceptance.calibrate(candidates), 0, 4), SHORT)
         sizes.append(len(tree) - 1)
         slower = 1.2 if len(tree) == 1 else 3.0
         accepted = list(range(len(tree) // 2 + 1))  # half the chain: what 0.5 per node gives
-        sizer.record(candidates, tree, accepted, len(accepted), 0.03, 0.001, slower * float(sizer.costs.at(len(tree))))
-    assert sizer.step_scale == pytest.approx(1.2, rel=0.02) and sizer.verify_seconds(0) == pytest.approx(0.012, 0.02)
+        verifying = slower * float(sizer.costs.at(len(tree)))
+        sizer.record(candidates, tree, accepted, len(accepted), 0.03, 0.001, verifying, SHORT)
+    assert sizer.step_scale == pytest.approx(1.2, rel=0.02)
+    assert sizer.verify_seconds(0, SHORT) == pytest.approx(0.012, 0.02)
     assert sizer.scale > 2  # learned until trees stopped paying, then no tree ran to teach it more
     assert sizes[0] > 0 and sizes[-10:] == [0] * 10  # trees at first, plain steps once their cost is known
+
+
+def test_a_long_context_prices_every_node_before_any_cycle():
+    """The calibration's per-token costs: after 6,000 tokens every node attends over them all, so a draft worth
+    verifying at a short context is a plain step at a long one, from the first cycle on."""
+    costs = VerifyCosts((1, 2, 9), (0.07, 0.072, 0.09), per_token=(1.2e-5, 1.3e-5, 4e-6))
+    assert costs.at(np.array([1, 3]), 6032) == pytest.approx([0.07 + 6000 * 1.2e-5, 0.072 + 0.018 / 7 + 6000 * (1.3e-5 + 3 * 4e-6)])
+    chain = Candidates(np.arange(4)[:, None], np.log(np.full((4, 1), 0.35)))
+    sizer = TreeSizer(costs, cap=4)
+    tree = build_tree(sizer.acceptance.calibrate(chain), 0, 4)
+    assert len(sizer.size(tree, SHORT)) > 1
+    sizer.seconds = float(costs.at(1, 6032))  # decoding's rate at that context
+    assert len(sizer.size(tree, 6032)) == 1
+
+
+def test_drafting_is_charged_the_plain_steps_queueing():
+    """A free drafter whose drafts are worth a little: drafting pays unless building a plain step's graph, which
+    a cycle that does not draft hides behind the last one, costs more than the draft is worth."""
+    candidates = Candidates(np.array([[5]]), np.log([[0.3]]))
+    verdicts = {}
+    for graph in (0.0, 0.005):
+        sizer = TreeSizer(VerifyCosts((1, 2), (0.01, 0.01)), cap=1)
+        for _ in range(30):
+            sizer.step_built(graph)
+            tree = sizer.size(build_tree(sizer.acceptance.calibrate(candidates), 0, 1), SHORT)
+            accepted = [0, 1][: 1 + (len(tree) > 1 and sizer.tokens < 1.3)]  # about 30% of the time
+            sizer.record(candidates, tree, accepted, len(accepted), 0.01, 0.0, 0.01, SHORT)
+        verdicts[graph] = sizer.will_draft()
+    assert verdicts == {0.0: True, 0.005: False}
 
 
 def test_the_curve_extends_past_its_last_point_and_never_falls():
@@ -130,4 +163,4 @@ def test_the_curve_extends_past_its_last_point_and_never_falls():
 def test_the_cap_bounds_the_tree(cap):
     sure = Candidates(np.arange(12).reshape(3, 4), np.log(np.tile([0.97, 0.01, 0.01, 0.01], (3, 1))))
     sizer = TreeSizer(VerifyCosts((1, 2), (0.01, 0.01)), cap=cap)
-    assert len(sizer.size(build_tree(sizer.acceptance.calibrate(sure), 0, cap))) == cap + 1
+    assert len(sizer.size(build_tree(sizer.acceptance.calibrate(sure), 0, cap), SHORT)) == cap + 1
