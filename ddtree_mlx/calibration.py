@@ -5,7 +5,7 @@ depends on the machine more than on anything else: a node costs ~4% of a one-tok
 OpenBLAS, close to 100% on MLX's bundled reference BLAS (every node is one more row through every matmul), ~0 on a
 GPU at small trees. So the curve is measured at first use: verify of bushy random trees of 1, 2, 3, 5, 9, ... 65
 nodes on the real target after a short prompt (a slow machine stops the grid after TIME_BUDGET seconds; the curve
-extends linearly past its last point), then a plain step and two trees again after a long prompt, which says what
+extends linearly past its last point), then a plain step and two trees again after a long context, which says what
 every context token adds: to a plain step, to a tree, and to a tree per node (each node attends over the whole
 context; on this CPU, at 6K tokens, one more node costs ~30 ms where it cost ~3 ms after 32). It is cached on disk
 per (model, dtype and quantization, device, MLX version, BLAS, ddtree-mlx version); a cache file that is
@@ -15,7 +15,6 @@ the drafter) the cycles measure online.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import os
@@ -37,12 +36,11 @@ from .tree import DraftTree
 
 SIZES = (1, 2, 3, 5, 9, 17, 33)  # nodes, root included (DDTREE_MAX_BUDGET's default of 32 draft nodes and the root)
 PROMPT_TOKENS = 32  # the grid's context
-LONG_SIZES = (1, 2, 17)  # measured again after a long prompt (the grid's last size if smaller than 17)
-LONG_PROMPT = 1024  # tokens, in chunks of CHUNK: fewer (at least two chunks) where they would take LONG_PREFILL s
-CHUNK = 128
-LONG_PREFILL = 1.5
+LONG_SIZES = (1, 2, 9)  # measured again after LONG_CONTEXT tokens (the grid's last size if smaller than 9)
+LONG_CONTEXT = 4096  # or half the model's context window, if smaller
 REPEATS = 4
 TIME_BUDGET = 5.5  # seconds of measuring the grid, about: a slow machine measures fewer sizes (always two)
+LONG_BUDGET = 1.0  # seconds of rounds after the long context, about (always one)
 FORMAT = 3
 
 
@@ -75,7 +73,9 @@ class VerifyCosts:
         nodes = np.asarray(nodes)
         short = np.where(nodes > sizes[-1], seconds[-1] + slope * (nodes - sizes[-1]), np.interp(nodes, sizes, seconds))
         step, tree, node = self.per_token
-        return short + max(context - PROMPT_TOKENS, 0) * np.where(nodes == 1, step, tree + node * nodes)
+        longer = max(context - PROMPT_TOKENS, 0)
+        cost = short + longer * np.where(nodes == 1, step, tree + node * nodes)
+        return np.where(nodes > 1, np.maximum(cost, seconds[0] + longer * step), cost)  # a tree does a step's work
 
 
 def isotonic(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
@@ -98,11 +98,12 @@ def random_tree(size: int, rng: np.random.Generator, vocab: int) -> DraftTree:
 
 
 def measure(target: TargetAdapter, config: DDTreeConfig = DDTreeConfig(), sizes: tuple[int, ...] = SIZES) -> VerifyCosts:
-    """Verify time per tree size after a PROMPT_TOKENS prompt, then of LONG_SIZES after a long prompt, with the
-    generation's own settings (kernels on or off), each run on a copy of the prompt's cache (a one-node verify
-    writes into the cache it runs on). Sharded, every rank keeps rank 0's numbers and decisions."""
+    """Verify time per tree size after a PROMPT_TOKENS prompt, then of LONG_SIZES after a long context, with the
+    generation's own settings (kernels on or off). Sharded, every rank keeps rank 0's numbers and decisions."""
     rng = np.random.default_rng(0)
-    cache = prompt_cache(target, PROMPT_TOKENS, rng)
+    cache = target.make_cache()
+    target.forward(mx.array(rng.integers(target.vocab_size, size=PROMPT_TOKENS)), cache, [])
+    mx.eval([entry.state for entry in cache])
     run = timer(target, config, rng)
     run(1, cache)  # the process's first verify pays for one-time set-up (kernel checks, allocations): not counted
     # A first round builds each size's kernels and says what a round costs: the grid ends where REPEATS more
@@ -116,10 +117,9 @@ def measure(target: TargetAdapter, config: DDTreeConfig = DDTreeConfig(), sizes:
         first.append(run(size, cache))
     grid = sizes[: len(first)]
     costs = VerifyCosts(tuple(grid), tuple(agreed(fastest(run, grid, cache), target)))
-    long_cache = prompt_cache(target, LONG_PROMPT, rng, LONG_PREFILL)
-    length = target.prefix_length(long_cache)
+    length = lengthen(target, cache, rng)
     long_sizes = (*LONG_SIZES[:2], min(LONG_SIZES[2], grid[-1]))
-    extra = (np.array(agreed(fastest(run, long_sizes, long_cache), target)) - costs.at(np.array(long_sizes)))
+    extra = np.array(agreed(fastest(run, long_sizes, cache, LONG_BUDGET, target), target)) - costs.at(np.array(long_sizes))
     return VerifyCosts(costs.sizes, costs.seconds, per_token(long_sizes, extra / (length - PROMPT_TOKENS)))
 
 
@@ -132,40 +132,53 @@ def per_token(sizes: tuple[int, int, int], extra: np.ndarray) -> tuple[float, fl
     return max(float(step), 0.0), max(float(low - node * small), 0.0), float(node)
 
 
-def prompt_cache(target: TargetAdapter, length: int, rng: np.random.Generator, seconds: float = np.inf) -> list[Any]:
-    """A cache holding `length` random tokens, or as many whole CHUNKs (at least two) as fit in `seconds`."""
-    cache, start, filled = target.make_cache(), time.perf_counter(), 0
-    while filled < length:
-        elapsed = time.perf_counter() - start
-        if filled >= 2 * CHUNK and agreed([elapsed * (filled + CHUNK) / filled > seconds], target)[0]:
-            break
-        count = min(CHUNK, length - filled)
-        target.forward(mx.array(rng.integers(target.vocab_size, size=count)), cache, [])
-        mx.eval([entry.state for entry in cache])
-        filled += count
-    return cache
+def lengthen(target: TargetAdapter, cache: list[Any], rng: np.random.Generator) -> int:
+    """Grow the attention caches to LONG_CONTEXT tokens of random keys and values, and return that length. What a
+    verify costs depends on how many keys it attends over, not on what they are, so no prefill is needed (a slow
+    machine would spend minutes on one). Shapes come from the caches themselves."""
+    length = min(LONG_CONTEXT, (target.context_length or 2 * LONG_CONTEXT) // 2)
+    for entry in cache:
+        if target.is_attention_cache(entry) and entry.offset < length:
+            keys, values = entry.keys, entry.values
+            more = length - entry.offset
+            entry.update_and_fetch(mx.array(rng.normal(size=(*keys.shape[:2], more, keys.shape[3])), keys.dtype),
+                                   mx.array(rng.normal(size=(*values.shape[:2], more, values.shape[3])), values.dtype))
+    mx.eval([entry.state for entry in cache])
+    return target.prefix_length(cache)
 
 
 def timer(target: TargetAdapter, config: DDTreeConfig, rng: np.random.Generator) -> Callable[[int, list[Any]], float]:
+    """Seconds to verify a random bushy tree of `size` nodes after what `cache` holds. A one-node verify is a
+    plain step, which writes into the cache: it is trimmed back, so every run sees the same context (a recurrent
+    state moves on, which changes what it computes, not what that costs)."""
     def run(size: int, cache: list[Any]) -> float:
-        tree, copied = random_tree(size, rng, target.vocab_size), copy.deepcopy(cache)
+        tree = random_tree(size, rng, target.vocab_size)
         start = time.perf_counter()
-        mx.eval(target.verify(tree, copied, [], config).logits)
-        return time.perf_counter() - start
+        mx.eval(target.verify(tree, cache, [], config).logits)
+        seconds = time.perf_counter() - start
+        if size == 1:
+            for entry in cache:
+                if target.is_attention_cache(entry):
+                    entry.trim(1)
+        return seconds
 
     return run
 
 
-def fastest(run: Callable[[int, list[Any]], float], sizes: tuple[int, ...], cache: list[Any]) -> list[float]:
+def fastest(run: Callable[[int, list[Any]], float], sizes: tuple[int, ...], cache: list[Any],
+            budget: float = np.inf, target: TargetAdapter | None = None) -> list[float]:
     """Rounds over all sizes, not one size after another: drift (another job, the clock) hits every size alike
-    instead of bending the curve. The fastest run of each size, as timing noise only adds."""
-    rounds = [[run(size, cache) for size in sizes] for _ in range(REPEATS)]
+    instead of bending the curve. The fastest run of each size, as timing noise only adds. REPEATS rounds, or
+    fewer (at least one) once `budget` seconds have passed."""
+    rounds, start = [], time.perf_counter()
+    while len(rounds) < REPEATS and not (rounds and agreed([time.perf_counter() - start > budget], target)[0]):
+        rounds.append([run(size, cache) for size in sizes])
     return [min(times) for times in zip(*rounds)]
 
 
-def agreed(values: list[float], target: TargetAdapter) -> list[float]:
+def agreed(values: list[float], target: TargetAdapter | None) -> list[float]:
     """Sharded: rank 0's values on every rank, so all ranks decide alike and size trees from the same curve."""
-    return broadcast(values, target.group) if target.group is not None else values
+    return broadcast(values, target.group) if target is not None and target.group is not None else values
 
 
 def machine_key(target: TargetAdapter) -> str:

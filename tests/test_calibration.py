@@ -28,11 +28,11 @@ def test_measuring_a_real_target(monkeypatch):
     assert calibration.measure(target).sizes == calibration.SIZES[:2]
 
 
-@pytest.mark.parametrize("prefill_seconds,length", [(1e9, 1024), (0.0, 256)])
-def test_the_long_prompt_measures_what_each_context_token_adds(monkeypatch, prefill_seconds, length):
+@pytest.mark.parametrize("family", ["qwen3_5", "llama"])
+def test_the_long_context_measures_what_each_context_token_adds(monkeypatch, family):
     """Verify timings that grow with the context as (step, tree, per node) seconds per token: the calibration
-    recovers them, from a long prompt cut to two chunks where filling it would take too long."""
-    target = adapter_for(make_target("llama"))
+    recovers them after growing the caches to the long context."""
+    target = adapter_for(make_target(family))
     seen = set()
 
     def timer(target, config, rng):
@@ -43,11 +43,13 @@ def test_the_long_prompt_measures_what_each_context_token_adds(monkeypatch, pref
         return run
 
     monkeypatch.setattr(calibration, "timer", timer)
-    monkeypatch.setattr(calibration, "LONG_PREFILL", prefill_seconds)
+    monkeypatch.setattr(calibration, "LONG_CONTEXT", 600)
     costs = calibration.measure(target)
-    assert seen == {32, length}
+    assert seen == {32, 600}
     assert costs.per_token == pytest.approx((2e-6, 3e-6, 1e-6))
     assert costs.at(5, 2032) == pytest.approx(0.015 + 2000 * 8e-6)
+    cheap_trees = VerifyCosts((1, 2), (0.01, 0.01), (1e-5, 0.0, 1e-6))
+    assert cheap_trees.at(2, 1032) == pytest.approx(0.01 + 1000 * 1e-5)  # a tree costs at least its root's step
 
 
 def test_measured_once_then_read_from_disk(fresh, monkeypatch):
