@@ -8,15 +8,13 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from importlib.metadata import version
 from typing import Any, Iterator, Sequence
 
-import mlx.core as mx
-
 from .blas import HINT, slow_blas, use_openblas
 from .config import DDTreeConfig
+from .distributed import silence_other_ranks
 from .generate import METHODS, DecodeStep, stream_generate
 from .kv_quantization import BITS, GROUP_SIZES, KVQuantization
 from .loading import encode_prompt, load, stop_token_ids
@@ -89,6 +87,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                         help="ddtree: draft tree; dflash: single draft path; ar: plain decoding (default: ddtree)")
     parser.add_argument("--budget", type=budget, help="draft-tree nodes per cycle, or 'auto': sized per cycle for "
                                                       "this machine (default: DDTREE_BUDGET or auto)")
+    parser.add_argument("--sharding", choices=("tensor", "pipeline"),
+                        help="under mlx.launch: split the target over every process, each layer (tensor) or runs of "
+                             "whole layers (pipeline); rank 0 prints or serves")
     kv = KVQuantization()
     parser.add_argument("--kv-bits", type=int, choices=BITS, help="quantize the KV cache to this many bits "
                                                                   "(as mlx-lm; default: not quantized)")
@@ -112,8 +113,6 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1, off)")
     parser.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (default: 0, off)")
     parser.add_argument("--seed", type=int, help="seed for sampling")
-    parser.add_argument("--sharding", choices=("tensor",), help="under mlx.launch: split the target over every "
-                                                                 "process (tensor parallel); rank 0 prints")
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -125,8 +124,8 @@ def run_generate(args: argparse.Namespace) -> int:
     # `ar` drafts nothing; prompt lookup is the drafter that costs nothing to build.
     target, tokenizer, drafter = load(args.model, "prompt-lookup" if args.method == "ar" else args.draft,
                                       sharding=args.sharding)
-    if args.sharding and mx.distributed.init().rank() != 0:
-        sys.stdout = sys.stderr = open(os.devnull, "w")  # every rank computes; one prints
+    if args.sharding:
+        silence_other_ranks()
     stops = stop_token_ids(tokenizer, args.model)  # a local --model directory may add generation_config ids
     steps = stream_generate(
         target_model=target, draft_model=None if args.method == "ar" else drafter, tokenizer=tokenizer,

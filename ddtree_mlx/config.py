@@ -76,6 +76,10 @@ class DDTreeConfig:
     """DDTREE_PROFILE_DETAIL: with DDTREE_PROFILE_VERIFY, also time the steps inside the token mixers."""
     prompt_cache_mb: int = 2048
     """DDTREE_PROMPT_CACHE_MB: the server's prompt cache bound in MiB (least recently used entries go first); 0 off."""
+    rank_timeout: int = 120
+    """DDTREE_RANK_TIMEOUT: sharded across processes (mx.distributed), the seconds a rank may go without progress
+    (a cycle, a prefill chunk) before it stops with an error: MLX's collectives would wait forever for a rank that
+    died or hung."""
     openblas: bool = True
     """DDTREE_OPENBLAS: on Linux, `ddtree-mlx` and `benchmark.py` re-run themselves with Debian's OpenBLAS
     (libopenblas0-pthread) preloaded when it is installed, ~25x faster matmuls than MLX's bundled BLAS; 0 keeps it."""
@@ -107,6 +111,8 @@ class DDTreeConfig:
             raise ValueError(f"prefill_chunk must be an integer >= 1, got {self.prefill_chunk!r}")
         if not is_int(self.prompt_cache_mb) or self.prompt_cache_mb < 0:
             raise ValueError(f"prompt_cache_mb must be an integer >= 0 (0 turns the cache off), got {self.prompt_cache_mb!r}")
+        if not is_int(self.rank_timeout) or self.rank_timeout < 1:
+            raise ValueError(f"rank_timeout must be a whole number of seconds >= 1, got {self.rank_timeout!r}")
         prefix = self.exact_tree_attention_min_prefix
         if not is_int(prefix) or prefix < 0:
             raise ValueError(f"exact_tree_attention_min_prefix must be an integer >= 0, got {prefix!r}")

@@ -58,10 +58,10 @@ class DFlashDrafter:
                 f"drafter vocab size {args.vocab_size} does not match the target's {target.vocab_size}; "
                 "load the DFlash drafter trained for this target"
             )
-        bad = [i for i in self.target_layer_ids if not 0 <= i < len(target.layers)]
+        bad = [i for i in self.target_layer_ids if not 0 <= i < target.num_layers]
         if bad:
             raise ValueError(
-                f"drafter target_layer_ids {bad} are outside the target's {len(target.layers)} layers; "
+                f"drafter target_layer_ids {bad} are outside the target's {target.num_layers} layers; "
                 "load the DFlash drafter trained for this target"
             )
         if self.block_size < 2:

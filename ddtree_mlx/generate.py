@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import mlx.core as mx
@@ -18,6 +19,7 @@ import numpy as np
 from mlx_lm.models.cache import can_trim_prompt_cache
 
 from .config import DDTreeConfig, is_int
+from .distributed import beat, watched
 from .drafters import Drafter, as_drafter
 from .loading import stop_token_ids as stop_token_ids_of
 from .kv_quantization import DEFAULT_QUANTIZED_KV_START, KVQuantization
@@ -156,9 +158,7 @@ class Session:
     def verify(self, tree: DraftTree) -> tuple[VerifyOutput, np.ndarray]:
         out, self.next_step = self.next_step, None
         if out is None:
-            start = time.perf_counter()
             out = self.target.verify(tree, self.cache, self.capture_layers, self.config)
-            self.built(out, time.perf_counter() - start)
         tokens = self.choose(out.logits)
         self.queue_next_step(out, tokens)
         self.sync(tokens)
@@ -178,14 +178,7 @@ class Session:
         start = time.perf_counter()
         self.next_step = self.target.step(tokens, self.cache, self.capture_layers)
         mx.async_eval(self.next_step.logits)
-        self.stats.overlap_seconds += self.built(self.next_step, time.perf_counter() - start)
-
-    def built(self, out: VerifyOutput, seconds: float) -> float:
-        """A graph took `seconds` to build: for a plain step, time a queued step hides (the sizer charges it to
-        drafting, which cannot queue)."""
-        if out.committed and self.sizer is not None:
-            self.sizer.step_built(seconds)
-        return seconds
+        self.stats.overlap_seconds += time.perf_counter() - start
 
     @staticmethod
     def walk(tree: DraftTree, target_tokens: np.ndarray) -> list[int]:
@@ -234,7 +227,7 @@ class Session:
         seconds = stats.lap("commit", mark) - start
         new = [tree.tokens[node] for node in path[1:]] + [bonus]
         if self.sizer is not None:
-            self.sizer.record(candidates, tree, path, len(new), seconds, built - start, verified - built, context)
+            self.sizer.record(candidates, tree, path, len(new), seconds, built - start, context)
         stats.decode_seconds += seconds
         stats.tree_sizes[len(tree) - 1] = stats.tree_sizes.get(len(tree) - 1, 0) + 1
         stats.cycles += 1
@@ -253,7 +246,7 @@ class Session:
         done, reused = self.reuse(prompt)
         marks = [len(prompt) - 1] + ([] if can_trim_prompt_cache(self.cache) else list(checkpoints))
         logits, hidden = self.target.prefill(prompt[done:], self.cache, self.capture_layers, self.config.prefill_chunk,
-                                             after_chunk=self.kv.convert, snapshots=[n - done for n in marks],
+                                             after_chunk=self.after_chunk, snapshots=[n - done for n in marks],
                                              snapshot=self.snapshot(prompt, done, reused))
         first = self.choose(logits)
         hidden = join_rows(reused, hidden)
@@ -262,6 +255,10 @@ class Session:
         self.hold(prompt, hidden)
         self.stats.prefill_seconds = time.perf_counter() - start
         return self.root
+
+    def after_chunk(self, cache: list[Any]) -> None:
+        self.kv.convert(cache)  # mlx-lm quantizes its KV cache after each model call
+        beat()  # a long prompt's chunks are progress, for the distributed watchdog
 
     # --- the prompt cache (serving) ---------------------------------------------------------------------------
 
@@ -400,12 +397,17 @@ def tree_sizer_for(target: TargetAdapter, config: DDTreeConfig, method: str) -> 
         return None
     from .calibration import verify_costs
 
-    return TreeSizer(verify_costs(target, config), config.max_budget, group=target.group)
+    with watched(target.group, config.rank_timeout):
+        return TreeSizer(verify_costs(target, config), config.max_budget, group=target.group)
 
 
 def _run(session: Session, prompt: list[int], max_new_tokens: int, stops: set[int],
          checkpoints: Sequence[int]) -> Iterator[DecodeStep]:
-    new = [session.prefill(prompt, checkpoints)]
+    # Sharded, a rank whose peer died would wait forever inside a collective: the watchdog bounds every step's
+    # wait (not the caller's time between steps).
+    watch = partial(watched, session.target.group, session.config.rank_timeout)
+    with watch():
+        new = [session.prefill(prompt, checkpoints)]
     produced = 0
     while True:
         new, finish = _clip(new, max_new_tokens - produced, stops)
@@ -417,7 +419,8 @@ def _run(session: Session, prompt: list[int], max_new_tokens: int, stops: set[in
         if finish:
             return
         session.more_steps = max_new_tokens - produced > 1
-        new = session.cycle()
+        with watch():
+            new = session.cycle()
 
 
 def _clip(tokens: list[int], room: int, stops: set[int]) -> tuple[list[int], str | None]:

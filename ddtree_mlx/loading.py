@@ -23,7 +23,7 @@ from dflash_mlx.model import DFlashDraftModel, DFlashDraftModelArgs
 from huggingface_hub import snapshot_download
 from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS, load_model, sharded_load
 
-from .distributed import check_shardable, shard
+from .distributed import check_shardable, pipeline, shard
 from .embedded import load_embedded
 from .prompt_lookup import PromptLookupDrafter
 
@@ -55,15 +55,18 @@ def load(model: str | None = None, draft: str | None = None, *, cache_dir: str |
     from REGISTRY, or prompt lookup when it has none (and for the embedded model, whose registered drafter,
     EMBEDDED_DRAFTER, "dflash" picks); "dflash" insists on the registered drafter;
     "prompt-lookup" forces prompt lookup; anything else is a DFlash checkpoint directory or repo id.
-    `sharding="tensor"` (under mlx.launch): the target split over every process with mlx-lm's sharded_load,
-    each rank reading only its own part of the weights."""
-    if sharding not in (None, "tensor"):
-        raise ValueError(f"unknown sharding {sharding!r}; use 'tensor' (pipeline parallelism is not supported yet)")
+    Under mlx.launch, `sharding="tensor"` splits every layer over the processes (mlx-lm's sharded_load) and
+    `sharding="pipeline"` gives each a run of whole layers; each rank reads only its own part of the weights."""
+    if sharding not in (None, "tensor", "pipeline"):
+        raise ValueError(f"unknown sharding {sharding!r}; use 'tensor' or 'pipeline'")
     drafter = load_drafter(model, draft)  # first: a wrong --draft fails before a large target loads
     if model is None:
         target_model, tokenizer = load_embedded(cache_dir)
         if sharding:
-            shard(target_model)
+            (shard if sharding == "tensor" else pipeline)(target_model)
+    elif sharding == "pipeline":  # lazily: a rank reads only its own layers' weights
+        target_model, tokenizer = mlx_lm.load(str(local_dir(model, "model")), lazy=True)
+        pipeline(target_model)
     elif sharding:
         path, group = local_dir(model, "model"), mx.distributed.init()
         check_shardable(json.loads((path / "config.json").read_text()), group.size())  # before any weight loads

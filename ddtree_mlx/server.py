@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import queue
 import select
 import socket
@@ -28,16 +29,20 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from itertools import chain
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
+import mlx.core as mx
+
 from . import calibration
 from .blas import blas_name
 from .cli import add_engine_arguments, kv_options
 from .config import DDTreeConfig, is_int, is_number
-from .generate import GenerationStats, stream_generate
+from .distributed import silence_other_ranks
+from .generate import DecodeStep, GenerationStats, stream_generate
 from .kernels import kernel_path
 from .kv_quantization import KVQuantization
 from .loading import encode_prompt
 from .models import adapter_for
 from .prompt_cache import PromptCache
+from .sharded_serving import lockstep, share
 
 DEFAULT_MAX_TOKENS = 256
 MAX_BODY_BYTES = 16 * 2**20  # a 262k-token conversation is ~1 MB of JSON
@@ -223,10 +228,12 @@ class Worker:
     """One thread that runs jobs one at a time. A job is a function returning an iterator; its items travel to
     the caller through a queue, and a caller that stops listening cancels the job at its next item."""
 
-    def __init__(self, max_waiting: int = MAX_QUEUE) -> None:
+    def __init__(self, max_waiting: int = MAX_QUEUE, on_stop: Callable[[], None] = lambda: None) -> None:
         self.jobs: queue.Queue = queue.Queue()
-        self.max_waiting = max_waiting
-        threading.Thread(target=self._loop, name="ddtree-model", daemon=True).start()
+        self.max_waiting, self.on_stop = max_waiting, on_stop
+        self.current: _Job | None = None
+        self.thread = threading.Thread(target=self._loop, name="ddtree-model", daemon=True)
+        self.thread.start()
 
     def stream(self, produce: Callable[[], Iterator[Any]]) -> Iterator[Any]:
         if self.jobs.qsize() >= self.max_waiting:  # waiting without bound would only time clients out later
@@ -246,10 +253,24 @@ class Worker:
             job.cancelled.set()
 
     def stop(self) -> None:
+        """Cancel the running job at its next item, refuse the waiting ones, and wait for the thread to end."""
+        if (job := self.current) is not None:
+            job.cancelled.set()
+        while True:
+            try:
+                waiting = self.jobs.get_nowait()
+            except queue.Empty:
+                break
+            if waiting is not None:
+                waiting.out.put(("error", BadRequest("the server is stopping", status=503, code="server_stopping")))
         self.jobs.put(None)
+        self.thread.join()
 
     def _loop(self) -> None:
         while (job := self.jobs.get()) is not None:
+            self.current = job
+            if job.cancelled.is_set():
+                continue
             try:
                 with closing(job.produce()) as items:
                     for item in items:
@@ -259,6 +280,7 @@ class Worker:
                 job.out.put(("done", None))
             except Exception as error:  # handed to the request's thread, which answers 400 or 500
                 job.out.put(("error", error))
+        self.on_stop()  # on this thread: sharded, the other ranks are told after the last job's collectives
 
 
 class Engine:
@@ -277,8 +299,9 @@ class Engine:
         config = DDTreeConfig.from_env(budget=budget)
         if method == "ddtree" and config.budget == "auto":
             calibration.verify_costs(self.target, config)  # measured (once per model and machine) before the first request
+        self.group = self.target.group  # sharded: rank 0 serves, the others follow (sharded_serving.py)
         self.created = int(time.time())
-        self.worker = Worker(max_queue)
+        self.worker = Worker(max_queue, on_stop=self.release)
 
     def generate(self, request: Request) -> Iterator[Piece]:
         return self.worker.stream(lambda: self._pieces(request))
@@ -324,15 +347,39 @@ class Engine:
                              code="context_length_exceeded")
         return wanted if room is None else min(wanted, room)
 
-    def _pieces(self, request: Request) -> Iterator[Piece]:
-        prompt = self._prompt_tokens(request)
+    def release(self) -> None:
+        """Sharded: the server stopped; the other ranks, waiting for its next job, may stop too."""
+        if self.group is not None:
+            share(self.group, None)
+
+    def follow(self) -> None:
+        """Sharded, on every rank but 0: run each generation rank 0 runs, until its server stops."""
+        while (job := share(self.group)) is not None:
+            try:
+                for _ in self._steps(job):
+                    pass
+            except ValueError:  # refused before any model work, as on rank 0
+                continue
+
+    def _steps(self, job: dict[str, Any]) -> Iterator[DecodeStep]:
         steps = stream_generate(
             target_model=self.target_model, draft_model=self.drafter, tokenizer=self.tokenizer,
-            prompt_tokens=prompt, max_new_tokens=self._max_tokens(request, prompt), tree_budget=self.budget,
+            prompt_tokens=job["prompt"], max_new_tokens=job["max_new_tokens"], tree_budget=self.budget,
             stop_token_ids=self.stop_token_ids, method=self.method, prompt_cache=self.prompt_cache,
-            prompt_checkpoints=self._checkpoints(request, prompt),
-            **request.sampling, **self.kv,
+            prompt_checkpoints=job["checkpoints"], **job["sampling"], **self.kv,
         )
+        return steps if self.group is None else lockstep(steps, self.group)
+
+    def _pieces(self, request: Request) -> Iterator[Piece]:
+        prompt = self._prompt_tokens(request)
+        job = {"prompt": prompt, "max_new_tokens": self._max_tokens(request, prompt),
+               "checkpoints": self._checkpoints(request, prompt), "sampling": dict(request.sampling)}
+        if self.group is not None:
+            # Every rank draws the same tokens: an unseeded request gets rank 0's seed.
+            if job["sampling"].get("seed") is None:
+                job["sampling"]["seed"] = int.from_bytes(os.urandom(4), "little")
+            share(self.group, job)
+        steps = self._steps(job)
         text = TextStream(self.tokenizer.decode, request.stop)
         generated = 0
         for step in steps:
@@ -593,17 +640,26 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_server(args: argparse.Namespace) -> None:
+    """Serve on rank 0; sharded (under mlx.launch), the other ranks follow its requests and serve nothing."""
     from .loading import load, stop_token_ids
 
     if args.max_body_bytes < 1 or not args.read_timeout > 0 or args.max_queue < 0:
         raise ValueError("--max-body-bytes and --read-timeout must be positive, --max-queue >= 0")
     DDTreeConfig.from_env(prompt_cache_mb=args.prompt_cache_mb)  # a bad bound fails before the model loads
-    server = _Server((args.host, args.port), max_body_bytes=args.max_body_bytes, read_timeout=args.read_timeout)
-    target_model, tokenizer, drafter = load(args.model, args.draft)  # the port is ours first: then the model
+    rank = mx.distributed.init().rank() if args.sharding else 0
+    server = None
+    if rank == 0:
+        server = _Server((args.host, args.port), max_body_bytes=args.max_body_bytes, read_timeout=args.read_timeout)
+    target_model, tokenizer, drafter = load(args.model, args.draft, sharding=args.sharding)  # the port is ours first
     # stop_token_ids reads generation_config.json when --model is a local directory.
-    server.engine = Engine(target_model, tokenizer, drafter, model_name=args.model or "ddtree", method=args.method,
-                           budget=args.budget, stop_token_ids=stop_token_ids(tokenizer, args.model),
-                           prompt_cache_mb=args.prompt_cache_mb, kv=kv_options(args), max_queue=args.max_queue)
+    engine = Engine(target_model, tokenizer, drafter, model_name=args.model or "ddtree", method=args.method,
+                    budget=args.budget, stop_token_ids=stop_token_ids(tokenizer, args.model),
+                    prompt_cache_mb=args.prompt_cache_mb, kv=kv_options(args), max_queue=args.max_queue)
+    if server is None:
+        silence_other_ranks()
+        engine.follow()
+        return
+    server.engine = engine
     host, port = server.server_address[:2]
     print(f"ddtree-mlx serving {args.model or 'the embedded model'} at http://{host}:{port}/v1", flush=True)
     try:

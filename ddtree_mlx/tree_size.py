@@ -8,16 +8,18 @@ lookup's are match weights), so `Acceptance` learns what they are worth on this 
 bucket, how often a node whose parent was accepted was accepted too, starting from the drafter's own word.
 
 Cost. V(n) = scale * c(n + 1, L): c is the verify cost measured once for this machine (calibration.VerifyCosts)
-at the current context length L, and `scale` what the cycles measure against it (other work on the machine,
-what the calibration missed), one for trees and one for the plain step (n = 0), which runs mlx-lm's own path.
+at the current context length L, and `scale` what whole cycles (besides drafting) take against it: their walk and
+commit, other work on the machine, what the calibration missed. Three kinds of cycle are scaled apart: trees, a
+drafted cycle that verifies the root alone, and a plain step that was not drafted, which runs as mlx-lm's loop
+does, queued while the last one computes (a draft needs the root on the host first, so a drafted step cannot be).
 
 Choice. The size maximizing E(n) - rate * V(n), where `rate` is the tokens per second decoding has been running at:
 a node is worth verifying when the tokens it adds pay for its time at that rate (Dinkelbach's step towards the
 highest tokens per second). n = 0 verifies the root alone, a plain decoding step.
 
 Draft or not. Drafting costs time too (a DFlash drafter's forward). After each drafted cycle the sizer knows what
-the draft was worth over a plain step, E(n*) - rate * V(n*) - (1 - rate * V(0)), and what it cost, rate * seconds
-drafting (and building the plain step's graph, which a cycle that does not draft builds while the last one runs); while the recent average says it does not pay, cycles are plain steps, with a draft every PROBE_EVERY
+the draft was worth over not drafting, E(n*) - rate * V(n*) - (1 - rate * S) with S a queued plain step's time,
+and what it cost, rate * seconds drafting; while the recent average says it does not pay, cycles are plain steps, with a draft every PROBE_EVERY
 cycles to notice when the text changes. Every choice here changes speed only: verify and walk keep the output the
 target's own.
 """
@@ -92,13 +94,14 @@ class TreeSizer:
     costs: VerifyCosts
     cap: int  # the most draft nodes a tree may have (DDTREE_MAX_BUDGET)
     acceptance: Acceptance = field(default_factory=Acceptance)
-    # Observed verify time over the calibration's, for a plain step and for trees apart.
+    # Observed cycle time (besides drafting) over the calibration's verify time: a queued plain step, a drafted
+    # cycle that verified the root alone, and trees.
     step_scale: float = 1.0
+    root_scale: float = 1.0
     scale: float = 1.0
     tokens: float = 1.0  # moving averages of tokens and seconds per cycle: their ratio is the rate
     seconds: float = 0.0
     drafting: float = 0.0  # moving average of seconds spent drafting and building a tree
-    step_graph: float = 0.0  # moving average of seconds building a plain step's graph (hidden when queued)
     gain: float = 0.0  # moving average of what a draft was worth over a plain step, in tokens
     last_gain: float = 0.0  # the newest draft's worth, before its cost
     skipped: int = 0
@@ -112,9 +115,11 @@ class TreeSizer:
     def rate(self) -> float:
         return self.tokens / self.seconds
 
-    def verify_seconds(self, nodes: np.ndarray | int, context: int) -> np.ndarray:
+    def cycle_seconds(self, nodes: np.ndarray | int, context: int) -> np.ndarray:
+        """What a drafted cycle verifying `nodes` draft nodes takes, besides drafting."""
         nodes = np.asarray(nodes)
-        return np.where(nodes == 0, self.step_scale, self.scale) * self.costs.at(nodes + 1, context)
+        root = self.root_scale * self.costs.at(1, context)
+        return np.where(nodes == 0, root, np.maximum(self.scale * self.costs.at(nodes + 1, context), root))
 
     # --- before drafting -------------------------------------------------------------------------------------
 
@@ -136,34 +141,30 @@ class TreeSizer:
         verified after `context` tokens."""
         probs = np.exp(np.array(tree.scores[1 : self.cap + 1]))
         nodes = np.arange(len(probs) + 1)
-        value = 1 + np.concatenate([[0.0], np.cumsum(probs)]) - self.rate * self.verify_seconds(nodes, context)
+        value = 1 + np.concatenate([[0.0], np.cumsum(probs)]) - self.rate * self.cycle_seconds(nodes, context)
         best = int(np.argmax(value))
-        # What this draft was worth over a plain step (value[0]), before what drafting it cost.
-        self.last_gain = float(value[best] - value[0])
+        # What this draft was worth over not drafting (a plain step, queued), before what drafting it cost.
+        self.last_gain = float(value[best] - (1 - self.rate * self.step_scale * self.costs.at(1, context)))
         return tree.prefix(best + 1)
-
-    def step_built(self, seconds: float) -> None:
-        self.step_graph += SMOOTHING * (seconds - self.step_graph)
 
     # --- after the cycle -------------------------------------------------------------------------------------
 
     def record(self, candidates: Candidates | None, tree: DraftTree, path: list[int], committed: int,
-               seconds: float, drafting: float, verifying: float, context: int) -> None:
+               seconds: float, drafting: float, context: int) -> None:
+        """A cycle ended: `committed` tokens in `seconds`, `drafting` of them spent drafting and building."""
         self.tokens += SMOOTHING * (committed - self.tokens)
         self.seconds += SMOOTHING * (seconds - self.seconds)
-        # A plain step's cost: its verify, or (a step queued during the last one, verify then hides) its cycle.
-        step = verifying if candidates is not None else seconds
-        expected = float(self.costs.at(len(tree), context))
-        if len(tree) == 1:
-            self.step_scale += SMOOTHING * (step / expected - self.step_scale)
+        ratio = (seconds - drafting) / float(self.costs.at(len(tree), context))
+        if candidates is None:
+            self.step_scale += SMOOTHING * (ratio - self.step_scale)
+        elif len(tree) == 1:
+            self.root_scale += SMOOTHING * (ratio - self.root_scale)
         else:
-            self.scale += SMOOTHING * (verifying / expected - self.scale)
+            self.scale += SMOOTHING * (ratio - self.scale)
         if candidates is not None:
             self.acceptance.record(candidates, tree, path)
             self.drafting += SMOOTHING * (drafting - self.drafting)
-            # Drafting costs its own time and the plain step's queueing: its graph is then built while the device
-            # waits (a draft needs the root on the host first).
-            gain = self.last_gain - self.rate * (self.drafting + self.step_graph)
+            gain = self.last_gain - self.rate * self.drafting
             # A probe's verdict stands alone: averaged with the cycles that stopped drafting, a changed text
             # would need many probes to be believed.
             self.gain = gain if self.probing else self.gain + SMOOTHING * (gain - self.gain)
@@ -172,12 +173,12 @@ class TreeSizer:
     def share(self) -> None:
         """Sharded: what was measured in seconds becomes rank 0's on every rank (one small all-reduce)."""
         if self.group is not None:
-            self.tokens, self.seconds, self.step_scale, self.scale, self.drafting, self.step_graph, self.gain = broadcast(
-                [self.tokens, self.seconds, self.step_scale, self.scale, self.drafting, self.step_graph, self.gain],
-                self.group)
+            shared = [self.tokens, self.seconds, self.step_scale, self.root_scale, self.scale, self.drafting, self.gain]
+            (self.tokens, self.seconds, self.step_scale, self.root_scale, self.scale, self.drafting,
+             self.gain) = broadcast(shared, self.group)
 
     def report(self) -> dict:
         return {"sizes": list(self.costs.sizes), "seconds": [round(s, 6) for s in self.costs.seconds],
                 "per_token": [float(f"{s:.3g}") for s in self.costs.per_token], "scale": round(self.scale, 3),
-                "step_scale": round(self.step_scale, 3)}
+                "root_scale": round(self.root_scale, 3), "step_scale": round(self.step_scale, 3)}
 

@@ -9,34 +9,17 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import pytest
-from mlx_lm.tokenizer_utils import TokenizerWrapper
 from openai import BadRequestError, OpenAI
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
 
 from ddtree_mlx import generate_ddtree_once
 from ddtree_mlx.kernels import kernel_maker
 from ddtree_mlx.server import TextStream, make_server
-from tiny import make_dflash, make_target
+from tiny import make_dflash, make_target, make_tokenizer
 
 BUDGET = 4
-SPECIAL = ["<unk>", "<eos>", "<|system|>", "<|user|>", "<|assistant|>"]
-# One word per id of the tiny model's 128-token vocabulary; some are non-ASCII so JSON escaping is exercised.
-WORDS = SPECIAL + [f"w{i}" if i % 7 else f"ж{i}" for i in range(len(SPECIAL), 128)]
-TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} {% endfor %}"
-            "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 CHAT = [{"role": "system", "content": "w8 w9"}, {"role": "user", "content": "w17 w43 w9"}]
 EOS_CHAT = [{"role": "user", "content": "w100 w5"}]  # the tiny model says <eos> 37 tokens into this one
 PROMPT = "w3 w4 w5 w6"
-
-
-def make_tokenizer(chat_template=TEMPLATE):
-    words = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(tokenizer_object=words, unk_token="<unk>", eos_token="<eos>",
-                                   additional_special_tokens=SPECIAL[2:], chat_template=chat_template,
-                                   clean_up_tokenization_spaces=False)
-    return TokenizerWrapper(fast)
 
 
 TARGET = make_target("qwen3_5")

@@ -32,7 +32,7 @@ def test_the_chosen_size_is_the_best_tree_over_every_tree(seed):
     sizer = TreeSizer(VerifyCosts(sizes, seconds), cap=14)
     sizer.tokens, sizer.seconds = rng.uniform(1.5, 3.0), 0.01
     chosen = sizer.size(build_tree(sizer.acceptance.calibrate(candidates), 0, sizer.cap), SHORT)
-    value = lambda nodes, total: 1 + total - sizer.rate * sizer.verify_seconds(nodes, SHORT)  # noqa: E731
+    value = lambda nodes, total: 1 + total - sizer.rate * sizer.cycle_seconds(nodes, SHORT)  # noqa: E731
     best = max(value(len(s), sum(np.exp(p[r]) for r in s)) for s, p in prefix_closed_sets(candidates))
     picked = sum(np.exp(chosen.scores[1:]))  # path probabilities (tests/test_tree.py checks the scores)
     assert value(len(chosen) - 1, picked) == pytest.approx(best)
@@ -81,11 +81,11 @@ def test_drafting_stops_when_it_does_not_pay_and_is_probed():
         method = sizer.pick("ddtree")
         picks.append(method)
         if method == "ar":
-            sizer.record(None, DraftTree.root_only(0), [0], 1, 0.01, 0.0, 0.01, SHORT)
+            sizer.record(None, DraftTree.root_only(0), [0], 1, 0.01, 0.0, SHORT)
             continue
         tree = sizer.size(build_tree(sizer.acceptance.calibrate(candidates), 0, 8), SHORT)
         # Drafting takes 30 ms, three plain steps' time, and the draft is never accepted.
-        sizer.record(candidates, tree, [0], 1, 0.04 + 0.01, 0.04, 0.01, SHORT)
+        sizer.record(candidates, tree, [0], 1, 0.04 + 0.01, 0.04, SHORT)
     assert picks[:2] == ["ddtree", "ddtree"]
     rest = picks[20:]
     assert rest.count("ar") >= 30 and 0 < rest.count("ddtree") <= len(rest) // PROBE_EVERY + 1
@@ -96,16 +96,16 @@ def test_drafting_stops_when_it_does_not_pay_and_is_probed():
         picks.append(sizer.pick("ddtree"))
         if picks[-1] == "ddtree":
             tree = sizer.size(build_tree(sizer.acceptance.calibrate(candidates), 0, 8), SHORT)
-            sizer.record(candidates, tree, list(range(len(tree))), len(tree), 0.04 + 0.012, 0.04, 0.012, SHORT)
+            sizer.record(candidates, tree, list(range(len(tree))), len(tree), 0.04 + 0.012, 0.04, SHORT)
         else:
-            sizer.record(None, DraftTree.root_only(0), [0], 1, 0.01, 0.0, 0.01, SHORT)
+            sizer.record(None, DraftTree.root_only(0), [0], 1, 0.01, 0.0, SHORT)
     first = picks.index("ddtree")
     assert first < PROBE_EVERY and set(picks[first:]) == {"ddtree"}
 
 
 def test_the_cycles_correct_the_curve():
-    """A long context: trees verify three times slower than calibrated, a plain step only 1.2 times (it does not
-    attend from every node). The two scales find both, and the sizer turns to plain steps."""
+    """Trees take three times what was calibrated (their walk and commit, a busy machine), a drafted cycle that
+    verified the root alone 1.2 times. The scales find both, and the sizer turns to plain steps."""
     sizer = TreeSizer(VerifyCosts((1, 5), (0.01, 0.02)), cap=4)
     candidates = Candidates(np.array([[5], [6], [7], [8]]), np.log(np.full((4, 1), 0.5)))
     sizes = []
@@ -114,11 +114,11 @@ def test_the_cycles_correct_the_curve():
         sizes.append(len(tree) - 1)
         slower = 1.2 if len(tree) == 1 else 3.0
         accepted = list(range(len(tree) // 2 + 1))  # half the chain: what 0.5 per node gives
-        verifying = slower * float(sizer.costs.at(len(tree)))
-        sizer.record(candidates, tree, accepted, len(accepted), 0.03, 0.001, verifying, SHORT)
-    assert sizer.step_scale == pytest.approx(1.2, rel=0.02)
-    assert sizer.verify_seconds(0, SHORT) == pytest.approx(0.012, 0.02)
-    assert sizer.scale > 2  # learned until trees stopped paying, then no tree ran to teach it more
+        seconds = 0.001 + slower * float(sizer.costs.at(len(tree)))
+        sizer.record(candidates, tree, accepted, len(accepted), seconds, 0.001, SHORT)
+    assert sizer.root_scale == pytest.approx(1.2, rel=0.02) and sizer.step_scale == 1.0  # no plain step ran
+    assert sizer.cycle_seconds(0, SHORT) == pytest.approx(0.012, 0.02)
+    assert sizer.scale > 1.5  # learned until trees stopped paying, then no tree ran to teach it more
     assert sizes[0] > 0 and sizes[-10:] == [0] * 10  # trees at first, plain steps once their cost is known
 
 
@@ -136,19 +136,22 @@ def test_a_long_context_prices_every_node_before_any_cycle():
 
 
 def test_drafting_is_charged_the_plain_steps_queueing():
-    """A free drafter whose drafts are worth a little: drafting pays unless building a plain step's graph, which
-    a cycle that does not draft hides behind the last one, costs more than the draft is worth."""
-    candidates = Candidates(np.array([[5]]), np.log([[0.3]]))
-    verdicts = {}
-    for graph in (0.0, 0.005):
-        sizer = TreeSizer(VerifyCosts((1, 2), (0.01, 0.01)), cap=1)
-        for _ in range(30):
-            sizer.step_built(graph)
+    """A free drafter whose drafts are worth little (p = 0.02, never accepted): drafting goes on while a drafted
+    cycle costs what a queued plain step does, and stops once not queueing costs 5 ms a cycle."""
+    candidates = Candidates(np.array([[5]]), np.log([[0.02]]))
+    picks = {}
+    for queueing in (0.0, 0.005):
+        sizer = TreeSizer(VerifyCosts((1, 2), (0.01, 0.011)), cap=1)
+        picks[queueing] = []
+        for _ in range(40):
+            picks[queueing].append(sizer.pick("ddtree"))
+            if picks[queueing][-1] == "ar":
+                sizer.record(None, DraftTree.root_only(0), [0], 1, 0.01, 0.0, SHORT)
+                continue
             tree = sizer.size(build_tree(sizer.acceptance.calibrate(candidates), 0, 1), SHORT)
-            accepted = [0, 1][: 1 + (len(tree) > 1 and sizer.tokens < 1.3)]  # about 30% of the time
-            sizer.record(candidates, tree, accepted, len(accepted), 0.01, 0.0, 0.01, SHORT)
-        verdicts[graph] = sizer.will_draft()
-    assert verdicts == {0.0: True, 0.005: False}
+            sizer.record(candidates, tree, [0], 1, 0.01 + queueing, 0.0, SHORT)
+    assert set(picks[0.0]) == {"ddtree"}
+    assert picks[0.005][20:].count("ar") >= 15
 
 
 def test_the_curve_extends_past_its_last_point_and_never_falls():

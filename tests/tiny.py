@@ -10,6 +10,9 @@ import mlx.nn as nn
 from dflash_mlx.model import DFlashDraftModel, DFlashDraftModelArgs
 from ddtree_mlx.drafters import ScriptedDrafter
 from mlx_lm.models import llama, qwen3, qwen3_5, qwen3_5_moe
+from mlx_lm.tokenizer_utils import TokenizerWrapper
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
 
 generate_module = importlib.import_module("mlx_lm.generate")  # the package re-exports a function of that name
 
@@ -148,3 +151,20 @@ def assert_lossless(got: list[int], reference: Reference, exact: bool, label: st
 def OracleDrafter(truth, block_size=8, seed=0, rank_weights=(0.55, 0.2, 0.1, 0.15)):
     """The scripted drafter with the tests' default ranks: true token 1st, 2nd, 3rd or absent."""
     return ScriptedDrafter(truth, block_size=block_size, rank_weights=rank_weights, seed=seed)
+
+
+# A tokenizer for the tiny models: one word per id of the 128-token vocabulary (some non-ASCII, so JSON escaping is
+# exercised) and a chat template.
+SPECIAL = ["<unk>", "<eos>", "<|system|>", "<|user|>", "<|assistant|>"]
+WORDS = SPECIAL + [f"w{i}" if i % 7 else f"ж{i}" for i in range(len(SPECIAL), 128)]
+TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} {% endfor %}"
+            "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def make_tokenizer(chat_template=TEMPLATE):
+    words = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=words, unk_token="<unk>", eos_token="<eos>",
+                                   additional_special_tokens=SPECIAL[2:], chat_template=chat_template,
+                                   clean_up_tokenization_spaces=False)
+    return TokenizerWrapper(fast)

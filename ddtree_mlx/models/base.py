@@ -20,7 +20,7 @@ from mlx_lm.models.base import create_attention_mask, quantized_scaled_dot_produ
 from mlx_lm.models.cache import KVCache, QuantizedKVCache
 
 from ..config import DDTreeConfig
-from ..distributed import gather_last_axis, sharding_group
+from ..distributed import Stage, gather_last_axis, pipeline_stage, sharding_group
 from ..kernels import LevelPlan
 from ..tree import DraftTree
 
@@ -183,7 +183,9 @@ class TargetAdapter:
         self.model = model
         self.text = self.text_model(model)
         self.inner = self.text.model
-        self.group = sharding_group(model)  # tensor parallel (mx.distributed): the ranks' group, else None
+        self.stage = pipeline_stage(self.inner)  # pipeline parallel: which layers this rank runs, else None
+        # Sharded either way: the ranks' group (for decisions every rank must share), else None.
+        self.group = sharding_group(model) or (self.stage.group if self.stage else None)
         check_rope(self.layers)
 
     @staticmethod
@@ -197,7 +199,13 @@ class TargetAdapter:
 
     @property
     def layers(self) -> list[Any]:
-        return self.inner.layers
+        """The layers this process runs: all of them, or a pipeline stage's."""
+        return self.inner.layers[self.stage.start : self.stage.end] if self.stage else self.inner.layers
+
+    @property
+    def num_layers(self) -> int:
+        """The whole model's layers, whichever this process runs (a drafter's tapped ids count in these)."""
+        return self.args.num_hidden_layers
 
     # Sizes come from the model's args: a quantized embedding's weight is packed (hidden * bits / 32 columns).
     @property
@@ -240,7 +248,10 @@ class TargetAdapter:
         return head.weight[ids]
 
     def make_cache(self) -> list[Any]:
-        return self.model.make_cache() if hasattr(self.model, "make_cache") else [KVCache() for _ in self.layers]
+        # A model we split into pipeline stages ourselves has no make_cache that knows it (mlx-lm's pipelined
+        # qwen3_5 does); its stage's layers are plain attention layers, each with a KVCache.
+        own = hasattr(self.model, "make_cache") and (self.stage is None or hasattr(self.inner, "pipeline"))
+        return self.model.make_cache() if own else [KVCache() for _ in self.layers]
 
     def check_cache(self, cache: list[Any]) -> None:
         """Tree verify reads and appends plain or quantized KV caches; anything else would be silently wrong."""
@@ -268,15 +279,17 @@ class TargetAdapter:
         materialises [n, V] logits) and the requested layers' outputs concatenated [n, F] (None if none)."""
         h = self.embed(tokens[None])
         masks = {}
-        captured = []
-        for index, (layer, entry) in enumerate(zip(self.layers, cache)):
+        captured = {}
+        h = receive(self.stage, h)
+        for index, (layer, entry) in enumerate(zip(self.layers, cache), self.stage.start if self.stage else 0):
             kind = self.mixer_kind(layer)
             if kind not in masks:
                 masks[kind] = self.layer_mask(layer, h, entry)
             h = layer(h, masks[kind], entry)
             if index in capture_layers:
-                captured.append(h)
-        return h[0], _concat_hidden(captured)
+                captured[index] = h
+        h, hidden = pass_on(self.stage, h, captured, capture_layers, cache[-1])
+        return h[0], hidden
 
     def prefill(self, tokens: list[int], cache: list[Any], capture_layers: list[int], chunk: int,
                 after_chunk: Callable[[list[Any]], None] | None = None, snapshots: Sequence[int] = (),
@@ -316,16 +329,18 @@ class TargetAdapter:
         inputs = TreeInputs.build(tree, self.prefix_length(cache), config)
         clock = inputs.clock
         h = clock.lap("embed", self.embed(mx.array(tree.tokens)[None]))
-        captures, captured = [], []
-        for index, (layer, entry) in enumerate(zip(self.layers, cache)):
+        captures, captured = [], {}
+        h = receive(self.stage, h)
+        for index, (layer, entry) in enumerate(zip(self.layers, cache), self.stage.start if self.stage else 0):
             mixed, capture = self.mixer_tree(layer, layer.input_layernorm(h), entry, inputs)
             h = clock.lap(self.mixer_kind(layer), h + mixed)
             h = clock.lap("mlp", h + layer.mlp(layer.post_attention_layernorm(h)))
             captures.append(capture)
             if index in capture_layers:
-                captured.append(h)
+                captured[index] = h
+        h, hidden = pass_on(self.stage, h, captured, capture_layers)
         logits = clock.lap("head", self.logits(h[0]))
-        return VerifyOutput(logits, _concat_hidden(captured), captures, clock.seconds, inputs.kernels)
+        return VerifyOutput(logits, hidden, captures, clock.seconds, inputs.kernels)
 
     def step(self, token: mx.array, cache: list[Any], capture_layers: list[int]) -> VerifyOutput:
         """The model's own one-token step, straight into the cache (`token` [1] may still be lazy)."""
@@ -372,5 +387,34 @@ def join_rows(a: mx.array | None, b: mx.array | None) -> mx.array | None:
     return b if a is None else a if b is None else mx.concatenate([a, b])
 
 
-def _concat_hidden(captured: list[mx.array]) -> mx.array | None:
-    return mx.concatenate(captured, axis=-1)[0] if captured else None
+def receive(stage: Stage | None, h: mx.array) -> mx.array:
+    """Pipeline parallel: a stage after the first takes its input from the rank that runs the layers before."""
+    if stage is None or stage.rank == stage.size - 1:
+        return h
+    return mx.distributed.recv_like(h, stage.rank + 1, group=stage.group)
+
+
+def pass_on(stage: Stage | None, h: mx.array, captured: dict[int, mx.array], capture_layers: list[int],
+            last_entry: Any = None) -> tuple[mx.array, mx.array | None]:
+    """The last layer's output [1, n, hidden] and the captured layers' outputs concatenated in layer order [n, F]
+    (None if none). Pipeline parallel, on every rank: a stage hands its output to the next one (rank - 1; rank 0
+    runs the last layers), then one all_gather gives every rank rank 0's output and every captured layer (each
+    rank sends the ones it ran, zeros for the others: their sum is exact)."""
+    if stage is None:
+        return h, mx.concatenate([captured[i] for i in sorted(captured)], axis=-1)[0] if captured else None
+    if stage.rank != 0:
+        h = mx.distributed.send(h, stage.rank - 1, group=stage.group)
+        if last_entry is not None:  # writing the cache runs the send too (a prefill chunk evaluates only the cache)
+            tie(last_entry, h)
+    mine = [captured.get(i, mx.zeros_like(h)) for i in sorted(set(capture_layers))]
+    everything = mx.distributed.all_gather(mx.concatenate([h, *mine], axis=-1), group=stage.group)
+    width = h.shape[-1]
+    return everything[:1, :, :width], everything[:, :, width:].sum(axis=0) if mine else None
+
+
+def tie(entry: Any, h: mx.array) -> None:
+    """Make evaluating a cache entry evaluate `h` too (as mlx-lm's pipelined models do)."""
+    if hasattr(entry, "keys"):
+        entry.keys = mx.depends(entry.keys, h)
+    else:
+        entry[0] = mx.depends(entry[0], h)
