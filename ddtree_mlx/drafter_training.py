@@ -31,6 +31,7 @@ from dflash_mlx.model import DFlashDraftModel, DFlashDraftModelArgs, build_targe
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from .drafter_data import Example
+from .drafters import DRAFT_VOCAB
 from .models import adapter_for
 from .models.base import TargetAdapter, rope_at
 from .progress import show
@@ -129,6 +130,7 @@ class TrainVocab:
     """Part of the vocabulary for the training softmax: the LM head's rows for `ids` and each token's index among
     them (labels are remapped through it)."""
 
+    ids: list[int]
     rows: mx.array  # [k, hidden] float32, frozen
     index: mx.array  # [V] int32, -1 for ids outside
 
@@ -139,7 +141,7 @@ class TrainVocab:
         index[ids] = np.arange(len(ids), dtype=np.int32)
         rows = target.head_rows(mx.array(ids)).astype(mx.float32)
         mx.eval(rows)
-        return cls(rows, mx.array(index))
+        return cls(ids, rows, mx.array(index))
 
 
 # --- one training forward ---------------------------------------------------------------------------------------
@@ -398,12 +400,16 @@ def tree_scale(a: Any, factor: float) -> Any:
 # --- export -------------------------------------------------------------------------------------------------------
 
 
-def export(drafter: DFlashDraftModel, out_dir: str | Path, dtype: mx.Dtype = mx.bfloat16) -> Path:
+def export(drafter: DFlashDraftModel, out_dir: str | Path, dtype: mx.Dtype = mx.bfloat16,
+           vocab: list[int] | None = None) -> Path:
     """z-lab's checkpoint layout: config.json (with block_size, num_target_layers and
     dflash_config: {target_layer_ids, mask_token_id}) and model.safetensors, loadable by dflash-mlx's
-    DFlashDraftModel and by ddtree_mlx.load(..., draft=out_dir)."""
+    DFlashDraftModel and by ddtree_mlx.load(..., draft=out_dir). `vocab` (trained with --vocab data): the ids it
+    was trained to propose, in draft_vocab.json beside them (other loaders ignore the file)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if vocab is not None:
+        (out / DRAFT_VOCAB).write_text(json.dumps({"token_ids": sorted(vocab)}))
     config = {key: value for key, value in asdict(drafter.args).items() if key not in ("layer_types",)}
     config["architectures"] = ["DFlashDraftModel"]
     config["torch_dtype"] = {mx.bfloat16: "bfloat16", mx.float16: "float16"}.get(dtype, "float32")
@@ -446,7 +452,7 @@ def train_drafter(model: str | None, prompts_file: str | Path, out_dir: str | Pa
         row = trainer.evaluate(answers["eval_answers.jsonl"])
         print(f"held-out acceptance per position: {row['acceptance']}", file=sys.stderr)
     plot_curve(out / "train" / "log.jsonl", out / "curve.png")
-    return export(trainer.drafter, out / "drafter")
+    return export(trainer.drafter, out / "drafter", vocab=trainer.vocab.ids if trainer.vocab else None)
 
 
 def plot_curve(log: Path, png: Path) -> None:

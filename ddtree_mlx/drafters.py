@@ -11,13 +11,16 @@ The protocol (duck-typed; a test or a user may pass any object with these member
 `context_tokens` are the tokens the target processed since the last call (the prompt on the first call, then
 the root and the accepted nodes of each cycle), and `context_hidden` [len(context_tokens), F] their outputs at
 `target_layer_ids`, concatenated (None when target_layer_ids is empty). Row d of the result is the drafter's
-distribution for the token d + 1 places after the root. A drafter whose distributions are sparse (prompt lookup)
-may also offer `candidates`: the top `width` tokens per depth as numpy arrays, best first, which the session then
-uses instead of a top-k over the dense rows.
+distribution for the token d + 1 places after the root. A drafter may also offer `candidates`: the top `width`
+tokens per depth, best first (numpy arrays, or lazy MLX ones the session evaluates), which the session then uses
+instead of a top-k over the dense rows: prompt lookup's are sparse, a DFlash drafter's may span part of the
+vocabulary.
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any, Protocol, Sequence
 
 import mlx.core as mx
@@ -25,6 +28,7 @@ import numpy as np
 from dflash_mlx.model import DFlashDraftModel, FullContextDraftKVCache
 
 from .models.base import TargetAdapter
+from .tree import Candidates, top_candidates
 
 
 class Drafter(Protocol):
@@ -36,14 +40,35 @@ class Drafter(Protocol):
     def draft(self, root_token: int, context_tokens: list[int], context_hidden: mx.array | None) -> mx.array: ...
 
 
-class DFlashDrafter:
-    """dflash-mlx's block-diffusion drafter, run through the target's embedding and LM head."""
+DRAFT_VOCAB = "draft_vocab.json"  # beside a DFlash checkpoint's weights: {"token_ids": [...]} it may propose
 
-    def __init__(self, model: DFlashDraftModel):
+
+def read_draft_vocab(checkpoint: Path) -> list[int] | None:
+    """The checkpoint's draft vocabulary, or None (it proposes from the whole vocabulary)."""
+    path = checkpoint / DRAFT_VOCAB
+    if not path.is_file():
+        return None
+    try:
+        ids = json.loads(path.read_text())["token_ids"]
+        if ids and all(isinstance(i, int) and i >= 0 for i in ids):
+            return ids
+    except (ValueError, KeyError, TypeError):
+        pass
+    raise ValueError(f"{path} is not a draft vocabulary ({{\"token_ids\": [non-negative ids]}}); fix or delete it")
+
+
+class DFlashDrafter:
+    """dflash-mlx's block-diffusion drafter, run through the target's embedding and LM head. `vocab`: the token ids
+    it may propose (a drafter trained over the tokens of its data, `draft_vocab.json` beside its weights): its head
+    then computes those rows only, a fifth of SmolLM2's 49,152 for the shipped drafter."""
+
+    def __init__(self, model: DFlashDraftModel, vocab: Sequence[int] | None = None):
         self.model = model
         self.block_size = model.block_size
         self.target_layer_ids = list(model.target_layer_ids)
+        self.vocab = None if vocab is None else mx.array(sorted(set(vocab)), dtype=mx.int32)
         self.target: TargetAdapter | None = None
+        self.rows: mx.array | None = None  # the target's LM head rows for `vocab`
         self.cache: list[Any] = []
 
     def check(self, target: TargetAdapter) -> None:
@@ -66,18 +91,44 @@ class DFlashDrafter:
             )
         if self.block_size < 2:
             raise ValueError(f"drafter block_size {self.block_size} leaves no draft positions; it must be >= 2")
+        if self.vocab is not None and not 0 <= self.vocab.min().item() <= self.vocab.max().item() < target.vocab_size:
+            raise ValueError(f"the drafter's draft vocabulary has ids outside the target's [0, {target.vocab_size})")
 
     def reset(self, target: TargetAdapter, prompt_tokens: list[int]) -> None:
         self.check(target)
+        if self.vocab is not None and target is not self.target:
+            # A vocabulary-sharded head's rows are split across ranks: that target computes the whole head.
+            sharded = getattr(target.text, "sharding_group", None) is not None
+            self.rows = None if sharded else target.head_rows(self.vocab)
         self.target = target
         self.cache = [FullContextDraftKVCache() for _ in self.model.layers]
 
-    def draft(self, root_token: int, context_tokens: list[int], context_hidden: mx.array | None) -> mx.array:
+    def log_probs(self, root_token: int, context_hidden: mx.array) -> mx.array:
+        """[block_size - 1, V or len(vocab)]: over the draft vocabulary when there is one."""
         block = mx.array([root_token] + [self.model.mask_token_id] * (self.block_size - 1))
         noise = self.target.embed(block[None])
-        hidden = self.model(noise_embedding=noise, target_hidden=context_hidden[None], cache=self.cache)
-        logits = self.target.lm_head(hidden[:, 1:]).astype(mx.float32)[0]
+        hidden = self.model(noise_embedding=noise, target_hidden=context_hidden[None], cache=self.cache)[0, 1:]
+        if self.rows is not None:
+            logits = hidden @ self.rows.T
+        else:
+            logits = self.target.lm_head(hidden)
+            logits = logits if self.vocab is None else logits[:, self.vocab]
+        logits = logits.astype(mx.float32)
         return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+
+    def draft(self, root_token: int, context_tokens: list[int], context_hidden: mx.array | None) -> mx.array:
+        log_probs = self.log_probs(root_token, context_hidden)
+        if self.vocab is None:
+            return log_probs
+        dense = mx.full((log_probs.shape[0], self.target.vocab_size), -mx.inf)
+        dense[:, self.vocab] = log_probs
+        return dense
+
+    def candidates(self, root_token: int, context_tokens: list[int], context_hidden: mx.array | None,
+                   width: int) -> Candidates:
+        """The top `width` per depth, still lazy (the session evaluates them), ids in the target's vocabulary."""
+        top = top_candidates(self.log_probs(root_token, context_hidden), width)
+        return top if self.vocab is None else Candidates(self.vocab[top.tokens], top.log_probs)
 
 
 def as_drafter(draft_model: Any) -> Drafter:

@@ -28,7 +28,7 @@ from .models.base import TargetAdapter, VerifyOutput, join_rows
 from .prompt_cache import PromptCache
 from .sampling import SamplingParams, TokenChooser
 from .tree import Candidates, DraftTree, build_tree, chain_tree, top_candidates
-from .tree_size import TreeSizer
+from .tree_size import Acceptance, TreeSizer
 
 METHODS = ("ddtree", "dflash", "ar")
 PHASES = ("draft", "build", "verify", "walk", "commit")
@@ -135,10 +135,12 @@ class Session:
         width = 1 if method == "dflash" else self.config.tree_cap
         context = self.root, self.pending_tokens, self.pending_hidden
         self.pending_tokens, self.pending_hidden = [], None  # the drafter will have seen them
-        if hasattr(self.drafter, "candidates"):  # a sparse drafter (prompt lookup) picks its own top tokens
-            return self.drafter.candidates(*context, width)
-        candidates = top_candidates(self.drafter.draft(*context), width)
-        self.sync(candidates.tokens, candidates.log_probs)
+        if hasattr(self.drafter, "candidates"):  # it picks its own top tokens (sparse, or a part of the vocabulary)
+            candidates = self.drafter.candidates(*context, width)
+        else:
+            candidates = top_candidates(self.drafter.draft(*context), width)
+        if isinstance(candidates.tokens, mx.array):
+            self.sync(candidates.tokens, candidates.log_probs)
         return candidates.to_numpy()
 
     def build_tree(self, candidates: Candidates | None, method: str, context: int) -> DraftTree:
@@ -384,21 +386,28 @@ def stream_generate(
         drafter.reset(target, prompt)
     cache = target.make_cache()
     target.check_cache(cache)
-    stats = GenerationStats(prompt_tokens=len(prompt), sizer=tree_sizer_for(target, config, method))
+    stats = GenerationStats(prompt_tokens=len(prompt), sizer=tree_sizer_for(target, config, method, drafter))
     session = Session(target=target, drafter=drafter, config=config, method=method, cache=cache,
                       choose=TokenChooser(sampling), stats=stats,
                       prompt_cache=prompt_cache, kv=kv)
     return _run(session, prompt, min(max_new_tokens, room), stops, prompt_checkpoints)  # generation ends with the context: "length"
 
 
-def tree_sizer_for(target: TargetAdapter, config: DDTreeConfig, method: str) -> TreeSizer | None:
-    """DDTREE_BUDGET=auto: trees sized per cycle from this machine's verify costs (measured once per model)."""
+def tree_sizer_for(target: TargetAdapter, config: DDTreeConfig, method: str, drafter: Drafter | None) -> TreeSizer | None:
+    """DDTREE_BUDGET=auto: trees sized per cycle from this machine's verify costs (measured once per model) and
+    what this kind of drafter's proposals have been worth to this target, learned over earlier generations too
+    (a generation of a few dozen tokens is too short to learn it alone)."""
     if method != "ddtree" or config.budget != "auto":
         return None
-    from .calibration import verify_costs
+    from .calibration import machine_key, verify_costs
 
     with watched(target.group, config.rank_timeout):
-        return TreeSizer(verify_costs(target, config), config.max_budget, group=target.group)
+        costs = verify_costs(target, config)
+    kind = (machine_key(target), type(drafter).__name__, drafter.block_size, tuple(drafter.target_layer_ids))
+    return TreeSizer(costs, config.max_budget, acceptance=LEARNED.setdefault(kind, Acceptance()), group=target.group)
+
+
+LEARNED: dict[tuple, Acceptance] = {}  # per target and kind of drafter: what its proposals were worth
 
 
 def _run(session: Session, prompt: list[int], max_new_tokens: int, stops: set[int],

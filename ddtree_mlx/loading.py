@@ -24,6 +24,7 @@ from huggingface_hub import snapshot_download
 from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS, load_model, sharded_load
 
 from .distributed import check_shardable, pipeline, shard
+from .drafters import DFlashDrafter, read_draft_vocab
 from .embedded import load_embedded
 from .prompt_lookup import PromptLookupDrafter
 
@@ -84,14 +85,19 @@ def load_drafter(model: str | None, draft: str | None) -> Any:
     if draft is None or draft == "dflash":
         registered = registered_drafter(model)
         if registered is not None:
-            return load_dflash(registered)
+            return dflash_drafter(registered)
         if draft is None:
             return PromptLookupDrafter()  # no trained drafter is known; lookup needs none
         raise ValueError(
             f"no DFlash drafter is known for {model or 'the embedded SmolLM2'}; pass one with --draft PATH_OR_REPO "
             "(draft= in Python), or use --draft prompt-lookup"
         )
-    return load_dflash(draft)
+    return dflash_drafter(draft)
+
+
+def dflash_drafter(ref: str) -> DFlashDrafter:
+    """A DFlash checkpoint as a drafter, proposing from its draft vocabulary when it has one."""
+    return DFlashDrafter(load_dflash(ref), read_draft_vocab(local_dir(ref, "draft")))
 
 
 def registered_drafter(model: str | None) -> str | None:

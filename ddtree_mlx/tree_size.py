@@ -19,9 +19,10 @@ highest tokens per second). n = 0 verifies the root alone, a plain decoding step
 
 Draft or not. Drafting costs time too (a DFlash drafter's forward). After each drafted cycle the sizer knows what
 the draft was worth over not drafting, E(n*) - rate * V(n*) - (1 - rate * S) with S a queued plain step's time,
-and what it cost, rate * seconds drafting; while the recent average says it does not pay, cycles are plain steps, with a draft every PROBE_EVERY
-cycles to notice when the text changes. Every choice here changes speed only: verify and walk keep the output the
-target's own.
+and what it cost, rate * seconds drafting; while the recent average says it does not pay, cycles are plain steps,
+with a draft every PROBE_EVERY cycles to notice when the text changes, twice as far apart after each probe that
+did not pay (up to PROBE_MAX: a probe costs what drafting does, which on text where drafts never pay adds up).
+Every choice here changes speed only: verify and walk keep the output the target's own.
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ KNOTS = np.r_[0.0, CENTERS]  # calibration interpolates between bucket centres, 
 PRIOR = 1.0  # the drafter's own probability (or the depth above's estimate) counts as this many observations
 MEMORY = 0.995  # per drafted cycle: old observations fade, so the estimate follows the text
 SMOOTHING = 0.1  # weight of the newest cycle in the moving averages of time and tokens
-PROBE_EVERY = 8  # while drafting does not pay, draft once every this many cycles
+PROBE_EVERY = 8  # while drafting does not pay, draft once every this many cycles at first
+PROBE_MAX = 64
 
 
 @dataclass
@@ -105,6 +107,7 @@ class TreeSizer:
     gain: float = 0.0  # moving average of what a draft was worth over a plain step, in tokens
     last_gain: float = 0.0  # the newest draft's worth, before its cost
     skipped: int = 0
+    probe_every: int = PROBE_EVERY
     probing: bool = False  # this cycle drafts only to check whether drafting pays again
     group: Any = None  # tensor parallel: every rank decides from rank 0's timings (distributed.py)
 
@@ -124,7 +127,7 @@ class TreeSizer:
     # --- before drafting -------------------------------------------------------------------------------------
 
     def will_draft(self) -> bool:
-        return self.gain >= 0 or self.skipped + 1 >= PROBE_EVERY
+        return self.gain >= 0 or self.skipped + 1 >= self.probe_every
 
     def pick(self, method: str) -> str:
         """The method of the next cycle: `method`, or "ar" while drafting does not pay."""
@@ -168,6 +171,8 @@ class TreeSizer:
             # A probe's verdict stands alone: averaged with the cycles that stopped drafting, a changed text
             # would need many probes to be believed.
             self.gain = gain if self.probing else self.gain + SMOOTHING * (gain - self.gain)
+            if self.probing:
+                self.probe_every = PROBE_EVERY if gain >= 0 else min(2 * self.probe_every, PROBE_MAX)
         self.share()
 
     def share(self) -> None:

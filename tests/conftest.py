@@ -35,3 +35,12 @@ def fixed_verify_costs(request, monkeypatch):
 
         fixed = calibration.VerifyCosts((1, 2), (0.01, 0.0106))
         monkeypatch.setattr(calibration, "verify_costs", lambda target, config=None: fixed)
+
+
+@pytest.fixture(autouse=True)
+def fresh_acceptance(monkeypatch):
+    """What drafts were worth is remembered across generations in a process (generate.LEARNED): each test starts
+    without another test's lessons."""
+    from ddtree_mlx import generate
+
+    monkeypatch.setattr(generate, "LEARNED", {})

@@ -143,9 +143,10 @@ def _leaves(tree):
 def test_export_loads_through_dflash_mlx_and_generates_losslessly(llama, examples, tmp_path):
     trainer = Trainer(llama, examples, tmp_path / "run", SHAPE, TrainSettings(epochs=1, anchors=8, accumulate=2))
     trainer.train(max_steps=4, progress=False)
-    out = export(trainer.drafter, tmp_path / "drafter", dtype=mx.float32)
+    out = export(trainer.drafter, tmp_path / "drafter", dtype=mx.float32, vocab=[9, 2, 5])
     config = json.loads((out / "config.json").read_text())
     assert config["block_size"] == 8 and config["num_target_layers"] == 3
+    assert json.loads((out / "draft_vocab.json").read_text()) == {"token_ids": [2, 5, 9]}
     assert config["dflash_config"] == {"target_layer_ids": trainer.drafter.target_layer_ids,
                                        "mask_token_id": VOCAB - 1}
     drafter = load_dflash(str(out))

@@ -1,6 +1,5 @@
 """Bad input: a ValueError that names the fix, raised before any model work."""
 
-import mlx.core as mx
 import pytest
 from mlx_lm.models.cache import RotatingKVCache
 

@@ -11,6 +11,7 @@ from mlx.utils import tree_flatten
 
 from ddtree_mlx import generate_ddtree_once, loading
 from ddtree_mlx.loading import EMBEDDED_DRAFTER, load_dflash, load_drafter, registered_drafter, stop_token_ids
+from ddtree_mlx.models import adapter_for
 from ddtree_mlx.prompt_lookup import PromptLookupDrafter
 from tiny import HIDDEN, VOCAB, greedy_reference, make_dflash, make_target
 
@@ -50,6 +51,36 @@ def test_dflash_checkpoint_round_trip(tmp_path, config):
     result = generate_ddtree_once(target_model=TARGET, draft_model=loaded, prompt_tokens=prompt,
                                   max_new_tokens=16, stop_token_ids=[], tree_budget=4)
     assert result["generated_token_ids"] == greedy_reference(TARGET, prompt, 16)
+
+
+def test_a_draft_vocabulary_bounds_what_is_proposed(tmp_path):
+    """draft_vocab.json beside the weights (a drafter trained over its data's tokens): the drafter proposes only
+    those ids, its dense rows agree with its candidates, generation stays mlx-lm's greedy output."""
+    path = write_checkpoint(tmp_path / "drafter", ZLAB_CONFIG, make_dflash(TARGET))
+    allowed = list(range(1, VOCAB, 3))
+    (path / "draft_vocab.json").write_text(json.dumps({"token_ids": allowed}))
+    prompt = [3, 17, 42, 9, 100, 5]
+    target = adapter_for(TARGET)
+    dense_one, sparse_one = load_drafter("any/model", str(path)), load_drafter("any/model", str(path))
+    _, hidden = target.forward(mx.array(prompt), target.make_cache(), dense_one.target_layer_ids)
+    for one in (dense_one, sparse_one):
+        one.reset(target, prompt)
+    dense = np.array(dense_one.draft(prompt[-1], prompt, hidden))
+    found = sparse_one.candidates(prompt[-1], prompt, hidden, 8)
+    np.testing.assert_allclose(np.take_along_axis(dense, np.array(found.tokens), 1), np.array(found.log_probs),
+                               rtol=1e-5, atol=1e-5)
+    assert np.isinf(np.delete(dense, allowed, axis=1)).all() and np.isfinite(dense[:, allowed]).all()
+
+    drafter, proposed = load_drafter("any/model", str(path)), []
+    candidates = drafter.candidates
+    drafter.candidates = lambda *args: proposed.append(candidates(*args)) or proposed[-1]
+    result = generate_ddtree_once(target_model=TARGET, draft_model=drafter, prompt_tokens=prompt,
+                                  max_new_tokens=16, stop_token_ids=[], tree_budget=8)
+    assert result["generated_token_ids"] == greedy_reference(TARGET, prompt, 16)
+    assert proposed and set(np.concatenate([np.array(c.tokens) for c in proposed]).ravel()) <= set(allowed)
+    (path / "draft_vocab.json").write_text(json.dumps({"ids": allowed}))
+    with pytest.raises(ValueError, match="is not a draft vocabulary"):
+        load_drafter("any/model", str(path))
 
 
 def test_checkpoint_of_another_architecture(tmp_path):

@@ -49,13 +49,13 @@ def test_smollm2_ddtree_and_single_path_equal_greedy(smollm, kind):
 def test_the_shipped_drafter_is_registered_and_lossless(smollm):
     """draft="dflash" on the embedded model: the drafter trained for it (ddtree_mlx/smollm2_drafter), whose drafts
     the target accepts (more than one token per cycle) without changing a token. Prompt lookup stays the default."""
-    from dflash_mlx.model import DFlashDraftModel
-
+    from ddtree_mlx.drafters import DFlashDrafter
     from ddtree_mlx.loading import load_drafter
 
     assert isinstance(load_drafter(None, None), PromptLookupDrafter)
     drafter = load_drafter(None, "dflash")
-    assert isinstance(drafter, DFlashDraftModel) and drafter.block_size == 8
+    assert isinstance(drafter, DFlashDrafter) and drafter.block_size == 8
+    assert drafter.vocab is not None and 5_000 < drafter.vocab.size < 20_000  # the tokens of its training data
     model, tokenizer = smollm
     question = json.loads((PROMPTS / "gsm8k_heldout.jsonl").read_text().splitlines()[3])["prompt"]
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True)

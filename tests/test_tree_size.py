@@ -6,7 +6,7 @@ import pytest
 
 from ddtree_mlx.calibration import VerifyCosts
 from ddtree_mlx.tree import Candidates, DraftTree, build_tree
-from ddtree_mlx.tree_size import PROBE_EVERY, Acceptance, TreeSizer
+from ddtree_mlx.tree_size import MEMORY, PROBE_EVERY, PROBE_MAX, Acceptance, TreeSizer
 from test_tree import all_prefixes, random_candidates
 
 SHORT = 32  # the calibration's own context: its curve as measured
@@ -89,10 +89,12 @@ def test_drafting_stops_when_it_does_not_pay_and_is_probed():
     assert picks[:2] == ["ddtree", "ddtree"]
     rest = picks[20:]
     assert rest.count("ar") >= 30 and 0 < rest.count("ddtree") <= len(rest) // PROBE_EVERY + 1
+    probes = [i for i, pick in enumerate(picks) if pick == "ddtree"][-3:]
+    assert probes[2] - probes[1] > probes[1] - probes[0] >= PROBE_EVERY  # each probe that failed: further apart
     # The text changes: every draft is accepted. The next probe brings drafting back to stay.
     candidates = Candidates(np.arange(8)[:, None], np.log(np.full((8, 1), 0.99)))
     picks = []
-    for _ in range(3 * PROBE_EVERY):
+    for _ in range(2 * PROBE_MAX):
         picks.append(sizer.pick("ddtree"))
         if picks[-1] == "ddtree":
             tree = sizer.size(build_tree(sizer.acceptance.calibrate(candidates), 0, 8), SHORT)
@@ -100,7 +102,8 @@ def test_drafting_stops_when_it_does_not_pay_and_is_probed():
         else:
             sizer.record(None, DraftTree.root_only(0), [0], 1, 0.01, 0.0, SHORT)
     first = picks.index("ddtree")
-    assert first < PROBE_EVERY and set(picks[first:]) == {"ddtree"}
+    assert first < PROBE_MAX and set(picks[first:]) == {"ddtree"}
+    assert sizer.probe_every == PROBE_EVERY  # a probe that paid: back to probing often
 
 
 def test_the_cycles_correct_the_curve():
@@ -167,3 +170,24 @@ def test_the_cap_bounds_the_tree(cap):
     sure = Candidates(np.arange(12).reshape(3, 4), np.log(np.tile([0.97, 0.01, 0.01, 0.01], (3, 1))))
     sizer = TreeSizer(VerifyCosts((1, 2), (0.01, 0.01)), cap=cap)
     assert len(sizer.size(build_tree(sizer.acceptance.calibrate(sure), 0, cap), SHORT)) == cap + 1
+
+
+def test_what_drafts_were_worth_carries_over_to_the_next_generation():
+    """A generation of a few dozen tokens is too short to learn acceptance: the next one with the same kind of
+    drafter on the same target starts from what earlier ones learned; another kind of drafter starts afresh."""
+    from ddtree_mlx import PromptLookupDrafter, generate_ddtree_once
+    from ddtree_mlx.generate import LEARNED
+    from tiny import OracleDrafter, greedy_reference, make_target
+
+    model, prompt = make_target("llama"), [3, 17, 42, 9, 100, 5]
+    truth = prompt + greedy_reference(model, prompt, 24)
+    run = lambda drafter: generate_ddtree_once(target_model=model, draft_model=drafter, prompt_tokens=prompt,  # noqa: E731
+                                               max_new_tokens=24, stop_token_ids=[], tree_budget="auto")
+    run(OracleDrafter(truth))
+    [(kind, learned)] = LEARNED.items()
+    tried = learned.trials.sum()
+    assert tried > 0 and kind[1:] == ("ScriptedDrafter", 8, ())
+    run(OracleDrafter(truth, seed=1))
+    assert len(LEARNED) == 1 and learned.trials.sum() > tried * MEMORY ** 40  # the same lessons, added to
+    run(PromptLookupDrafter())
+    assert len(LEARNED) == 2

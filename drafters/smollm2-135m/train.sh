@@ -20,7 +20,8 @@ while :; do
       --eval-prompts ddtree_mlx/prompts/gsm8k_heldout.jsonl --eval-count 40 \
       --block-size 8 --layers 2 --taps 5 --mask-token-id 16 --anchors 64 --accumulate 4 \
       --vocab data --max-steps "$STRETCH" "$@"
-  cp drafters/smollm2-135m/drafter/config.json drafters/smollm2-135m/drafter/model.safetensors ddtree_mlx/smollm2_drafter/
+  cp drafters/smollm2-135m/drafter/config.json drafters/smollm2-135m/drafter/model.safetensors \
+     drafters/smollm2-135m/drafter/draft_vocab.json ddtree_mlx/smollm2_drafter/
   python -c "import json,sys; s=json.load(open('drafters/smollm2-135m/train/checkpoint.json')); \
 sys.exit(0 if s['step'] < s['total_steps'] else 1)" || break
 done
