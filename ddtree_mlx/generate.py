@@ -161,6 +161,8 @@ class Session:
         out, self.next_step = self.next_step, None
         if out is None:
             out = self.target.verify(tree, self.cache, self.capture_layers, self.config)
+            if out.started is not None:  # the rest of the graph was built while the device ran its first layers
+                self.stats.overlap_seconds += time.perf_counter() - out.started
         tokens = self.choose(out.logits)
         self.queue_next_step(out, tokens)
         self.sync(tokens)

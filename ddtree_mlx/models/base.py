@@ -89,6 +89,7 @@ class VerifyOutput:
     profile: dict[str, float] = field(default_factory=dict)  # seconds per layer part, with profile_verify
     kernels: set[str] = field(default_factory=set)
     committed: bool = False  # the root was run straight into the cache (a lone root): nothing left to commit
+    started: float | None = None  # when the device first got part of this graph (EarlyStart), if it did
 
 
 @dataclass
@@ -273,19 +274,21 @@ class TargetAdapter:
         """The final norm and LM head: [n, hidden] -> [n, V]."""
         return self.lm_head(self.inner.norm(h))
 
-    def forward(self, tokens: mx.array, cache: list[Any], capture_layers: list[int]) -> tuple[mx.array, mx.array | None]:
+    def forward(self, tokens: mx.array, cache: list[Any], capture_layers: list[int],
+                early: EarlyStart | None = None) -> tuple[mx.array, mx.array | None]:
         """Plain causal forward of `tokens` [n] through the model's own layers, appending to the cache.
         Returns the last layer's output [n, hidden] (before the final norm; no LM head, so a long prompt never
         materialises [n, V] logits) and the requested layers' outputs concatenated [n, F] (None if none)."""
         h = self.embed(tokens[None])
         masks = {}
         captured = {}
+        early = early or EarlyStart()
         h = receive(self.stage, h)
         for index, (layer, entry) in enumerate(zip(self.layers, cache), self.stage.start if self.stage else 0):
             kind = self.mixer_kind(layer)
             if kind not in masks:
                 masks[kind] = self.layer_mask(layer, h, entry)
-            h = layer(h, masks[kind], entry)
+            h = early(index, layer(h, masks[kind], entry))
             if index in capture_layers:
                 captured[index] = h
         h, hidden = pass_on(self.stage, h, captured, capture_layers, cache[-1])
@@ -329,23 +332,24 @@ class TargetAdapter:
         inputs = TreeInputs.build(tree, self.prefix_length(cache), config)
         clock = inputs.clock
         h = clock.lap("embed", self.embed(mx.array(tree.tokens)[None]))
-        captures, captured = [], {}
+        captures, captured, early = [], {}, EarlyStart()
         h = receive(self.stage, h)
         for index, (layer, entry) in enumerate(zip(self.layers, cache), self.stage.start if self.stage else 0):
             mixed, capture = self.mixer_tree(layer, layer.input_layernorm(h), entry, inputs)
             h = clock.lap(self.mixer_kind(layer), h + mixed)
-            h = clock.lap("mlp", h + layer.mlp(layer.post_attention_layernorm(h)))
+            h = early(index, clock.lap("mlp", h + layer.mlp(layer.post_attention_layernorm(h))))
             captures.append(capture)
             if index in capture_layers:
                 captured[index] = h
         h, hidden = pass_on(self.stage, h, captured, capture_layers)
         logits = clock.lap("head", self.logits(h[0]))
-        return VerifyOutput(logits, hidden, captures, clock.seconds, inputs.kernels)
+        return VerifyOutput(logits, hidden, captures, clock.seconds, inputs.kernels, started=early.first)
 
     def step(self, token: mx.array, cache: list[Any], capture_layers: list[int]) -> VerifyOutput:
         """The model's own one-token step, straight into the cache (`token` [1] may still be lazy)."""
-        h, hidden = self.forward(token, cache, capture_layers)
-        return VerifyOutput(self.logits(h), hidden, [], committed=True)
+        early = EarlyStart()
+        h, hidden = self.forward(token, cache, capture_layers, early)
+        return VerifyOutput(self.logits(h), hidden, [], committed=True, started=early.first)
 
     def prefix_length(self, cache: list[Any]) -> int:
         return next(entry.offset for entry in cache if self.is_attention_cache(entry))
@@ -385,6 +389,24 @@ class PartClock:
 def join_rows(a: mx.array | None, b: mx.array | None) -> mx.array | None:
     """Captured hidden states of consecutive tokens, either part possibly absent."""
     return b if a is None else a if b is None else mx.concatenate([a, b])
+
+
+EARLY_EVERY = 4  # layers
+
+
+class EarlyStart:
+    """Every EARLY_EVERY layers, start computing what is built so far: the device runs the first layers while
+    Python builds the rest of the graph, instead of waiting for all of it (the same ops, so the same values).
+    `first` is when the device first got work: graph building after it is hidden behind the device."""
+
+    def __init__(self) -> None:
+        self.first: float | None = None
+
+    def __call__(self, index: int, h: mx.array) -> mx.array:
+        if index % EARLY_EVERY == EARLY_EVERY - 1:
+            mx.async_eval(h)
+            self.first = self.first or time.perf_counter()
+        return h
 
 
 def receive(stage: Stage | None, h: mx.array) -> mx.array:
