@@ -228,6 +228,8 @@ class Session:
         bonus = int(target_tokens[path[-1]])
         mark = stats.lap("walk", verified)
         self.commit(tree, out, path, bonus)
+        if candidates is None and self.next_step is not None and self.sizer and self.sizer.can_peek():
+            self.peek(context + len(path))
         seconds = stats.lap("commit", mark) - start
         new = [tree.tokens[node] for node in path[1:]] + [bonus]
         if self.sizer is not None:
@@ -238,6 +240,16 @@ class Session:
         stats.method_cycles[method] = stats.method_cycles.get(method, 0) + 1
         stats.fast_path_cycles += all(tree.ranks[node] == 0 for node in path)
         return new
+
+    def peek(self, context: int) -> None:
+        """A plain step is queued and the drafter costs almost nothing: draft anyway, on the host while the device
+        runs the step, so the sizer learns at once whether drafting pays again (TreeSizer.peeked)."""
+        start = time.perf_counter()
+        candidates = self.draft(self.method)
+        self.sizer.size(build_tree(self.sizer.acceptance.calibrate(candidates), self.root, self.sizer.cap), context)
+        seconds = time.perf_counter() - start
+        self.sizer.peeked(seconds)  # a drafter that waited for the device is not cheap: no more peeks
+        self.stats.overlap_seconds += seconds
 
     def next_method(self) -> str:
         method = self.sizer.pick(self.method) if self.sizer else self.method

@@ -22,6 +22,8 @@ the draft was worth over not drafting, E(n*) - rate * V(n*) - (1 - rate * S) wit
 and what it cost, rate * seconds drafting; while the recent average says it does not pay, cycles are plain steps,
 with a draft every PROBE_EVERY cycles to notice when the text changes, twice as far apart after each probe that
 did not pay (up to PROBE_MAX: a probe costs what drafting does, which on text where drafts never pay adds up).
+A drafter that costs almost nothing (prompt lookup) drafts during every queued plain step instead, on the host
+while the device runs the step, so drafting resumes as soon as a draft would pay.
 Every choice here changes speed only: verify and walk keep the output the target's own.
 """
 
@@ -44,6 +46,7 @@ MEMORY = 0.995  # per drafted cycle: old observations fade, so the estimate foll
 SMOOTHING = 0.1  # weight of the newest cycle in the moving averages of time and tokens
 PROBE_EVERY = 8  # while drafting does not pay, draft once every this many cycles at first
 PROBE_MAX = 64
+PEEK_SHARE = 0.05  # a drafter this cheap beside a cycle drafts during queued plain steps too (TreeSizer.peeked)
 
 
 @dataclass
@@ -150,6 +153,21 @@ class TreeSizer:
         self.last_gain = float(value[best] - (1 - self.rate * self.step_scale * self.costs.at(1, context)))
         return tree.prefix(best + 1)
 
+    def can_peek(self) -> bool:
+        return self.drafting < PEEK_SHARE * self.seconds
+
+    def drafted(self, seconds: float) -> None:
+        """Drafting and building a tree took `seconds` (the first measurement stands alone: 0 is no estimate)."""
+        self.drafting = seconds if self.drafting == 0 else self.drafting + SMOOTHING * (seconds - self.drafting)
+
+    def peeked(self, seconds: float) -> None:
+        """A draft sized (`size`) in `seconds` during a queued plain step, while the device ran it: what drafting
+        would have been worth is a verdict, as a probe's, without a probe's cost."""
+        self.drafted(seconds)
+        self.gain = self.last_gain - self.rate * self.drafting
+        if self.gain >= 0:
+            self.probe_every = PROBE_EVERY
+
     # --- after the cycle -------------------------------------------------------------------------------------
 
     def record(self, candidates: Candidates | None, tree: DraftTree, path: list[int], committed: int,
@@ -166,7 +184,7 @@ class TreeSizer:
             self.scale += SMOOTHING * (ratio - self.scale)
         if candidates is not None:
             self.acceptance.record(candidates, tree, path)
-            self.drafting += SMOOTHING * (drafting - self.drafting)
+            self.drafted(drafting)
             gain = self.last_gain - self.rate * self.drafting
             # A probe's verdict stands alone: averaged with the cycles that stopped drafting, a changed text
             # would need many probes to be believed.

@@ -121,7 +121,7 @@ PROMPT = [1] + PHRASE + [30, 31] + PHRASE + [60] + PHRASE[:3]
 
 
 @pytest.mark.parametrize("family", ["qwen3_5", "qwen3", "llama"])
-@pytest.mark.parametrize("budget", [1, 4, 16])
+@pytest.mark.parametrize("budget", [1, 4, 16, "auto"])  # auto: plain steps queued, drafts peeked in between
 def test_prompt_lookup_matches_greedy(family, budget):
     target = make_target(family)
     result = generate_ddtree_once(target_model=target, draft_model=PromptLookupDrafter(), prompt_tokens=PROMPT,

@@ -86,7 +86,7 @@ def test_drafting_stops_when_it_does_not_pay_and_is_probed():
         tree = sizer.size(build_tree(sizer.acceptance.calibrate(candidates), 0, 8), SHORT)
         # Drafting takes 30 ms, three plain steps' time, and the draft is never accepted.
         sizer.record(candidates, tree, [0], 1, 0.04 + 0.01, 0.04, SHORT)
-    assert picks[:2] == ["ddtree", "ddtree"]
+    assert picks[:2] == ["ddtree", "ar"]  # the first draft shows it costs more than it brings
     rest = picks[20:]
     assert rest.count("ar") >= 30 and 0 < rest.count("ddtree") <= len(rest) // PROBE_EVERY + 1
     probes = [i for i, pick in enumerate(picks) if pick == "ddtree"][-3:]
@@ -191,3 +191,20 @@ def test_what_drafts_were_worth_carries_over_to_the_next_generation():
     assert len(LEARNED) == 1 and learned.trials.sum() > tried * MEMORY ** 40  # the same lessons, added to
     run(PromptLookupDrafter())
     assert len(LEARNED) == 2
+
+
+def test_a_cheap_drafter_peeks_during_plain_steps():
+    """Drafting stopped paying; a draft sized during a queued plain step (prompt lookup: on the host, while the
+    device runs the step) that would pay brings drafting back at once, without waiting for a probe. A drafter
+    that costs a tenth of a cycle does not peek."""
+    sizer = TreeSizer(VerifyCosts((1, 2), (0.01, 0.0101)), cap=8)
+    sizer.tokens, sizer.seconds, sizer.gain, sizer.probe_every = 1.0, 0.01, -0.5, PROBE_MAX
+    assert not sizer.will_draft() and sizer.can_peek()
+    sure = Candidates(np.arange(8)[:, None], np.log(np.full((8, 1), 0.95)))
+    sizer.size(build_tree(sizer.acceptance.calibrate(sure), 0, 8), SHORT)
+    sizer.peeked(0.0002)
+    assert sizer.will_draft() and sizer.probe_every == PROBE_EVERY
+    dear = TreeSizer(VerifyCosts((1, 2), (0.01, 0.0101)), cap=8)
+    dear.seconds = 0.01
+    dear.drafted(0.001)  # a draft that waited for the device: a tenth of a cycle
+    assert not dear.can_peek()

@@ -284,11 +284,14 @@ class TargetAdapter:
         captured = {}
         early = early or EarlyStart()
         h = receive(self.stage, h)
-        for index, (layer, entry) in enumerate(zip(self.layers, cache), self.stage.start if self.stage else 0):
+        first = self.stage.start if self.stage else 0
+        for index, (layer, entry) in enumerate(zip(self.layers, cache), first):
             kind = self.mixer_kind(layer)
             if kind not in masks:
                 masks[kind] = self.layer_mask(layer, h, entry)
-            h = early(index, layer(h, masks[kind], entry))
+            h = layer(h, masks[kind], entry)
+            if index < first + len(self.layers) - 1:  # not the last layer's output: a prefill chunk never needs it
+                h = early(index, h)
             if index in capture_layers:
                 captured[index] = h
         h, hidden = pass_on(self.stage, h, captured, capture_layers, cache[-1])
