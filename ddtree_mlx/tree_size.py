@@ -23,7 +23,7 @@ and what it cost, rate * seconds drafting; while the recent average says it does
 with a draft every PROBE_EVERY cycles to notice when the text changes, twice as far apart after each probe that
 did not pay (up to PROBE_MAX: a probe costs what drafting does, which on text where drafts never pay adds up).
 A drafter that costs almost nothing (prompt lookup) drafts during every queued plain step instead, on the host
-while the device runs the step, so drafting resumes as soon as a draft would pay.
+while the device runs the step, so drafting resumes within a few cycles of drafts that would pay.
 Every choice here changes speed only: verify and walk keep the output the target's own.
 """
 
@@ -162,9 +162,10 @@ class TreeSizer:
 
     def peeked(self, seconds: float) -> None:
         """A draft sized (`size`) in `seconds` during a queued plain step, while the device ran it: what drafting
-        would have been worth is a verdict, as a probe's, without a probe's cost."""
+        would have been worth, without a probe's cost. Peeks come every plain cycle, so each one moves the average
+        (one optimistic draft alone does not turn drafting on; a run of good ones does within a few cycles)."""
         self.drafted(seconds)
-        self.gain = self.last_gain - self.rate * self.drafting
+        self.gain += SMOOTHING * (self.last_gain - self.rate * self.drafting - self.gain)
         if self.gain >= 0:
             self.probe_every = PROBE_EVERY
 
