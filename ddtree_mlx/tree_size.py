@@ -149,8 +149,10 @@ class TreeSizer:
         nodes = np.arange(len(probs) + 1)
         value = 1 + np.concatenate([[0.0], np.cumsum(probs)]) - self.rate * self.cycle_seconds(nodes, context)
         best = int(np.argmax(value))
-        # What this draft was worth over not drafting (a plain step, queued), before what drafting it cost.
-        self.last_gain = float(value[best] - (1 - self.rate * self.step_scale * self.costs.at(1, context)))
+        # What this draft was worth over not drafting (a plain step, queued: never worse than a drafted root alone,
+        # so a draft whose best tree is the root is worth nothing), before what drafting it cost.
+        plain = max(1 - self.rate * self.step_scale * float(self.costs.at(1, context)), value[0])
+        self.last_gain = float(value[best] - plain)
         return tree.prefix(best + 1)
 
     def can_peek(self) -> bool:

@@ -46,6 +46,9 @@ def test_unlikely_nodes_are_cut_and_free_ones_kept():
     free = TreeSizer(VerifyCosts((1, 2), (0.01, 0.01)), cap=8)
     assert len(free.size(build_tree(free.acceptance.calibrate(sure), 0, 8), SHORT)) == 9
     assert len(dear.size(build_tree(dear.acceptance.calibrate(sure), 0, 8), SHORT)) == 1  # 0.97 token for a token's time
+    noisy = TreeSizer(VerifyCosts((1, 2), (0.01, 0.02)), cap=8)
+    noisy.step_scale = 1.2  # queued plain steps measured slower than drafted ones (noise): still no gain in a root
+    assert len(noisy.size(build_tree(noisy.acceptance.calibrate(flat), 0, 8), SHORT)) == 1 and noisy.last_gain == 0
     half = TreeSizer(VerifyCosts((1, 2), (0.01, 0.015)), cap=8)
     assert len(half.size(build_tree(half.acceptance.calibrate(sure), 0, 8), SHORT)) == 4  # the likely chain only
 
