@@ -88,4 +88,4 @@ def test_train_drafter_command_end_to_end(tmp_path):
     assert (tmp_path / "run" / "train" / "log.jsonl").read_text().splitlines() == log
     _, _, drafter = load(None, str(tmp_path / "run" / "drafter"))
     assert drafter.block_size == 4 and len(drafter.target_layer_ids) == 2
-    assert drafter.mask_token_id == 16  # <empty_output>: SmolLM2 has no mask token; never a stop token
+    assert drafter.model.mask_token_id == 16  # <empty_output>: SmolLM2 has no mask token; never a stop token
