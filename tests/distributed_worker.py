@@ -95,6 +95,8 @@ class Hanging:
 
 def hang() -> None:
     group = mx.distributed.init()
+    if group.rank() == 1:  # stuck for good, its own watchdog too (as a rank hung outside Python would be)
+        os.environ["DDTREE_RANK_TIMEOUT"] = "3600"
     model = shard(make_target("llama"), group)
     reference = mlx_lm_greedy(make_target("llama"), PROMPT, TOKENS)
     generate_ddtree_once(target_model=model, draft_model=Hanging(OracleDrafter(PROMPT + reference.tokens), group.rank()),

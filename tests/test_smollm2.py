@@ -64,7 +64,9 @@ def test_the_shipped_drafter_is_registered_and_lossless(smollm):
         result = generate_ddtree_once(target_model=model, draft_model=drafter, prompt_tokens=prompt,
                                       max_new_tokens=48, stop_token_ids=[], tree_budget=budget)
         assert result["generated_token_ids"] == expected, budget
-        assert result["avg_acceptance"] > 1.5, budget
+        # auto drafts only while drafts pay for their ~15 ms (against the tests' fixed calibration curve, not this
+        # machine's): fewer drafted cycles, but drafts are still accepted.
+        assert result["avg_acceptance"] > (1.5 if budget == 8 else 1.1), budget
 
 
 def test_train_drafter_command_end_to_end(tmp_path):
