@@ -3,7 +3,7 @@
 The tree size worth verifying (tree_size.TreeSizer) depends on how verify time grows with the tree, and that
 depends on the machine more than on anything else: a node costs ~4% of a one-token verify on these CPUs with
 OpenBLAS, close to 100% on MLX's bundled reference BLAS (every node is one more row through every matmul), ~0 on a
-GPU at small trees. So the curve is measured at first use: verify of bushy random trees of 1, 2, 3, 5, 9, ... 65
+GPU at small trees. So the curve is measured at first use: verify of bushy random trees of 1, 2, 3, 5, 9, ... 33
 nodes on the real target after a short prompt (a slow machine stops the grid after TIME_BUDGET seconds; the curve
 extends linearly past its last point), then a plain step and two trees again after a long context, which says what
 every context token adds: to a plain step, to a tree, and to a tree per node (each node attends over the whole

@@ -96,7 +96,7 @@ class DFlashDrafter:
 
     def reset(self, target: TargetAdapter, prompt_tokens: list[int]) -> None:
         self.check(target)
-        if self.vocab is not None and target is not self.target:
+        if self.vocab is not None and (self.target is None or target.model is not self.target.model):
             # A vocabulary-sharded head's rows are split across ranks: that target computes the whole head.
             sharded = getattr(target.text, "sharding_group", None) is not None
             self.rows = None if sharded else target.head_rows(self.vocab)

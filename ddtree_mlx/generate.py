@@ -413,11 +413,12 @@ def tree_sizer_for(target: TargetAdapter, config: DDTreeConfig, method: str, dra
     (a generation of a few dozen tokens is too short to learn it alone)."""
     if method != "ddtree" or config.budget != "auto":
         return None
-    from .calibration import machine_key, verify_costs
+    from .calibration import verify_costs
 
     with watched(target.group, config.rank_timeout):
         costs = verify_costs(target, config)
-    kind = (machine_key(target), type(drafter).__name__, drafter.block_size, tuple(drafter.target_layer_ids))
+    # The costs stand for the target on this machine (one measured curve per model, dtype and device).
+    kind = (costs, type(drafter).__name__, drafter.block_size, tuple(drafter.target_layer_ids))
     return TreeSizer(costs, config.max_budget, acceptance=LEARNED.setdefault(kind, Acceptance()), group=target.group)
 
 

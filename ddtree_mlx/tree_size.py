@@ -121,6 +121,10 @@ class TreeSizer:
     def rate(self) -> float:
         return self.tokens / self.seconds
 
+    def step_seconds(self, context: int) -> float:
+        """What a plain step takes, queued behind the last one (not drafted)."""
+        return self.step_scale * float(self.costs.at(1, context))
+
     def cycle_seconds(self, nodes: np.ndarray | int, context: int) -> np.ndarray:
         """What a drafted cycle verifying `nodes` draft nodes takes, besides drafting."""
         nodes = np.asarray(nodes)
@@ -151,8 +155,7 @@ class TreeSizer:
         best = int(np.argmax(value))
         # What this draft was worth over not drafting (a plain step, queued: never worse than a drafted root alone,
         # so a draft whose best tree is the root is worth nothing), before what drafting it cost.
-        plain = max(1 - self.rate * self.step_scale * float(self.costs.at(1, context)), value[0])
-        self.last_gain = float(value[best] - plain)
+        self.last_gain = float(value[best] - max(1 - self.rate * self.step_seconds(context), value[0]))
         return tree.prefix(best + 1)
 
     def can_peek(self) -> bool:
@@ -162,12 +165,16 @@ class TreeSizer:
         """Drafting and building a tree took `seconds` (the first measurement stands alone: 0 is no estimate)."""
         self.drafting = seconds if self.drafting == 0 else self.drafting + SMOOTHING * (seconds - self.drafting)
 
+    def net_gain(self) -> float:
+        """The newest draft's worth minus what drafting costs, in tokens."""
+        return self.last_gain - self.rate * self.drafting
+
     def peeked(self, seconds: float) -> None:
         """A draft sized (`size`) in `seconds` during a queued plain step, while the device ran it: what drafting
         would have been worth, without a probe's cost. Peeks come every plain cycle, so each one moves the average
         (one optimistic draft alone does not turn drafting on; a run of good ones does within a few cycles)."""
         self.drafted(seconds)
-        self.gain += SMOOTHING * (self.last_gain - self.rate * self.drafting - self.gain)
+        self.gain += SMOOTHING * (self.net_gain() - self.gain)
         if self.gain >= 0:
             self.probe_every = PROBE_EVERY
 
@@ -188,7 +195,7 @@ class TreeSizer:
         if candidates is not None:
             self.acceptance.record(candidates, tree, path)
             self.drafted(drafting)
-            gain = self.last_gain - self.rate * self.drafting
+            gain = self.net_gain()
             # A probe's verdict stands alone: averaged with the cycles that stopped drafting, a changed text
             # would need many probes to be believed.
             self.gain = gain if self.probing else self.gain + SMOOTHING * (gain - self.gain)

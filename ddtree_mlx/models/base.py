@@ -204,6 +204,11 @@ class TargetAdapter:
         return self.inner.layers[self.stage.start : self.stage.end] if self.stage else self.inner.layers
 
     @property
+    def first_layer(self) -> int:
+        """The whole model's index of this process's first layer (0 unless a later pipeline stage)."""
+        return self.stage.start if self.stage else 0
+
+    @property
     def num_layers(self) -> int:
         """The whole model's layers, whichever this process runs (a drafter's tapped ids count in these)."""
         return self.args.num_hidden_layers
@@ -284,14 +289,11 @@ class TargetAdapter:
         captured = {}
         early = early or EarlyStart()
         h = receive(self.stage, h)
-        first = self.stage.start if self.stage else 0
-        for index, (layer, entry) in enumerate(zip(self.layers, cache), first):
+        for index, (layer, entry) in enumerate(zip(self.layers, cache), self.first_layer):
             kind = self.mixer_kind(layer)
             if kind not in masks:
                 masks[kind] = self.layer_mask(layer, h, entry)
-            h = layer(h, masks[kind], entry)
-            if index < first + len(self.layers) - 1:  # not the last layer's output: a prefill chunk never needs it
-                h = early(index, h)
+            h = early(index, layer(h, masks[kind], entry), self)
             if index in capture_layers:
                 captured[index] = h
         h, hidden = pass_on(self.stage, h, captured, capture_layers, cache[-1])
@@ -337,10 +339,10 @@ class TargetAdapter:
         h = clock.lap("embed", self.embed(mx.array(tree.tokens)[None]))
         captures, captured, early = [], {}, EarlyStart()
         h = receive(self.stage, h)
-        for index, (layer, entry) in enumerate(zip(self.layers, cache), self.stage.start if self.stage else 0):
+        for index, (layer, entry) in enumerate(zip(self.layers, cache), self.first_layer):
             mixed, capture = self.mixer_tree(layer, layer.input_layernorm(h), entry, inputs)
             h = clock.lap(self.mixer_kind(layer), h + mixed)
-            h = early(index, clock.lap("mlp", h + layer.mlp(layer.post_attention_layernorm(h))))
+            h = early(index, clock.lap("mlp", h + layer.mlp(layer.post_attention_layernorm(h))), self)
             captures.append(capture)
             if index in capture_layers:
                 captured[index] = h
@@ -405,8 +407,10 @@ class EarlyStart:
     def __init__(self) -> None:
         self.first: float | None = None
 
-    def __call__(self, index: int, h: mx.array) -> mx.array:
-        if index % EARLY_EVERY == EARLY_EVERY - 1:
+    def __call__(self, index: int, h: mx.array, target: TargetAdapter) -> mx.array:
+        """`h` after layer `index`; never the last layer's output, which the caller may not need (a prefill
+        chunk evaluates only the cache)."""
+        if index % EARLY_EVERY == EARLY_EVERY - 1 and index < target.first_layer + len(target.layers) - 1:
             mx.async_eval(h)
             self.first = self.first or time.perf_counter()
         return h
