@@ -228,10 +228,12 @@ class Session:
         bonus = int(target_tokens[path[-1]])
         mark = stats.lap("walk", verified)
         self.commit(tree, out, path, bonus)
-        if candidates is None and self.next_step is not None and self.sizer and self.sizer.can_peek():
-            self.peek(context + len(path))
-        seconds = stats.lap("commit", mark) - start
         new = [tree.tokens[node] for node in path[1:]] + [bonus]
+        if self.sizer is not None:
+            self.sizer.produced(new)  # what earlier peeks would have accepted
+            if candidates is None and self.next_step is not None and self.sizer.can_peek():
+                self.peek(context + len(path))
+        seconds = stats.lap("commit", mark) - start
         if self.sizer is not None:
             self.sizer.record(candidates, tree, path, len(new), seconds, built - start, context)
         stats.decode_seconds += seconds
@@ -246,9 +248,10 @@ class Session:
         runs the step, so the sizer learns at once whether drafting pays again (TreeSizer.peeked)."""
         start = time.perf_counter()
         candidates = self.draft(self.method)
-        self.sizer.size(build_tree(self.sizer.acceptance.calibrate(candidates), self.root, self.sizer.cap), context)
+        tree = build_tree(self.sizer.acceptance.calibrate(candidates), self.root, self.sizer.cap)
+        self.sizer.size(tree, context)
         seconds = time.perf_counter() - start
-        self.sizer.peeked(seconds)  # a drafter that waited for the device is not cheap: no more peeks
+        self.sizer.peeked(candidates, tree, seconds)  # a drafter that waited for the device is not cheap: no more peeks
         self.stats.overlap_seconds += seconds
 
     def next_method(self) -> str:
@@ -419,7 +422,9 @@ def tree_sizer_for(target: TargetAdapter, config: DDTreeConfig, method: str, dra
         costs = verify_costs(target, config)
     # The costs stand for the target on this machine (one measured curve per model, dtype and device).
     kind = (costs, type(drafter).__name__, drafter.block_size, tuple(drafter.target_layer_ids))
-    return TreeSizer(costs, config.max_budget, acceptance=LEARNED.setdefault(kind, Acceptance()), group=target.group)
+    acceptance = LEARNED.setdefault(kind, Acceptance())
+    acceptance.new_text()
+    return TreeSizer(costs, config.max_budget, acceptance=acceptance, group=target.group)
 
 
 LEARNED: dict[tuple, Acceptance] = {}  # per target and kind of drafter: what its proposals were worth

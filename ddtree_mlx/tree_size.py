@@ -23,7 +23,10 @@ and what it cost, rate * seconds drafting; while the recent average says it does
 with a draft every PROBE_EVERY cycles to notice when the text changes, twice as far apart after each probe that
 did not pay (up to PROBE_MAX: a probe costs what drafting does, which on text where drafts never pay adds up).
 A drafter that costs almost nothing (prompt lookup) drafts during every queued plain step instead, on the host
-while the device runs the step, so drafting resumes within a few cycles of drafts that would pay.
+while the device runs the step, so drafting resumes within a few cycles of drafts that would pay. Such a peeked
+tree is also evidence for free: the plain steps after it produce the target's own tokens, which are exactly what
+verifying it would have accepted, so acceptance keeps being learned while nothing is verified (without it, an
+estimate learned on other text could keep trees off where they would pay, and never be corrected).
 Every choice here changes speed only: verify and walk keep the output the target's own.
 """
 
@@ -43,18 +46,31 @@ CENTERS = (EDGES[:-1] + EDGES[1:]) / 2
 KNOTS = np.r_[0.0, CENTERS]  # calibration interpolates between bucket centres, from (0, 0)
 PRIOR = 1.0  # the drafter's own probability (or the depth above's estimate) counts as this many observations
 MEMORY = 0.995  # per drafted cycle: old observations fade, so the estimate follows the text
+RECENT_MEMORY = 0.8  # the same for the generation's own last few cycles
+RECENT_PRIOR = 2.0  # the long-run estimate counts as this many recent observations
 SMOOTHING = 0.1  # weight of the newest cycle in the moving averages of time and tokens
 PROBE_EVERY = 8  # while drafting does not pay, draft once every this many cycles at first
 PROBE_MAX = 64
 PEEK_SHARE = 0.05  # a drafter this cheap beside a cycle drafts during queued plain steps too (TreeSizer.peeked)
 
 
+def empty() -> np.ndarray:
+    return np.zeros((0, len(CENTERS)))
+
+
 @dataclass
 class Acceptance:
-    """P(a node is accepted | its parent was, the drafter gave it probability p, at depth d), per (d, bucket)."""
+    """P(a node is accepted | its parent was, the drafter gave it probability p, at depth d), per (d, bucket).
 
-    hits: np.ndarray = field(default_factory=lambda: np.zeros((0, len(CENTERS))))
-    trials: np.ndarray = field(default_factory=lambda: np.zeros((0, len(CENTERS))))
+    Two sets of counts: the long run (over generations: a few dozen tokens are too few to learn from alone) and
+    the last few cycles of this generation, with the long run as their prior. Text changes within and between
+    generations (a copied passage after free prose), and how much the drafter is worth changes with it: the recent
+    counts follow within a few cycles where the long run alone would take hundreds."""
+
+    hits: np.ndarray = field(default_factory=empty)
+    trials: np.ndarray = field(default_factory=empty)
+    recent_hits: np.ndarray = field(default_factory=empty)
+    recent_trials: np.ndarray = field(default_factory=empty)
 
     def rates(self, depths: int) -> np.ndarray:
         """[depths, buckets] estimates, made non-decreasing in p (weighted isotonic regression) so calibrating
@@ -62,10 +78,16 @@ class Acceptance:
         sparsely observed neighbours down with it."""
         self.grow(depths)
         rates, prior = [], CENTERS  # a depth's prior is the depth above's estimate: deeper nodes are tried less
-        for hits, trials in zip(self.hits[:depths], self.trials[:depths]):
+        for hits, trials, recent_hits, recent_trials in zip(self.hits, self.trials, self.recent_hits,
+                                                            self.recent_trials):
             prior = isotonic((hits + PRIOR * prior) / (trials + PRIOR), trials + PRIOR)
-            rates.append(prior)
-        return np.array(rates).reshape(depths, len(CENTERS))
+            recent_weight = recent_trials + RECENT_PRIOR
+            rates.append(isotonic((recent_hits + RECENT_PRIOR * prior) / recent_weight, recent_weight))
+        return np.array(rates[:depths]).reshape(depths, len(CENTERS))
+
+    def new_text(self) -> None:
+        """A generation starts: its recent cycles are still to come."""
+        self.recent_hits, self.recent_trials = np.zeros_like(self.hits), np.zeros_like(self.trials)
 
     def calibrate(self, candidates: Candidates) -> Candidates:
         """The same candidates with log-probabilities replaced by estimated acceptance (still sorted per depth)."""
@@ -78,20 +100,43 @@ class Acceptance:
         """Every node whose parent is on the accepted path was a trial; it succeeded if it is on the path too."""
         on_path = set(path)
         nodes = [n for n in range(1, len(tree)) if tree.parents[n] in on_path]
-        self.hits *= MEMORY
-        self.trials *= MEMORY
-        if not nodes:
-            return
-        depth = np.array([tree.depths[n] - 1 for n in nodes])
+        self.grow(len(candidates.log_probs))
+        depth = np.array([tree.depths[n] - 1 for n in nodes], dtype=int)
         p = np.exp(candidates.log_probs[depth, [tree.ranks[n] for n in nodes]])
         bucket = np.clip(np.searchsorted(EDGES, p, side="right") - 1, 0, len(CENTERS) - 1)
-        np.add.at(self.trials, (depth, bucket), 1.0)
-        np.add.at(self.hits, (depth, bucket), [float(n in on_path) for n in nodes])
+        hit = [float(n in on_path) for n in nodes]
+        for hits, trials, memory in ((self.hits, self.trials, MEMORY),
+                                     (self.recent_hits, self.recent_trials, RECENT_MEMORY)):
+            hits *= memory
+            trials *= memory
+            np.add.at(trials, (depth, bucket), 1.0)
+            np.add.at(hits, (depth, bucket), hit)
 
     def grow(self, depths: int) -> None:
         if len(self.hits) < depths:
             pad = ((0, depths - len(self.hits)), (0, 0))
             self.hits, self.trials = np.pad(self.hits, pad), np.pad(self.trials, pad)
+        if len(self.recent_hits) < len(self.hits):
+            pad = ((0, len(self.hits) - len(self.recent_hits)), (0, 0))
+            self.recent_hits, self.recent_trials = np.pad(self.recent_hits, pad), np.pad(self.recent_trials, pad)
+
+
+def average(old: float, new: float) -> float:
+    """A moving average whose first measurement stands alone (0: no measurement yet)."""
+    return new if old == 0 else old + SMOOTHING * (new - old)
+
+
+@dataclass
+class Peek:
+    """A tree drafted during a plain step, waiting for the tokens the target produces after its root."""
+
+    candidates: Candidates
+    tree: DraftTree
+    tokens: list[int] = field(default_factory=list)
+
+    @property
+    def known(self) -> bool:
+        return len(self.tokens) >= max(self.tree.depths)
 
 
 @dataclass
@@ -100,10 +145,10 @@ class TreeSizer:
     cap: int  # the most draft nodes a tree may have (DDTREE_MAX_BUDGET)
     acceptance: Acceptance = field(default_factory=Acceptance)
     # Observed cycle time (besides drafting) over the calibration's verify time: a queued plain step, a drafted
-    # cycle that verified the root alone, and trees.
+    # cycle that verified the root alone, and trees (0: not measured yet, see `scaled`).
     step_scale: float = 1.0
-    root_scale: float = 1.0
-    scale: float = 1.0
+    root_scale: float = 0.0
+    scale: float = 0.0
     tokens: float = 1.0  # moving averages of tokens and seconds per cycle: their ratio is the rate
     seconds: float = 0.0
     drafting: float = 0.0  # moving average of seconds spent drafting and building a tree
@@ -112,6 +157,7 @@ class TreeSizer:
     skipped: int = 0
     probe_every: int = PROBE_EVERY
     probing: bool = False  # this cycle drafts only to check whether drafting pays again
+    peeks: list[Peek] = field(default_factory=list)  # peeked trees whose outcome is not known yet
     group: Any = None  # tensor parallel: every rank decides from rank 0's timings (distributed.py)
 
     def __post_init__(self) -> None:
@@ -128,8 +174,14 @@ class TreeSizer:
     def cycle_seconds(self, nodes: np.ndarray | int, context: int) -> np.ndarray:
         """What a drafted cycle verifying `nodes` draft nodes takes, besides drafting."""
         nodes = np.asarray(nodes)
-        root = self.root_scale * self.costs.at(1, context)
-        return np.where(nodes == 0, root, np.maximum(self.scale * self.costs.at(nodes + 1, context), root))
+        root = self.scaled(self.root_scale) * self.costs.at(1, context)
+        return np.where(nodes == 0, root, np.maximum(self.scaled(self.scale) * self.costs.at(nodes + 1, context), root))
+
+    def scaled(self, scale: float) -> float:
+        """A drafted kind of cycle not measured yet is taken to be off the calibration as much as plain steps
+        are: at a long context the calibration's extrapolation is off for every kind alike, and a generation that
+        verifies few trees would otherwise price them at the calibration's word for long."""
+        return scale or self.step_scale
 
     # --- before drafting -------------------------------------------------------------------------------------
 
@@ -163,22 +215,32 @@ class TreeSizer:
 
     def drafted(self, seconds: float) -> None:
         """Drafting and building a tree took `seconds` (the first measurement stands alone: 0 is no estimate)."""
-        self.drafting = seconds if self.drafting == 0 else self.drafting + SMOOTHING * (seconds - self.drafting)
+        self.drafting = average(self.drafting, seconds)
 
     def net_gain(self) -> float:
         """The newest draft's worth minus what drafting costs, in tokens."""
         return self.last_gain - self.rate * self.drafting
 
-    def peeked(self, seconds: float) -> None:
+    def peeked(self, candidates: Candidates, tree: DraftTree, seconds: float) -> None:
         """A draft sized (`size`) in `seconds` during a queued plain step, while the device ran it: what drafting
         would have been worth, without a probe's cost. Peeks come every plain cycle, so each one moves the average
-        (one optimistic draft alone does not turn drafting on; a run of good ones does within a few cycles)."""
+        (one optimistic draft alone does not turn drafting on; a run of good ones does within a few cycles).
+        `tree` (built to the cap, before sizing) waits for the tokens the next cycles produce (`produced`)."""
+        self.peeks.append(Peek(candidates, tree))
         self.drafted(seconds)
         self.gain += SMOOTHING * (self.net_gain() - self.gain)
         if self.gain >= 0:
             self.probe_every = PROBE_EVERY
 
     # --- after the cycle -------------------------------------------------------------------------------------
+
+    def produced(self, tokens: list[int]) -> None:
+        """A cycle committed `tokens`: each earlier peek whose depth they now cover is scored as if verified."""
+        for peek in self.peeks:
+            peek.tokens += tokens
+            if peek.known:
+                self.acceptance.record(peek.candidates, peek.tree, peek.tree.follow(peek.tokens))
+        self.peeks = [peek for peek in self.peeks if not peek.known]
 
     def record(self, candidates: Candidates | None, tree: DraftTree, path: list[int], committed: int,
                seconds: float, drafting: float, context: int) -> None:
@@ -187,11 +249,11 @@ class TreeSizer:
         self.seconds += SMOOTHING * (seconds - self.seconds)
         ratio = (seconds - drafting) / float(self.costs.at(len(tree), context))
         if candidates is None:
-            self.step_scale += SMOOTHING * (ratio - self.step_scale)
+            self.step_scale += SMOOTHING * (ratio - self.step_scale)  # from the calibration's word: 1
         elif len(tree) == 1:
-            self.root_scale += SMOOTHING * (ratio - self.root_scale)
+            self.root_scale = average(self.root_scale, ratio)
         else:
-            self.scale += SMOOTHING * (ratio - self.scale)
+            self.scale = average(self.scale, ratio)
         if candidates is not None:
             self.acceptance.record(candidates, tree, path)
             self.drafted(drafting)

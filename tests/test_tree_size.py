@@ -204,13 +204,15 @@ def test_a_cheap_drafter_peeks_during_plain_steps():
     sizer.tokens, sizer.seconds, sizer.gain, sizer.probe_every = 1.0, 0.01, -0.5, PROBE_MAX
     assert not sizer.will_draft() and sizer.can_peek()
     unsure = Candidates(np.arange(8)[:, None], np.log(np.full((8, 1), 0.02)))
-    sizer.size(build_tree(sizer.acceptance.calibrate(unsure), 0, 8), SHORT)
-    sizer.peeked(0.0002)
+    tree = build_tree(sizer.acceptance.calibrate(unsure), 0, 8)
+    sizer.size(tree, SHORT)
+    sizer.peeked(unsure, tree, 0.0002)
     assert not sizer.will_draft()
     sure = Candidates(np.arange(8)[:, None], np.log(np.full((8, 1), 0.95)))
     for peeks in range(1, 4):
-        sizer.size(build_tree(sizer.acceptance.calibrate(sure), 0, 8), SHORT)
-        sizer.peeked(0.0002)
+        tree = build_tree(sizer.acceptance.calibrate(sure), 0, 8)
+        sizer.size(tree, SHORT)
+        sizer.peeked(sure, tree, 0.0002)
         if sizer.will_draft():
             break
     assert sizer.will_draft() and peeks <= 2 and sizer.probe_every == PROBE_EVERY
@@ -218,3 +220,50 @@ def test_a_cheap_drafter_peeks_during_plain_steps():
     dear.seconds = 0.01
     dear.drafted(0.001)  # a draft that waited for the device: a tenth of a cycle
     assert not dear.can_peek()
+
+
+def test_peeked_trees_learn_from_the_plain_steps_after_them():
+    """Acceptance learned on other text says the drafter's 0.93 is worth 0.3, so no tree pays and none is verified
+    to correct it. Peeked trees are scored against the tokens the plain steps then produce (here the drafter is
+    right every time): the estimate recovers, and trees pay again, without any tree verified."""
+    sizer = TreeSizer(VerifyCosts((1, 2, 5), (0.01, 0.015, 0.03)), cap=4)  # a node: half a token
+    sizer.tokens, sizer.seconds = 1.0, 0.01
+    text = list(range(100, 140))
+    guess = lambda at: Candidates(np.array(text[at + 1 : at + 5])[:, None], np.log(np.full((4, 1), 0.93)))  # noqa: E731
+    rng = np.random.default_rng(0)
+    for _ in range(200):  # the other text: right 30% of the time at each depth
+        candidates = guess(0)
+        tree = build_tree(candidates, text[0], 4)
+        sizer.acceptance.record(candidates, tree, tree.path_to(int(np.argmin(rng.random(4) < 0.3))))
+    sizer.acceptance.new_text()  # the next generation
+    before = sizer.acceptance.trials.sum()
+    sizes = []
+    for at in range(len(text) - 6):  # plain steps, each producing the next token of `text`
+        candidates = guess(at)
+        tree = build_tree(sizer.acceptance.calibrate(candidates), text[at], sizer.cap)
+        sizes.append(len(sizer.size(tree, SHORT)) - 1)
+        sizer.peeked(candidates, tree, 0.0001)
+        sizer.produced([text[at + 1]])
+    assert sizes[0] == 0 and sizes[-1] == 4  # a plain step at first; the whole chain once the lesson is learned
+    assert sizer.acceptance.trials.sum() > before and len(sizer.peeks) <= 4  # scored once their depth is known
+    fresh = TreeSizer(VerifyCosts((1, 2), (0.01, 0.015)), cap=4)
+    missed = Candidates(np.array([[7], [8], [9], [10]]), np.log(np.full((4, 1), 0.9)))
+    fresh.peeked(missed, build_tree(missed, 1, 4), 0.0001)
+    fresh.produced([7, 8])
+    assert fresh.acceptance.trials.sum() == 0  # depths 3-4 not known yet
+    fresh.produced([99, 10])  # a miss at depth 3: depths 1-2 hit, 3 tried and missed, 4 never tried
+    assert fresh.acceptance.hits.sum(1).tolist() == [1, 1, 0, 0] and fresh.acceptance.trials.sum(1).tolist() == [1, 1, 1, 0]
+    assert not fresh.peeks
+
+
+def test_cycles_not_measured_yet_are_off_the_calibration_as_plain_steps_are():
+    """At a long context the calibration's extrapolation is off for every kind of cycle alike: plain steps
+    measured at 0.7 of it price drafted roots and trees at 0.7 too, until those are measured (their first
+    measurement then stands alone)."""
+    sizer = TreeSizer(VerifyCosts((1, 2), (0.01, 0.02)), cap=4)
+    for _ in range(60):
+        sizer.record(None, DraftTree.root_only(0), [0], 1, 0.007, 0.0, SHORT)
+    assert sizer.cycle_seconds(np.array([0, 1]), SHORT) == pytest.approx([0.007, 0.014], rel=0.01)
+    candidates = Candidates(np.array([[5]]), np.log([[0.9]]))
+    sizer.record(candidates, one_node_tree(candidates), [0, 1], 2, 0.03 + 0.001, 0.001, SHORT)
+    assert sizer.cycle_seconds(np.array([0, 1]), SHORT) == pytest.approx([0.007, 0.03], rel=0.01)
