@@ -49,16 +49,6 @@ class DraftTree:
     def __len__(self) -> int:
         return len(self.tokens)
 
-    def follow(self, tokens: list[int]) -> list[int]:
-        """The longest root path spelling a prefix of `tokens` (what verifying this tree would have accepted,
-        had the target produced them)."""
-        path = [0]
-        for token in tokens:
-            if (child := self.children[path[-1]].get(token)) is None:
-                break
-            path.append(child)
-        return path
-
     def path_to(self, node: int) -> list[int]:
         path = []
         while node >= 0:

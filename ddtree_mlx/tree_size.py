@@ -33,7 +33,7 @@ Every choice here changes speed only: verify and walk keep the output the target
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Container
 
 import numpy as np
 
@@ -46,7 +46,7 @@ CENTERS = (EDGES[:-1] + EDGES[1:]) / 2
 KNOTS = np.r_[0.0, CENTERS]  # calibration interpolates between bucket centres, from (0, 0)
 PRIOR = 1.0  # the drafter's own probability (or the depth above's estimate) counts as this many observations
 MEMORY = 0.995  # per drafted cycle: old observations fade, so the estimate follows the text
-RECENT_MEMORY = 0.8  # the same for the generation's own last few cycles
+RECENT_MEMORY = 0.9  # the same for the generation's own last few cycles
 RECENT_PRIOR = 2.0  # the long-run estimate counts as this many recent observations
 SMOOTHING = 0.1  # weight of the newest cycle in the moving averages of time and tokens
 PROBE_EVERY = 8  # while drafting does not pay, draft once every this many cycles at first
@@ -97,20 +97,26 @@ class Acceptance:
         return Candidates(candidates.tokens, np.log(np.clip(np.reshape(calibrated, probs.shape), 1e-12, 1.0)))
 
     def record(self, candidates: Candidates, tree: DraftTree, path: list[int]) -> None:
-        """Every node whose parent is on the accepted path was a trial; it succeeded if it is on the path too."""
+        """A verified tree, one cycle's evidence: every node whose parent is on the accepted path was a trial; it
+        succeeded if it is on the path too."""
+        self.fade()
         on_path = set(path)
-        nodes = [n for n in range(1, len(tree)) if tree.parents[n] in on_path]
+        self.observe(candidates, tree, [n for n in range(1, len(tree)) if tree.parents[n] in on_path], on_path)
+
+    def observe(self, candidates: Candidates, tree: DraftTree, tried: list[int], accepted: Container[int]) -> None:
         self.grow(len(candidates.log_probs))
-        depth = np.array([tree.depths[n] - 1 for n in nodes], dtype=int)
-        p = np.exp(candidates.log_probs[depth, [tree.ranks[n] for n in nodes]])
+        depth = np.array([tree.depths[n] - 1 for n in tried], dtype=int)
+        p = np.exp(candidates.log_probs[depth, [tree.ranks[n] for n in tried]])
         bucket = np.clip(np.searchsorted(EDGES, p, side="right") - 1, 0, len(CENTERS) - 1)
-        hit = [float(n in on_path) for n in nodes]
-        for hits, trials, memory in ((self.hits, self.trials, MEMORY),
-                                     (self.recent_hits, self.recent_trials, RECENT_MEMORY)):
-            hits *= memory
-            trials *= memory
+        for hits, trials in ((self.hits, self.trials), (self.recent_hits, self.recent_trials)):
             np.add.at(trials, (depth, bucket), 1.0)
-            np.add.at(hits, (depth, bucket), hit)
+            np.add.at(hits, (depth, bucket), [float(n in accepted) for n in tried])
+
+    def fade(self) -> None:
+        """Once per cycle that brought evidence: old observations count less."""
+        for counts, memory in ((self.hits, MEMORY), (self.trials, MEMORY), (self.recent_hits, RECENT_MEMORY),
+                               (self.recent_trials, RECENT_MEMORY)):
+            counts *= memory
 
     def grow(self, depths: int) -> None:
         if len(self.hits) < depths:
@@ -128,15 +134,22 @@ def average(old: float, new: float) -> float:
 
 @dataclass
 class Peek:
-    """A tree drafted during a plain step, waiting for the tokens the target produces after its root."""
+    """A tree drafted during a plain step, followed down as the target produces the tokens after its root."""
 
     candidates: Candidates
     tree: DraftTree
-    tokens: list[int] = field(default_factory=list)
+    path: list[int] = field(default_factory=lambda: [0])
+    done: bool = False
 
-    @property
-    def known(self) -> bool:
-        return len(self.tokens) >= max(self.tree.depths)
+    def see(self, token: int) -> list[int]:
+        """The target produced `token` next: the nodes it decides (the children of the path so far, tried as a
+        verify would have tried them); the path goes on through the one spelling it, if any."""
+        children = self.tree.children[self.path[-1]]
+        child = children.get(token)
+        if child is not None:
+            self.path.append(child)
+        self.done = child is None or not self.tree.children[child]
+        return list(children.values())
 
 
 @dataclass
@@ -235,12 +248,15 @@ class TreeSizer:
     # --- after the cycle -------------------------------------------------------------------------------------
 
     def produced(self, tokens: list[int]) -> None:
-        """A cycle committed `tokens`: each earlier peek whose depth they now cover is scored as if verified."""
+        """A cycle committed `tokens`: each earlier peek learns, token by token, what verifying it would have
+        accepted (evidence as soon as each depth is known, not once the whole tree is)."""
+        if self.peeks:
+            self.acceptance.fade()
         for peek in self.peeks:
-            peek.tokens += tokens
-            if peek.known:
-                self.acceptance.record(peek.candidates, peek.tree, peek.tree.follow(peek.tokens))
-        self.peeks = [peek for peek in self.peeks if not peek.known]
+            for token in tokens:
+                if not peek.done:
+                    self.acceptance.observe(peek.candidates, peek.tree, peek.see(token), peek.path)
+        self.peeks = [peek for peek in self.peeks if not peek.done]
 
     def record(self, candidates: Candidates | None, tree: DraftTree, path: list[int], committed: int,
                seconds: float, drafting: float, context: int) -> None:

@@ -103,18 +103,3 @@ def test_every_prefix_of_the_pop_order_is_the_best_tree_of_its_size(seed):
         assert full.scores[node] == pytest.approx(sum(candidates.log_probs[full.depths[n] - 1, full.ranks[n]]
                                                       for n in path))
 
-
-@pytest.mark.parametrize("seed", range(6))
-def test_follow_is_the_longest_path_spelling_the_tokens(seed):
-    """What verifying a peeked tree would have accepted, given the tokens the target made after its root, vs
-    every root path checked one by one."""
-    rng = np.random.default_rng(seed)
-    candidates = random_candidates(rng, 4, 3)
-    tree = build_tree(candidates, root_token=0, budget=12)
-    for _ in range(20):
-        node = int(rng.integers(len(tree)))
-        spelled = [tree.tokens[n] for n in tree.path_to(node)[1:]]
-        tokens = spelled + rng.choice(candidates.tokens.ravel(), size=int(rng.integers(0, 3))).tolist()
-        longest = max((tree.path_to(n) for n in range(len(tree))
-                       if [tree.tokens[m] for m in tree.path_to(n)[1:]] == tokens[: tree.depths[n]]), key=len)
-        assert tree.follow(tokens) == longest

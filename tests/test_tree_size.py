@@ -249,10 +249,11 @@ def test_peeked_trees_learn_from_the_plain_steps_after_them():
     fresh = TreeSizer(VerifyCosts((1, 2), (0.01, 0.015)), cap=4)
     missed = Candidates(np.array([[7], [8], [9], [10]]), np.log(np.full((4, 1), 0.9)))
     fresh.peeked(missed, build_tree(missed, 1, 4), 0.0001)
-    fresh.produced([7, 8])
-    assert fresh.acceptance.trials.sum() == 0  # depths 3-4 not known yet
-    fresh.produced([99, 10])  # a miss at depth 3: depths 1-2 hit, 3 tried and missed, 4 never tried
-    assert fresh.acceptance.hits.sum(1).tolist() == [1, 1, 0, 0] and fresh.acceptance.trials.sum(1).tolist() == [1, 1, 1, 0]
+    fresh.produced([7, 8])  # evidence as soon as a depth is known
+    assert fresh.acceptance.hits.sum(1).tolist() == fresh.acceptance.trials.sum(1).tolist() == [1, 1, 0, 0]
+    fresh.produced([99, 10])  # a miss at depth 3: tried and missed; depth 4 never tried (one fade per cycle)
+    assert fresh.acceptance.hits.sum(1) == pytest.approx([MEMORY, MEMORY, 0, 0])
+    assert fresh.acceptance.trials.sum(1) == pytest.approx([MEMORY, MEMORY, 1, 0])
     assert not fresh.peeks
 
 
