@@ -163,6 +163,7 @@ class Session:
             out = self.target.verify(tree, self.cache, self.capture_layers, self.config)
             if out.started is not None:  # the rest of the graph was built while the device ran its first layers
                 self.stats.overlap_seconds += time.perf_counter() - out.started
+                self.stats.sync_seconds += out.waited
         tokens = self.choose(out.logits)
         self.queue_next_step(out, tokens)
         self.sync(tokens)
@@ -403,14 +404,15 @@ def stream_generate(
         drafter.reset(target, prompt)
     cache = target.make_cache()
     target.check_cache(cache)
-    stats = GenerationStats(prompt_tokens=len(prompt), sizer=tree_sizer_for(target, config, method, drafter))
+    stats = GenerationStats(prompt_tokens=len(prompt), sizer=tree_sizer_for(target, config, method, drafter, len(prompt)))
     session = Session(target=target, drafter=drafter, config=config, method=method, cache=cache,
                       choose=TokenChooser(sampling), stats=stats,
                       prompt_cache=prompt_cache, kv=kv)
     return _run(session, prompt, min(max_new_tokens, room), stops, prompt_checkpoints)  # generation ends with the context: "length"
 
 
-def tree_sizer_for(target: TargetAdapter, config: DDTreeConfig, method: str, drafter: Drafter | None) -> TreeSizer | None:
+def tree_sizer_for(target: TargetAdapter, config: DDTreeConfig, method: str, drafter: Drafter | None,
+                   context: int) -> TreeSizer | None:
     """DDTREE_BUDGET=auto: trees sized per cycle from this machine's verify costs (measured once per model) and
     what this kind of drafter's proposals have been worth to this target, learned over earlier generations too
     (a generation of a few dozen tokens is too short to learn it alone)."""
@@ -424,7 +426,7 @@ def tree_sizer_for(target: TargetAdapter, config: DDTreeConfig, method: str, dra
     kind = (costs, type(drafter).__name__, drafter.block_size, tuple(drafter.target_layer_ids))
     acceptance = LEARNED.setdefault(kind, Acceptance())
     acceptance.new_text()
-    return TreeSizer(costs, config.max_budget, acceptance=acceptance, group=target.group)
+    return TreeSizer(costs, config.max_budget, acceptance=acceptance, group=target.group, context=context)
 
 
 LEARNED: dict[tuple, Acceptance] = {}  # per target and kind of drafter: what its proposals were worth

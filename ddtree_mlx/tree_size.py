@@ -32,7 +32,7 @@ Every choice here changes speed only: verify and walk keep the output the target
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from typing import Any, Container
 
 import numpy as np
@@ -172,9 +172,12 @@ class TreeSizer:
     probing: bool = False  # this cycle drafts only to check whether drafting pays again
     peeks: list[Peek] = field(default_factory=list)  # peeked trees whose outcome is not known yet
     group: Any = None  # tensor parallel: every rank decides from rank 0's timings (distributed.py)
+    context: InitVar[int] = 0  # the prompt's length
 
-    def __post_init__(self) -> None:
-        self.seconds = float(self.costs.at(1))  # until cycles are measured: plain decoding's rate
+    def __post_init__(self, context: int) -> None:
+        # Until cycles are measured: plain decoding's rate after the prompt (at 6K tokens half the rate at 32, and
+        # a rate too high prices every node too high).
+        self.seconds = float(self.costs.at(1, context))
 
     @property
     def rate(self) -> float:

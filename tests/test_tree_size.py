@@ -137,8 +137,9 @@ def test_a_long_context_prices_every_node_before_any_cycle():
     sizer = TreeSizer(costs, cap=4)
     tree = build_tree(sizer.acceptance.calibrate(chain), 0, 4)
     assert len(sizer.size(tree, SHORT)) > 1
-    sizer.seconds = float(costs.at(1, 6032))  # decoding's rate at that context
-    assert len(sizer.size(tree, 6032)) == 1
+    long = TreeSizer(costs, cap=4, context=6032)  # a 6K-token prompt: decoding starts at a plain step's rate there
+    assert long.rate == pytest.approx(1 / (0.07 + 6000 * 1.2e-5))
+    assert len(long.size(tree, 6032)) == 1
 
 
 def test_drafting_is_charged_the_plain_steps_queueing():

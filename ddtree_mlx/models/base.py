@@ -90,6 +90,7 @@ class VerifyOutput:
     kernels: set[str] = field(default_factory=set)
     committed: bool = False  # the root was run straight into the cache (a lone root): nothing left to commit
     started: float | None = None  # when the device first got part of this graph (EarlyStart), if it did
+    waited: float = 0.0  # seconds that first hand-over blocked (EarlyStart.waited): the device's time
 
 
 @dataclass
@@ -348,13 +349,14 @@ class TargetAdapter:
                 captured[index] = h
         h, hidden = pass_on(self.stage, h, captured, capture_layers)
         logits = clock.lap("head", self.logits(h[0]))
-        return VerifyOutput(logits, hidden, captures, clock.seconds, inputs.kernels, started=early.first)
+        return VerifyOutput(logits, hidden, captures, clock.seconds, inputs.kernels, started=early.first,
+                            waited=early.waited)
 
     def step(self, token: mx.array, cache: list[Any], capture_layers: list[int]) -> VerifyOutput:
         """The model's own one-token step, straight into the cache (`token` [1] may still be lazy)."""
         early = EarlyStart()
         h, hidden = self.forward(token, cache, capture_layers, early)
-        return VerifyOutput(self.logits(h), hidden, [], committed=True, started=early.first)
+        return VerifyOutput(self.logits(h), hidden, [], committed=True, started=early.first, waited=early.waited)
 
     def prefix_length(self, cache: list[Any]) -> int:
         return next(entry.offset for entry in cache if self.is_attention_cache(entry))
@@ -402,17 +404,23 @@ EARLY_EVERY = 4  # layers
 class EarlyStart:
     """Every EARLY_EVERY layers, start computing what is built so far: the device runs the first layers while
     Python builds the rest of the graph, instead of waiting for all of it (the same ops, so the same values).
-    `first` is when the device first got work: graph building after it is hidden behind the device."""
+    `first` is when the device first got work: graph building after it is hidden behind the device. `waited` is
+    how long that first hand-over blocked: MLX returns from async_eval only once few enough operations are left in
+    flight (on the CPU backend a few dozen), so with a big graph the caller waits there for the device."""
 
     def __init__(self) -> None:
         self.first: float | None = None
+        self.waited = 0.0
 
     def __call__(self, index: int, h: mx.array, target: TargetAdapter) -> mx.array:
         """`h` after layer `index`; never the last layer's output, which the caller may not need (a prefill
         chunk evaluates only the cache)."""
         if index % EARLY_EVERY == EARLY_EVERY - 1 and index < target.first_layer + len(target.layers) - 1:
+            start = time.perf_counter()
             mx.async_eval(h)
-            self.first = self.first or time.perf_counter()
+            if self.first is None:
+                self.first = time.perf_counter()
+                self.waited = self.first - start
         return h
 
 
