@@ -424,17 +424,12 @@ def tree_sizer_for(target: TargetAdapter, config: DDTreeConfig, method: str, dra
         costs = verify_costs(target, config)
     # The costs stand for the target on this machine (one measured curve per model, dtype and device).
     kind = (costs, type(drafter).__name__, drafter.block_size, tuple(drafter.target_layer_ids))
-    last = LEARNED.get(kind)
-    acceptance = last.acceptance if last is not None else Acceptance()
+    acceptance = LEARNED.setdefault(kind, Acceptance())
     acceptance.new_text()
-    sizer = TreeSizer(costs, config.max_budget, acceptance=acceptance, group=target.group, context=context)
-    if last is not None:  # whether drafting paid, and how far apart probes had grown: the next prompt is often alike
-        sizer.gain, sizer.probe_every = last.gain, last.probe_every
-    LEARNED[kind] = sizer
-    return sizer
+    return TreeSizer(costs, config.max_budget, acceptance=acceptance, group=target.group, context=context)
 
 
-LEARNED: dict[tuple, TreeSizer] = {}  # per target and kind of drafter: the last generation's sizer, what it learned
+LEARNED: dict[tuple, Acceptance] = {}  # per target and kind of drafter: what its proposals were worth
 
 
 def _run(session: Session, prompt: list[int], max_new_tokens: int, stops: set[int],
