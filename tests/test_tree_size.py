@@ -188,13 +188,11 @@ def test_what_drafts_were_worth_carries_over_to_the_next_generation():
     run = lambda drafter: generate_ddtree_once(target_model=model, draft_model=drafter, prompt_tokens=prompt,  # noqa: E731
                                                max_new_tokens=24, stop_token_ids=[], tree_budget="auto")
     run(OracleDrafter(truth))
-    [(kind, last)] = LEARNED.items()
-    learned = last.acceptance
+    [(kind, learned)] = LEARNED.items()
     tried = learned.trials.sum()
     assert tried > 0 and kind[1:] == ("ScriptedDrafter", 8, ())
     run(OracleDrafter(truth, seed=1))
-    assert len(LEARNED) == 1 and LEARNED[kind].acceptance is learned
-    assert learned.trials.sum() > tried * MEMORY ** 40  # the same lessons, added to
+    assert len(LEARNED) == 1 and learned.trials.sum() > tried * MEMORY ** 40  # the same lessons, added to
     run(PromptLookupDrafter())
     assert len(LEARNED) == 2
 
@@ -271,20 +269,3 @@ def test_cycles_not_measured_yet_are_off_the_calibration_as_plain_steps_are():
     candidates = Candidates(np.array([[5]]), np.log([[0.9]]))
     sizer.record(candidates, one_node_tree(candidates), [0, 1], 2, 0.03 + 0.001, 0.001, SHORT)
     assert sizer.cycle_seconds(np.array([0, 1]), SHORT) == pytest.approx([0.007, 0.03], rel=0.01)
-
-
-def test_whether_drafting_paid_carries_over_to_the_next_generation():
-    """A drafter whose drafts stopped paying: the next generation starts with plain steps and probes as far apart
-    as they had grown, instead of drafting from its first cycle and probing every 8 again."""
-    from ddtree_mlx import DDTreeConfig, PromptLookupDrafter
-    from ddtree_mlx.generate import tree_sizer_for
-    from ddtree_mlx.models import adapter_for
-    from tiny import make_target
-
-    target, drafter, config = adapter_for(make_target("llama")), PromptLookupDrafter(), DDTreeConfig(budget="auto")
-    first = tree_sizer_for(target, config, "ddtree", drafter, 8)
-    assert first.will_draft() and first.probe_every == PROBE_EVERY
-    first.gain, first.probe_every = -0.4, 32
-    second = tree_sizer_for(target, config, "ddtree", drafter, 8)
-    assert second.acceptance is first.acceptance and (second.gain, second.probe_every) == (-0.4, 32)
-    assert [second.pick("ddtree") for _ in range(32)].count("ddtree") == 1  # one probe in 32 cycles
