@@ -78,12 +78,12 @@ class Acceptance:
         sparsely observed neighbours down with it."""
         self.grow(depths)
         rates, prior = [], CENTERS  # a depth's prior is the depth above's estimate: deeper nodes are tried less
-        for hits, trials, recent_hits, recent_trials in zip(self.hits, self.trials, self.recent_hits,
-                                                            self.recent_trials):
+        for hits, trials, recent_hits, recent_trials in zip(self.hits[:depths], self.trials[:depths],
+                                                            self.recent_hits[:depths], self.recent_trials[:depths]):
             prior = isotonic((hits + PRIOR * prior) / (trials + PRIOR), trials + PRIOR)
             recent_weight = recent_trials + RECENT_PRIOR
             rates.append(isotonic((recent_hits + RECENT_PRIOR * prior) / recent_weight, recent_weight))
-        return np.array(rates[:depths]).reshape(depths, len(CENTERS))
+        return np.array(rates).reshape(depths, len(CENTERS))
 
     def new_text(self) -> None:
         """A generation starts: its recent cycles are still to come."""
@@ -119,12 +119,11 @@ class Acceptance:
             counts *= memory
 
     def grow(self, depths: int) -> None:
+        """Every set of counts has the same depths (new_text keeps them)."""
         if len(self.hits) < depths:
             pad = ((0, depths - len(self.hits)), (0, 0))
-            self.hits, self.trials = np.pad(self.hits, pad), np.pad(self.trials, pad)
-        if len(self.recent_hits) < len(self.hits):
-            pad = ((0, len(self.hits) - len(self.recent_hits)), (0, 0))
-            self.recent_hits, self.recent_trials = np.pad(self.recent_hits, pad), np.pad(self.recent_trials, pad)
+            self.hits, self.trials, self.recent_hits, self.recent_trials = (
+                np.pad(counts, pad) for counts in (self.hits, self.trials, self.recent_hits, self.recent_trials))
 
 
 def average(old: float, new: float) -> float:

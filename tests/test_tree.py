@@ -102,4 +102,3 @@ def test_every_prefix_of_the_pop_order_is_the_best_tree_of_its_size(seed):
         path = full.path_to(node)[1:]
         assert full.scores[node] == pytest.approx(sum(candidates.log_probs[full.depths[n] - 1, full.ranks[n]]
                                                       for n in path))
-
