@@ -3,14 +3,17 @@
 The tree size worth verifying (tree_size.TreeSizer) depends on how verify time grows with the tree, and that
 depends on the machine more than on anything else: a node costs ~4% of a one-token verify on these CPUs with
 OpenBLAS, close to 100% on MLX's bundled reference BLAS (every node is one more row through every matmul), ~0 on a
-GPU at small trees. So the curve is measured at first use: verify of bushy random trees of 1, 2, 3, 5, 9, ... 33
-nodes on the real target after a short prompt (a slow machine stops the grid after TIME_BUDGET seconds; the curve
-extends linearly past its last point), then a plain step and two trees again after a long context, which says what
-every context token adds: to a plain step, to a tree, and to a tree per node (each node attends over the whole
-context; on this CPU, at 6K tokens, one more node costs ~30 ms where it cost ~3 ms after 32). It is cached on disk
-per (model, dtype and quantization, device, MLX version, BLAS, ddtree-mlx version); a cache file that is
-unreadable or of another format is measured again, never an error. What it cannot know (other work on the machine,
-the drafter) the cycles measure online.
+GPU at small trees. Nor does it always grow: OpenBLAS multiplies 4, 8 or 16 rows faster than 3, 5 or 9 (its
+kernels work in blocks of rows; measured here, a tree of 4 nodes verifies in a plain step's time, one of 3 in 1.25
+of it). So the curve is measured at first use: verify of bushy random trees of 1, 2, 3, 4, 5, 8, 9, ... 33 nodes
+on the real target after a short prompt (a slow machine stops the grid after TIME_BUDGET seconds; the curve
+extends linearly past its last point); a size that costs as much as a bigger one is not verified at all: its
+trees are padded to the bigger size (`rows`). Then a plain step and two trees again after a long context, which
+says what every context token adds: to a plain step, to a tree, and to a tree per node (each node attends over
+the whole context; on this CPU, at 6K tokens, one more node costs ~30 ms where it cost ~3 ms after 32). It is
+cached on disk per (model, dtype and quantization, device, MLX version, BLAS, ddtree-mlx version); a cache file
+that is unreadable or of another format is measured again, never an error. What it cannot know (other work on
+the machine, the drafter) the cycles measure online.
 """
 
 from __future__ import annotations
@@ -34,14 +37,16 @@ from .distributed import broadcast
 from .models.base import TargetAdapter
 from .tree import DraftTree
 
-SIZES = (1, 2, 3, 5, 9, 17, 33)  # nodes, root included (DDTREE_MAX_BUDGET's default of 32 draft nodes and the root)
+# Nodes, root included (DDTREE_MAX_BUDGET's default of 32 draft nodes and the root): dense where trees are small,
+# and either side of the row blocks BLAS kernels work in.
+SIZES = (1, 2, 3, 4, 5, 8, 9, 16, 17, 32, 33)
 PROMPT_TOKENS = 32  # the grid's context
-LONG_SIZES = (1, 2, 9)  # measured again after LONG_CONTEXT tokens (the grid's last size if smaller than 9)
+LONG_SIZES = (1, 2, 9)  # measured again after LONG_CONTEXT tokens (the nearest sizes verified, at most 9 or the grid's end)
 LONG_CONTEXT = 4096  # or half the model's context window, if smaller
 REPEATS = 4
-TIME_BUDGET = 5.5  # seconds of measuring the grid, about: a slow machine measures fewer sizes (always two)
+TIME_BUDGET = 6.5  # seconds of measuring the grid, about: a slow machine measures fewer sizes (always two)
 LONG_BUDGET = 1.0  # seconds of rounds after the long context, about (always one)
-FORMAT = 3
+FORMAT = 4
 
 
 @dataclass(frozen=True)
@@ -54,39 +59,39 @@ class VerifyCosts:
 
     @cached_property
     def curve(self) -> tuple[np.ndarray, np.ndarray, float]:
-        """(sizes, seconds made non-decreasing, slope past the last size). Timing noise can make a bigger tree
-        look cheaper; no tree is, and a flat end would make every bigger tree look free. The slope is the
-        least-squares slope of the upper half of the grid (where a GPU's curve bends up), or of the whole grid if
-        that is steeper."""
-        sizes = np.array(self.sizes, dtype=float)
-        seconds = isotonic(np.array(self.seconds), np.ones(len(sizes)))
+        """(the sizes verified, their seconds, slope past the last size). A size is dropped when a bigger one
+        measured no dearer (a tree of it is padded to that one instead, `rows`), so seconds grow with the size:
+        timing noise cannot make a bigger tree look cheaper, and a flat end would make every bigger tree look free.
+        A plain step is always kept. The slope is the least-squares slope of the upper half of the kept sizes
+        (where a GPU's curve bends up), or of all of them if that is steeper."""
+        seconds = np.array(self.seconds)
+        later = np.r_[np.minimum.accumulate(seconds[::-1])[::-1][1:], np.inf]  # the cheapest bigger size
+        kept = (seconds < later) | (np.array(self.sizes) == 1)
+        sizes, seconds = np.array(self.sizes, dtype=float)[kept], seconds[kept]
         if len(sizes) < 2:
             return sizes, seconds, 0.0
         half = len(sizes) // 2 if len(sizes) >= 4 else 0
         slopes = [np.polyfit(sizes[first:], seconds[first:], 1)[0] for first in (0, half)]
         return sizes, seconds, max(float(max(slopes)), 0.0)
 
-    def at(self, nodes: np.ndarray | int, context: int = PROMPT_TOKENS) -> np.ndarray:
-        """Verify seconds of trees of `nodes` nodes after `context` tokens: the measured curve (straight past its
-        last point) and what the longer context adds."""
-        sizes, seconds, slope = self.curve
+    def rows(self, nodes: np.ndarray | int) -> np.ndarray:
+        """How many nodes a tree of `nodes` is verified as: the smallest kept size that holds it (past the grid,
+        its own size)."""
+        sizes = self.curve[0]
         nodes = np.asarray(nodes)
-        short = np.where(nodes > sizes[-1], seconds[-1] + slope * (nodes - sizes[-1]), np.interp(nodes, sizes, seconds))
+        return np.where(nodes > sizes[-1], nodes, sizes[np.minimum(np.searchsorted(sizes, nodes), len(sizes) - 1)])
+
+    def at(self, nodes: np.ndarray | int, context: int = PROMPT_TOKENS) -> np.ndarray:
+        """Verify seconds of trees of `nodes` nodes after `context` tokens: the measured cost of the size they are
+        verified as (straight past the last one) and what the longer context adds."""
+        sizes, seconds, slope = self.curve
+        rows = self.rows(nodes)
+        short = np.where(rows > sizes[-1], seconds[-1] + slope * (rows - sizes[-1]),
+                         seconds[np.minimum(np.searchsorted(sizes, rows), len(sizes) - 1)])
         step, tree, node = self.per_token
         longer = max(context - PROMPT_TOKENS, 0)
-        cost = short + longer * np.where(nodes == 1, step, tree + node * nodes)
-        return np.where(nodes > 1, np.maximum(cost, seconds[0] + longer * step), cost)  # a tree does a step's work
-
-
-def isotonic(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """The non-decreasing sequence closest to `values` in weighted squared error (pool adjacent violators)."""
-    blocks: list[list[float]] = []  # [value, weight, points]
-    for value, weight in zip(values, weights):
-        blocks.append([value, weight, 1])
-        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
-            (v2, w2, n2), (v1, w1, n1) = blocks.pop(), blocks.pop()
-            blocks.append([(v1 * w1 + v2 * w2) / (w1 + w2), w1 + w2, n1 + n2])
-    return np.repeat([b[0] for b in blocks], [int(b[2]) for b in blocks])
+        cost = short + longer * np.where(rows == 1, step, tree + node * rows)
+        return np.where(rows > 1, np.maximum(cost, seconds[0] + longer * step), cost)  # a tree does a step's work
 
 
 def random_tree(size: int, rng: np.random.Generator, vocab: int) -> DraftTree:
@@ -118,7 +123,9 @@ def measure(target: TargetAdapter, config: DDTreeConfig = DDTreeConfig(), sizes:
     grid = sizes[: len(first)]
     costs = VerifyCosts(tuple(grid), tuple(agreed(fastest(run, grid, cache), target)))
     length = lengthen(target, cache, rng)
-    long_sizes = (*LONG_SIZES[:2], min(LONG_SIZES[2], grid[-1]))
+    kept = [int(size) for size in costs.curve[0]]  # the sizes trees are verified as
+    small = next((size for size in kept if size >= LONG_SIZES[1]), kept[-1])
+    long_sizes = (1, small, max(size for size in kept if size <= max(LONG_SIZES[2], small)))
     extra = np.array(agreed(fastest(run, long_sizes, cache, LONG_BUDGET, target), target)) - costs.at(np.array(long_sizes))
     return VerifyCosts(costs.sizes, costs.seconds, per_token(long_sizes, extra / (length - PROMPT_TOKENS)))
 

@@ -160,11 +160,13 @@ class Session:
     def verify(self, tree: DraftTree) -> tuple[VerifyOutput, np.ndarray]:
         out, self.next_step = self.next_step, None
         if out is None:
-            out = self.target.verify(tree, self.cache, self.capture_layers, self.config)
+            rows = int(self.sizer.costs.rows(len(tree))) if self.sizer is not None else len(tree)
+            out = self.target.verify(tree.padded(rows), self.cache, self.capture_layers, self.config)
             if out.started is not None:  # the rest of the graph was built while the device ran its first layers
                 self.stats.overlap_seconds += time.perf_counter() - out.started
                 self.stats.sync_seconds += out.waited
-        tokens = self.choose(out.logits)
+        padded = out.logits.shape[0] > len(tree)
+        tokens = self.choose(out.logits[: len(tree)] if padded else out.logits)  # nothing is drawn for padding
         self.queue_next_step(out, tokens)
         self.sync(tokens)
         for part, seconds in out.profile.items():

@@ -46,6 +46,17 @@ class DraftTree:
         return DraftTree(self.tokens[:size], self.parents[:size], self.depths[:size], self.ranks[:size], children,
                          self.scores[:size])
 
+    def padded(self, rows: int) -> "DraftTree":
+        """The tree and leaves under the root up to `rows` nodes, which verify computes and nothing reads: no
+        walk reaches them (they are in no `children`). Some machines verify some sizes faster than smaller ones
+        (calibration.VerifyCosts.rows)."""
+        extra = rows - len(self)
+        if extra <= 0:
+            return self
+        return DraftTree(self.tokens + [self.tokens[0]] * extra, self.parents + [0] * extra,
+                         self.depths + [1] * extra, self.ranks + [0] * extra,
+                         self.children + [{} for _ in range(extra)], self.scores + [-np.inf] * extra)
+
     def __len__(self) -> int:
         return len(self.tokens)
 

@@ -37,7 +37,7 @@ from typing import Any, Container
 
 import numpy as np
 
-from .calibration import VerifyCosts, isotonic
+from .calibration import VerifyCosts
 from .distributed import broadcast
 from .tree import Candidates, DraftTree
 
@@ -52,6 +52,17 @@ SMOOTHING = 0.1  # weight of the newest cycle in the moving averages of time and
 PROBE_EVERY = 8  # while drafting does not pay, draft once every this many cycles at first
 PROBE_MAX = 64
 PEEK_SHARE = 0.05  # a drafter this cheap beside a cycle drafts during queued plain steps too (TreeSizer.peeked)
+
+
+def isotonic(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """The non-decreasing sequence closest to `values` in weighted squared error (pool adjacent violators)."""
+    blocks: list[list[float]] = []  # [value, weight, points]
+    for value, weight in zip(values, weights):
+        blocks.append([value, weight, 1])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            (v2, w2, n2), (v1, w1, n1) = blocks.pop(), blocks.pop()
+            blocks.append([(v1 * w1 + v2 * w2) / (w1 + w2), w1 + w2, n1 + n2])
+    return np.repeat([b[0] for b in blocks], [int(b[2]) for b in blocks])
 
 
 def empty() -> np.ndarray:
@@ -292,6 +303,7 @@ class TreeSizer:
 
     def report(self) -> dict:
         return {"sizes": list(self.costs.sizes), "seconds": [round(s, 6) for s in self.costs.seconds],
+                "verified_sizes": [int(s) for s in self.costs.curve[0]],
                 "per_token": [float(f"{s:.3g}") for s in self.costs.per_token], "scale": round(self.scale, 3),
                 "root_scale": round(self.root_scale, 3), "step_scale": round(self.step_scale, 3)}
 

@@ -97,3 +97,37 @@ def test_auto_uses_the_measured_costs_and_stays_lossless(fresh, monkeypatch):
         assert result["calibration"]["seconds"] == [1.0, 1.0 + node]
         sizes[name] = max(result["tree_sizes"])
     assert sizes["dear"] < sizes["cheap"]  # dear nodes: smaller trees
+
+
+@pytest.mark.parametrize("family", ["qwen3_5", "llama"])
+def test_padding_a_tree_changes_none_of_its_nodes(family):
+    """The leaves a tree is padded with attend to the root alone and are nobody's ancestors: every real node's
+    logits are what the unpadded tree gives (to float32 rounding: the matmuls see more rows)."""
+    import mlx.core as mx
+    import numpy as np
+
+    target = adapter_for(make_target(family))
+    cache = target.make_cache()
+    target.forward(mx.array(PROMPT), cache, [])
+    tree = calibration.random_tree(5, np.random.default_rng(0), target.vocab_size)
+    plain = target.verify(tree, cache, [], DDTreeConfig()).logits
+    padded = target.verify(tree.padded(8), cache, [], DDTreeConfig()).logits
+    assert padded.shape[0] == 8 and np.abs(np.array(padded[:5] - plain)).max() < 1e-4
+    assert np.abs(np.array(padded[5:] - plain[:1])).max() > 1e-2  # the padding is a node of its own
+
+
+@pytest.mark.parametrize("family", ["qwen3_5", "llama"])
+def test_trees_verified_at_a_cheaper_bigger_size_stay_lossless(fresh, monkeypatch, family):
+    """A machine where 8 nodes verify faster than 2 (as OpenBLAS multiplies 4 rows faster than 3): every tree
+    (at most 5 nodes: the cap) is verified as 8, and the output is still mlx-lm's."""
+    model = make_target(family)
+    expected = greedy_reference(model, PROMPT, 24)
+    adapter = type(adapter_for(model))
+    rows, verify = [], adapter.verify
+    monkeypatch.setattr(adapter, "verify", lambda self, tree, *args: rows.append(len(tree)) or verify(self, tree, *args))
+    monkeypatch.setattr(calibration, "measure", lambda target, config: VerifyCosts((1, 2, 8), (1.0, 1.5, 1.2)))
+    result = generate_ddtree_once(target_model=model, draft_model=OracleDrafter(PROMPT + expected),
+                                  prompt_tokens=PROMPT, max_new_tokens=24, stop_token_ids=[],
+                                  config=DDTreeConfig(budget="auto", max_budget=4))
+    assert result["generated_token_ids"] == expected
+    assert set(rows) <= {1, 8} and 8 in rows and max(result["tree_sizes"]) == 4
