@@ -7,8 +7,8 @@ GPU at small trees. Nor does it always grow: OpenBLAS multiplies 4, 8 or 16 rows
 kernels work in blocks of rows; measured here, a tree of 4 nodes verifies in a plain step's time, one of 3 in 1.25
 of it). So the curve is measured at first use: verify of bushy random trees of 1, 2, 3, 4, 5, 8, 9, ... 33 nodes
 on the real target after a short prompt (a slow machine stops the grid after TIME_BUDGET seconds; the curve
-extends linearly past its last point); a size that costs as much as a bigger one is not verified at all: its
-trees are padded to the bigger size (`rows`). Then a plain step and two trees again after a long context, which
+extends linearly past its last point); a tree is verified as the size, at least its own, that costs least at
+the current context: padded to a bigger one where that is cheaper (`VerifyCosts.choose`). Then a plain step and two trees again after a long context, which
 says what every context token adds: to a plain step, to a tree, and to a tree per node (each node attends over
 the whole context; on this CPU, at 6K tokens, one more node costs ~30 ms where it cost ~3 ms after 32). It is
 cached on disk per (model, dtype and quantization, device, MLX version, BLAS, ddtree-mlx version); a cache file
@@ -58,40 +58,54 @@ class VerifyCosts:
     per_token: tuple[float, float, float] = (0.0, 0.0, 0.0)
 
     @cached_property
-    def curve(self) -> tuple[np.ndarray, np.ndarray, float]:
-        """(the sizes verified, their seconds, slope past the last size). A size is dropped when a bigger one
-        measured no dearer (a tree of it is padded to that one instead, `rows`), so seconds grow with the size:
-        timing noise cannot make a bigger tree look cheaper, and a flat end would make every bigger tree look free.
-        A plain step is always kept. The slope is the least-squares slope of the upper half of the kept sizes
-        (where a GPU's curve bends up), or of all of them if that is steeper."""
+    def frontier(self) -> tuple[np.ndarray, np.ndarray]:
+        """The sizes no bigger size undercuts after PROMPT_TOKENS (a plain step always), and their seconds."""
         seconds = np.array(self.seconds)
         later = np.r_[np.minimum.accumulate(seconds[::-1])[::-1][1:], np.inf]  # the cheapest bigger size
         kept = (seconds < later) | (np.array(self.sizes) == 1)
-        sizes, seconds = np.array(self.sizes, dtype=float)[kept], seconds[kept]
-        if len(sizes) < 2:
-            return sizes, seconds, 0.0
-        half = len(sizes) // 2 if len(sizes) >= 4 else 0
-        slopes = [np.polyfit(sizes[first:], seconds[first:], 1)[0] for first in (0, half)]
-        return sizes, seconds, max(float(max(slopes)), 0.0)
+        return np.array(self.sizes)[kept], seconds[kept]
 
-    def rows(self, nodes: np.ndarray | int) -> np.ndarray:
-        """How many nodes a tree of `nodes` is verified as: the smallest kept size that holds it (past the grid,
-        its own size)."""
-        sizes = self.curve[0]
-        nodes = np.asarray(nodes)
-        return np.where(nodes > sizes[-1], nodes, sizes[np.minimum(np.searchsorted(sizes, nodes), len(sizes) - 1)])
+    @cached_property
+    def slope(self) -> float:
+        """Seconds per node past the last size: the least-squares slope of the frontier's upper half (where a
+        GPU's curve bends up), or of all of it if that is steeper. Never below zero: a flat end would make every
+        bigger tree look free."""
+        sizes, seconds = self.frontier
+        if len(sizes) < 2:
+            return 0.0
+        half = len(sizes) // 2 if len(sizes) >= 4 else 0
+        return max(max(float(np.polyfit(sizes[first:], seconds[first:], 1)[0]) for first in (0, half)), 0.0)
+
+    def measured(self, context: int) -> np.ndarray:
+        """Each measured size's verify seconds after `context` tokens."""
+        step, tree, node = self.per_token
+        sizes = np.array(self.sizes)
+        return np.array(self.seconds) + max(context - PROMPT_TOKENS, 0) * np.where(sizes == 1, step, tree + node * sizes)
+
+    def choose(self, nodes: np.ndarray | int, context: int) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, seconds) for trees of `nodes` nodes after `context` tokens: a tree is verified as the measured
+        size, at least its own, that costs least there (bigger when that is cheaper: the rows past the tree are
+        padding; at a long context, where every row attends over it, padding costs more and pays less). Past the
+        grid a tree is verified as it is, its cost straight on from the last size. A plain step stays one, and no
+        tree costs less than it."""
+        nodes, sizes, costs = np.asarray(nodes), np.array(self.sizes), self.measured(context)
+        cheapest = np.array([i + int(np.argmin(costs[i:])) for i in range(len(sizes))])  # from each size on
+        pick = cheapest[np.minimum(np.searchsorted(sizes, nodes), len(sizes) - 1)]
+        past = nodes > sizes[-1]
+        _, tree, node = self.per_token
+        beyond = (self.seconds[-1] + self.slope * (nodes - sizes[-1])
+                  + max(context - PROMPT_TOKENS, 0) * (tree + node * nodes))
+        rows = np.where(nodes == 1, 1, np.where(past, nodes, sizes[pick]))
+        seconds = np.where(nodes == 1, costs[0], np.maximum(np.where(past, beyond, costs[pick]), costs[0]))
+        return rows, seconds
+
+    def rows(self, nodes: np.ndarray | int, context: int = PROMPT_TOKENS) -> np.ndarray:
+        """How many nodes a tree of `nodes` is verified as (`choose`)."""
+        return self.choose(nodes, context)[0]
 
     def at(self, nodes: np.ndarray | int, context: int = PROMPT_TOKENS) -> np.ndarray:
-        """Verify seconds of trees of `nodes` nodes after `context` tokens: the measured cost of the size they are
-        verified as (straight past the last one) and what the longer context adds."""
-        sizes, seconds, slope = self.curve
-        rows = self.rows(nodes)
-        short = np.where(rows > sizes[-1], seconds[-1] + slope * (rows - sizes[-1]),
-                         seconds[np.minimum(np.searchsorted(sizes, rows), len(sizes) - 1)])
-        step, tree, node = self.per_token
-        longer = max(context - PROMPT_TOKENS, 0)
-        cost = short + longer * np.where(rows == 1, step, tree + node * rows)
-        return np.where(rows > 1, np.maximum(cost, seconds[0] + longer * step), cost)  # a tree does a step's work
+        """Verify seconds of trees of `nodes` nodes after `context` tokens (`choose`)."""
+        return self.choose(nodes, context)[1]
 
 
 def random_tree(size: int, rng: np.random.Generator, vocab: int) -> DraftTree:
@@ -123,7 +137,7 @@ def measure(target: TargetAdapter, config: DDTreeConfig = DDTreeConfig(), sizes:
     grid = sizes[: len(first)]
     costs = VerifyCosts(tuple(grid), tuple(agreed(fastest(run, grid, cache), target)))
     length = lengthen(target, cache, rng)
-    kept = [int(size) for size in costs.curve[0]]  # the sizes trees are verified as
+    kept = [int(size) for size in costs.frontier[0]]  # the sizes trees are verified as (at short contexts)
     small = next((size for size in kept if size >= LONG_SIZES[1]), kept[-1])
     long_sizes = (1, small, max(size for size in kept if size <= max(LONG_SIZES[2], small)))
     extra = np.array(agreed(fastest(run, long_sizes, cache, LONG_BUDGET, target), target)) - costs.at(np.array(long_sizes))
@@ -243,7 +257,7 @@ def read(path: Path) -> VerifyCosts | None:
         costs = VerifyCosts(tuple(int(s) for s in data["sizes"]), tuple(float(s) for s in data["seconds"]),
                             tuple(float(s) for s in data["per_token"]))
         if (data["format"] != FORMAT or len(costs.sizes) != len(costs.seconds) or len(costs.sizes) < 2
-                or min(costs.seconds) <= 0 or list(costs.sizes) != sorted(set(costs.sizes))
+                or min(costs.seconds) <= 0 or list(costs.sizes) != sorted(set(costs.sizes)) or costs.sizes[0] != 1
                 or len(costs.per_token) != 3 or not all(0 <= s < 1 for s in costs.per_token)):
             return None
         return costs

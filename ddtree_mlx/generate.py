@@ -108,6 +108,7 @@ class Session:
     prompt_cache: PromptCache | None = None
     next_step: VerifyOutput | None = None  # plain decoding: the next step, issued before this one was read
     more_steps: bool = False  # whether another cycle will surely follow this one (set by the loop)
+    handed_over: float = 0.0  # seconds this cycle waited handing the queued next step over: that step's time
     held: list[int] = field(default_factory=list)  # with a prompt cache: the tokens the cache holds,
     held_hidden: list[mx.array] = field(default_factory=list)  # and their captured hidden states
 
@@ -157,10 +158,10 @@ class Session:
         tree = build_tree(self.sizer.acceptance.calibrate(candidates), self.root, self.sizer.cap)
         return self.sizer.size(tree, context)
 
-    def verify(self, tree: DraftTree) -> tuple[VerifyOutput, np.ndarray]:
+    def verify(self, tree: DraftTree, context: int) -> tuple[VerifyOutput, np.ndarray]:
         out, self.next_step = self.next_step, None
         if out is None:
-            rows = int(self.sizer.costs.rows(len(tree))) if self.sizer is not None else len(tree)
+            rows = int(self.sizer.costs.rows(len(tree), context)) if self.sizer is not None else len(tree)
             out = self.target.verify(tree.padded(rows), self.cache, self.capture_layers, self.config)
             if out.started is not None:  # the rest of the graph was built while the device ran its first layers
                 self.stats.overlap_seconds += time.perf_counter() - out.started
@@ -184,8 +185,9 @@ class Session:
         mx.async_eval(tokens)
         start = time.perf_counter()
         self.next_step = self.target.step(tokens, self.cache, self.capture_layers)
-        mx.async_eval(self.next_step.logits)
-        self.stats.overlap_seconds += time.perf_counter() - start
+        mx.async_eval(self.next_step.logits)  # returns once little of that step is left to run (see EarlyStart)
+        self.handed_over = time.perf_counter() - start
+        self.stats.overlap_seconds += self.handed_over
 
     @staticmethod
     def walk(tree: DraftTree, target_tokens: np.ndarray) -> list[int]:
@@ -220,12 +222,13 @@ class Session:
     def cycle(self) -> list[int]:
         stats = self.stats
         method = self.next_method()
+        prepaid, self.handed_over = self.handed_over, 0.0  # the last cycle waited that long for this one's step
         start, context = time.perf_counter(), self.target.prefix_length(self.cache)
         candidates = self.draft(method)
         mark = stats.lap("draft", start)
         tree = self.build_tree(candidates, method, context)
         built = stats.lap("build", mark)
-        out, target_tokens = self.verify(tree)
+        out, target_tokens = self.verify(tree, context)
         verified = stats.lap("verify", built)
         path = self.walk(tree, target_tokens)
         bonus = int(target_tokens[path[-1]])
@@ -237,8 +240,9 @@ class Session:
             if candidates is None and self.next_step is not None and self.sizer.can_peek():
                 self.peek(context + len(path))
         seconds = stats.lap("commit", mark) - start
-        if self.sizer is not None:
-            self.sizer.record(candidates, tree, path, len(new), seconds, built - start, context)
+        if self.sizer is not None:  # each cycle's own time: a drafted cycle that queued a step did not take it
+            own = seconds + prepaid - self.handed_over
+            self.sizer.record(candidates, tree, path, len(new), own, built - start, context)
         stats.decode_seconds += seconds
         stats.tree_sizes[len(tree) - 1] = stats.tree_sizes.get(len(tree) - 1, 0) + 1
         stats.cycles += 1

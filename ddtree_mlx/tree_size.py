@@ -303,7 +303,7 @@ class TreeSizer:
 
     def report(self) -> dict:
         return {"sizes": list(self.costs.sizes), "seconds": [round(s, 6) for s in self.costs.seconds],
-                "verified_sizes": [int(s) for s in self.costs.curve[0]],
+                "verified_sizes": [int(s) for s in self.costs.frontier[0]],
                 "per_token": [float(f"{s:.3g}") for s in self.costs.per_token], "scale": round(self.scale, 3),
                 "root_scale": round(self.root_scale, 3), "step_scale": round(self.step_scale, 3)}
 

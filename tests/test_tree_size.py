@@ -178,6 +178,11 @@ def test_trees_are_verified_at_the_sizes_worth_verifying():
     assert costs.rows(np.arange(1, 20)).tolist() == [1, 4, 4, 4, 8, 8, 8, 8] + [16] * 8 + [17, 18, 19]
     assert costs.at(np.array([2, 3, 5, 9])) == pytest.approx([64.1, 64.1, 74.1, 88])
     assert np.all(np.diff(costs.at(np.arange(1, 40))) >= 0)
+    # After 6,000 tokens every row attends over them (ms per context token as measured: step, tree, per node):
+    # padding costs more than it saves, and trees are verified as they are.
+    costs = VerifyCosts(costs.sizes, costs.seconds, per_token=(0.0109, 0.0073, 0.0039))
+    assert costs.rows(np.array([2, 3, 4, 5]), 6032).tolist() == [2, 3, 4, 5]
+    assert costs.rows(np.array([2, 3, 4, 5])).tolist() == [4, 4, 4, 8]
     sizer = TreeSizer(costs, cap=16)  # a sure chain: the 3 nodes that fill a 4-node tree cost what 1 would
     chain = Candidates(np.arange(16)[:, None], np.log(np.full((16, 1), 0.9)))
     assert len(sizer.size(build_tree(sizer.acceptance.calibrate(chain), 0, 16), SHORT)) in (4, 8, 16)
@@ -283,3 +288,32 @@ def test_cycles_not_measured_yet_are_off_the_calibration_as_plain_steps_are():
     candidates = Candidates(np.array([[5]]), np.log([[0.9]]))
     sizer.record(candidates, one_node_tree(candidates), [0, 1], 2, 0.03 + 0.001, 0.001, SHORT)
     assert sizer.cycle_seconds(np.array([0, 1]), SHORT) == pytest.approx([0.007, 0.03], rel=0.01)
+
+
+def test_a_cycle_that_queues_the_next_step_is_not_charged_for_it(monkeypatch):
+    """Handing a queued plain step over waits until little of it is left to run (MLX's async_eval): a drafted
+    cycle that verified the root alone and queued the next step has waited for the next cycle's work, and must
+    not be charged for it (it would price every tree at two steps)."""
+    import itertools
+    import time
+
+    from ddtree_mlx import generate_ddtree_once
+    from ddtree_mlx.models import adapter_for
+    from tiny import OracleDrafter, greedy_reference, make_target
+
+    model, prompt = make_target("llama"), [3, 17, 42, 9]
+    truth = prompt + greedy_reference(model, prompt, 24)
+    adapter, step = type(adapter_for(model)), type(adapter_for(model)).step
+    monkeypatch.setattr(adapter, "step", lambda *args: time.sleep(0.2) or step(*args))  # every step takes 0.2 s
+    monkeypatch.setattr(TreeSizer, "will_draft", lambda self, turns=itertools.cycle([True, False]): next(turns))
+    monkeypatch.setattr(TreeSizer, "size", lambda self, tree, context: tree.prefix(1))  # drafts verify the root
+    charged, record = [], TreeSizer.record
+    monkeypatch.setattr(TreeSizer, "record", lambda self, candidates, tree, path, committed, seconds, *rest: (
+        charged.append((candidates is not None, seconds)),
+        record(self, candidates, tree, path, committed, seconds, *rest)))
+    result = generate_ddtree_once(target_model=model, draft_model=OracleDrafter(truth), prompt_tokens=prompt,
+                                  max_new_tokens=24, stop_token_ids=[], tree_budget="auto")
+    drafted = [seconds for was_drafted, seconds in charged if was_drafted]
+    plain = [seconds for was_drafted, seconds in charged if not was_drafted]
+    assert drafted and plain and max(drafted) < 0.3 and min(plain) >= 0.2  # one step each, not two and none
+    assert sum(seconds for _, seconds in charged) == pytest.approx(result["decode_seconds"])
