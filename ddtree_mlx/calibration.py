@@ -3,17 +3,17 @@
 The tree size worth verifying (tree_size.TreeSizer) depends on how verify time grows with the tree, and that
 depends on the machine more than on anything else: a node costs ~4% of a one-token verify on these CPUs with
 OpenBLAS, close to 100% on MLX's bundled reference BLAS (every node is one more row through every matmul), ~0 on a
-GPU at small trees. Nor does it always grow: OpenBLAS multiplies 4, 8 or 16 rows faster than 3, 5 or 9 (its
-kernels work in blocks of rows; measured here, a tree of 4 nodes verifies in a plain step's time, one of 3 in 1.25
-of it). So the curve is measured at first use: verify of bushy random trees of 1, 2, 3, 4, 5, 8, 9, ... 33 nodes
-on the real target after a short prompt (a slow machine stops the grid after TIME_BUDGET seconds; the curve
-extends linearly past its last point); a tree is verified as the size, at least its own, that costs least at
-the current context: padded to a bigger one where that is cheaper (`VerifyCosts.choose`). Then a plain step and two trees again after a long context, which
-says what every context token adds: to a plain step, to a tree, and to a tree per node (each node attends over
-the whole context; on this CPU, at 6K tokens, one more node costs ~30 ms where it cost ~3 ms after 32). It is
-cached on disk per (model, dtype and quantization, device, MLX version, BLAS, ddtree-mlx version); a cache file
-that is unreadable or of another format is measured again, never an error. What it cannot know (other work on
-the machine, the drafter) the cycles measure online.
+GPU at small trees. Nor does it always grow: OpenBLAS multiplies 4, 8 or 16 rows faster than 3, 5 or 9 (its kernels
+work in blocks of rows; measured here, a tree of 4 nodes verifies in a plain step's time, one of 3 in 1.25 of it).
+So the curve is measured at first use: verify of bushy random trees of 1, 2, 3, 4, 5, 8, 9, ... 33 nodes on the
+real target after a short prompt (a slow machine stops the grid after TIME_BUDGET seconds; the curve extends
+linearly past its last point); a tree is verified as the size, at least its own, that costs least at the current
+context: padded to a bigger one where that is cheaper (`VerifyCosts.choose`). Then a plain step and two trees again
+after a long context, which says what every context token adds: to a plain step, to a tree, and to a tree per node
+(each node attends over the whole context; on this CPU, at 6K tokens, one more node costs ~30 ms where it cost ~3
+ms after 32). It is cached on disk per (model, dtype and quantization, device, MLX version, BLAS, ddtree-mlx
+version); a cache file that is unreadable or of another format is measured again, never an error. What it cannot
+know (other work on the machine, the drafter) the cycles measure online.
 """
 
 from __future__ import annotations
