@@ -41,7 +41,7 @@ from .tree import DraftTree
 # and either side of the row blocks BLAS kernels work in.
 SIZES = (1, 2, 3, 4, 5, 8, 9, 16, 17, 32, 33)
 PROMPT_TOKENS = 32  # the grid's context
-LONG_SIZES = (1, 2, 9)  # measured again after LONG_CONTEXT tokens (the nearest sizes verified, at most 9 or the grid's end)
+LONG_SIZES = (1, 2, 9)  # measured again after LONG_CONTEXT tokens (or the nearest sizes trees are verified as)
 LONG_CONTEXT = 4096  # or half the model's context window, if smaller
 REPEATS = 4
 TIME_BUDGET = 6.5  # seconds of measuring the grid, about: a slow machine measures fewer sizes (always two)
@@ -79,8 +79,8 @@ class VerifyCosts:
     def measured(self, context: int) -> np.ndarray:
         """Each measured size's verify seconds after `context` tokens."""
         step, tree, node = self.per_token
-        sizes = np.array(self.sizes)
-        return np.array(self.seconds) + max(context - PROMPT_TOKENS, 0) * np.where(sizes == 1, step, tree + node * sizes)
+        sizes, longer = np.array(self.sizes), max(context - PROMPT_TOKENS, 0)
+        return np.array(self.seconds) + longer * np.where(sizes == 1, step, tree + node * sizes)
 
     def choose(self, nodes: np.ndarray | int, context: int) -> tuple[np.ndarray, np.ndarray]:
         """(rows, seconds) for trees of `nodes` nodes after `context` tokens: a tree is verified as the measured

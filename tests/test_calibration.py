@@ -124,7 +124,7 @@ def test_trees_verified_at_a_cheaper_bigger_size_stay_lossless(fresh, monkeypatc
     expected = greedy_reference(model, PROMPT, 24)
     adapter = type(adapter_for(model))
     rows, verify = [], adapter.verify
-    monkeypatch.setattr(adapter, "verify", lambda self, tree, *args: rows.append(len(tree)) or verify(self, tree, *args))
+    monkeypatch.setattr(adapter, "verify", lambda self, tree, *a: rows.append(len(tree)) or verify(self, tree, *a))
     monkeypatch.setattr(calibration, "measure", lambda target, config: VerifyCosts((1, 2, 8), (1.0, 1.5, 1.2)))
     result = generate_ddtree_once(target_model=model, draft_model=OracleDrafter(PROMPT + expected),
                                   prompt_tokens=PROMPT, max_new_tokens=24, stop_token_ids=[],
