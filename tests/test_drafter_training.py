@@ -158,6 +158,28 @@ def test_export_loads_through_dflash_mlx_and_generates_losslessly(llama, example
     assert result["generated_token_ids"] == greedy_reference(llama, prompt, 32)
 
 
+def test_the_draft_heads_log_probs_are_the_full_heads_over_its_vocabulary(llama, examples, tmp_path):
+    """A drafter with a draft vocabulary computes only those rows of the head, over the whole block (the
+    anchor's row dropped after, for BLAS's row blocks): per position, the log-softmax over those ids of what the
+    target's full LM head gives on the draft positions alone."""
+    from ddtree_mlx.loading import dflash_drafter
+
+    trainer = Trainer(llama, examples, tmp_path / "run", SHAPE, TrainSettings(epochs=1, anchors=8, accumulate=2))
+    trainer.train(max_steps=2, progress=False)
+    drafter = dflash_drafter(str(export(trainer.drafter, tmp_path / "drafter", dtype=mx.float32,
+                                        vocab=[9, 2, 5, 17, 40, 41])))
+    target, prompt = adapter_for(llama), examples[0].prompt
+    _, hidden = target.forward(mx.array(prompt), target.make_cache(), drafter.target_layer_ids)
+    drafter.reset(target, prompt)
+    got = drafter.log_probs(7, hidden)
+    drafter.reset(target, prompt)
+    block = mx.array([7] + [drafter.model.mask_token_id] * (drafter.block_size - 1))
+    positions = drafter.model(noise_embedding=target.embed(block[None]), target_hidden=hidden[None],
+                              cache=drafter.cache)[0, 1:]
+    logits = target.lm_head(positions)[:, drafter.vocab]
+    assert got.shape == (7, 6) and mx.allclose(got, logits - mx.logsumexp(logits, -1, keepdims=True), atol=1e-5).item()
+
+
 def test_init_starts_from_an_export_of_the_same_shape(llama, examples, tmp_path):
     first = Trainer(llama, examples, tmp_path / "first", SHAPE, TrainSettings(epochs=1, anchors=8, accumulate=2))
     first.train(max_steps=2, progress=False)
