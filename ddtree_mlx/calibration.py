@@ -60,10 +60,10 @@ class VerifyCosts:
     @cached_property
     def frontier(self) -> tuple[np.ndarray, np.ndarray]:
         """The sizes no bigger size undercuts after PROMPT_TOKENS (a plain step always), and their seconds."""
-        seconds = np.array(self.seconds)
-        later = np.r_[np.minimum.accumulate(seconds[::-1])[::-1][1:], np.inf]  # the cheapest bigger size
-        kept = (seconds < later) | (np.array(self.sizes) == 1)
-        return np.array(self.sizes)[kept], seconds[kept]
+        cheapest, _ = self.cheapest(PROMPT_TOKENS)
+        sizes = np.array(self.sizes)
+        kept = (cheapest == np.arange(len(sizes))) | (sizes == 1)
+        return sizes[kept], np.array(self.seconds)[kept]
 
     @cached_property
     def slope(self) -> float:
@@ -76,11 +76,16 @@ class VerifyCosts:
         half = len(sizes) // 2 if len(sizes) >= 4 else 0
         return max(max(float(np.polyfit(sizes[first:], seconds[first:], 1)[0]) for first in (0, half)), 0.0)
 
-    def measured(self, context: int) -> np.ndarray:
-        """Each measured size's verify seconds after `context` tokens."""
+    def added(self, rows: np.ndarray, context: int) -> np.ndarray:
+        """Seconds a context longer than PROMPT_TOKENS adds to verifying `rows` rows (one row: a plain step)."""
         step, tree, node = self.per_token
-        sizes, longer = np.array(self.sizes), max(context - PROMPT_TOKENS, 0)
-        return np.array(self.seconds) + longer * np.where(sizes == 1, step, tree + node * sizes)
+        return max(context - PROMPT_TOKENS, 0) * np.where(rows == 1, step, tree + node * rows)
+
+    def cheapest(self, context: int) -> tuple[np.ndarray, np.ndarray]:
+        """Per measured size, the index of the cheapest size at least as big after `context` tokens; and every
+        size's seconds there."""
+        costs = np.array(self.seconds) + self.added(np.array(self.sizes), context)
+        return np.array([i + int(np.argmin(costs[i:])) for i in range(len(costs))]), costs
 
     def choose(self, nodes: np.ndarray | int, context: int) -> tuple[np.ndarray, np.ndarray]:
         """(rows, seconds) for trees of `nodes` nodes after `context` tokens: a tree is verified as the measured
@@ -88,13 +93,11 @@ class VerifyCosts:
         padding; at a long context, where every row attends over it, padding costs more and pays less). Past the
         grid a tree is verified as it is, its cost straight on from the last size. A plain step stays one, and no
         tree costs less than it."""
-        nodes, sizes, costs = np.asarray(nodes), np.array(self.sizes), self.measured(context)
-        cheapest = np.array([i + int(np.argmin(costs[i:])) for i in range(len(sizes))])  # from each size on
+        nodes, sizes = np.asarray(nodes), np.array(self.sizes)
+        cheapest, costs = self.cheapest(context)
         pick = cheapest[np.minimum(np.searchsorted(sizes, nodes), len(sizes) - 1)]
         past = nodes > sizes[-1]
-        _, tree, node = self.per_token
-        beyond = (self.seconds[-1] + self.slope * (nodes - sizes[-1])
-                  + max(context - PROMPT_TOKENS, 0) * (tree + node * nodes))
+        beyond = self.seconds[-1] + self.slope * (nodes - sizes[-1]) + self.added(nodes, context)
         rows = np.where(nodes == 1, 1, np.where(past, nodes, sizes[pick]))
         seconds = np.where(nodes == 1, costs[0], np.maximum(np.where(past, beyond, costs[pick]), costs[0]))
         return rows, seconds
