@@ -81,7 +81,8 @@ def positive_int(text: str, minimum: int = 1) -> int:
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     """What `generate` and `serve` share: the model, its drafter and the decoding method."""
     parser.add_argument("--model", help="local directory or Hugging Face repo id (default: the embedded SmolLM2)")
-    parser.add_argument("--draft", help="'prompt-lookup', 'dflash', or a DFlash checkpoint directory or repo id "
+    parser.add_argument("--draft", help="'prompt-lookup', 'dflash', or a DFlash checkpoint directory or repo id, "
+                                        "with '+lookup' after either to mix prompt lookup in "
                                         "(default: the model's known DFlash drafter, else prompt lookup)")
     parser.add_argument("--method", choices=METHODS, default="ddtree",
                         help="ddtree: draft tree; dflash: single draft path; ar: plain decoding (default: ddtree)")

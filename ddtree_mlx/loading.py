@@ -2,6 +2,7 @@
 
     target_model, tokenizer, drafter = load()                      # the embedded SmolLM2, prompt lookup
     target_model, tokenizer, drafter = load(draft="dflash")        # ... with the DFlash drafter trained for it
+    target_model, tokenizer, drafter = load(draft="dflash+lookup") # ... and prompt lookup mixed into its drafts
     target_model, tokenizer, drafter = load("Qwen/Qwen3.5-27B")    # its z-lab DFlash drafter, from REGISTRY
     target_model, tokenizer, drafter = load("path/to/model", draft="path/to/dflash")
 
@@ -26,6 +27,7 @@ from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS, load_model, sharded_load
 from .distributed import check_shardable, pipeline, shard
 from .drafters import DFlashDrafter, read_draft_vocab
 from .embedded import load_embedded
+from .lookup_dflash import LookupDFlashDrafter
 from .prompt_lookup import PromptLookupDrafter
 
 # z-lab's DFlash drafters, by the name of the target they were trained for.
@@ -43,6 +45,7 @@ REGISTRY = {
 
 # The embedded SmolLM2's drafter, trained on this project's CPU (recipe and logs: drafters/smollm2-135m/).
 EMBEDDED_DRAFTER = Path(__file__).with_name("smollm2_drafter")
+LOOKUP = "+lookup"  # after a DFlash drafter's name in --draft: prompt lookup mixed into its drafts
 
 # Conversions keep the target's name and add a precision: mlx-community/Qwen3.5-27B-4bit, ...-bf16, ...-8bit-DWQ.
 _PRECISION_SUFFIX = re.compile(r"(-mlx)?-(\d+bit|bf16|fp16|mxfp\d|nvfp\d)(-\w+)?$", re.IGNORECASE)
@@ -55,7 +58,8 @@ def load(model: str | None = None, draft: str | None = None, *, cache_dir: str |
     `cache_dir` (default: DDTREE_CACHE_DIR or the user cache). `draft`: None picks the target's DFlash drafter
     from REGISTRY, or prompt lookup when it has none (and for the embedded model, whose registered drafter,
     EMBEDDED_DRAFTER, "dflash" picks); "dflash" insists on the registered drafter;
-    "prompt-lookup" forces prompt lookup; anything else is a DFlash checkpoint directory or repo id.
+    "prompt-lookup" forces prompt lookup; anything else is a DFlash checkpoint directory or repo id; "+lookup"
+    after "dflash" or a checkpoint mixes prompt lookup into that drafter's drafts (LookupDFlashDrafter).
     Under mlx.launch, `sharding="tensor"` splits every layer over the processes (mlx-lm's sharded_load) and
     `sharding="pipeline"` gives each a run of whole layers; each rank reads only its own part of the weights."""
     if sharding not in (None, "tensor", "pipeline"):
@@ -80,6 +84,12 @@ def load(model: str | None = None, draft: str | None = None, *, cache_dir: str |
 def load_drafter(model: str | None, draft: str | None) -> Any:
     # The embedded model's trained drafter is chosen with draft="dflash": measured slower than prompt lookup on
     # chat and code (BENCHMARKS.md, "the shipped drafter"), it is not the default.
+    if draft is not None and draft.endswith(LOOKUP):  # a DFlash drafter with prompt lookup mixed in
+        dflash = load_drafter(model, draft[: -len(LOOKUP)] or "dflash")
+        if not isinstance(dflash, DFlashDrafter):
+            raise ValueError(f"--draft {draft}: '{LOOKUP}' goes after a DFlash drafter ('dflash{LOOKUP}' or "
+                             f"'PATH{LOOKUP}'); prompt lookup alone is --draft prompt-lookup")
+        return LookupDFlashDrafter(dflash)
     if draft == "prompt-lookup" or (draft is None and model is None):
         return PromptLookupDrafter()
     if draft is None or draft == "dflash":

@@ -44,18 +44,25 @@ class PromptLookupDrafter:
 
     def draft(self, root_token: int, context_tokens: list[int], context_hidden: mx.array | None) -> mx.array:
         """The protocol's dense form: [block_size - 1, vocab] log-probs."""
-        floor, rows, tokens, log_probs = self.evidence(root_token, context_tokens)
+        return self.dense(self.smoothed(*self.weights(root_token, context_tokens)))
+
+    def candidates(self, root_token: int, context_tokens: list[int], context_hidden: mx.array | None,
+                   width: int) -> Candidates:
+        """The same distributions' top `width` tokens per depth, without building the dense rows: the session
+        asks for these when a drafter has them, so drafting costs microseconds, not a vocabulary-wide top-k."""
+        return self.top(self.smoothed(*self.weights(root_token, context_tokens)), width)
+
+    def dense(self, evidence: tuple[np.ndarray, ...]) -> mx.array:
+        floor, rows, tokens, log_probs = evidence
         out = np.empty((self.block_size - 1, self.vocab_size), dtype=np.float32)
         out[:] = floor[:, None]
         out[rows, tokens] = log_probs
         return mx.array(out)
 
-    def candidates(self, root_token: int, context_tokens: list[int], context_hidden: mx.array | None,
-                   width: int) -> Candidates:
-        """The same distributions' top `width` tokens per depth, without building the dense rows: the session
-        asks for these when a drafter has them, so drafting costs microseconds, not a vocabulary-wide top-k.
-        Depths with fewer evidenced tokens are filled with floor tokens (the lowest ids with no evidence)."""
-        floor, rows, tokens, log_probs = self.evidence(root_token, context_tokens)
+    def top(self, evidence: tuple[np.ndarray, ...], width: int) -> Candidates:
+        """The top `width` per depth of `smoothed` evidence. Depths with fewer evidenced tokens are filled with
+        floor tokens (the lowest ids with no evidence)."""
+        floor, rows, tokens, log_probs = evidence
         depths, width = self.block_size - 1, min(width, self.vocab_size)
         out_tokens = np.empty((depths, width), dtype=np.int64)
         out_log_probs = np.empty((depths, width))
@@ -69,9 +76,17 @@ class PromptLookupDrafter:
             out_log_probs[depth] = np.r_[values, np.full(len(fill), floor[depth])]
         return Candidates(out_tokens, out_log_probs)
 
-    def evidence(self, root_token: int, context_tokens: list[int]) -> tuple[np.ndarray, ...]:
-        """Each depth's floor log-prob, and the (depth, token) pairs the matches' continuations give mass to,
-        with their log-probs."""
+    def smoothed(self, total: np.ndarray, rows: np.ndarray, tokens: np.ndarray,
+                 weight: np.ndarray) -> tuple[np.ndarray, ...]:
+        """From `weights`: each depth's floor log-prob, and the (depth, token) pairs the matches' continuations
+        give mass to, with their log-probs."""
+        smooth = self.prior / self.vocab_size
+        scale = np.log(total + self.prior)
+        return np.log(smooth) - scale, rows, tokens, np.log(weight + smooth) - scale[rows]
+
+    def weights(self, root_token: int, context_tokens: list[int]) -> tuple[np.ndarray, ...]:
+        """The matches' total weight per depth, and the distinct (depth, token) pairs their continuations reach,
+        with each pair's summed weight: the evidence before any prior is mixed in."""
         self.history.extend(context_tokens)
         sequence = np.append(self.history.tokens, root_token)
         starts, weights = self.matches(sequence)
@@ -85,10 +100,7 @@ class PromptLookupDrafter:
         # Merge repeated (depth, token) pairs so each gets its summed weight.
         pairs, inverse = np.unique(rows * self.vocab_size + tokens, return_inverse=True)
         summed = np.bincount(inverse, weights=mass, minlength=len(pairs))
-        smooth = self.prior / self.vocab_size
-        scale = np.log(total + self.prior)
-        pair_rows = pairs // self.vocab_size
-        return np.log(smooth) - scale, pair_rows, pairs % self.vocab_size, np.log(summed + smooth) - scale[pair_rows]
+        return total, pairs // self.vocab_size, pairs % self.vocab_size, summed
 
     def matches(self, sequence: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Continuation starts (the position after each match) and their weights, heaviest max_matches kept.
