@@ -442,7 +442,8 @@ def train_drafter(model: str | None, prompts_file: str | Path, out_dir: str | Pa
     for name, rows in (("answers.jsonl", prompts), ("eval_answers.jsonl", held_out)):
         regenerate(target, tokenizer, rows, out / name, batch_size=gen_batch, max_tokens=answer_tokens,
                    temperature=temperature, progress=progress)
-        answers[name] = list(read_examples(out / name))
+        wanted = {key for key, _ in rows}  # the file may hold answers to other prompts (an earlier phase's)
+        answers[name] = [example for example in read_examples(out / name) if example.id in wanted]
     if mask_token_id is None:
         mask_token_id = choose_mask_token(tokenizer, answers["answers.jsonl"])
     shape = DrafterShape(shape.block_size, shape.layers, shape.taps, mask_token_id)

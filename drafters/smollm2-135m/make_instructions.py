@@ -1,17 +1,28 @@
-"""Write general_prompts.jsonl: the GSM8K training questions the drafter was first trained on, then non-math
-instructions written for this project (Python functions to complete, code requests, explanations, writing, advice,
-comparisons). Deterministic: rerunning writes the same file. None of it comes from a benchmark prompt set (HumanEval,
-MBPP, MT-Bench, AlpacaEval); tests/test_training_data.py checks that no line of it shares a prompt with them.
+"""Write the drafter's training prompts:
+
+- general_prompts.jsonl: the GSM8K training questions the drafter was first trained on, then non-math instructions
+  written for this project (Python functions to complete, code requests, explanations, writing, advice,
+  comparisons);
+- broad_prompts.jsonl: the first 500 of those GSM8K questions, the same instructions, then more: a Python stub to
+  complete for public functions of Python's own standard library (signature and the first paragraph of the
+  docstring, read from the stdlib sources of the Python running this; the committed file came from 3.11.7) and the
+  instruction lists below asked in new ways.
+
+Deterministic for a given Python: rerunning writes the same files. None of it comes from a benchmark prompt set
+(HumanEval, MBPP, MT-Bench, AlpacaEval); tests/test_training_data.py checks that no line shares a prompt with them.
 
     python drafters/smollm2-135m/make_instructions.py
 """
 
+import ast
 import json
 import random
+import sysconfig
 from pathlib import Path
 
 HERE = Path(__file__).parent
 GSM8K_TRAINED = 1248  # the questions of answers.jsonl; their answers are reused, not regenerated
+GSM8K_BROAD = 500  # how many of them the broad phase keeps, so that math stays a minority of it
 
 # (signature, one-line description, example call, example result): completed as a HumanEval-style stub
 FUNCTIONS = [
@@ -254,12 +265,91 @@ def instructions() -> list[str]:
     return rows
 
 
+# Standard-library modules whose public functions become stubs to complete (at most PER_MODULE each, so that no
+# module's style dominates). Code a model is asked to write, phrased as HumanEval-style stubs without their prompts.
+STDLIB = ["textwrap", "string", "statistics", "heapq", "bisect", "colorsys", "fnmatch", "shlex", "base64", "difflib",
+          "calendar", "posixpath", "ntpath", "glob", "html/__init__", "urllib/parse", "csv", "fractions",
+          "ipaddress", "email/utils", "quopri", "random", "functools", "operator", "copy", "pprint", "reprlib",
+          "secrets", "shutil", "tempfile", "uuid", "zipfile", "tarfile", "gzip", "json/__init__", "datetime",
+          "locale", "gettext", "mimetypes", "platform", "inspect", "dis", "tokenize", "ast", "typing",
+          "dataclasses", "enum", "contextlib", "logging/__init__", "os", "subprocess", "socket", "ssl",
+          "http/cookies", "wsgiref/util", "xml/sax/saxutils", "webbrowser", "hashlib", "codecs", "graphlib",
+          "pydoc", "traceback", "warnings", "linecache", "doctest", "unittest/util", "filecmp", "stat", "plistlib",
+          "email/header", "email/quoprimime", "getopt", "codeop", "pkgutil", "sysconfig", "turtle", "token",
+          "lib2to3/fixer_util", "idlelib/format"]
+PER_MODULE = 12
+STUB_FORMS = ["{stub}", "Complete this Python function:\n\n{stub}", "Write a Python function `{name}({args})`. "
+              "{doc}", "Implement the following function in Python and explain how it works.\n\n{stub}"]
+
+
+def stdlib_functions() -> list[tuple[str, str, str]]:
+    """(name, arguments, first docstring paragraph) of public top-level functions with a docstring of 30–400
+    characters and at least one argument."""
+    lib, found = Path(sysconfig.get_paths()["stdlib"]), []
+    for module in STDLIB:
+        tree = ast.parse((lib / f"{module}.py").read_text(encoding="utf-8", errors="replace"))
+        kept = []
+        for node in tree.body:
+            doc = ast.get_docstring(node) if isinstance(node, ast.FunctionDef) else None
+            if doc and not node.name.startswith("_") and node.args.args:
+                paragraph = " ".join(doc.strip().split("\n\n")[0].split())
+                if 30 <= len(paragraph) <= 400:
+                    kept.append((node.name, ast.unparse(node.args), paragraph))
+        found += kept[:PER_MODULE]
+    return found
+
+
+def code_stubs() -> list[str]:
+    rng = random.Random(1)
+    rows = []
+    for name, args, doc in stdlib_functions():
+        stub = f'def {name}({args}):\n    """{doc}\n    """\n'
+        rows.append(rng.choice(STUB_FORMS).format(stub=stub, name=name, args=args, doc=doc))
+    return rows
+
+
+# The lists above asked in new ways (the broad phase): other forms for the same subjects.
+MORE_EXPLAIN = ["Write a short essay about {c}.", "What are common misconceptions about {c}?", "Summarize the "
+                "history of {c} in a few paragraphs.", "Write five quiz questions about {c}, with answers.",
+                "How would you teach {c} to a high-school class?"]
+MORE_HOW = ["I want to {t}. Where should I start?", "Write a one-week plan to {t}.", "What mistakes should I avoid "
+            "when I try to {t}?"]
+MORE_WRITING = ["Write {form} about {topic} in the style of a children's book.", "Write {form} about {topic} "
+                "that ends with a surprise.", "Rewrite this title as {form}: {topic}."]
+ROLES = ["a travel guide in Rome", "a personal trainer", "a patient math tutor", "a chef in a busy kitchen",
+         "a museum curator", "a customer support agent for a phone company", "a detective in the 1920s", "a "
+         "librarian", "a career coach", "a park ranger", "a ship's captain", "a software architect", "a "
+         "gardener", "a history teacher", "a nutritionist", "a startup founder pitching an idea", "a tour guide "
+         "on Mars", "a medieval blacksmith", "a wildlife photographer", "a kindergarten teacher"]
+ROLE_FORMS = ["Pretend you are {r}. Introduce yourself and describe a typical day.", "You are {r}. Answer my "
+              "first question: what do you enjoy most about your work?"]
+
+
+def more_instructions() -> list[str]:
+    rng = random.Random(2)
+    rows = [form.format(c=c) for c in CONCEPTS for form in rng.sample(MORE_EXPLAIN, 2)]
+    rows += [form.format(t=t) for t in HOW_TO for form in rng.sample(MORE_HOW, 2)]
+    rows += [rng.choice(MORE_WRITING).format(form=form, topic=topic) for form in FORMS
+             for topic in rng.sample(TOPICS, 4)]
+    rows += [form.format(r=r) for r in ROLES for form in ROLE_FORMS]
+    rows += [f"Write a {lang} program that {task}." for task in CODE_TASKS for lang in rng.sample(LANGUAGES[2:], 1)]
+    rows += [f"Write an email to {purpose}, in a formal tone." for purpose in EMAILS]
+    rows += [f"Which is better for a beginner, {a} or {b}? Explain." for a, b in PAIRS[10:]]
+    return rows
+
+
+def write(name: str, lines: list[str]) -> None:
+    (HERE / name).write_text("".join(line + "\n" for line in lines))
+
+
 def main() -> None:
     gsm8k = (HERE / "train_prompts.jsonl").read_text().splitlines()[:GSM8K_TRAINED]
     general = [json.dumps({"id": f"general-{i}", "prompt": text}) for i, text in enumerate(instructions())]
-    lines = gsm8k + general
-    (HERE / "general_prompts.jsonl").write_text("".join(line + "\n" for line in lines))
-    print(f"{len(general)} instructions + {len(gsm8k)} GSM8K questions")
+    write("general_prompts.jsonl", gsm8k + general)
+    broad = [json.dumps({"id": f"code-{i}", "prompt": text}) for i, text in enumerate(code_stubs())]
+    broad += [json.dumps({"id": f"more-{i}", "prompt": text}) for i, text in enumerate(more_instructions())]
+    write("broad_prompts.jsonl", gsm8k[:GSM8K_BROAD] + general + broad)
+    print(f"general: {len(general)} instructions + {len(gsm8k)} GSM8K questions; broad adds {len(broad)}")
 
 
 if __name__ == "__main__":

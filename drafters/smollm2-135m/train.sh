@@ -1,18 +1,20 @@
 #!/bin/sh
-# The shipped SmolLM2 drafter's recipe, in two phases, each in resumable stretches: a stretch trains up to STRETCH
+# The shipped SmolLM2 drafter's recipe, in three phases, each in resumable stretches: a stretch trains up to STRETCH
 # more steps, evaluates on the 40 held-out GSM8K answers (train/eval.jsonl), exports the bf16 drafter (drafter/,
 # copied to ddtree_mlx/smollm2_drafter/, the one the package ships) and redraws curve.png. Rerun after an interrupt: it resumes from train/checkpoint.json.
 #
 #   PHASE=math    (done: its logs are in math/) 12 epochs from scratch over the 1,248 GSM8K answers, stopped at
 #                 step 2,900 of 3,744 once held-out acceptance had flattened;
-#   PHASE=general (default) from the math phase's export: 2 epochs over those answers plus the 502 written
-#                 instructions' (general_prompts.jsonl: code, explanations, writing, advice), lr 3e-4.
+#   PHASE=general (done: logs in general/) from the math phase's export: 2 epochs over those answers plus the 502
+#                 written instructions' (general_prompts.jsonl: code, explanations, writing, advice), lr 3e-4;
+#   PHASE=broad   (default) from the general phase's export: 2 epochs over broad_prompts.jsonl (500 of the GSM8K
+#                 answers, the 502 instructions, 430 standard-library stubs and 296 more instructions), lr 3e-4.
 set -e
 STRETCH=${STRETCH:-500}
-if [ "${PHASE:-general}" = math ]; then
+if [ "${PHASE:-broad}" = math ]; then
   DATA="--prompts drafters/smollm2-135m/train_prompts.jsonl --max-prompts 1248 --epochs 12"
 else
-  DATA="--prompts drafters/smollm2-135m/general_prompts.jsonl --epochs 2 --lr 3e-4"
+  DATA="--prompts drafters/smollm2-135m/${PHASE:-broad}_prompts.jsonl --epochs 2 --lr 3e-4"
   [ -f drafters/smollm2-135m/train/checkpoint.json ] || DATA="$DATA --init ddtree_mlx/smollm2_drafter"
 fi
 while :; do
