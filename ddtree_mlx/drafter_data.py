@@ -63,6 +63,12 @@ def read_examples(path: str | Path) -> Iterator[Example]:
             continue
 
 
+def read_answers(path: str | Path, prompts: list[tuple[str, Any]]) -> list[Example]:
+    """The examples of `path` that answer `prompts` (by id): the file may hold an earlier phase's answers too."""
+    wanted = {key for key, _ in prompts}
+    return [example for example in read_examples(path) if example.id in wanted]
+
+
 def regenerate(model: Any, tokenizer: Any, prompts: list[tuple[str, Any]], out: str | Path, *, batch_size: int = 32,
                max_tokens: int = 256, temperature: float = 0.0, chat: bool = True, progress: bool = True) -> int:
     """Append the target's answers to `out` for every prompt not there yet; returns how many were added."""

@@ -430,7 +430,7 @@ def train_drafter(model: str | None, prompts_file: str | Path, out_dir: str | Pa
     """Regenerate answers (out_dir/answers.jsonl), train (out_dir/train/), evaluate on held-out prompts
     (out_dir/train/eval.jsonl), export (out_dir/drafter/) and plot the curve (out_dir/curve.png). Every stage
     resumes: run the same command again after an interrupt."""
-    from .drafter_data import read_examples, read_prompts, regenerate
+    from .drafter_data import read_answers, read_prompts, regenerate
     from .loading import load
 
     prompts = read_prompts(prompts_file)[:max_prompts]  # bad data fails before the model loads
@@ -442,8 +442,7 @@ def train_drafter(model: str | None, prompts_file: str | Path, out_dir: str | Pa
     for name, rows in (("answers.jsonl", prompts), ("eval_answers.jsonl", held_out)):
         regenerate(target, tokenizer, rows, out / name, batch_size=gen_batch, max_tokens=answer_tokens,
                    temperature=temperature, progress=progress)
-        wanted = {key for key, _ in rows}  # the file may hold answers to other prompts (an earlier phase's)
-        answers[name] = [example for example in read_examples(out / name) if example.id in wanted]
+        answers[name] = read_answers(out / name, rows)
     if mask_token_id is None:
         mask_token_id = choose_mask_token(tokenizer, answers["answers.jsonl"])
     shape = DrafterShape(shape.block_size, shape.layers, shape.taps, mask_token_id)

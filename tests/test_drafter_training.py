@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ddtree_mlx import generate_ddtree_once
-from ddtree_mlx.drafter_data import Example, drop_torn_tail, read_examples, read_prompts
+from ddtree_mlx.drafter_data import Example, drop_torn_tail, read_answers, read_examples, read_prompts
 from ddtree_mlx.drafter_training import (DrafterShape, Trainer, TrainSettings, TrainVocab, block_loss, block_mask,
                                          block_predictions, draft_hidden, export, new_drafter)
 from ddtree_mlx.loading import load_dflash
@@ -219,3 +219,10 @@ def test_an_interrupted_write_does_not_swallow_the_next_example(tmp_path):
     with open(answers, "a") as file:  # what regenerate appends next
         file.write(json.dumps({"id": "c", "prompt": [3], "answer": [4]}) + "\n")
     assert [example.id for example in read_examples(answers)] == ["a", "c"]
+
+
+def test_a_phase_trains_on_its_own_prompts_answers(tmp_path):
+    """answers.jsonl gathers every phase's answers; a phase's prompt file picks its own."""
+    answers = tmp_path / "answers.jsonl"
+    answers.write_text("".join(json.dumps({"id": key, "prompt": [1], "answer": [2]}) + "\n" for key in "abcd"))
+    assert [example.id for example in read_answers(answers, [("d", "text"), ("b", "text"), ("z", "text")])] == ["b", "d"]
