@@ -68,7 +68,7 @@ class Setup:
 
     name: str
     target: Any
-    make_drafter: Callable[[list[int], list[int]], Any]  # (prompt, AR output) -> drafter
+    make_drafter: Callable[[list[int], list[int], str], Any]  # (prompt, AR output, --draft name) -> drafter
     prompts: dict[str, list[list[int]]]
     stop_token_ids: list[int]
     peer_draft: Any = None  # a small mlx-lm model for the mlx-lm speculative decoding peer
@@ -134,16 +134,19 @@ def with_context(texts: dict[str, list[Any]], tokenizer: Any, length: int) -> di
 
 
 def real_setup(args: argparse.Namespace, name: str, model: str | None, draft: str | None) -> Setup:
-    from ddtree_mlx.loading import encode_prompt, load, stop_token_ids
+    from ddtree_mlx.loading import encode_prompt, load, load_drafter, stop_token_ids
 
-    target, tokenizer, drafter = load(model, draft)
+    names = draft.split(",") if draft else [None]  # several: each drafted variant runs with each, side by side
+    target, tokenizer, drafter = load(model, names[0])
+    drafters = {None: drafter} if len(names) == 1 else {
+        names[0]: drafter, **{name: load_drafter(model, name) for name in names[1:]}}
     if args.drafter == "self":
-        drafter = SelfDrafter(target)
+        drafters = {None: SelfDrafter(target)}
     texts = load_prompts(args.sets, args.limit, args.seed, args.prompts)
     if args.context:
         texts = with_context(texts, tokenizer, args.context)
     prompts = {s: [encode_prompt(tokenizer, t, not args.no_chat_template) for t in rows] for s, rows in texts.items()}
-    return Setup(name, target, lambda prompt, truth: drafter, prompts, stop_token_ids(tokenizer))
+    return Setup(name, target, lambda prompt, truth, draft: drafters[draft], prompts, stop_token_ids(tokenizer))
 
 
 def synthetic_setup(args: argparse.Namespace) -> Setup:
@@ -161,8 +164,8 @@ def synthetic_setup(args: argparse.Namespace) -> Setup:
     length = 128 + (args.context or 0)
     prompts = {"synthetic": [[rng.randrange(config["vocab_size"]) for _ in range(length)] for _ in range(args.limit)]}
     weights = (args.accuracy, (1 - args.accuracy) / 2, (1 - args.accuracy) / 4, (1 - args.accuracy) / 4)
-    return Setup("synthetic", target, lambda prompt, truth: ScriptedDrafter(prompt + truth, 16, weights, args.seed),
-                 prompts, [])
+    return Setup("synthetic", target,
+                 lambda prompt, truth, draft: ScriptedDrafter(prompt + truth, 16, weights, args.seed), prompts, [])
 
 
 class SelfDrafter:
@@ -208,6 +211,7 @@ class Runs:
 class Variant:
     method: str
     budget: int | str = 1  # ddtree: a fixed number of draft nodes per cycle, or "auto"
+    draft: str | None = None  # with several --draft names: which drafter (None: the only one)
 
     @property
     def tree(self) -> bool:
@@ -215,7 +219,8 @@ class Variant:
 
     @property
     def label(self) -> str:
-        return f"{self.method}@{self.budget}" if self.tree else self.method
+        label = f"{self.method}@{self.budget}" if self.tree else self.method
+        return f"{label} {self.draft}" if self.draft else label
 
 
 MLX_LM = Variant("mlx-lm")  # what users run instead: the reference for tokens and for speedups
@@ -231,7 +236,7 @@ def run_once(setup: Setup, prompt: list[int], truth: list[int] | None, variant: 
                   else run_mlx_lm(setup, prompt, max_tokens, temperature, seed))
         result["peak_memory_bytes"] = mx.get_peak_memory()
         return result
-    drafter = None if variant.method == "ar" else setup.make_drafter(prompt, truth or [])
+    drafter = None if variant.method == "ar" else setup.make_drafter(prompt, truth or [], variant.draft)
     # A row is what its label says: ddtree@N a tree of N nodes every cycle, ddtree@auto sized per cycle.
     config = DDTreeConfig.from_env(budget=variant.budget if variant.tree else None)
     result = generate_ddtree_once(target_model=setup.target, draft_model=drafter, prompt_tokens=prompt,
@@ -286,15 +291,17 @@ def run_mlx_lm_speculative(setup: Setup, prompt: list[int], max_tokens: int, dra
     return peer_result(tokens, time.perf_counter() - first, cycles)
 
 
-def variants(methods: list[str], budgets: list[int | str]) -> list[Variant]:
+def variants(methods: list[str], budgets: list[int | str], drafts: list[str | None] = (None,)) -> list[Variant]:
     out = []
     for method in methods:
-        out += [Variant(method, b) for b in budgets] if Variant(method).tree else [Variant(method)]
+        for draft in drafts if method in ("dflash", "ddtree") else [None]:
+            out += [Variant(method, b, draft) for b in budgets] if Variant(method).tree else [Variant(method, 1, draft)]
     return out
 
 
 def measure(setup: Setup, args: argparse.Namespace) -> dict[tuple[str, str, int], Runs]:
-    plan = variants(args.methods, args.budgets)
+    drafts = args.draft.split(",") if args.draft and "," in args.draft else [None]
+    plan = variants(args.methods, args.budgets, drafts)
     plan = [MLX_LM, AR] + [v for v in plan if v not in (MLX_LM, AR)]  # both baselines, mlx-lm's tokens first
     total = sum(len(p) for p in setup.prompts.values()) * args.repeats * len(plan)
     runs: dict[tuple[str, Variant], Runs] = {}
@@ -316,7 +323,7 @@ def measure(setup: Setup, args: argparse.Namespace) -> dict[tuple[str, str, int]
                     ok = result["generated_token_ids"] == truth if args.temperature == 0 else None
                     runs.setdefault((set_name, variant), Runs()).add(repeat, result, ok)
                     done += 1
-                    show(done, total, f"{set_name} {variant.label:<20}")
+                    show(done, total, f"{set_name} {variant.label:<28}")
     return runs
 
 
@@ -359,6 +366,7 @@ def summarize(runs: dict[tuple[str, Variant], Runs], setup: Setup, args: argpars
                 for name, variant in (("ar", AR), ("mlx_lm", MLX_LM))}
         rows.append({
             "preset": setup.name, "set": set_name, "method": variant.method, "label": variant.label,
+            "draft": variant.draft or args.draft,
             "budget": variant.budget if variant.tree else None,
             "tree_sizes": tree_sizes(r for rs in group.per_repeat.values() for r in rs),
             "calibration": next((r["calibration"] for rs in group.per_repeat.values() for r in rs
@@ -581,12 +589,13 @@ def measure_serving(setup: Setup, args: argparse.Namespace) -> list[dict]:
 
 
 def print_table(rows: list[dict]) -> None:
-    header = f"{'set':<10} {'variant':<14} {'tok/s':>16} {'vs mlx-lm':>16} {'vs ar':>5} {'tok/cyc':>7} " \
+    width = max([14] + [len(r["label"]) for r in rows])
+    header = f"{'set':<10} {'variant':<{width}} {'tok/s':>16} {'vs mlx-lm':>16} {'vs ar':>5} {'tok/cyc':>7} " \
              f"{'fast':>5} {'host':>5} {'cyc ms':>7} {'verify':>6} {'draft':>6} {'peak MB':>8} lossless"
     print(header)
     for r in rows:
         tps, speed, shares = r["tokens_per_second"], r["speedup_vs_mlx_lm"], r["phase_shares"]
-        print(f"{r['set']:<10} {r['label']:<14} "
+        print(f"{r['set']:<10} {r['label']:<{width}} "
               f"{tps['median']:6.1f} ({tps['min']:.1f}-{tps['max']:.1f}) "
               f"{speed['median']:5.2f} ({speed['min']:.2f}-{speed['max']:.2f}) {r['speedup_vs_ar']['median']:5.2f} "
               f"{r['tokens_per_cycle']:7.2f} {r['fast_path_ratio']:5.2f} {r['host_overhead_share']:5.1%} "
@@ -594,7 +603,7 @@ def print_table(rows: list[dict]) -> None:
               f"{ {True: 'yes', False: 'NO', None: 'n/a'}[r['lossless']]}")
     for r in rows:
         if r["budget"] == "auto":
-            print(f"{r['set']:<10} {r['label']:<14} draft nodes per cycle: {r['tree_sizes']} (0: a plain step)")
+            print(f"{r['set']:<10} {r['label']:<{width}} draft nodes per cycle: {r['tree_sizes']} (0: a plain step)")
 
 
 def plot(rows: list[dict], path: str) -> None:
@@ -640,7 +649,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=["synthetic", "cpu", "mac"], default="synthetic")
     parser.add_argument("--model", help="target (repo id or path); overrides the preset's")
-    parser.add_argument("--draft", help="drafter (DFlash checkpoint, 'prompt-lookup'); overrides the preset's")
+    parser.add_argument("--draft", help="drafter (DFlash checkpoint, 'dflash', 'prompt-lookup', '...+lookup'); "
+                                        "overrides the preset's; several, comma-separated: the drafted variants run "
+                                        "with each, side by side in one run")
     parser.add_argument("--methods", default="ar,dflash,ddtree", type=lambda s: s.split(","),
                         help=f"ar, dflash, ddtree (once per --budgets entry), and the peer {PEER} (needs "
                              "--peer-draft)")

@@ -69,6 +69,48 @@ def test_the_shipped_drafter_is_registered_and_lossless(smollm):
         assert result["avg_acceptance"] > (1.5 if budget == 8 else 1.1), budget
 
 
+def test_the_shipped_drafter_with_prompt_lookup_is_lossless(smollm):
+    """draft="dflash+lookup": on a code prompt the answer restates the prompt's signature (prompt lookup's) and
+    goes on in new code (the DFlash drafter's); whatever the mixture proposes, the output is greedy's."""
+    from ddtree_mlx.loading import load_drafter
+
+    drafter = load_drafter(None, "dflash+lookup")
+    model, tokenizer = smollm
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": real_prompts()["code"]}],
+                                           add_generation_prompt=True)
+    expected = greedy_reference(model, prompt, 48)
+    for budget in (8, "auto"):
+        result = generate_ddtree_once(target_model=model, draft_model=drafter, prompt_tokens=prompt,
+                                      max_new_tokens=48, stop_token_ids=[], tree_budget=budget)
+        assert result["generated_token_ids"] == expected, budget
+        assert result["avg_acceptance"] > (1.5 if budget == 8 else 1.1), budget
+
+
+def test_benchmark_runs_several_drafters_side_by_side(tmp_path):
+    """--draft A,B: every drafted variant once per drafter, in one run beside one mlx-lm and one ar row."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parents[1]))
+    import benchmark
+
+    out = tmp_path / "rows.json"
+    code = benchmark.main(["--preset", "cpu", "--draft", "prompt-lookup,dflash+lookup", "--sets", "gsm8k",
+                           "--limit", "1", "--repeats", "1", "--max-tokens", "8", "--budgets", "2",
+                           "--methods", "ar,dflash,ddtree", "--json", str(out)])
+    rows = json.loads(out.read_text())
+    assert code == 0 and all(row["lossless"] for row in rows)
+    assert {(row["label"], row["draft"]) for row in rows} == {
+        ("mlx-lm", "prompt-lookup,dflash+lookup"), ("ar", "prompt-lookup,dflash+lookup"),
+        ("dflash prompt-lookup", "prompt-lookup"), ("dflash dflash+lookup", "dflash+lookup"),
+        ("ddtree@2 prompt-lookup", "prompt-lookup"), ("ddtree@2 dflash+lookup", "dflash+lookup")}
+    from ddtree_mlx.lookup_dflash import LookupDFlashDrafter
+
+    setup = benchmark.make_setup(benchmark.parse_args(["--preset", "cpu", "--draft", "prompt-lookup,dflash+lookup",
+                                                       "--sets", "gsm8k", "--limit", "1"]))
+    assert isinstance(setup.make_drafter([], [], "prompt-lookup"), PromptLookupDrafter)
+    assert isinstance(setup.make_drafter([], [], "dflash+lookup"), LookupDFlashDrafter)
+
+
 def test_train_drafter_command_end_to_end(tmp_path):
     """`ddtree-mlx train-drafter` on the real model: regenerates answers, trains, exports a drafter that
     `load(draft=...)` takes, and a second run resumes instead of redoing anything."""
