@@ -42,7 +42,7 @@ def test_candidates_are_the_dense_mixtures_top_tokens(vocab, width):
     (dense_drafter, fast), adapter = drafters(target, vocab)
     hidden = hidden_of(adapter, fast, PROMPT)
     dense = np.array(dense_drafter.draft(77, PROMPT, hidden))
-    got = fast.candidates(77, PROMPT, hidden, width)
+    got = fast.candidates(77, PROMPT, hidden, width).to_numpy()  # lazy: the session evaluates them
     assert got.tokens.shape == got.log_probs.shape == (7, width)
     np.testing.assert_allclose(got.log_probs, np.sort(dense, axis=1)[:, ::-1][:, :width], rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(np.take_along_axis(dense, got.tokens, 1), got.log_probs, rtol=1e-4, atol=1e-5)
@@ -107,3 +107,5 @@ def test_loading_names():
         load_drafter(None, "prompt-lookup+lookup")
     with pytest.raises(ValueError, match="PromptLookupDrafter\\(block_size=8\\)"):
         LookupDFlashDrafter(drafter.dflash, PromptLookupDrafter(block_size=4))
+    with pytest.raises(ValueError, match="need prior > 0"):
+        LookupDFlashDrafter(drafter.dflash, prior=0)
