@@ -48,11 +48,15 @@ def test_smollm2_ddtree_and_single_path_equal_greedy(smollm, kind):
 
 def test_the_shipped_drafter_is_registered_and_lossless(smollm):
     """draft="dflash" on the embedded model: the drafter trained for it (ddtree_mlx/smollm2_drafter), whose drafts
-    the target accepts (more than one token per cycle) without changing a token. Prompt lookup stays the default."""
+    the target accepts (more than one token per cycle) without changing a token. The default mixes prompt lookup
+    into its drafts."""
     from ddtree_mlx.drafters import DFlashDrafter
     from ddtree_mlx.loading import load_drafter
 
-    assert isinstance(load_drafter(None, None), PromptLookupDrafter)
+    from ddtree_mlx.lookup_dflash import LookupDFlashDrafter
+
+    assert isinstance(load_drafter(None, None), LookupDFlashDrafter)
+    assert isinstance(load_drafter(None, "prompt-lookup"), PromptLookupDrafter)
     drafter = load_drafter(None, "dflash")
     assert isinstance(drafter, DFlashDrafter) and drafter.block_size == 8
     assert drafter.vocab is not None and 5_000 < drafter.vocab.size < 20_000  # the tokens of its training data
@@ -96,12 +100,11 @@ def test_benchmark_runs_several_drafters_side_by_side(tmp_path):
     out = tmp_path / "rows.json"
     code = benchmark.main(["--preset", "cpu", "--draft", "prompt-lookup,dflash+lookup", "--sets", "gsm8k",
                            "--limit", "1", "--repeats", "1", "--max-tokens", "8", "--budgets", "2",
-                           "--methods", "ar,dflash,ddtree", "--json", str(out)])
+                           "--methods", "ar,ddtree", "--json", str(out)])
     rows = json.loads(out.read_text())
     assert code == 0 and all(row["lossless"] for row in rows)
     assert {(row["label"], row["draft"]) for row in rows} == {
         ("mlx-lm", "prompt-lookup,dflash+lookup"), ("ar", "prompt-lookup,dflash+lookup"),
-        ("dflash prompt-lookup", "prompt-lookup"), ("dflash dflash+lookup", "dflash+lookup"),
         ("ddtree@2 prompt-lookup", "prompt-lookup"), ("ddtree@2 dflash+lookup", "dflash+lookup")}
     from ddtree_mlx.lookup_dflash import LookupDFlashDrafter
 
