@@ -102,3 +102,32 @@ def test_every_prefix_of_the_pop_order_is_the_best_tree_of_its_size(seed):
         path = full.path_to(node)[1:]
         assert full.scores[node] == pytest.approx(sum(candidates.log_probs[full.depths[n] - 1, full.ranks[n]]
                                                       for n in path))
+
+
+@pytest.mark.parametrize("weights", [(0.55, 0.2, 0.1, 0.15), (0.1, 0.6, 0.2, 0.1)])
+@pytest.mark.parametrize("width", [3, 8])
+def test_scripted_candidates_are_its_dense_rows_top_tokens(weights, width):
+    """The scripted drafter's sparse candidates (what the synthetic benchmark drafts with) equal a top-k over its
+    dense rows, draft after draft, over the whole script; ranks given out of order are sorted best first."""
+    from types import SimpleNamespace
+
+    import mlx.core as mx
+    from ddtree_mlx.drafters import ScriptedDrafter
+    from ddtree_mlx.tree import top_candidates
+
+    truth = list(np.random.default_rng(3).integers(0, 50, size=60))
+    sparse, dense = (ScriptedDrafter(truth, block_size=8, rank_weights=weights, seed=2) for _ in range(2))
+    for drafter in (sparse, dense):
+        drafter.reset(SimpleNamespace(vocab_size=50), truth[:10])
+    steps = [10] + [3] * 15
+    for step in steps:
+        got = sparse.candidates(0, [0] * step, None, width).to_numpy()
+        want = top_candidates(dense.draft(0, [0] * step, None), width)
+        mx.eval(want.tokens, want.log_probs)
+        want = want.to_numpy()
+        np.testing.assert_allclose(got.log_probs, want.log_probs, rtol=1e-6)
+        assert (np.diff(got.log_probs, axis=1) <= 0).all()
+        for g, w, values in zip(got.tokens, want.tokens, want.log_probs):
+            assert len(set(g.tolist())) == width
+            top = values > values[-1]  # ties at the floor may pick other ids
+            assert g[top].tolist() == w[top].tolist()
