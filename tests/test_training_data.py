@@ -35,4 +35,6 @@ def test_no_training_prompt_is_a_benchmark_prompt():
         assert len(written) > 500 and len(rows) - len(written) == gsm8k
         assert not {r["id"]: shingles(r["prompt"]) & benchmark for r in written if shingles(r["prompt"]) & benchmark}
         assert not [r["id"] for r in rows if r["prompt"].strip() in exact]
+    held_out = [json.loads(line) for line in (ROOT / "drafters/smollm2-135m/heldout_general.jsonl").read_text().splitlines()]
+    assert len(held_out) == 24 and not [r["id"] for r in held_out if shingles(r["prompt"]) & benchmark]
     assert benchmark and len(exact) > 1000, "the benchmark prompts were not read: the test would pass vacuously"
