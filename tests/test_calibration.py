@@ -73,6 +73,24 @@ def test_measured_once_then_read_from_disk(fresh, monkeypatch):
         assert calibration.verify_costs(target).seconds == (1.0, 1.2)  # measured again, no error
 
 
+def test_a_curve_measured_on_a_busy_machine_is_not_kept(fresh, monkeypatch, capsys):
+    """A tree verified faster than a plain step (another job slowed the plain steps) is used for this process
+    only, with a warning, and measured again by the next; such a file on disk counts as broken."""
+    target = adapter_for(make_target("llama"))
+    busy = VerifyCosts((1, 2, 3), (0.125, 0.115, 0.1))
+    monkeypatch.setattr(calibration, "measure", lambda target, config: busy)
+    assert calibration.verify_costs(target) == busy
+    assert "busy" in capsys.readouterr().err and not list(fresh.glob("*.json"))
+    monkeypatch.setattr(calibration, "_MEMORY", {})
+    monkeypatch.setattr(calibration, "measure", lambda target, config: VerifyCosts((1, 2, 3), (0.1, 0.115, 0.125)))
+    assert calibration.verify_costs(target).seconds == (0.1, 0.115, 0.125)
+    [saved] = fresh.glob("*.json")
+    saved.write_text(json.dumps({"format": calibration.FORMAT, "sizes": [1, 2, 3], "seconds": [0.125, 0.115, 0.1],
+                                 "per_token": [0.0, 0.0, 0.0]}))
+    monkeypatch.setattr(calibration, "_MEMORY", {})
+    assert calibration.verify_costs(target).seconds == (0.1, 0.115, 0.125)  # the busy file: measured again
+
+
 def test_the_key_follows_what_the_cost_depends_on(monkeypatch):
     keys = {calibration.machine_key(adapter_for(make_target("llama", form=form))) for form in ("f32", "bf16", "q4")}
     assert len(keys) == 3
