@@ -8,7 +8,7 @@ matches with a prior (uniform on its own); here the prior is the DFlash drafter'
              / (their total weight + prior)
 
 `prior` = 4 by default: a two-token match (weight 4 with prompt lookup's default weights) gets half the mass, a
-longer one most of it (measured on SmolLM2 at budget 4: 1-6% more tokens per cycle than prior 1, BENCHMARKS.md).
+longer one most of it (measured on SmolLM2 at budget 4: 0-10% more tokens per cycle than prior 1, BENCHMARKS.md).
 With no match this is the DFlash drafter; a long match's continuation dominates it; and where the two disagree
 both keep mass, so the tree branches over both. Where prompt lookup is sure of itself (its best next token weighs
 `alone_at` or more: a match of three tokens or longer with the default weights), the DFlash forward is skipped and
