@@ -27,7 +27,7 @@ from .models import adapter_for
 from .models.base import TargetAdapter, VerifyOutput, join_rows
 from .prompt_cache import PromptCache
 from .sampling import SamplingParams, TokenChooser
-from .tree import Candidates, DraftTree, build_tree, chain_tree, top_candidates
+from .tree import Candidates, DraftTree, Walk, build_tree, chain_tree, top_candidates
 from .tree_size import Acceptance, TreeSizer
 
 METHODS = ("ddtree", "dflash", "ar")
@@ -109,6 +109,7 @@ class Session:
     next_step: VerifyOutput | None = None  # plain decoding: the next step, issued before this one was read
     more_steps: bool = False  # whether another cycle will surely follow this one (set by the loop)
     handed_over: float = 0.0  # seconds this cycle waited handing the queued next step over: that step's time
+    started: float | None = None  # when the verify's last part was handed to the device (Session.start)
     held: list[int] = field(default_factory=list)  # with a prompt cache: the tokens the cache holds,
     held_hidden: list[mx.array] = field(default_factory=list)  # and their captured hidden states
 
@@ -158,7 +159,9 @@ class Session:
         tree = build_tree(self.sizer.acceptance.calibrate(candidates), self.root, self.sizer.cap)
         return self.sizer.size(tree, context)
 
-    def verify(self, tree: DraftTree, context: int) -> tuple[VerifyOutput, np.ndarray]:
+    def verify(self, tree: DraftTree, context: int) -> tuple[VerifyOutput, mx.array]:
+        """The target over the tree, and its own token at every node: still lazy, with the device started on
+        them, so the walk and the commit are built while it computes (the commit reads them)."""
         out, self.next_step = self.next_step, None
         if out is None:
             rows = int(self.sizer.costs.rows(len(tree), context)) if self.sizer is not None else len(tree)
@@ -169,11 +172,20 @@ class Session:
         padded = out.logits.shape[0] > len(tree)
         tokens = self.choose(out.logits[: len(tree)] if padded else out.logits)  # nothing is drawn for padding
         self.queue_next_step(out, tokens)
-        self.sync(tokens)
+        if not out.committed:
+            self.start(tokens)
         for part, seconds in out.profile.items():
             self.stats.verify_parts[part] = self.stats.verify_parts.get(part, 0.0) + seconds
         self.stats.kernels |= out.kernels
-        return out, np.array(tokens)
+        return out, tokens
+
+    def start(self, tokens: mx.array) -> None:
+        """Hand the rest of the verify to the device. MLX returns once only a few dozen operations are left in
+        flight (the device's time); the walk and commit graphs are then built while it finishes (overlapped)."""
+        start = time.perf_counter()
+        mx.async_eval(tokens)
+        self.started = time.perf_counter()
+        self.stats.sync_seconds += self.started - start
 
     def queue_next_step(self, out: VerifyOutput, tokens: mx.array) -> None:
         """Plain decoding, as mlx-lm: queue this step, then build the next one on its still-lazy token while the
@@ -190,32 +202,51 @@ class Session:
         self.stats.overlap_seconds += self.handed_over
 
     @staticmethod
-    def walk(tree: DraftTree, target_tokens: np.ndarray) -> list[int]:
-        """The longest root path whose every draft token is the target's own choice (or draw) at its parent."""
-        path = [0]
-        while (child := tree.children[path[-1]].get(int(target_tokens[path[-1]]))) is not None:
-            path.append(child)
-        return path
+    def walk(tree: DraftTree, target_tokens: mx.array) -> Walk:
+        """The longest root path whose every draft token is the target's own choice (or draw) at its parent,
+        followed on the device (tree.Walk)."""
+        return Walk.of(tree, target_tokens)
 
-    def commit(self, tree: DraftTree, out: VerifyOutput, path: list[int], bonus: int) -> None:
-        accepted = [tree.tokens[node] for node in path]
-        if out.committed:
-            hidden = out.hidden
-        elif self.config.exact_commit:
-            _, hidden = self.target.forward(mx.array(accepted), self.cache, self.capture_layers)
+    def commit(self, tree: DraftTree, out: VerifyOutput, walk: Walk, target_tokens: mx.array) -> tuple[list[int], int]:
+        """Install the accepted path's cache state from what verify captured, built on the device's walk before it
+        is read; then read the path and the target's token after it (the bonus) and return both."""
+        if self.config.exact_commit and not out.committed:
+            path, bonus = self.read(walk, target_tokens)
+            _, hidden = self.target.forward(mx.array([tree.tokens[node] for node in path]), self.cache,
+                                            self.capture_layers)
+            self.sync(hidden, [entry.state for entry in self.cache])
+        elif out.committed:  # a step wrote the cache itself: the next one will wait for it, as in mlx-lm
+            (path, bonus), hidden = self.read(walk, target_tokens), out.hidden
         else:
-            index = mx.array(path)
             for capture, entry in zip(out.captures, self.cache):
-                capture.commit(entry, index)
-            hidden = None if out.hidden is None else out.hidden[index]
+                capture.commit(entry, walk.nodes)
+            hidden = None if out.hidden is None else out.hidden[walk.nodes]
+            path, bonus = self.read(walk, target_tokens, hidden, [entry.state for entry in self.cache])  # skips None
+            self.target.trim_attention(self.cache, len(walk.nodes) - len(path))  # the padding's keys and values
+            hidden = None if hidden is None else hidden[: len(path)]
+        accepted = [tree.tokens[node] for node in path]
         if self.drafter is not None:  # what the drafter has not seen yet (plain steps in between included)
             self.pending_tokens = self.pending_tokens + accepted
             self.pending_hidden = join_rows(self.pending_hidden, hidden)
         self.root = bonus
         self.kv.convert(self.cache)
-        if not out.committed:  # a step wrote the cache itself: the next one will wait for it, as in mlx-lm
-            self.sync(hidden, [entry.state for entry in self.cache])  # mx.eval skips None
         self.hold(accepted, hidden)
+        return path, bonus
+
+    def read(self, walk: Walk, target_tokens: mx.array, *more: Any) -> tuple[list[int], int]:
+        """Wait for the verify (and `more`) on the device; the path and the bonus token. The wait is the verify's
+        time."""
+        if self.started is not None:
+            self.stats.overlap_seconds += time.perf_counter() - self.started
+            self.started = None
+        start = time.perf_counter()
+        mx.eval(walk.nodes, walk.length, target_tokens, *more)
+        waited = time.perf_counter() - start
+        self.stats.sync_seconds += waited
+        self.stats.phase_seconds["verify"] += waited
+        self.stats.phase_seconds["commit"] -= waited  # this cycle's commit lap counts it too
+        path = walk.path()
+        return path, int(np.array(target_tokens)[path[-1]])  # no new op: it would queue behind a queued step
 
     # --- the cycle ------------------------------------------------------------------------------------------
 
@@ -230,10 +261,9 @@ class Session:
         built = stats.lap("build", mark)
         out, target_tokens = self.verify(tree, context)
         verified = stats.lap("verify", built)
-        path = self.walk(tree, target_tokens)
-        bonus = int(target_tokens[path[-1]])
+        walk = self.walk(tree, target_tokens)
         mark = stats.lap("walk", verified)
-        self.commit(tree, out, path, bonus)
+        path, bonus = self.commit(tree, out, walk, target_tokens)
         new = [tree.tokens[node] for node in path[1:]] + [bonus]
         if self.sizer is not None:
             self.sizer.produced(new)  # what earlier peeks would have accepted

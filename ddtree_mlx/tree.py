@@ -1,4 +1,4 @@
-"""The draft tree: best-first construction (DDTree, Algorithm 1) and the index tables verify needs.
+"""The draft tree: best-first construction (DDTree, Algorithm 1), the index tables verify needs, and the walk.
 
 Node 0 is the root: the last committed token, whose target output has not been computed yet. Nodes 1.. are draft
 tokens numbered in pop order, so every parent precedes its children.
@@ -89,6 +89,39 @@ class DraftTree:
                 table[node, :-1] = table[parent, 1:]
             table[node, -1] = cached + node
         return table
+
+
+@dataclass
+class Walk:
+    """The longest root path whose every draft token is the target's own choice at its parent, still on the device:
+    its nodes, root first, padded by repeating the last one to the tree's depth + 1 entries (a shape known before
+    the target's tokens are), and how many of them are the path. A commit can be built on it while the device
+    computes the verify, and the host reads it once, after."""
+
+    nodes: mx.array  # [depth + 1] int32
+    length: mx.array  # [] int32
+
+    @classmethod
+    def of(cls, tree: DraftTree, target_tokens: mx.array) -> "Walk":
+        if len(tree) == 1:  # constants, not ops: evaluating them must not wait behind a queued step
+            return cls(mx.array([0], mx.int32), mx.array(1, mx.int32))
+        tables = np.array([tree.tokens, np.maximum(tree.parents, 0), tree.depths], dtype=np.int32)
+        levels = mx.arange(max(tree.depths) + 1, dtype=mx.int32)
+        return cls(*_walk(mx.array(tables), mx.array(tree.ancestor_mask()), levels, target_tokens))
+
+    def path(self) -> list[int]:
+        """The path's nodes (after the walk was evaluated)."""
+        return self.nodes.tolist()[: self.length.item()]
+
+
+@mx.compile
+def _walk(tables: mx.array, ancestors: mx.array, levels: mx.array, target_tokens: mx.array):
+    tokens, parents, depths = tables
+    matches = (tokens == target_tokens[parents].astype(mx.int32)) | (depths == 0)  # the root is always accepted
+    accepted = ~mx.any(ancestors & ~matches, axis=1)  # every node from the root to it matches; these form one path
+    last = mx.argmax(mx.where(accepted, depths, -1))
+    on_path = ancestors[last] & (depths == mx.minimum(levels, depths[last])[:, None])  # [depth + 1, T]
+    return mx.argmax(on_path.astype(mx.int32), axis=1).astype(mx.int32), depths[last] + 1
 
 
 @dataclass

@@ -163,3 +163,40 @@ def test_time_blocked_handing_the_graph_over_is_the_devices(monkeypatch):
                                   max_new_tokens=16, stop_token_ids=[], tree_budget=4)
     assert result["tree_sizes"] == {4: result["cycles"]}  # verified trees, each handed over early
     assert result["host_overhead_share"] < 0.5  # 20 of every cycle's ~25 ms were the device's
+
+
+def test_a_tree_cycle_waits_for_the_device_once_after_its_draft(monkeypatch):
+    """The walk runs on the device and the commit is built on its padded path before anything is read, so after
+    the draft a tree cycle evaluates once: the verify with the walk and the commit (twice before)."""
+    import mlx.core as mx
+
+    from ddtree_mlx import generate_ddtree_once
+    from ddtree_mlx.generate import Session
+    from tiny import OracleDrafter, greedy_reference, make_target
+
+    model, prompt = make_target("qwen3_5"), [3, 17, 42, 9]
+    truth = prompt + greedy_reference(model, prompt, 16)
+    evals, per_cycle = [0], []
+    evaluate, draft, cycle = mx.eval, Session.draft, Session.cycle
+
+    def counted(*arrays):
+        evals[0] += 1
+        return evaluate(*arrays)
+
+    def drafted(self, method):
+        candidates = draft(self, method)
+        evals[0] = 0  # count from here to the cycle's end
+        return candidates
+
+    def counting_cycle(self):
+        new = cycle(self)
+        per_cycle.append(evals[0])
+        return new
+
+    monkeypatch.setattr(mx, "eval", counted)
+    monkeypatch.setattr(Session, "draft", drafted)
+    monkeypatch.setattr(Session, "cycle", counting_cycle)
+    result = generate_ddtree_once(target_model=model, draft_model=OracleDrafter(truth), prompt_tokens=prompt,
+                                  max_new_tokens=16, stop_token_ids=[], tree_budget=4)
+    assert result["generated_token_ids"] == truth[len(prompt):] and result["avg_acceptance"] > 2
+    assert per_cycle == [1] * result["cycles"]

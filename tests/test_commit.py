@@ -29,8 +29,9 @@ def cache_arrays(cache):
 
 
 @pytest.mark.parametrize("family", ["qwen3_5", "qwen3_5_moe", "qwen3", "llama"])
-@pytest.mark.parametrize("tree_aware", [True, False])
-def test_commit_equals_sequential_forward(family, tree_aware):
+@pytest.mark.parametrize("tree_aware,padding", [(True, 0), (False, 0), (True, 3)])
+def test_commit_equals_sequential_forward(family, tree_aware, padding):
+    """`padding`: the path as the device walk gives it, its last node repeated, then the extra positions trimmed."""
     rng = np.random.default_rng(0)
     target = adapter_for(make_target(family))
     prompt = mx.array([3, 17, 42, 9, 100, 5])
@@ -44,7 +45,8 @@ def test_commit_equals_sequential_forward(family, tree_aware):
     path = tree.path_to(deepest)
     assert len(path) >= 3 and path[1] != 1  # a deep path that is not the first branch
     for capture, entry in zip(out.captures, committed):
-        capture.commit(entry, mx.array(path))
+        capture.commit(entry, mx.array(path + [path[-1]] * padding))
+    target.trim_attention(committed, padding)
     last, hidden = target.forward(mx.array([tree.tokens[n] for n in path]), sequential, layers)
     logits = target.logits(last)
     for got, want in zip(cache_arrays(committed), cache_arrays(sequential)):

@@ -10,6 +10,7 @@ from mlx_lm.sample_utils import apply_top_p
 
 from ddtree_mlx import generate_ddtree_once
 from ddtree_mlx.generate import Session
+from ddtree_mlx.tree import Walk
 from tiny import OracleDrafter, greedy_reference, make_target
 
 PROMPT = [3, 17, 42, 9]
@@ -112,11 +113,12 @@ def test_joint_distribution_of_first_tokens_matches_target(family, temperature, 
 def test_a_biased_walk_is_detected(monkeypatch):
     """The same test with a walk that takes the drafter's first child whenever the draw misses: must reject."""
     def biased_walk(tree, target_tokens):
-        path = [0]
+        path, target_tokens = [0], np.array(target_tokens)
         while tree.children[path[-1]]:
             drawn = tree.children[path[-1]].get(int(target_tokens[path[-1]]))
             path.append(drawn if drawn is not None else min(tree.children[path[-1]].values()))
-        return path
+        padded = path + [path[-1]] * (max(tree.depths) + 1 - len(path))
+        return Walk(mx.array(padded, dtype=mx.int32), mx.array(len(path), dtype=mx.int32))
 
     monkeypatch.setattr(Session, "walk", staticmethod(biased_walk))
     model = peaked_target("qwen3_5")

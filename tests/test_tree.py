@@ -131,3 +131,36 @@ def test_scripted_candidates_are_its_dense_rows_top_tokens(weights, width):
             assert len(set(g.tolist())) == width
             top = values > values[-1]  # ties at the floor may pick other ids
             assert g[top].tolist() == w[top].tolist()
+
+
+def host_walk(tree, target_tokens):
+    """The reference: follow the target's token down the children while it is one."""
+    path = [0]
+    while (child := tree.children[path[-1]].get(int(target_tokens[path[-1]]))) is not None:
+        path.append(child)
+    return path
+
+
+def test_the_device_walk_is_the_host_walk():
+    """Walk.of (on the device, padded to the tree's depth + 1 by repeating the last node) against the direct walk,
+    on bushy trees whose target tokens follow a random root path and then leave it (or go on past the tree)."""
+    import mlx.core as mx
+    from ddtree_mlx.tree import Walk
+
+    deep = off_first_rank = 0
+    for seed in range(40):
+        rng = np.random.default_rng(seed)
+        tree = build_tree(random_candidates(rng, int(rng.integers(1, 7)), int(rng.integers(1, 5))), root_token=7,
+                          budget=int(rng.integers(1, 25)))
+        target = rng.integers(0, 50, size=len(tree))
+        goal = tree.path_to(int(rng.integers(0, len(tree))))
+        for parent, child in zip(goal, goal[1:]):
+            target[parent] = tree.tokens[child]
+        want = host_walk(tree, target)
+        walk = Walk.of(tree, mx.array(target, dtype=mx.uint32))
+        nodes = walk.nodes.tolist()
+        assert walk.path() == want and len(nodes) == max(tree.depths) + 1
+        assert nodes == want + [want[-1]] * (len(nodes) - len(want))
+        deep += len(want) >= 4
+        off_first_rank += any(tree.ranks[node] > 0 for node in want)
+    assert deep >= 5 and off_first_rank >= 5, "the walks stayed shallow or on first-ranked children"

@@ -273,6 +273,13 @@ class TargetAdapter:
     def is_attention_cache(entry: Any) -> bool:
         return hasattr(entry, "offset") and hasattr(entry, "keys")
 
+    def trim_attention(self, cache: list[Any], count: int) -> None:
+        """Drop the newest `count` positions of every attention cache (a commit along a padded path, tree.Walk,
+        appended them); recurrent entries took only the path's last node."""
+        for entry in cache:
+            if count and self.is_attention_cache(entry):
+                entry.trim(count)
+
     def layer_mask(self, layer: Any, hidden: mx.array, cache_entry: Any) -> Any:
         return create_attention_mask(hidden, cache_entry)
 
@@ -402,8 +409,10 @@ EARLY_EVERY = 4  # layers
 
 
 class EarlyStart:
-    """Every EARLY_EVERY layers, start computing what is built so far: the device runs the first layers while
-    Python builds the rest of the graph, instead of waiting for all of it (the same ops, so the same values).
+    """After the first layer and every EARLY_EVERY layers after it, start computing what is built so far: the device
+    runs the first layers while Python builds the rest of the graph, instead of waiting for all of it (the same
+    ops, so the same values). The first hand-over comes after one layer, so the device waits for the building of
+    one layer only (after four, that was most of the host time left in a small model's tree cycle).
     `first` is when the device first got work: graph building after it is hidden behind the device. `waited` is
     how long that first hand-over blocked: MLX returns from async_eval only once few enough operations are left in
     flight (on the CPU backend a few dozen), so with a big graph the caller waits there for the device."""
@@ -415,7 +424,7 @@ class EarlyStart:
     def __call__(self, index: int, h: mx.array, target: TargetAdapter) -> mx.array:
         """`h` after layer `index`; never the last layer's output, which the caller may not need (a prefill
         chunk evaluates only the cache)."""
-        if index % EARLY_EVERY == EARLY_EVERY - 1 and index < target.first_layer + len(target.layers) - 1:
+        if (index - target.first_layer) % EARLY_EVERY == 0 and index < target.first_layer + len(target.layers) - 1:
             start = time.perf_counter()
             mx.async_eval(h)
             if self.first is None:
