@@ -1,5 +1,6 @@
 """The `ddtree-mlx` command: `generate` streams a completion to stdout, `serve` runs the HTTP server,
-`train-drafter` trains a DFlash drafter, `doctor` checks the machine.
+`train-drafter` trains a DFlash drafter (`write-prompts` has the model write prompts for it), `doctor` checks the
+machine.
 
     ddtree-mlx generate "Write a haiku about trees"                  # the embedded SmolLM2, prompt lookup
     ddtree-mlx generate --model mlx-community/Qwen3.5-27B-4bit --budget 16 "..."
@@ -39,7 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def build_parser(serving: bool = False) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ddtree-mlx", description="Lossless tree speculative decoding for MLX.")
     parser.add_argument("--version", action="version", version=f"ddtree-mlx {version('ddtree-mlx')}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{generate,serve,train-drafter,doctor}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{generate,serve,train-drafter,write-prompts,doctor}")
     generate = commands.add_parser("generate", help="stream a completion of one prompt to stdout")
     add_generate_arguments(generate)
     generate.set_defaults(run=run_generate)
@@ -52,6 +53,10 @@ def build_parser(serving: bool = False) -> argparse.ArgumentParser:
     train = commands.add_parser("train-drafter", help="train a DFlash drafter for a model on a prompt file")
     add_train_arguments(train)
     train.set_defaults(run=run_train_drafter)
+    write = commands.add_parser("write-prompts", help="the model writes user requests: a prompt file for "
+                                                      "train-drafter when you have none")
+    add_write_arguments(write)
+    write.set_defaults(run=run_write_prompts)
     doctor = commands.add_parser("doctor", help="check this machine: versions, BLAS, Metal kernels, lossless self-test")
     doctor.add_argument("--model", help="model for the self-test (default: the embedded SmolLM2)")
     doctor.add_argument("--draft", help="drafter for the self-test, as for generate")
@@ -166,6 +171,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=settings.lr)
     parser.add_argument("--max-len", type=positive_int, default=settings.max_len, help="tokens per sequence")
     parser.add_argument("--max-steps", type=positive_int, help="stop after N more steps (resume later)")
+    parser.add_argument("--answers-only", action="store_true", help="regenerate the answers and stop (train later)")
     parser.add_argument("--vocab", choices=("full", "data"), default=settings.vocab,
                         help="training softmax over the whole vocabulary, or only the tokens in the data (faster; "
                              "evaluation always uses the whole vocabulary)")
@@ -183,8 +189,37 @@ def run_train_drafter(args: argparse.Namespace) -> int:
                         mask_token_id=args.mask_token_id, max_prompts=args.max_prompts,
                         answer_tokens=args.answer_tokens, gen_batch=args.gen_batch, temperature=args.temperature,
                         max_steps=args.max_steps, eval_prompts=args.eval_prompts, eval_count=args.eval_count,
-                        init=args.init)
-    print(f"drafter: {out} (use it with --draft {out})", file=sys.stderr)
+                        init=args.init, answers_only=args.answers_only)
+    if args.answers_only:
+        print(f"answers: {out} (rerun without --answers-only to train on them)", file=sys.stderr)
+    else:
+        print(f"drafter: {out} (use it with --draft {out})", file=sys.stderr)
+    return 0
+
+
+def add_write_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="the target: local directory or repo id (default: the embedded SmolLM2)")
+    parser.add_argument("--out", required=True, help="JSON Lines file to append to (a rerun resumes)")
+    parser.add_argument("--count", type=positive_int, required=True, help="prompts the file should hold at least (whole batches)")
+    parser.add_argument("--exclude", action="append", default=[], metavar="FILE.jsonl",
+                        help="keep nothing sharing 8 words in a row with this file's prompts (your evaluation "
+                             "set; benchmark.py's bundled sets are always excluded); repeatable")
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: 1)")
+    parser.add_argument("--batch", type=positive_int, default=32, help="requests sampled per batch")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def run_write_prompts(args: argparse.Namespace) -> int:
+    from .written_prompts import excluded_runs, write_prompts
+
+    if args.temperature <= 0:
+        raise ValueError("--temperature must be above 0: greedy would write the same request every time")
+    excluded_runs(args.exclude)  # a missing file fails before the model loads
+    target, tokenizer, _ = load(args.model, "prompt-lookup")
+    held = write_prompts(target, tokenizer, args.out, args.count, exclude=args.exclude, batch_size=args.batch,
+                         temperature=args.temperature, seed=args.seed)
+    print(f"{args.out}: {held} prompts (train on them with: ddtree-mlx train-drafter --prompts {args.out} ...)",
+          file=sys.stderr)
     return 0
 
 

@@ -426,10 +426,12 @@ def train_drafter(model: str | None, prompts_file: str | Path, out_dir: str | Pa
                   settings: TrainSettings = TrainSettings(), mask_token_id: int | None = None,
                   max_prompts: int | None = None, answer_tokens: int = 256, gen_batch: int = 32,
                   temperature: float = 0.0, max_steps: int | None = None, eval_prompts: str | Path | None = None,
-                  eval_count: int = 40, init: str | Path | None = None, progress: bool = True) -> Path:
+                  eval_count: int = 40, init: str | Path | None = None, answers_only: bool = False,
+                  progress: bool = True) -> Path:
     """Regenerate answers (out_dir/answers.jsonl), train (out_dir/train/), evaluate on held-out prompts
-    (out_dir/train/eval.jsonl), export (out_dir/drafter/) and plot the curve (out_dir/curve.png). Every stage
-    resumes: run the same command again after an interrupt."""
+    (out_dir/train/eval.jsonl), export (out_dir/drafter/) and plot the curve (out_dir/curve.png); returns the
+    export, or with `answers_only` the answers file once they are all there. Every stage resumes: run the same
+    command again after an interrupt."""
     from .drafter_data import read_answers, read_prompts, regenerate
     from .loading import load
 
@@ -443,6 +445,8 @@ def train_drafter(model: str | None, prompts_file: str | Path, out_dir: str | Pa
         regenerate(target, tokenizer, rows, out / name, batch_size=gen_batch, max_tokens=answer_tokens,
                    temperature=temperature, progress=progress)
         answers[name] = read_answers(out / name, rows)
+    if answers_only:
+        return out / "answers.jsonl"
     if mask_token_id is None:
         mask_token_id = choose_mask_token(tokenizer, answers["answers.jsonl"])
     shape = DrafterShape(shape.block_size, shape.layers, shape.taps, mask_token_id)

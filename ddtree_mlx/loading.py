@@ -83,8 +83,8 @@ def load(model: str | None = None, draft: str | None = None, *, cache_dir: str |
 
 
 def load_drafter(model: str | None, draft: str | None) -> Any:
-    # The embedded model's default mixes prompt lookup into its trained drafter's drafts: measured faster than
-    # either alone on all five prompt sets (BENCHMARKS.md, "Prompt lookup mixed into the trained drafter").
+    # The embedded model's default mixes prompt lookup into its trained drafter's drafts: the fastest of the three
+    # on code and math, close to the best elsewhere (BENCHMARKS.md, "The broad phase, and prompt lookup mixed in").
     if draft is None and model is None:
         draft = "dflash" + LOOKUP
     if draft is not None and draft.endswith(LOOKUP):  # a DFlash drafter with prompt lookup mixed in

@@ -125,8 +125,11 @@ def test_train_drafter_command_end_to_end(tmp_path):
     command = ["train-drafter", "--prompts", str(prompts), "--out", str(tmp_path / "run"), "--answer-tokens", "12",
                "--eval-prompts", str(prompts), "--eval-count", "1",
                "--block-size", "4", "--taps", "2", "--anchors", "4", "--accumulate", "1", "--epochs", "1"]
-    assert main(command) == 0
+    assert main(command + ["--answers-only"]) == 0  # the data first, no training
     answers = (tmp_path / "run" / "answers.jsonl").read_text().splitlines()
+    assert len(answers) == 2 and not (tmp_path / "run" / "train").exists()
+    assert main(command) == 0
+    assert (tmp_path / "run" / "answers.jsonl").read_text().splitlines() == answers  # not regenerated
     log = (tmp_path / "run" / "train" / "log.jsonl").read_text().splitlines()
     assert len(answers) == 2 and len(log) == 2
     assert len(json.loads((tmp_path / "run" / "train" / "eval.jsonl").read_text())["acceptance"]) == 3
@@ -136,3 +139,16 @@ def test_train_drafter_command_end_to_end(tmp_path):
     _, _, drafter = load(None, str(tmp_path / "run" / "drafter"))
     assert drafter.block_size == 4 and len(drafter.target_layer_ids) == 2
     assert drafter.model.mask_token_id == 16  # <empty_output>: SmolLM2 has no mask token; never a stop token
+
+
+def test_write_prompts_command_on_the_real_model(tmp_path):
+    """SmolLM2 writes user requests from the start of its user turn: whole requests, no chat markup, resumable."""
+    from ddtree_mlx.cli import main
+
+    out = tmp_path / "written.jsonl"
+    assert main(["write-prompts", "--out", str(out), "--count", "3", "--batch", "8"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) >= 3 and len({row["prompt"] for row in rows}) == len(rows)
+    assert not any("<|im_" in row["prompt"] for row in rows)
+    assert main(["write-prompts", "--out", str(out), "--count", "3", "--batch", "8"]) == 0  # held: nothing added
+    assert len(out.read_text().splitlines()) == len(rows)

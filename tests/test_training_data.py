@@ -20,16 +20,16 @@ def shingles(text, n=8):
 
 
 def test_no_training_prompt_is_a_benchmark_prompt():
-    """The instructions written for the drafter (and the standard-library stubs) share no run of eight words with
-    any benchmark prompt; the GSM8K questions (whose phrasing is formulaic: "how many ... are in the") are none of
-    the held-out ones."""
+    """The instructions written for the drafter (the standard-library stubs and the requests SmolLM2 wrote itself
+    included) share no run of eight words with any benchmark prompt; the GSM8K questions (whose phrasing is
+    formulaic: "how many ... are in the") are none of the held-out ones."""
     benchmark, exact = set(), set()
     for name in BENCHMARKS:
         for line in (ROOT / "ddtree_mlx" / "prompts" / name).read_text().splitlines():
             for text in texts(json.loads(line)):
                 benchmark |= shingles(text)
                 exact.add(text.strip())
-    for name, gsm8k in (("general_prompts.jsonl", 1248), ("broad_prompts.jsonl", 500)):
+    for name, gsm8k in (("general_prompts.jsonl", 1248), ("broad_prompts.jsonl", 500), ("self_prompts.jsonl", 500)):
         rows = [json.loads(line) for line in (ROOT / "drafters/smollm2-135m" / name).read_text().splitlines()]
         written = [r for r in rows if not r["id"].startswith("gsm8k-")]
         assert len(written) > 500 and len(rows) - len(written) == gsm8k

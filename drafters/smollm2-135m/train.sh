@@ -7,14 +7,17 @@
 #                 step 2,900 of 3,744 once held-out acceptance had flattened;
 #   PHASE=general (done: logs in general/) from the math phase's export: 2 epochs over those answers plus the 502
 #                 written instructions' (general_prompts.jsonl: code, explanations, writing, advice), lr 3e-4;
-#   PHASE=broad   (default) from the general phase's export: 2 epochs over broad_prompts.jsonl (500 of the GSM8K
-#                 answers, the 502 instructions, 430 standard-library stubs and 296 more instructions), lr 3e-4.
+#   PHASE=broad   (done: logs in broad/; the shipped export) from the general phase's export: 2 epochs over
+#                 broad_prompts.jsonl (500 of the GSM8K answers, the 502 instructions, 430 standard-library stubs and
+#                 296 more instructions), lr 3e-4;
+#   PHASE=self    (default) from the broad export: 2 epochs over self_prompts.jsonl (broad_prompts.jsonl plus the
+#                 requests SmolLM2 wrote itself, written_prompts.jsonl), lr 3e-4.
 set -e
 STRETCH=${STRETCH:-500}
-if [ "${PHASE:-broad}" = math ]; then
+if [ "${PHASE:-self}" = math ]; then
   DATA="--prompts drafters/smollm2-135m/train_prompts.jsonl --max-prompts 1248 --epochs 12"
 else
-  DATA="--prompts drafters/smollm2-135m/${PHASE:-broad}_prompts.jsonl --epochs 2 --lr 3e-4"
+  DATA="--prompts drafters/smollm2-135m/${PHASE:-self}_prompts.jsonl --epochs 2 --lr 3e-4"
   [ -f drafters/smollm2-135m/train/checkpoint.json ] || DATA="$DATA --init ddtree_mlx/smollm2_drafter"
 fi
 while :; do
