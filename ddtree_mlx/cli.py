@@ -40,7 +40,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def build_parser(serving: bool = False) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ddtree-mlx", description="Lossless tree speculative decoding for MLX.")
     parser.add_argument("--version", action="version", version=f"ddtree-mlx {version('ddtree-mlx')}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{generate,serve,train-drafter,write-prompts,doctor}")
+    commands = parser.add_subparsers(dest="command", required=True,
+                                     metavar="{generate,serve,train-drafter,write-prompts,doctor}")
     generate = commands.add_parser("generate", help="stream a completion of one prompt to stdout")
     add_generate_arguments(generate)
     generate.set_defaults(run=run_generate)
@@ -200,7 +201,8 @@ def run_train_drafter(args: argparse.Namespace) -> int:
 def add_write_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="the target: local directory or repo id (default: the embedded SmolLM2)")
     parser.add_argument("--out", required=True, help="JSON Lines file to append to (a rerun resumes)")
-    parser.add_argument("--count", type=positive_int, required=True, help="prompts the file should hold at least (whole batches)")
+    parser.add_argument("--count", type=positive_int, required=True,
+                        help="prompts the file should hold at least (whole batches)")
     parser.add_argument("--exclude", action="append", default=[], metavar="FILE.jsonl",
                         help="keep nothing sharing 8 words in a row with this file's prompts (your evaluation "
                              "set; benchmark.py's bundled sets are always excluded); repeatable")

@@ -5,9 +5,9 @@ words would go), writes a user's request: sampled, such requests cover what the 
 (questions, tasks, code, writing) with no dataset behind them. The drafter then trains on the target's own answers
 to them (drafter_data.regenerate), which is what it must predict.
 
-Requests are sampled in seeded batches and appended to a JSON Lines file (`{"id", "prompt", "batch", "kept"}`), so an interrupted
-run resumes and gives the same file; duplicates, fragments and anything sharing a run of words with an excluded
-prompt file (a benchmark set: never train on it) are dropped.
+Requests are sampled in seeded batches and appended to a JSON Lines file (`{"id", "prompt", "batch", "kept"}`),
+so an interrupted run resumes and gives the same file; duplicates, fragments and anything sharing a run of words
+with an excluded prompt file (a benchmark set: never train on it) are dropped.
 """
 
 from __future__ import annotations
@@ -66,8 +66,12 @@ def excluded_runs(files: Iterable[str | Path]) -> set[str]:
     for file in files:
         if not Path(file).is_file():
             raise ValueError(f"excluded prompt file {file} does not exist")
-        for line in Path(file).read_text().splitlines():
-            for text in strings(json.loads(line)) if line.strip() else ():
+        for number, line in enumerate(Path(file).read_text().splitlines(), start=1):
+            try:
+                row = json.loads(line) if line.strip() else None
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{file}:{number} is not valid JSON ({error.msg}); one JSON object per line") from None
+            for text in strings(row):
                 runs |= word_runs(text)
     return runs
 
@@ -96,7 +100,8 @@ def write_prompts(model: Any, tokenizer: Any, out: str | Path, count: int, *, ex
     drop_torn_tail(out)
     rows = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
     batch = max((row["batch"] for row in rows), default=-1)
-    if sum(row["batch"] == batch for row in rows) < max((row["kept"] for row in rows if row["batch"] == batch), default=0):
+    last = [row for row in rows if row["batch"] == batch]
+    if last and len(last) < last[0]["kept"]:
         # An interrupt cut the last batch's write short: it is drawn again, whole.
         rows = [row for row in rows if row["batch"] < batch]
         out.write_text("".join(json.dumps(row) + "\n" for row in rows))

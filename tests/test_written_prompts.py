@@ -54,6 +54,11 @@ def test_bad_input_fails_before_the_model_loads(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["write-prompts", "--out", str(tmp_path / "p.jsonl"), "--count", "3", "--exclude", "missing.jsonl"])
     assert "missing.jsonl does not exist" in capsys.readouterr().err
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "fine"}\nnot json\n')
+    with pytest.raises(SystemExit):
+        main(["write-prompts", "--out", str(tmp_path / "p.jsonl"), "--count", "3", "--exclude",
+              str(tmp_path / "bad.jsonl")])
+    assert "bad.jsonl:2 is not valid JSON" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["write-prompts", "--out", str(tmp_path / "p.jsonl"), "--count", "0"])
     with pytest.raises(SystemExit):
