@@ -127,4 +127,7 @@ def test_the_server_under_mlx_launch(tmp_path):
     assert len(followed) == 6 and len(followed[1]) < 40
     for row, tokens in zip(rows, followed[:1] + followed[2:]):
         assert tokenizer.encode(row["got"]) == tokens[: len(tokenizer.encode(row["got"]))]
-    assert rows[3]["temperature"] == 1.0 and len(followed[4]) == 12
+    # Unseeded at temperature 1, the draw may end in the stop token before its 12 tokens: rank 1 stops there too.
+    sampled = followed[4]
+    assert rows[3]["temperature"] == 1.0 and rows[3]["finish"] in ("length", "stop")
+    assert len(sampled) == 12 if rows[3]["finish"] == "length" else sampled[-1] == tokenizer.eos_token_id
