@@ -28,7 +28,7 @@ from .models.base import TargetAdapter, VerifyOutput, join_rows
 from .prompt_cache import PromptCache
 from .sampling import SamplingParams, TokenChooser
 from .tree import Candidates, DraftTree, Walk, build_tree, chain_tree, top_candidates
-from .tree_size import Acceptance, TreeSizer
+from .tree_size import TreeSizer
 
 METHODS = ("ddtree", "dflash", "ar")
 PHASES = ("draft", "build", "verify", "walk", "commit")
@@ -440,18 +440,19 @@ def stream_generate(
         drafter.reset(target, prompt)
     cache = target.make_cache()
     target.check_cache(cache)
-    stats = GenerationStats(prompt_tokens=len(prompt), sizer=tree_sizer_for(target, config, method, drafter, len(prompt)))
+    max_new_tokens = min(max_new_tokens, room)  # generation ends with the context: "length"
+    sizer = tree_sizer_for(target, config, method, drafter, len(prompt), max_new_tokens)
     session = Session(target=target, drafter=drafter, config=config, method=method, cache=cache,
-                      choose=TokenChooser(sampling), stats=stats,
+                      choose=TokenChooser(sampling), stats=GenerationStats(prompt_tokens=len(prompt), sizer=sizer),
                       prompt_cache=prompt_cache, kv=kv)
-    return _run(session, prompt, min(max_new_tokens, room), stops, prompt_checkpoints)  # generation ends with the context: "length"
+    return _run(session, prompt, max_new_tokens, stops, prompt_checkpoints)
 
 
 def tree_sizer_for(target: TargetAdapter, config: DDTreeConfig, method: str, drafter: Drafter | None,
-                   context: int) -> TreeSizer | None:
+                   context: int, max_new_tokens: int) -> TreeSizer | None:
     """DDTREE_BUDGET=auto: trees sized per cycle from this machine's verify costs (measured once per model) and
-    what this kind of drafter's proposals have been worth to this target, learned over earlier generations too
-    (a generation of a few dozen tokens is too short to learn it alone)."""
+    what this kind of drafter's proposals have been worth to this target and what its drafts cost, learned over
+    earlier generations too (a generation of a few dozen tokens is too short to learn it alone)."""
     if method != "ddtree" or config.budget != "auto":
         return None
     from .calibration import verify_costs
@@ -460,12 +461,14 @@ def tree_sizer_for(target: TargetAdapter, config: DDTreeConfig, method: str, dra
         costs = verify_costs(target, config)
     # The costs stand for the target on this machine (one measured curve per model, dtype and device).
     kind = (costs, type(drafter).__name__, drafter.block_size, tuple(drafter.target_layer_ids))
-    acceptance = LEARNED.setdefault(kind, Acceptance())
-    acceptance.new_text()
-    return TreeSizer(costs, config.max_budget, acceptance=acceptance, group=target.group, context=context)
+    sizer = TreeSizer(costs, config.max_budget, group=target.group, context=context)
+    if kind in LEARNED:
+        sizer.carry(LEARNED[kind], max_new_tokens)
+    LEARNED[kind] = sizer
+    return sizer
 
 
-LEARNED: dict[tuple, Acceptance] = {}  # per target and kind of drafter: what its proposals were worth
+LEARNED: dict[tuple, TreeSizer] = {}  # per target and kind of drafter: the last generation's sizer
 
 
 def _run(session: Session, prompt: list[int], max_new_tokens: int, stops: set[int],

@@ -20,8 +20,11 @@ highest tokens per second). n = 0 verifies the root alone, a plain decoding step
 Draft or not. Drafting costs time too (a DFlash drafter's forward). After each drafted cycle the sizer knows what
 the draft was worth over not drafting, E(n*) - rate * V(n*) - (1 - rate * S) with S a queued plain step's time,
 and what it cost, rate * seconds drafting; while the recent average says it does not pay, cycles are plain steps,
-with a draft every PROBE_EVERY cycles to notice when the text changes, twice as far apart after each probe that
-did not pay (up to PROBE_MAX: a probe costs what drafting does, which on text where drafts never pay adds up).
+with a probe (a draft) every PROBE_EVERY cycles to notice when the text changes, or further apart where a draft
+costs more than PROBE_SHARE of that many plain steps (a draft of two steps on the reference BLAS), so probing
+costs at most about that share; twice as far apart after each probe that did not pay (up to PROBE_BACKOFF times).
+What a draft costs here carries over to the next generation with the same kind of drafter, and where drafts are
+that dear, whether drafting paid (`carry`).
 A drafter that costs almost nothing (prompt lookup) drafts during every queued plain step instead, on the host
 while the device runs the step, so drafting resumes within a few cycles of drafts that would pay. Such a peeked
 tree is also evidence for free: the plain steps after it produce the target's own tokens, which are exactly what
@@ -32,7 +35,7 @@ Every choice here changes speed only: verify and walk keep the output the target
 
 from __future__ import annotations
 
-from dataclasses import InitVar, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Container
 
 import numpy as np
@@ -49,8 +52,9 @@ MEMORY = 0.995  # per drafted cycle: old observations fade, so the estimate foll
 RECENT_MEMORY = 0.9  # the same for the generation's own last few cycles
 RECENT_PRIOR = 2.0  # the long-run estimate counts as this many recent observations
 SMOOTHING = 0.1  # weight of the newest cycle in the moving averages of time and tokens
-PROBE_EVERY = 8  # while drafting does not pay, draft once every this many cycles at first
-PROBE_MAX = 64
+PROBE_EVERY = 8  # while drafting does not pay, draft once every this many cycles at first,
+PROBE_SHARE = 0.03  # or further apart where drafts are dear, so probes take at most about this share of the time
+PROBE_BACKOFF = 8  # probes that keep failing come at most this many times further apart
 PEEK_SHARE = 0.05  # a drafter this cheap beside a cycle drafts during queued plain steps too (TreeSizer.peeked)
 
 
@@ -177,17 +181,17 @@ class TreeSizer:
     drafting: float = 0.0  # moving average of seconds spent drafting and building a tree
     gain: float = 0.0  # moving average of what a draft was worth over a plain step, in tokens
     last_gain: float = 0.0  # the newest draft's worth, before its cost
-    skipped: int = 0
-    probe_every: int = PROBE_EVERY
+    skipped: int = 0  # plain cycles since the last draft
+    backoff: int = 1  # 2 ** (probes that failed in a row), up to PROBE_BACKOFF
     probing: bool = False  # this cycle drafts only to check whether drafting pays again
     peeks: list[Peek] = field(default_factory=list)  # peeked trees whose outcome is not known yet
     group: Any = None  # tensor parallel: every rank decides from rank 0's timings (distributed.py)
-    context: InitVar[int] = 0  # the prompt's length
+    context: int = 0  # tokens in the cache: the prompt's length, then the last cycle's
 
-    def __post_init__(self, context: int) -> None:
+    def __post_init__(self) -> None:
         # Until cycles are measured: plain decoding's rate after the prompt (at 6K tokens half the rate at 32, and
         # a rate too high prices every node too high).
-        self.seconds = float(self.costs.at(1, context))
+        self.seconds = float(self.costs.at(1, self.context))
 
     @property
     def rate(self) -> float:
@@ -211,8 +215,24 @@ class TreeSizer:
 
     # --- before drafting -------------------------------------------------------------------------------------
 
+    def carry(self, last: TreeSizer, max_new_tokens: int) -> None:
+        """A new generation with the kind of drafter `last` sized for, on the same target: what its proposals were
+        worth and what a draft costs (the machine's, not the text's) carry over. Whether drafting paid was the last
+        text's: this one finds out for itself, its first cycle drafting as a first generation's does, unless one
+        probe costs more than this generation's share for probes (a draft of a few steps, a short generation):
+        then the last verdict stands until a probe is due."""
+        self.acceptance = last.acceptance
+        self.acceptance.new_text()
+        self.drafting = last.drafting
+        if self.probe_every() > max_new_tokens:
+            self.gain = last.gain
+
+    def probe_every(self) -> float:
+        """Plain cycles from one probe to the next."""
+        return self.backoff * max(PROBE_EVERY, self.drafting / (PROBE_SHARE * self.step_seconds(self.context)))
+
     def will_draft(self) -> bool:
-        return self.gain >= 0 or self.skipped + 1 >= self.probe_every
+        return self.gain >= 0 or self.skipped + 1 >= self.probe_every()
 
     def pick(self, method: str) -> str:
         """The method of the next cycle: `method`, or "ar" while drafting does not pay."""
@@ -256,7 +276,7 @@ class TreeSizer:
         self.drafted(seconds)
         self.gain += SMOOTHING * (self.net_gain() - self.gain)
         if self.gain >= 0:
-            self.probe_every = PROBE_EVERY
+            self.backoff = 1
 
     # --- after the cycle -------------------------------------------------------------------------------------
 
@@ -274,6 +294,7 @@ class TreeSizer:
     def record(self, candidates: Candidates | None, tree: DraftTree, path: list[int], committed: int,
                seconds: float, drafting: float, context: int) -> None:
         """A cycle ended: `committed` tokens in `seconds`, `drafting` of them spent drafting and building."""
+        self.context = context
         self.tokens += SMOOTHING * (committed - self.tokens)
         self.seconds += SMOOTHING * (seconds - self.seconds)
         ratio = (seconds - drafting) / float(self.costs.at(len(tree), context))
@@ -291,7 +312,7 @@ class TreeSizer:
             # would need many probes to be believed.
             self.gain = gain if self.probing else self.gain + SMOOTHING * (gain - self.gain)
             if self.probing:
-                self.probe_every = PROBE_EVERY if gain >= 0 else min(2 * self.probe_every, PROBE_MAX)
+                self.backoff = 1 if gain >= 0 else min(2 * self.backoff, PROBE_BACKOFF)
         self.share()
 
     def share(self) -> None:

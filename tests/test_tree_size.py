@@ -6,7 +6,7 @@ import pytest
 
 from ddtree_mlx.calibration import VerifyCosts
 from ddtree_mlx.tree import Candidates, DraftTree, build_tree
-from ddtree_mlx.tree_size import MEMORY, PROBE_EVERY, PROBE_MAX, Acceptance, TreeSizer
+from ddtree_mlx.tree_size import MEMORY, PROBE_BACKOFF, PROBE_EVERY, PROBE_SHARE, Acceptance, TreeSizer
 from test_tree import all_prefixes, random_candidates
 
 SHORT = 32  # the calibration's own context: its curve as measured
@@ -77,36 +77,66 @@ def test_acceptance_learns_what_the_drafter_is_worth():
 
 
 def test_drafting_stops_when_it_does_not_pay_and_is_probed():
+    """Drafts cost 1.2 plain steps and are never accepted: plain steps, with a probe once a draft costs PROBE_SHARE
+    of the plain steps since the last one (40 here, more than PROBE_EVERY), twice that after each probe that
+    failed (up to PROBE_BACKOFF times). When the text changes, the next probe brings drafting back to stay."""
     sizer = TreeSizer(VerifyCosts((1, 2), (0.01, 0.011)), cap=8)
     candidates = Candidates(np.array([[5, 6]]), np.log([[0.5, 0.1]]))
+    step, draft = 0.01, 0.012
     picks = []
-    for cycle in range(60):
-        method = sizer.pick("ddtree")
-        picks.append(method)
-        if method == "ar":
-            sizer.record(None, DraftTree.root_only(0), [0], 1, 0.01, 0.0, SHORT)
+    for _ in range(1500):
+        picks.append(sizer.pick("ddtree"))
+        if picks[-1] == "ar":
+            sizer.record(None, DraftTree.root_only(0), [0], 1, step, 0.0, SHORT)
             continue
         tree = sizer.size(build_tree(sizer.acceptance.calibrate(candidates), 0, 8), SHORT)
-        # Drafting takes 30 ms, three plain steps' time, and the draft is never accepted.
-        sizer.record(candidates, tree, [0], 1, 0.04 + 0.01, 0.04, SHORT)
+        sizer.record(candidates, tree, [0], 1, draft + step, draft, SHORT)
     assert picks[:2] == ["ddtree", "ar"]  # the first draft shows it costs more than it brings
-    rest = picks[20:]
-    assert rest.count("ar") >= 30 and 0 < rest.count("ddtree") <= len(rest) // PROBE_EVERY + 1
-    probes = [i for i, pick in enumerate(picks) if pick == "ddtree"][-3:]
-    assert probes[2] - probes[1] > probes[1] - probes[0] >= PROBE_EVERY  # each probe that failed: further apart
+    probes = [i for i, pick in enumerate(picks) if pick == "ddtree"]
+    waits = np.diff(probes) - 1  # plain steps between probes
+    first = draft / PROBE_SHARE / step  # 40 cycles: a probe costs 3% of the time
+    assert first > PROBE_EVERY
+    assert waits.tolist() == pytest.approx([first * 2**k for k in range(len(waits))][:3] + [first * PROBE_BACKOFF]
+                                           * (len(waits) - 3), abs=1)
+    assert len(probes) * draft < 1.5 * PROBE_SHARE * len(picks) * step  # what probing cost, roughly its share
     # The text changes: every draft is accepted. The next probe brings drafting back to stay.
     candidates = Candidates(np.arange(8)[:, None], np.log(np.full((8, 1), 0.99)))
     picks = []
-    for _ in range(2 * PROBE_MAX):
+    for _ in range(int(2 * PROBE_BACKOFF * first)):
         picks.append(sizer.pick("ddtree"))
         if picks[-1] == "ddtree":
             tree = sizer.size(build_tree(sizer.acceptance.calibrate(candidates), 0, 8), SHORT)
-            sizer.record(candidates, tree, list(range(len(tree))), len(tree), 0.04 + 0.012, 0.04, SHORT)
+            sizer.record(candidates, tree, list(range(len(tree))), len(tree), draft + 0.012, draft, SHORT)
         else:
-            sizer.record(None, DraftTree.root_only(0), [0], 1, 0.01, 0.0, SHORT)
-    first = picks.index("ddtree")
-    assert first < PROBE_MAX and set(picks[first:]) == {"ddtree"}
-    assert sizer.probe_every == PROBE_EVERY  # a probe that paid: back to probing often
+            sizer.record(None, DraftTree.root_only(0), [0], 1, step, 0.0, SHORT)
+    start = picks.index("ddtree")
+    assert start <= PROBE_BACKOFF * first + 1 and set(picks[start:]) == {"ddtree"}
+    assert sizer.backoff == 1  # a probe that paid: back to probing often
+
+
+def test_what_a_draft_costs_carries_over_and_where_drafts_are_dear_whether_they_paid():
+    """Drafts that cost two plain steps did not pay in the last generation: a short next one (its first probe
+    would cost more than its share for probes) starts with plain steps and probes once that share is earned; a
+    long one finds out for itself at once, as a first generation does. Drafts that paid are drafted at once."""
+    costs = VerifyCosts((1, 2), (0.01, 0.011))
+    last = TreeSizer(costs, cap=8)
+    last.drafting, last.gain, last.backoff = 0.02, -0.3, PROBE_BACKOFF
+
+    def next_generation(max_new_tokens):
+        sizer = TreeSizer(costs, cap=8)
+        sizer.carry(last, max_new_tokens)
+        assert sizer.acceptance is last.acceptance and (sizer.drafting, sizer.backoff) == (0.02, 1)
+        return sizer
+
+    wait = 0.02 / PROBE_SHARE / 0.01  # plain cycles a probe's cost buys: 66.7
+    short, long = next_generation(int(wait) - 1), next_generation(int(wait) + 1)
+    assert not short.will_draft() and long.pick("ddtree") == "ddtree" and not long.probing
+    for _ in range(int(wait)):  # 66 plain steps
+        assert short.pick("ddtree") == "ar"
+        short.record(None, DraftTree.root_only(0), [0], 1, 0.01, 0.0, SHORT)
+    assert short.pick("ddtree") == "ddtree" and short.probing  # the first probe, once its share is earned
+    last.gain = 0.2
+    assert next_generation(1).pick("ddtree") == "ddtree"
 
 
 def test_the_cycles_correct_the_curve():
@@ -207,11 +237,13 @@ def test_what_drafts_were_worth_carries_over_to_the_next_generation():
     run = lambda drafter: generate_ddtree_once(target_model=model, draft_model=drafter, prompt_tokens=prompt,  # noqa: E731
                                                max_new_tokens=24, stop_token_ids=[], tree_budget="auto")
     run(OracleDrafter(truth))
-    [(kind, learned)] = LEARNED.items()
-    tried = learned.trials.sum()
+    [(kind, first)] = LEARNED.items()
+    learned, tried = first.acceptance, first.acceptance.trials.sum()
     assert tried > 0 and kind[1:] == ("ScriptedDrafter", 8, ())
     run(OracleDrafter(truth, seed=1))
-    assert len(LEARNED) == 1 and learned.trials.sum() > tried * MEMORY ** 40  # the same lessons, added to
+    assert len(LEARNED) == 1 and LEARNED[kind] is not first and LEARNED[kind].acceptance is learned
+    assert learned.trials.sum() > tried * MEMORY ** 40  # the same lessons, added to
+    assert LEARNED[kind].drafting > 0  # and what a draft costs here
     run(PromptLookupDrafter())
     assert len(LEARNED) == 2
 
@@ -221,7 +253,7 @@ def test_a_cheap_drafter_peeks_during_plain_steps():
     device runs the step) that would pay brings drafting back at once, without waiting for a probe. A drafter
     that costs a tenth of a cycle does not peek."""
     sizer = TreeSizer(VerifyCosts((1, 2), (0.01, 0.0101)), cap=8)
-    sizer.tokens, sizer.seconds, sizer.gain, sizer.probe_every = 1.0, 0.01, -0.5, PROBE_MAX
+    sizer.tokens, sizer.seconds, sizer.gain, sizer.backoff, sizer.drafting = 1.0, 0.01, -0.5, PROBE_BACKOFF, 0.0002
     assert not sizer.will_draft() and sizer.can_peek()
     unsure = Candidates(np.arange(8)[:, None], np.log(np.full((8, 1), 0.02)))
     tree = build_tree(sizer.acceptance.calibrate(unsure), 0, 8)
@@ -235,7 +267,7 @@ def test_a_cheap_drafter_peeks_during_plain_steps():
         sizer.peeked(sure, tree, 0.0002)
         if sizer.will_draft():
             break
-    assert sizer.will_draft() and peeks <= 2 and sizer.probe_every == PROBE_EVERY
+    assert sizer.will_draft() and peeks <= 2 and sizer.backoff == 1
     dear = TreeSizer(VerifyCosts((1, 2), (0.01, 0.0101)), cap=8)
     dear.seconds = 0.01
     dear.drafted(0.001)  # a draft that waited for the device: a tenth of a cycle
