@@ -155,8 +155,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                                                          "chat 'messages'); the target writes the answers itself")
     parser.add_argument("--out", required=True, help="directory for answers, checkpoints, curve and the drafter")
     parser.add_argument("--max-prompts", type=positive_int, help="use the first N prompts")
-    parser.add_argument("--eval-prompts", help="held-out prompt file: per-position acceptance after training")
-    parser.add_argument("--eval-count", type=positive_int, default=40, help="held-out prompts used (default 40)")
+    parser.add_argument("--eval-prompts", nargs="+", default=[], metavar="FILE",
+                        help="held-out prompt files: per-position acceptance on each after training")
+    parser.add_argument("--eval-count", type=positive_int, default=40, help="held-out prompts used per file "
+                                                                           "(default 40)")
     parser.add_argument("--answer-tokens", type=positive_int, default=256, help="longest answer regenerated")
     parser.add_argument("--gen-batch", type=positive_int, default=32, help="prompts per regeneration batch")
     parser.add_argument("--temperature", type=float, default=0.0, help="regeneration: 0 greedy, else sampled")
@@ -171,7 +173,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sequences per optimizer step (memory stays one sequence's)")
     parser.add_argument("--lr", type=float, default=settings.lr)
     parser.add_argument("--max-len", type=positive_int, default=settings.max_len, help="tokens per sequence")
-    parser.add_argument("--max-steps", type=positive_int, help="stop after N more steps (resume later)")
+    parser.add_argument("--max-steps", type=non_negative_int, help="stop after N more steps (resume later; 0: "
+                                                                   "only evaluate and export)")
     parser.add_argument("--answers-only", action="store_true", help="regenerate the answers and stop (train later)")
     parser.add_argument("--vocab", choices=("full", "data"), default=settings.vocab,
                         help="training softmax over the whole vocabulary, or only the tokens in the data (faster; "

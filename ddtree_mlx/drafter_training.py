@@ -21,7 +21,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -30,7 +30,7 @@ import numpy as np
 from dflash_mlx.model import DFlashDraftModel, DFlashDraftModelArgs, build_target_layer_ids
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from .drafter_data import Example
+from .drafter_data import Example, read_prompts
 from .drafters import DRAFT_VOCAB
 from .models import adapter_for
 from .models.base import TargetAdapter, rope_at
@@ -324,10 +324,11 @@ class Trainer:
                      seconds)
         return rows
 
-    def evaluate(self, examples: list[Example], anchors: int = 32) -> dict:
+    def evaluate(self, examples: list[Example], anchors: int = 32, name: str | None = None) -> dict:
         """Held-out and teacher-forced, over blocks that fit inside the answer: top-1 accuracy per block position,
         and acceptance per position, the share of blocks whose first k draft tokens are all right (what one draft
-        path gets accepted); their sum is the expected accepted length of a single path, before the bonus."""
+        path gets accepted); their sum is the expected accepted length of a single path, before the bonus. `name`:
+        the held-out set's, kept in the row."""
         rng = np.random.default_rng([self.settings.seed, 1 << 21])
         size = self.drafter.block_size - 1
         right, accepted, counted = np.zeros(size), np.zeros(size), np.zeros(size)
@@ -343,7 +344,8 @@ class Trainer:
             accepted += np.cumprod(correct, axis=1).sum(0)
             counted += np.array(valid).sum(0)
         acceptance = accepted / np.maximum(counted, 1)
-        row = {"step": self.step, "accuracy": (right / np.maximum(counted, 1)).round(4).tolist(),
+        row = {"step": self.step, **({"set": name} if name else {}),
+               "accuracy": (right / np.maximum(counted, 1)).round(4).tolist(),
                "acceptance": acceptance.round(4).tolist(), "expected_accepted": float(acceptance.sum())}
         with open(self.out / "eval.jsonl", "a") as log:
             log.write(json.dumps(row) + "\n")
@@ -425,38 +427,51 @@ def export(drafter: DFlashDraftModel, out_dir: str | Path, dtype: mx.Dtype = mx.
 def train_drafter(model: str | None, prompts_file: str | Path, out_dir: str | Path, *, shape: DrafterShape,
                   settings: TrainSettings = TrainSettings(), mask_token_id: int | None = None,
                   max_prompts: int | None = None, answer_tokens: int = 256, gen_batch: int = 32,
-                  temperature: float = 0.0, max_steps: int | None = None, eval_prompts: str | Path | None = None,
+                  temperature: float = 0.0, max_steps: int | None = None, eval_prompts: Sequence[str | Path] = (),
                   eval_count: int = 40, init: str | Path | None = None, answers_only: bool = False,
                   progress: bool = True) -> Path:
-    """Regenerate answers (out_dir/answers.jsonl), train (out_dir/train/), evaluate on held-out prompts
-    (out_dir/train/eval.jsonl), export (out_dir/drafter/) and plot the curve (out_dir/curve.png); returns the
-    export, or with `answers_only` the answers file once they are all there. Every stage resumes: run the same
-    command again after an interrupt."""
-    from .drafter_data import read_answers, read_prompts, regenerate
+    """Regenerate answers (out_dir/answers.jsonl), train (out_dir/train/), evaluate on each held-out prompt file
+    (out_dir/train/eval.jsonl, a row per file named by its stem), export (out_dir/drafter/) and plot the curve
+    (out_dir/curve.png); returns the export, or with `answers_only` the answers file once they are all there.
+    Every stage resumes: run the same command again after an interrupt; `max_steps=0` only evaluates and exports."""
+    from .drafter_data import read_answers, regenerate
     from .loading import load
 
     prompts = read_prompts(prompts_file)[:max_prompts]  # bad data fails before the model loads
-    held_out = read_prompts(eval_prompts)[:eval_count] if eval_prompts else []
+    held_out = held_out_sets(eval_prompts, eval_count)
     target, tokenizer, _ = load(model, "prompt-lookup")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    answers = {}
-    for name, rows in (("answers.jsonl", prompts), ("eval_answers.jsonl", held_out)):
+    everything = [row for rows in held_out.values() for row in rows]
+    for name, rows in (("answers.jsonl", prompts), ("eval_answers.jsonl", everything)):
         regenerate(target, tokenizer, rows, out / name, batch_size=gen_batch, max_tokens=answer_tokens,
                    temperature=temperature, progress=progress)
-        answers[name] = read_answers(out / name, rows)
+    examples = read_answers(out / "answers.jsonl", prompts)
     if answers_only:
         return out / "answers.jsonl"
     if mask_token_id is None:
-        mask_token_id = choose_mask_token(tokenizer, answers["answers.jsonl"])
+        mask_token_id = choose_mask_token(tokenizer, examples)
     shape = DrafterShape(shape.block_size, shape.layers, shape.taps, mask_token_id)
-    trainer = Trainer(target, answers["answers.jsonl"], out / "train", shape, settings, init)
+    trainer = Trainer(target, examples, out / "train", shape, settings, init)
     trainer.train(max_steps=max_steps, progress=progress)
-    if answers["eval_answers.jsonl"]:
-        row = trainer.evaluate(answers["eval_answers.jsonl"])
-        print(f"held-out acceptance per position: {row['acceptance']}", file=sys.stderr)
-    plot_curve(out / "train" / "log.jsonl", out / "curve.png")
+    for name, rows in held_out.items():
+        row = trainer.evaluate(read_answers(out / "eval_answers.jsonl", rows), name=name)
+        print(f"held-out acceptance per position, {name}: {row['acceptance']}", file=sys.stderr)
+    if (out / "train" / "log.jsonl").exists():
+        plot_curve(out / "train" / "log.jsonl", out / "curve.png")
     return export(trainer.drafter, out / "drafter", vocab=trainer.vocab.ids if trainer.vocab else None)
+
+
+def held_out_sets(files: Sequence[str | Path], count: int) -> dict[str, list[tuple[str, Any]]]:
+    """The first `count` prompts of each held-out file, by the file's stem. Their answers share one file, so each
+    prompt's id is prefixed with its set's name (two files may both number their rows)."""
+    sets: dict[str, list[tuple[str, Any]]] = {}
+    for file in files:
+        name = Path(file).stem
+        if name in sets:
+            raise ValueError(f"two held-out files are named {name!r}; give each set a file name of its own")
+        sets[name] = [(f"{name}/{key}", prompt) for key, prompt in read_prompts(file)[:count]]
+    return sets
 
 
 def plot_curve(log: Path, png: Path) -> None:

@@ -10,7 +10,7 @@ import pytest
 from ddtree_mlx import generate_ddtree_once
 from ddtree_mlx.drafter_data import Example, drop_torn_tail, read_answers, read_examples, read_prompts
 from ddtree_mlx.drafter_training import (DrafterShape, Trainer, TrainSettings, TrainVocab, block_loss, block_mask,
-                                         block_predictions, draft_hidden, export, new_drafter)
+                                         block_predictions, draft_hidden, export, held_out_sets, new_drafter)
 from ddtree_mlx.loading import load_dflash
 from ddtree_mlx.models import adapter_for
 from tiny import VOCAB, greedy_reference, make_target
@@ -210,6 +210,11 @@ def test_bad_input_fails_before_training(llama, examples, tmp_path):
         read_prompts(bad)
     with pytest.raises(ValueError, match="does not exist"):
         read_prompts(tmp_path / "missing.jsonl")
+    for folder in "ab":
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "set.jsonl").write_text('{"prompt": "fine"}\n')
+    with pytest.raises(ValueError, match="two held-out files are named 'set'"):
+        held_out_sets([tmp_path / "a" / "set.jsonl", tmp_path / "b" / "set.jsonl"], 40)
 
 
 def test_an_interrupted_write_does_not_swallow_the_next_example(tmp_path):

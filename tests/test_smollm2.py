@@ -120,10 +120,11 @@ def test_train_drafter_command_end_to_end(tmp_path):
     from ddtree_mlx.cli import main
     from ddtree_mlx.loading import load
 
-    prompts = tmp_path / "prompts.jsonl"
+    prompts, other = tmp_path / "prompts.jsonl", tmp_path / "other.jsonl"
     prompts.write_text('{"prompt": "What is 2 + 3?"}\n{"messages": [{"role": "user", "content": "Say hi."}]}\n')
+    other.write_text('{"prompt": "Name a colour."}\n')  # its row is numbered 1 too
     command = ["train-drafter", "--prompts", str(prompts), "--out", str(tmp_path / "run"), "--answer-tokens", "12",
-               "--eval-prompts", str(prompts), "--eval-count", "1",
+               "--eval-prompts", str(prompts), str(other), "--eval-count", "1",
                "--block-size", "4", "--taps", "2", "--anchors", "4", "--accumulate", "1", "--epochs", "1"]
     assert main(command + ["--answers-only"]) == 0  # the data first, no training
     answers = (tmp_path / "run" / "answers.jsonl").read_text().splitlines()
@@ -132,10 +133,17 @@ def test_train_drafter_command_end_to_end(tmp_path):
     assert (tmp_path / "run" / "answers.jsonl").read_text().splitlines() == answers  # not regenerated
     log = (tmp_path / "run" / "train" / "log.jsonl").read_text().splitlines()
     assert len(answers) == 2 and len(log) == 2
-    assert len(json.loads((tmp_path / "run" / "train" / "eval.jsonl").read_text())["acceptance"]) == 3
+    evaluated = [json.loads(line) for line in (tmp_path / "run" / "train" / "eval.jsonl").read_text().splitlines()]
+    assert [(row["set"], row["step"], len(row["acceptance"])) for row in evaluated] == [("prompts", 2, 3), ("other", 2, 3)]
+    held_out = [json.loads(line)["id"] for line in (tmp_path / "run" / "eval_answers.jsonl").read_text().splitlines()]
+    assert held_out == ["prompts/1", "other/1"]  # one answer each, though both files number their row 1
     assert main(command) == 0  # finished: nothing regenerated, no step repeated
     assert (tmp_path / "run" / "answers.jsonl").read_text().splitlines() == answers
     assert (tmp_path / "run" / "train" / "log.jsonl").read_text().splitlines() == log
+    (tmp_path / "run" / "train" / "log.jsonl").unlink()  # to see that no step is logged (nor a curve drawn)
+    assert main(command[:-2] + ["--epochs", "5", "--max-steps", "0"]) == 0  # 8 steps to go: evaluates, trains none
+    assert not (tmp_path / "run" / "train" / "log.jsonl").exists()
+    assert len((tmp_path / "run" / "train" / "eval.jsonl").read_text().splitlines()) == 6
     _, _, drafter = load(None, str(tmp_path / "run" / "drafter"))
     assert drafter.block_size == 4 and len(drafter.target_layer_ids) == 2
     assert drafter.model.mask_token_id == 16  # <empty_output>: SmolLM2 has no mask token; never a stop token
