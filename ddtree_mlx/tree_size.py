@@ -179,6 +179,9 @@ class TreeSizer:
     tokens: float = 1.0  # moving averages of tokens and seconds per cycle: their ratio is the rate
     seconds: float = 0.0
     drafting: float = 0.0  # moving average of seconds spent drafting and building a tree
+    plain: float = 0.0  # moving average of a plain cycle's seconds (0: none measured yet)
+    first: float = 0.0  # moving average of a generation's first draft, which catches the drafter up on the prompt
+    drafts: int = 0  # drafted cycles in this generation
     gain: float = 0.0  # moving average of what a draft was worth over a plain step, in tokens
     last_gain: float = 0.0  # the newest draft's worth, before its cost
     skipped: int = 0  # plain cycles since the last draft
@@ -217,19 +220,24 @@ class TreeSizer:
 
     def carry(self, last: TreeSizer, max_new_tokens: int) -> None:
         """A new generation with the kind of drafter `last` sized for, on the same target: what its proposals were
-        worth and what a draft costs (the machine's, not the text's) carry over. Whether drafting paid was the last
-        text's: this one finds out for itself, its first cycle drafting as a first generation's does, unless one
-        probe costs more than this generation's share for probes (a draft of a few steps, a short generation):
-        then the last verdict stands until a probe is due."""
+        worth and what drafts and plain steps cost (the machine's, not the text's) carry over. Whether drafting
+        paid was the last text's: this one finds out for itself, its first cycle drafting as a first generation's
+        does, unless that first draft (with the prompt to catch up on) costs more than PROBE_SHARE of this
+        generation's plain steps (a short generation, a dear drafter): then the last verdict stands until a probe
+        is due."""
         self.acceptance = last.acceptance
         self.acceptance.new_text()
-        self.drafting = last.drafting
-        if self.probe_every() > max_new_tokens:
+        self.drafting, self.plain, self.first = last.drafting, last.plain, last.first
+        if self.first > PROBE_SHARE * max_new_tokens * self.step():
             self.gain = last.gain
 
     def probe_every(self) -> float:
-        """Plain cycles from one probe to the next."""
-        return self.backoff * max(PROBE_EVERY, self.drafting / (PROBE_SHARE * self.step_seconds(self.context)))
+        """Plain cycles from one probe to the next: a draft's cost against plain cycles as measured (the
+        calibration's step until one is), so a calibration taken on a busier machine spaces no probe wrongly."""
+        return self.backoff * max(PROBE_EVERY, self.drafting / (PROBE_SHARE * self.step()))
+
+    def step(self) -> float:
+        return self.plain or self.step_seconds(self.context)
 
     def will_draft(self) -> bool:
         return self.gain >= 0 or self.skipped + 1 >= self.probe_every()
@@ -300,13 +308,18 @@ class TreeSizer:
         ratio = (seconds - drafting) / float(self.costs.at(len(tree), context))
         if candidates is None:
             self.step_scale += SMOOTHING * (ratio - self.step_scale)  # from the calibration's word: 1
+            self.plain = average(self.plain, seconds)
         elif len(tree) == 1:
             self.root_scale = average(self.root_scale, ratio)
         else:
             self.scale = average(self.scale, ratio)
         if candidates is not None:
             self.acceptance.record(candidates, tree, path)
-            self.drafted(drafting)
+            if self.drafts:
+                self.drafted(drafting)
+            else:  # its catch-up on the prompt is the generation's cost, paid once, not each draft's
+                self.first = average(self.first, drafting)
+            self.drafts += 1
             gain = self.net_gain()
             # A probe's verdict stands alone: averaged with the cycles that stopped drafting, a changed text
             # would need many probes to be believed.
@@ -318,9 +331,10 @@ class TreeSizer:
     def share(self) -> None:
         """Sharded: what was measured in seconds becomes rank 0's on every rank (one small all-reduce)."""
         if self.group is not None:
-            shared = [self.tokens, self.seconds, self.step_scale, self.root_scale, self.scale, self.drafting, self.gain]
-            (self.tokens, self.seconds, self.step_scale, self.root_scale, self.scale, self.drafting,
-             self.gain) = broadcast(shared, self.group)
+            shared = [self.tokens, self.seconds, self.step_scale, self.root_scale, self.scale, self.drafting, self.gain,
+                      self.plain, self.first]
+            (self.tokens, self.seconds, self.step_scale, self.root_scale, self.scale, self.drafting, self.gain,
+             self.plain, self.first) = broadcast(shared, self.group)
 
     def report(self) -> dict:
         return {"sizes": list(self.costs.sizes), "seconds": [round(s, 6) for s in self.costs.seconds],

@@ -91,9 +91,11 @@ def test_drafting_stops_when_it_does_not_pay_and_is_probed():
             continue
         tree = sizer.size(build_tree(sizer.acceptance.calibrate(candidates), 0, 8), SHORT)
         sizer.record(candidates, tree, [0], 1, draft + step, draft, SHORT)
-    assert picks[:2] == ["ddtree", "ar"]  # the first draft shows it costs more than it brings
+    # The first draft catches up on the prompt, a cost of the generation's; the second shows drafts cost more
+    # than they bring.
+    assert picks[:3] == ["ddtree", "ddtree", "ar"] and sizer.first == sizer.drafting == draft
     probes = [i for i, pick in enumerate(picks) if pick == "ddtree"]
-    waits = np.diff(probes) - 1  # plain steps between probes
+    waits = np.diff(probes[1:]) - 1  # plain steps between probes
     first = draft / PROBE_SHARE / step  # 40 cycles: a probe costs 3% of the time
     assert first > PROBE_EVERY
     assert waits.tolist() == pytest.approx([first * 2**k for k in range(len(waits))][:3] + [first * PROBE_BACKOFF]
@@ -120,12 +122,12 @@ def test_what_a_draft_costs_carries_over_and_where_drafts_are_dear_whether_they_
     long one finds out for itself at once, as a first generation does. Drafts that paid are drafted at once."""
     costs = VerifyCosts((1, 2), (0.01, 0.011))
     last = TreeSizer(costs, cap=8)
-    last.drafting, last.gain, last.backoff = 0.02, -0.3, PROBE_BACKOFF
+    last.drafting, last.first, last.gain, last.backoff = 0.02, 0.02, -0.3, PROBE_BACKOFF
 
     def next_generation(max_new_tokens):
         sizer = TreeSizer(costs, cap=8)
         sizer.carry(last, max_new_tokens)
-        assert sizer.acceptance is last.acceptance and (sizer.drafting, sizer.backoff) == (0.02, 1)
+        assert sizer.acceptance is last.acceptance and (sizer.drafting, sizer.first, sizer.backoff) == (0.02, 0.02, 1)
         return sizer
 
     wait = 0.02 / PROBE_SHARE / 0.01  # plain cycles a probe's cost buys: 66.7
