@@ -1,7 +1,8 @@
 #!/bin/sh
-# The shipped SmolLM2 drafter's recipe, in three phases, each in resumable stretches: a stretch trains up to STRETCH
-# more steps, evaluates on the 40 held-out GSM8K answers (train/eval.jsonl), exports the bf16 drafter (drafter/,
-# copied to ddtree_mlx/smollm2_drafter/, the one the package ships) and redraws curve.png. Rerun after an interrupt: it resumes from train/checkpoint.json.
+# The shipped SmolLM2 drafter's recipe, in four phases, each in resumable stretches: a stretch trains up to STRETCH
+# more steps, evaluates on the 40 held-out GSM8K answers and the 24 held-out code and chat answers
+# (train/eval.jsonl, a row per set), exports the bf16 drafter (drafter/, copied to ddtree_mlx/smollm2_drafter/, the
+# one the package ships) and redraws curve.png. Rerun after an interrupt: it resumes from train/checkpoint.json.
 #
 #   PHASE=math    (done: its logs are in math/) 12 epochs from scratch over the 1,248 GSM8K answers, stopped at
 #                 step 2,900 of 3,744 once held-out acceptance had flattened;
@@ -10,19 +11,22 @@
 #   PHASE=broad   (done: logs in broad/; the shipped export) from the general phase's export: 2 epochs over
 #                 broad_prompts.jsonl (500 of the GSM8K answers, the 502 instructions, 430 standard-library stubs and
 #                 296 more instructions), lr 3e-4;
-#   PHASE=self    (default) from the broad export: 2 epochs over self_prompts.jsonl (broad_prompts.jsonl plus the
-#                 requests SmolLM2 wrote itself, written_prompts.jsonl), lr 3e-4.
+#   PHASE=self    (default) from the broad export: 1 epoch over self_prompts.jsonl (broad_prompts.jsonl plus the
+#                 requests SmolLM2 wrote itself, written_prompts.jsonl), lr 3e-4 (737 steps; see its README).
 set -e
 STRETCH=${STRETCH:-500}
 if [ "${PHASE:-self}" = math ]; then
   DATA="--prompts drafters/smollm2-135m/train_prompts.jsonl --max-prompts 1248 --epochs 12"
 else
-  DATA="--prompts drafters/smollm2-135m/${PHASE:-self}_prompts.jsonl --epochs 2 --lr 3e-4"
+  EPOCHS=2
+  [ "${PHASE:-self}" = self ] && EPOCHS=1
+  DATA="--prompts drafters/smollm2-135m/${PHASE:-self}_prompts.jsonl --epochs $EPOCHS --lr 3e-4"
   [ -f drafters/smollm2-135m/train/checkpoint.json ] || DATA="$DATA --init ddtree_mlx/smollm2_drafter"
 fi
 while :; do
   ddtree-mlx train-drafter $DATA --out drafters/smollm2-135m \
-      --eval-prompts ddtree_mlx/prompts/gsm8k_heldout.jsonl --eval-count 40 \
+      --eval-prompts ddtree_mlx/prompts/gsm8k_heldout.jsonl drafters/smollm2-135m/heldout_general.jsonl \
+      --eval-count 40 \
       --block-size 8 --layers 2 --taps 5 --mask-token-id 16 --anchors 64 --accumulate 4 \
       --vocab data --max-steps "$STRETCH" "$@"
   cp drafters/smollm2-135m/drafter/config.json drafters/smollm2-135m/drafter/model.safetensors \
