@@ -232,11 +232,12 @@ class TreeSizer:
             self.gain = last.gain
 
     def probe_every(self) -> float:
-        """Plain cycles from one probe to the next: a draft's cost against plain cycles as measured (the
-        calibration's step until one is), so a calibration taken on a busier machine spaces no probe wrongly."""
+        """Plain cycles from one probe to the next, from a draft's cost against a plain cycle's as measured (a
+        calibration taken on a busier or idler machine would space them wrongly)."""
         return self.backoff * max(PROBE_EVERY, self.drafting / (PROBE_SHARE * self.step()))
 
     def step(self) -> float:
+        """A plain cycle's seconds: as measured, or the calibration's until one is."""
         return self.plain or self.step_seconds(self.context)
 
     def will_draft(self) -> bool:

@@ -1,5 +1,5 @@
 #!/bin/sh
-# The shipped SmolLM2 drafter's recipe, in four phases, each in resumable stretches: a stretch trains up to STRETCH
+# The SmolLM2 drafter's recipe (the shipped one: the first three phases), each phase in resumable stretches: a stretch trains up to STRETCH
 # more steps, evaluates on the 40 held-out GSM8K answers and the 24 held-out code and chat answers
 # (train/eval.jsonl, a row per set), exports the bf16 drafter (drafter/, copied to ddtree_mlx/smollm2_drafter/, the
 # one the package ships) and redraws curve.png. Rerun after an interrupt: it resumes from train/checkpoint.json.
