@@ -5,7 +5,8 @@ Value. The heap pops nodes best first, so the first n pops are the best tree of 
 probability p_i to the tokens a cycle commits on average: E(n) = 1 + p_1 + ... + p_n. A drafter's probabilities
 are not what the target accepts (a DFlash drafter is trained on each position alone, not on the path; prompt
 lookup's are match weights), so `Acceptance` learns what they are worth on this text: per depth and probability
-bucket, how often a node whose parent was accepted was accepted too, starting from the drafter's own word.
+bucket, how often a node whose parent was accepted was accepted too, starting from the drafter's own word, scaled
+down by as much as the drafter overstates over all its buckets (a claim seen once or never borrows that).
 
 Cost. V(n) = scale * c(n + 1, L): c is the verify cost measured once for this machine (calibration.VerifyCosts)
 at the current context length L, and `scale` what whole cycles (besides drafting) take against it: their walk and
@@ -22,7 +23,9 @@ the draft was worth over not drafting, E(n*) - rate * V(n*) - (1 - rate * S) wit
 and what it cost, rate * seconds drafting; while the recent average says it does not pay, cycles are plain steps,
 with a probe (a draft) every PROBE_EVERY cycles to notice when the text changes, or further apart where a draft
 costs more than PROBE_SHARE of that many plain steps (a draft of two steps on the reference BLAS), so probing
-costs at most about that share; twice as far apart after each probe that did not pay (up to PROBE_BACKOFF times).
+costs at most about that share (a generation's first draft, which catches up on the prompt, priced as such);
+twice as far apart after each probe that did not pay (up to PROBE_BACKOFF times). A probe is judged once
+verified, by what a draft is worth knowing what it showed.
 What a draft costs here carries over to the next generation with the same kind of drafter, and where drafts are
 that dear, whether drafting paid (`carry`).
 A drafter that costs almost nothing (prompt lookup) drafts during every queued plain step instead, on the host
@@ -42,12 +45,14 @@ import numpy as np
 
 from .calibration import VerifyCosts
 from .distributed import broadcast
-from .tree import Candidates, DraftTree
+from .tree import Candidates, DraftTree, build_tree
 
 EDGES = np.array([0.0, 0.01, 0.03, 0.1, 0.2, 0.35, 0.5, 0.65, 0.8, 0.9, 0.97, 1.0])  # drafter probability buckets
 CENTERS = (EDGES[:-1] + EDGES[1:]) / 2
 KNOTS = np.r_[0.0, CENTERS]  # calibration interpolates between bucket centres, from (0, 0)
 PRIOR = 1.0  # the drafter's own probability (or the depth above's estimate) counts as this many observations
+TRUST = 1.0  # the evidence CLAIM_WORTH stands for, in squared claimed probability (see overstatement)
+CLAIM_WORTH = 0.8  # before any evidence, what a drafter's word is taken to be worth, as a share of it
 MEMORY = 0.995  # per drafted cycle: old observations fade, so the estimate follows the text
 RECENT_MEMORY = 0.9  # the same for the generation's own last few cycles
 RECENT_PRIOR = 2.0  # the long-run estimate counts as this many recent observations
@@ -67,6 +72,19 @@ def isotonic(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
             (v2, w2, n2), (v1, w1, n1) = blocks.pop(), blocks.pop()
             blocks.append([(v1 * w1 + v2 * w2) / (w1 + w2), w1 + w2, n1 + n2])
     return np.repeat([b[0] for b in blocks], [int(b[2]) for b in blocks])
+
+
+def overstatement(hits: np.ndarray, trials: np.ndarray, claimed: np.ndarray, worth: float) -> float:
+    """The factor (at most 1) by which what the drafter claims at a depth overstates what was accepted there, over
+    all its buckets at once: the weighted least-squares slope of acceptance on the claim, through 0, starting from
+    TRUST's worth of evidence that it is `worth` (CLAIM_WORTH at the first depth; deeper, the claim is the depth
+    above's estimate, which carries it down). A bucket seen once or never (prompt lookup's near-certain
+    0.985 on a single long match) borrows it: a drafter that overrates its 0.6s on this text likely overrates its
+    0.98s too, and a long tree verified on an unchecked word can cost several plain steps for one token where
+    nodes are dear (the reference BLAS). Drafters' top claims are rarely as good as their word (a DFlash drafter
+    is trained on each position alone, lookup's weights are counts), hence CLAIM_WORTH before any evidence. It
+    never raises a claim, and a well-observed bucket's own counts outweigh it."""
+    return float(min(1.0, (hits @ claimed + TRUST * worth) / (trials @ claimed**2 + TRUST)))
 
 
 def empty() -> np.ndarray:
@@ -93,8 +111,9 @@ class Acceptance:
         sparsely observed neighbours down with it."""
         self.grow(depths)
         rates, prior = [], CENTERS  # a depth's prior is the depth above's estimate: deeper nodes are tried less
-        for hits, trials, recent_hits, recent_trials in zip(self.hits[:depths], self.trials[:depths],
-                                                            self.recent_hits[:depths], self.recent_trials[:depths]):
+        counts = zip(self.hits[:depths], self.trials[:depths], self.recent_hits[:depths], self.recent_trials[:depths])
+        for depth, (hits, trials, recent_hits, recent_trials) in enumerate(counts):
+            prior = prior * overstatement(hits, trials, prior, 1.0 if depth else CLAIM_WORTH)
             prior = isotonic((hits + PRIOR * prior) / (trials + PRIOR), trials + PRIOR)
             recent_weight = recent_trials + RECENT_PRIOR
             rates.append(isotonic((recent_hits + RECENT_PRIOR * prior) / recent_weight, recent_weight))
@@ -234,7 +253,15 @@ class TreeSizer:
     def probe_every(self) -> float:
         """Plain cycles from one probe to the next, from a draft's cost against a plain cycle's as measured (a
         calibration taken on a busier or idler machine would space them wrongly)."""
-        return self.backoff * max(PROBE_EVERY, self.drafting / (PROBE_SHARE * self.step()))
+        return self.backoff * max(PROBE_EVERY, self.draft_seconds() / (PROBE_SHARE * self.step()))
+
+    def draft_seconds(self) -> float:
+        """What the next draft costs: a generation's first catches the drafter up on the prompt (a probe in a
+        generation that kept the last one's verdict is that first draft); later ones as measured, or as the
+        first until one is (a drafter that drafted once and stopped is not free to probe)."""
+        if self.drafts == 0 and self.first:  # this generation's first draft is still to come
+            return self.first
+        return self.drafting or self.first
 
     def step(self) -> float:
         """A plain cycle's seconds: as measured, or the calibration's until one is."""
@@ -266,7 +293,7 @@ class TreeSizer:
         return tree.prefix(best + 1)
 
     def can_peek(self) -> bool:
-        return self.drafting < PEEK_SHARE * self.seconds
+        return self.draft_seconds() < PEEK_SHARE * self.seconds
 
     def drafted(self, seconds: float) -> None:
         """Drafting and building a tree took `seconds` (the first measurement stands alone: 0 is no estimate)."""
@@ -321,6 +348,8 @@ class TreeSizer:
             else:  # its catch-up on the prompt is the generation's cost, paid once, not each draft's
                 self.first = average(self.first, drafting)
             self.drafts += 1
+            if self.probing:  # its verdict is what drafting is worth knowing what it just saw, as the next draft would
+                self.size(build_tree(self.acceptance.calibrate(candidates), 0, self.cap), context)
             gain = self.net_gain()
             # A probe's verdict stands alone: averaged with the cycles that stopped drafting, a changed text
             # would need many probes to be believed.

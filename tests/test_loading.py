@@ -53,6 +53,20 @@ def test_dflash_checkpoint_round_trip(tmp_path, config):
     assert result["generated_token_ids"] == greedy_reference(TARGET, prompt, 16)
 
 
+def test_a_bf16_checkpoint_drafts_in_the_targets_dtype(tmp_path):
+    """A bf16 export beside a float32 target computes in float32 (no per-draft weight conversion, BLAS on a CPU),
+    with the same values: bf16 weights are exact in float32."""
+    original = make_dflash(TARGET)
+    original.set_dtype(mx.bfloat16)
+    drafter = load_drafter("any/model", str(write_checkpoint(tmp_path / "drafter", ZLAB_CONFIG, original)))
+    assert drafter.model.fc.weight.dtype == mx.bfloat16
+    drafter.reset(adapter_for(TARGET), [3, 17])
+    expected = dict(tree_flatten(original.parameters()))
+    for name, value in tree_flatten(drafter.model.parameters()):
+        assert value.dtype == mx.float32
+        np.testing.assert_array_equal(np.array(value), np.array(expected[name].astype(mx.float32)))
+
+
 def test_a_draft_vocabulary_bounds_what_is_proposed(tmp_path):
     """draft_vocab.json beside the weights (a drafter trained over its data's tokens): the drafter proposes only
     those ids, its dense rows agree with its candidates, generation stays mlx-lm's greedy output."""

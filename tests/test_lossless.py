@@ -172,10 +172,11 @@ class SlowAndWrong:
 def test_auto_stops_drafting_when_it_does_not_pay_and_the_drafter_misses_nothing(family, monkeypatch):
     """Plain steps in between (probing) drafts: lossless, and the drafter is still handed every token once, in
     order. (Its 20 ms draft is many of a tiny model's steps, which would space probes past this generation's end:
-    here probing may take all the time it likes, so probes come every few cycles.)"""
+    here probing may take all the time it likes, so probes come every PROBE_EVERY cycles, on a busy machine too.)"""
     from ddtree_mlx import tree_size
 
-    monkeypatch.setattr(tree_size, "PROBE_SHARE", 1.0)
+    monkeypatch.setattr(tree_size, "PROBE_SHARE", 100.0)
+    monkeypatch.setattr(tree_size, "PROBE_BACKOFF", 1)
     drafter = SlowAndWrong()
     result = run(family, 0, 1, drafter, tree_budget="auto")
     tokens = result["generated_token_ids"]

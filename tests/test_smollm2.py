@@ -87,7 +87,9 @@ def test_the_shipped_drafter_with_prompt_lookup_is_lossless(smollm):
         result = generate_ddtree_once(target_model=model, draft_model=drafter, prompt_tokens=prompt,
                                       max_new_tokens=48, stop_token_ids=[], tree_budget=budget)
         assert result["generated_token_ids"] == expected, budget
-        assert result["avg_acceptance"] > (1.5 if budget == 8 else 1.1), budget
+        # auto, this process's first generation with this drafter: its word is checked before trees grow, so few
+        # cycles draft in 48 tokens (4 of 44 here), but what they draft is accepted.
+        assert result["avg_acceptance"] > (1.5 if budget == 8 else 1.0), budget
 
 
 def test_benchmark_runs_several_drafters_side_by_side(tmp_path):

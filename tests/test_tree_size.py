@@ -6,7 +6,9 @@ import pytest
 
 from ddtree_mlx.calibration import VerifyCosts
 from ddtree_mlx.tree import Candidates, DraftTree, build_tree
-from ddtree_mlx.tree_size import MEMORY, PROBE_BACKOFF, PROBE_EVERY, PROBE_SHARE, Acceptance, TreeSizer
+from ddtree_mlx import tree_size
+from ddtree_mlx.tree_size import (CLAIM_WORTH, MEMORY, PROBE_BACKOFF, PROBE_EVERY, PROBE_SHARE, Acceptance,
+                                   TreeSizer)
 from test_tree import all_prefixes, random_candidates
 
 SHORT = 32  # the calibration's own context: its curve as measured
@@ -31,14 +33,16 @@ def test_the_chosen_size_is_the_best_tree_over_every_tree(seed):
     seconds = tuple(0.01 * (1 + rng.uniform(0.02, 0.4) * (s - 1) ** rng.uniform(0.6, 1.4)) for s in sizes)
     sizer = TreeSizer(VerifyCosts(sizes, seconds), cap=14)
     sizer.tokens, sizer.seconds = rng.uniform(1.5, 3.0), 0.01
-    chosen = sizer.size(build_tree(sizer.acceptance.calibrate(candidates), 0, sizer.cap), SHORT)
+    calibrated = sizer.acceptance.calibrate(candidates)
+    chosen = sizer.size(build_tree(calibrated, 0, sizer.cap), SHORT)
     value = lambda nodes, total: 1 + total - sizer.rate * sizer.cycle_seconds(nodes, SHORT)  # noqa: E731
-    best = max(value(len(s), sum(np.exp(p[r]) for r in s)) for s, p in prefix_closed_sets(candidates))
+    best = max(value(len(s), sum(np.exp(p[r]) for r in s)) for s, p in prefix_closed_sets(calibrated))
     picked = sum(np.exp(chosen.scores[1:]))  # path probabilities (tests/test_tree.py checks the scores)
     assert value(len(chosen) - 1, picked) == pytest.approx(best)
 
 
-def test_unlikely_nodes_are_cut_and_free_ones_kept():
+def test_unlikely_nodes_are_cut_and_free_ones_kept(monkeypatch):
+    monkeypatch.setattr(tree_size, "CLAIM_WORTH", 1.0)  # the drafter's word as it is
     flat = Candidates(np.arange(12).reshape(3, 4), np.full((3, 4), np.log(1 / 5000)))
     dear = TreeSizer(VerifyCosts((1, 2), (0.01, 0.02)), cap=8)
     assert len(dear.size(build_tree(dear.acceptance.calibrate(flat), 0, 8), SHORT)) == 1  # a plain step
@@ -66,7 +70,7 @@ def test_acceptance_learns_what_the_drafter_is_worth():
     acceptance = Acceptance()
     candidates = Candidates(np.array([[5, 6, 7], [8, 9, 10]]), np.log([[0.9, 0.05, 0.01], [0.6, 0.3, 0.02]]))
     before = np.exp(acceptance.calibrate(candidates).log_probs)
-    assert before == pytest.approx(np.exp(candidates.log_probs))  # no evidence yet: the drafter's word
+    assert before == pytest.approx(CLAIM_WORTH * np.exp(candidates.log_probs))  # no evidence yet: its word, discounted
     tree = one_node_tree(candidates)
     for _ in range(600):
         acceptance.record(candidates, tree, [0, 1] if rng.random() < 0.3 else [0])
@@ -74,6 +78,23 @@ def test_acceptance_learns_what_the_drafter_is_worth():
     assert after[0, 0] == pytest.approx(0.3, abs=0.08)
     assert after[1, 0] < 0.4  # depth 2 was never tried: it takes depth 1's lesson (the drafter overrates)
     assert all(np.all(np.diff(row) <= 0) for row in after)
+
+
+def test_a_claim_seen_once_or_never_borrows_what_the_drafter_overstates_elsewhere():
+    """Prompt lookup's 0.985 on a single long match, after its 0.6s were right 10% of the time: worth far less
+    than its word (a 7-node tree on it cost seven plain steps for one token on the reference BLAS), even once it
+    was right once. A drafter that underrates keeps its word where nothing was seen."""
+    rng = np.random.default_rng(0)
+    candidates = Candidates(np.array([[5, 6, 7]]), np.log([[0.6, 0.3, 0.01]]))
+    sure = Candidates(np.array([[5, 6, 7]]), np.log([[0.985, 0.01, 0.005]]))
+    over, under = Acceptance(), Acceptance()
+    for _ in range(200):
+        over.record(candidates, one_node_tree(candidates), [0, 1] if rng.random() < 0.1 else [0])
+        under.record(candidates, one_node_tree(candidates), [0, 1] if rng.random() < 0.9 else [0])
+    assert np.exp(over.calibrate(sure).log_probs[0, 0]) < 0.2
+    over.record(sure, one_node_tree(sure), [0, 1])
+    assert np.exp(over.calibrate(sure).log_probs[0, 0]) < 0.8
+    assert np.exp(under.calibrate(sure).log_probs[0, 0]) == pytest.approx(0.985, abs=0.005)
 
 
 def test_drafting_stops_when_it_does_not_pay_and_is_probed():
@@ -117,20 +138,26 @@ def test_drafting_stops_when_it_does_not_pay_and_is_probed():
 
 
 def test_what_a_draft_costs_carries_over_and_where_drafts_are_dear_whether_they_paid():
-    """Drafts that cost two plain steps did not pay in the last generation: a short next one (its first probe
-    would cost more than its share for probes) starts with plain steps and probes once that share is earned; a
-    long one finds out for itself at once, as a first generation does. Drafts that paid are drafted at once."""
+    """A generation's first draft (its catch-up on the prompt) cost two plain steps, later ones half a step, and
+    drafting did not pay: a short next generation (its first draft would cost more than its share for probes)
+    starts with plain steps and probes once the share of that first draft is earned; a long one finds out for
+    itself at once, as a first generation does. Drafts that paid are drafted at once."""
     costs = VerifyCosts((1, 2), (0.01, 0.011))
     last = TreeSizer(costs, cap=8)
-    last.drafting, last.first, last.gain, last.backoff = 0.02, 0.02, -0.3, PROBE_BACKOFF
+    last.drafting, last.first, last.gain, last.backoff = 0.005, 0.02, -0.3, PROBE_BACKOFF
 
     def next_generation(max_new_tokens):
         sizer = TreeSizer(costs, cap=8)
         sizer.carry(last, max_new_tokens)
-        assert sizer.acceptance is last.acceptance and (sizer.drafting, sizer.first, sizer.backoff) == (0.02, 0.02, 1)
+        assert sizer.acceptance is last.acceptance and (sizer.drafting, sizer.first, sizer.backoff) == (0.005, 0.02, 1)
         return sizer
 
     wait = 0.02 / PROBE_SHARE / 0.01  # plain cycles a probe's cost buys: 66.7
+    once = TreeSizer(costs, cap=8)  # a generation that drafted once (its first draft) and stopped: not free to probe
+    once.first, once.plain, once.drafts = 0.02, 0.01, 1
+    assert once.probe_every() == pytest.approx(wait) and not once.can_peek()
+    once.drafting = 0.005  # later drafts measured: cheaper than the first
+    assert once.probe_every() == pytest.approx(wait / 4)
     short, long = next_generation(int(wait) - 1), next_generation(int(wait) + 1)
     assert not short.will_draft() and long.pick("ddtree") == "ddtree" and not long.probing
     for _ in range(int(wait)):  # 66 plain steps
