@@ -259,9 +259,7 @@ class TreeSizer:
         """What the next draft costs: a generation's first catches the drafter up on the prompt (a probe in a
         generation that kept the last one's verdict is that first draft); later ones as measured, or as the
         first until one is (a drafter that drafted once and stopped is not free to probe)."""
-        if self.drafts == 0 and self.first:  # this generation's first draft is still to come
-            return self.first
-        return self.drafting or self.first
+        return (self.first or self.drafting) if self.drafts == 0 else (self.drafting or self.first)
 
     def step(self) -> float:
         """A plain cycle's seconds: as measured, or the calibration's until one is."""
