@@ -157,7 +157,10 @@ class Session:
         if self.sizer is None:
             return build_tree(candidates, self.root, self.config.budget)
         tree = build_tree(self.sizer.acceptance.calibrate(candidates), self.root, self.sizer.cap)
-        return self.sizer.size(tree, context)
+        sized = self.sizer.size(tree, context)
+        if len(sized) == 1 < len(tree):
+            self.sizer.follow(candidates, tree)
+        return sized
 
     def verify(self, tree: DraftTree, context: int) -> tuple[VerifyOutput, mx.array]:
         """The target over the tree, and its own token at every node: still lazy, with the device started on
@@ -437,6 +440,8 @@ def stream_generate(
         if draft_model is None:
             raise ValueError(f"method {method!r} needs a draft_model; pass one, or use method='ar'")
         drafter = as_drafter(draft_model)
+        if hasattr(drafter, "configure"):
+            drafter.configure(config)
         drafter.reset(target, prompt)
     cache = target.make_cache()
     target.check_cache(cache)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
+from .config import DDTreeConfig
 from .drafters import DFlashDrafter
 from .models.base import TargetAdapter, join_rows
 from .prompt_lookup import PromptLookupDrafter
@@ -41,6 +42,9 @@ class LookupDFlashDrafter:
         self.target_layer_ids = dflash.target_layer_ids
         self.ids: np.ndarray | None = None  # the DFlash drafter's vocabulary (None: the whole vocabulary)
         self.column: np.ndarray | None = None  # per target token: its column in that vocabulary, -1 if absent
+
+    def configure(self, config: DDTreeConfig) -> None:
+        self.dflash.configure(config)
 
     def reset(self, target: TargetAdapter, prompt_tokens: list[int]) -> None:
         self.dflash.reset(target, prompt_tokens)

@@ -32,7 +32,9 @@ A drafter that costs almost nothing (prompt lookup) drafts during every queued p
 while the device runs the step, so drafting resumes within a few cycles of drafts that would pay. Such a peeked
 tree is also evidence for free: the plain steps after it produce the target's own tokens, which are exactly what
 verifying it would have accepted, so acceptance keeps being learned while nothing is verified (without it, an
-estimate learned on other text could keep trees off where they would pay, and never be corrected).
+estimate learned on other text could keep trees off where they would pay, and never be corrected). A draft whose
+best tree is the root alone is followed the same way (`follow`): what was drafted teaches even when none of it is
+verified.
 Every choice here changes speed only: verify and walk keep the output the target's own.
 """
 
@@ -289,6 +291,13 @@ class TreeSizer:
         # so a draft whose best tree is the root is worth nothing), before what drafting it cost.
         self.last_gain = float(value[best] - max(1 - self.rate * self.step_seconds(context), value[0]))
         return tree.prefix(best + 1)
+
+    def follow(self, candidates: Candidates, tree: DraftTree) -> None:
+        """A draft whose best tree was the root alone: its tree, unverified, is followed as a peek is (`produced`),
+        so a draft sized to nothing still teaches what its nodes were worth. Without it, where the acceptance
+        learned on other text priced every node out (a dear drafter's probes at a long context), nothing would
+        ever be learned to bring trees back within a short generation."""
+        self.peeks.append(Peek(candidates, tree))
 
     def can_peek(self) -> bool:
         return self.draft_seconds() < PEEK_SHARE * self.seconds

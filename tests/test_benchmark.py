@@ -5,6 +5,7 @@ import platform
 import sys
 from pathlib import Path
 
+import mlx.core as mx
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
@@ -138,6 +139,30 @@ def test_long_contexts_are_prefilled_once_and_stay_lossless(tmp_path):
                            "--max-tokens", "12", "--budgets", "auto,4", "--context", "300", "--json", str(out)])
     rows = json.loads(out.read_text())
     assert code == 0 and all(r["lossless"] and r["context"] == 300 for r in rows)  # mlx-lm's tokens, every method
+
+
+def test_mlx_lms_long_prompts_share_their_context_prefill(monkeypatch):
+    """Prompts behind the same --context text: mlx-lm's cache for the next one is the last one's cut back to what
+    they share, then the rest; equal to prefilling it whole (the reference), and only the new part is computed."""
+    from tiny import make_target
+
+    model = make_target("qwen3")
+    context = [(5 * i + 1) % 100 for i in range(40)]
+    first, second = context + [7, 8, 9, 10], context + [11, 12, 13]
+    prefills, fresh = benchmark.Prefills(), benchmark.Prefills()
+    prefills.mlx_lm_cache(model, first, chunk=16)
+    fed = []
+    call = type(model).__call__
+    monkeypatch.setattr(type(model), "__call__", lambda self, tokens, cache: fed.append(tokens.shape[1]) or
+                        call(self, tokens, cache=cache))
+    shared = prefills.mlx_lm_cache(model, second, chunk=16)
+    assert fed == [2]  # [11, 12]: the last token is the generation's own
+    reference = fresh.mlx_lm_cache(model, second, chunk=16)
+    assert fed == [2, 16, 16, 10]
+    for got, want in zip(shared, reference):
+        assert got.offset == want.offset == len(second) - 1
+        for a, b in zip(got.state[:2], want.state[:2]):  # keys, values
+            assert mx.allclose(a[..., : got.offset, :], b[..., : want.offset, :], atol=1e-5).item()
 
 
 def test_time_blocked_handing_the_graph_over_is_the_devices(monkeypatch):

@@ -100,8 +100,12 @@ def test_env_parsing_is_strict(monkeypatch):
     with pytest.raises(ValueError, match="DDTREE_PREFILL_CHUNK=0 is too small"):
         DDTreeConfig.from_env()
     monkeypatch.setenv("DDTREE_PREFILL_CHUNK", "512")
+    monkeypatch.setenv("DDTREE_DRAFT_WINDOW", "-1")
+    with pytest.raises(ValueError, match="DDTREE_DRAFT_WINDOW=-1 is too small; set it to a whole number >= 0"):
+        DDTreeConfig.from_env()
+    monkeypatch.setenv("DDTREE_DRAFT_WINDOW", "0")
     config = DDTreeConfig.from_env()
-    assert config.budget == 12 and config.exact_commit and config.prefill_chunk == 512
+    assert config.budget == 12 and config.exact_commit and config.prefill_chunk == 512 and config.draft_window == 0
     assert DDTreeConfig.from_env(budget=3).budget == 3  # explicit arguments win
 
 

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from ddtree_mlx import generate_ddtree_once, loading
+from ddtree_mlx import DDTreeConfig, generate_ddtree_once, loading
+from ddtree_mlx.drafters import SINK, DFlashDrafter
 from ddtree_mlx.loading import EMBEDDED_DRAFTER, load_dflash, load_drafter, registered_drafter, stop_token_ids
 from ddtree_mlx.models import adapter_for
 from ddtree_mlx.prompt_lookup import PromptLookupDrafter
@@ -65,6 +66,37 @@ def test_a_bf16_checkpoint_drafts_in_the_targets_dtype(tmp_path):
     for name, value in tree_flatten(drafter.model.parameters()):
         assert value.dtype == mx.float32
         np.testing.assert_array_equal(np.array(value), np.array(expected[name].astype(mx.float32)))
+
+
+def test_a_drafter_reads_its_window_of_the_context_as_dflash_mlx_places_it():
+    """DDTREE_DRAFT_WINDOW: the rows a window drops are never projected, and those it keeps sit where dflash-mlx's
+    own windowed cache puts them after projecting every row (the reference): identical drafts chunk by chunk,
+    a first read longer than the sink and window together, then reads shorter and longer than the window."""
+    target = adapter_for(TARGET)
+    fast, reference = DFlashDrafter(make_dflash(TARGET)), DFlashDrafter(make_dflash(TARGET))
+    for drafter in (fast, reference):
+        drafter.configure(DDTreeConfig(draft_window=16))
+        drafter.reset(target, [])
+    reference.within_window = lambda hidden: hidden  # dflash-mlx's cache drops what it does not keep itself
+    projected = []
+    project = fast.model.project_target_hidden
+    fast.model.project_target_hidden = lambda rows: projected.append(rows.shape[1]) or project(rows)
+    hidden = mx.random.normal((300, len(fast.target_layer_ids) * HIDDEN), key=mx.random.key(0))
+    for start, end in [(0, 100), (100, 103), (103, 250), (250, 251), (251, 300)]:
+        np.testing.assert_array_equal(np.array(fast.log_probs(5, hidden[start:end])),
+                                      np.array(reference.log_probs(5, hidden[start:end])))
+    assert projected == [SINK, 16, 3, 16, 1, 16]
+    assert fast.cache[0].offset == 300 and fast.cache[0].keys.shape[2] == SINK + 16
+
+
+@pytest.mark.parametrize("window", [0, 4])
+def test_any_window_keeps_generation_lossless(window):
+    """The window changes what the drafter sees, never the output; 0 reads the whole context."""
+    prompt = [(7 * i + 3) % VOCAB for i in range(90)]
+    result = generate_ddtree_once(target_model=TARGET, draft_model=make_dflash(TARGET), prompt_tokens=prompt,
+                                  max_new_tokens=24, stop_token_ids=[], tree_budget=6,
+                                  config=DDTreeConfig(draft_window=window))
+    assert result["generated_token_ids"] == greedy_reference(TARGET, prompt, 24)
 
 
 def test_a_draft_vocabulary_bounds_what_is_proposed(tmp_path):

@@ -277,6 +277,26 @@ def test_what_drafts_were_worth_carries_over_to_the_next_generation():
     assert len(LEARNED) == 2
 
 
+def test_a_draft_sized_to_the_root_alone_still_teaches_what_its_nodes_were_worth(monkeypatch):
+    """Nodes priced at a whole step each (a long context on a CPU): every draft's best tree is the root alone, so
+    nothing is verified; the drafted trees are followed as peeks are, and what the target produced after them is
+    learned (without it, acceptance learned on other text could never be corrected within a generation)."""
+    from ddtree_mlx import calibration, generate_ddtree_once
+    from ddtree_mlx.generate import LEARNED
+    from tiny import OracleDrafter, greedy_reference, make_target
+
+    monkeypatch.setattr(calibration, "verify_costs", lambda target, config=None: VerifyCosts((1, 2), (0.01, 0.02)))
+    monkeypatch.setattr(tree_size, "PROBE_SHARE", 100.0)  # probes every PROBE_EVERY cycles, however long drafts take
+    model, prompt = make_target("llama"), [3, 17, 42, 9, 100, 5]
+    truth = prompt + greedy_reference(model, prompt, 40)
+    result = generate_ddtree_once(target_model=model, draft_model=OracleDrafter(truth), prompt_tokens=prompt,
+                                  max_new_tokens=40, stop_token_ids=[], tree_budget="auto")
+    assert result["generated_token_ids"] == truth[len(prompt) :]
+    assert set(result["tree_sizes"]) == {0} and result["method_cycles"]["ddtree"] >= 3  # drafted, nothing verified
+    [sizer] = LEARNED.values()
+    assert sizer.acceptance.trials[0].sum() > 2 and sizer.acceptance.hits[0].sum() > 0
+
+
 def test_a_cheap_drafter_peeks_during_plain_steps():
     """Drafting stopped paying; a draft sized during a queued plain step (prompt lookup: on the host, while the
     device runs the step) that would pay brings drafting back at once, without waiting for a probe. A drafter
