@@ -156,11 +156,7 @@ class Session:
             return chain_tree(candidates, self.root)
         if self.sizer is None:
             return build_tree(candidates, self.root, self.config.budget)
-        tree = build_tree(self.sizer.acceptance.calibrate(candidates), self.root, self.sizer.cap)
-        sized = self.sizer.size(tree, context)
-        if len(sized) == 1 < len(tree):
-            self.sizer.follow(candidates, tree)
-        return sized
+        return self.sizer.choose(candidates, self.root, context)
 
     def verify(self, tree: DraftTree, context: int) -> tuple[VerifyOutput, mx.array]:
         """The target over the tree, and its own token at every node: still lazy, with the device started on
@@ -288,7 +284,7 @@ class Session:
         runs the step, so the sizer learns at once whether drafting pays again (TreeSizer.peeked)."""
         start = time.perf_counter()
         candidates = self.draft(self.method)
-        tree = build_tree(self.sizer.acceptance.calibrate(candidates), self.root, self.sizer.cap)
+        tree = self.sizer.full_tree(candidates, self.root)
         self.sizer.size(tree, context)
         seconds = time.perf_counter() - start
         self.sizer.peeked(candidates, tree, seconds)  # a drafter that waited for the device is not cheap: no more peeks

@@ -33,7 +33,7 @@ while the device runs the step, so drafting resumes within a few cycles of draft
 tree is also evidence for free: the plain steps after it produce the target's own tokens, which are exactly what
 verifying it would have accepted, so acceptance keeps being learned while nothing is verified (without it, an
 estimate learned on other text could keep trees off where they would pay, and never be corrected). A draft whose
-best tree is the root alone is followed the same way (`follow`): what was drafted teaches even when none of it is
+best tree is the root alone is followed the same way (`choose`): what was drafted teaches even when none of it is
 verified.
 Every choice here changes speed only: verify and walk keep the output the target's own.
 """
@@ -292,12 +292,20 @@ class TreeSizer:
         self.last_gain = float(value[best] - max(1 - self.rate * self.step_seconds(context), value[0]))
         return tree.prefix(best + 1)
 
-    def follow(self, candidates: Candidates, tree: DraftTree) -> None:
-        """A draft whose best tree was the root alone: its tree, unverified, is followed as a peek is (`produced`),
-        so a draft sized to nothing still teaches what its nodes were worth. Without it, where the acceptance
-        learned on other text priced every node out (a dear drafter's probes at a long context), nothing would
-        ever be learned to bring trees back within a short generation."""
-        self.peeks.append(Peek(candidates, tree))
+    def full_tree(self, candidates: Candidates, root: int) -> DraftTree:
+        """The best-first tree to the cap on calibrated candidates (its prefixes are the trees `size` chooses from)."""
+        return build_tree(self.acceptance.calibrate(candidates), root, self.cap)
+
+    def choose(self, candidates: Candidates, root: int, context: int) -> DraftTree:
+        """The tree a drafted cycle verifies. Where it is the root alone, the whole tree is still followed as a
+        peek is (`produced`), so a draft sized to nothing teaches what its nodes were worth: without it, where
+        acceptance learned on other text priced every node out (a dear drafter's probes at a long context),
+        nothing would ever be learned to bring trees back within a short generation."""
+        tree = self.full_tree(candidates, root)
+        sized = self.size(tree, context)
+        if len(sized) == 1 < len(tree):
+            self.peeks.append(Peek(candidates, tree))
+        return sized
 
     def can_peek(self) -> bool:
         return self.draft_seconds() < PEEK_SHARE * self.seconds
@@ -356,7 +364,7 @@ class TreeSizer:
                 self.first = average(self.first, drafting)
             self.drafts += 1
             if self.probing:  # its verdict is what drafting is worth knowing what it just saw, as the next draft would
-                self.size(build_tree(self.acceptance.calibrate(candidates), 0, self.cap), context)
+                self.size(self.full_tree(candidates, 0), context)
             gain = self.net_gain()
             # A probe's verdict stands alone: averaged with the cycles that stopped drafting, a changed text
             # would need many probes to be believed.
