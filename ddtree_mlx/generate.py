@@ -271,7 +271,7 @@ class Session:
         seconds = stats.lap("commit", mark) - start
         if self.sizer is not None:  # each cycle's own time: a drafted cycle that queued a step did not take it
             own = seconds + prepaid - self.handed_over
-            self.sizer.record(candidates, tree, path, len(new), own, built - start, context)
+            self.sizer.record(candidates, tree, len(new), own, built - start, context)
         stats.decode_seconds += seconds
         stats.tree_sizes[len(tree) - 1] = stats.tree_sizes.get(len(tree) - 1, 0) + 1
         stats.cycles += 1

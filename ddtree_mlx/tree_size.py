@@ -19,22 +19,29 @@ a node is worth verifying when the tokens it adds pay for its time at that rate 
 highest tokens per second). n = 0 verifies the root alone, a plain decoding step.
 
 Draft or not. Drafting costs time too (a DFlash drafter's forward). After each drafted cycle the sizer knows what
-the draft was worth over not drafting, E(n*) - rate * V(n*) - (1 - rate * S) with S a queued plain step's time,
-and what it cost, rate * seconds drafting; while the recent average says it does not pay, cycles are plain steps,
-with a probe (a draft) every PROBE_EVERY cycles to notice when the text changes, or further apart where a draft
-costs more than PROBE_SHARE of that many plain steps (a draft of two steps on the reference BLAS), so probing
-costs at most about that share (a generation's first draft, which catches up on the prompt, priced as such);
-twice as far apart after each probe that did not pay (up to PROBE_BACKOFF times). A probe is judged once
-verified, by what a draft is worth knowing what it showed.
+it was worth over a plain step: the tokens it committed past the one a step commits, less the time it took past a
+queued plain step's S at the going rate, (k - 1) - rate * (t - S), its draft in t at what drafts cost on average (a
+generation's first catches up on the prompt). What happened, not what the estimate expected: an estimate learned on
+a few lucky cycles would otherwise keep drafting on by its own word. While the recent average says drafting does
+not pay, cycles are plain steps, with a probe (a draft) every PROBE_EVERY cycles to notice when the text changes, or
+further apart where a draft costs more than PROBE_SHARE of that many plain steps (a draft of two steps on the
+reference BLAS), so probing costs at most about that share (a generation's first draft, which catches up on the
+prompt, priced as such); twice as far apart after each probe that did not pay (up to PROBE_BACKOFF times). A
+probe is judged once verified, by what a draft is worth knowing what it showed, E(n*) - rate * V(n*) - (1 - rate *
+S) less its drafting (a probe sized to nothing would otherwise never find that drafting pays again); the drafts
+after it are averaged with it as equals until there are enough for the moving average (a probe that hit once is
+one draft's word).
 What a draft costs here carries over to the next generation with the same kind of drafter, and where drafts are
 that dear, whether drafting paid (`carry`).
 A drafter that costs almost nothing (prompt lookup) drafts during every queued plain step instead, on the host
 while the device runs the step, so drafting resumes within a few cycles of drafts that would pay. Such a peeked
 tree is also evidence for free: the plain steps after it produce the target's own tokens, which are exactly what
 verifying it would have accepted, so acceptance keeps being learned while nothing is verified (without it, an
-estimate learned on other text could keep trees off where they would pay, and never be corrected). A draft whose
-best tree is the root alone is followed the same way (`choose`): what was drafted teaches even when none of it is
-verified.
+estimate learned on other text could keep trees off where they would pay, and never be corrected). Every drafted
+tree is learned from the same way, built to the cap (`choose`): the nodes its verify tried are scored as the verify
+decided them (its accepted tokens are the target's own), and the nodes sized out by the tokens the target produced
+next. Deep nodes priced out by acceptance learned on other text, or every node at a long context, are still
+scored, so the estimate follows this text where verifying alone would never try them.
 Every choice here changes speed only: verify and walk keep the output the target's own.
 """
 
@@ -132,14 +139,8 @@ class Acceptance:
         calibrated = [np.interp(row, KNOTS, np.r_[0.0, rate]) for row, rate in zip(probs, rates)]
         return Candidates(candidates.tokens, np.log(np.clip(np.reshape(calibrated, probs.shape), 1e-12, 1.0)))
 
-    def record(self, candidates: Candidates, tree: DraftTree, path: list[int]) -> None:
-        """A verified tree, one cycle's evidence: every node whose parent is on the accepted path was a trial; it
-        succeeded if it is on the path too."""
-        self.fade()
-        on_path = set(path)
-        self.observe(candidates, tree, [n for n in range(1, len(tree)) if tree.parents[n] in on_path], on_path)
-
     def observe(self, candidates: Candidates, tree: DraftTree, tried: list[int], accepted: Container[int]) -> None:
+        """Each of the `tried` nodes (its parent was accepted) was accepted if it is in `accepted`."""
         self.grow(len(candidates.log_probs))
         depth = np.array([tree.depths[n] - 1 for n in tried], dtype=int)
         p = np.exp(candidates.log_probs[depth, [tree.ranks[n] for n in tried]])
@@ -169,7 +170,8 @@ def average(old: float, new: float) -> float:
 
 @dataclass
 class Peek:
-    """A tree drafted during a plain step, followed down as the target produces the tokens after its root."""
+    """A drafted tree (built to the cap: peeked during a plain step, or verified in part), followed down as the
+    target produces the tokens after its root."""
 
     candidates: Candidates
     tree: DraftTree
@@ -204,6 +206,7 @@ class TreeSizer:
     first: float = 0.0  # moving average of a generation's first draft, which catches the drafter up on the prompt
     drafts: int = 0  # drafted cycles in this generation
     gain: float = 0.0  # moving average of what a draft was worth over a plain step, in tokens
+    judged: int = 0  # drafted cycles in `gain` since a probe's verdict (or the generation's start)
     last_gain: float = 0.0  # the newest draft's worth, before its cost
     skipped: int = 0  # plain cycles since the last draft
     backoff: int = 1  # 2 ** (probes that failed in a row), up to PROBE_BACKOFF
@@ -297,15 +300,13 @@ class TreeSizer:
         return build_tree(self.acceptance.calibrate(candidates), root, self.cap)
 
     def choose(self, candidates: Candidates, root: int, context: int) -> DraftTree:
-        """The tree a drafted cycle verifies. Where it is the root alone, the whole tree is still followed as a
-        peek is (`produced`), so a draft sized to nothing teaches what its nodes were worth: without it, where
-        acceptance learned on other text priced every node out (a dear drafter's probes at a long context),
-        nothing would ever be learned to bring trees back within a short generation."""
+        """The tree a drafted cycle verifies. The whole tree, to the cap, is followed as a peek is (`produced`):
+        the tokens the target commits score the nodes verified and those sized out alike, so a draft sized to
+        nothing, or to a shallow tree, still teaches what its deeper nodes were worth."""
         tree = self.full_tree(candidates, root)
-        sized = self.size(tree, context)
-        if len(sized) == 1 < len(tree):
+        if len(tree) > 1:
             self.peeks.append(Peek(candidates, tree))
-        return sized
+        return self.size(tree, context)
 
     def can_peek(self) -> bool:
         return self.draft_seconds() < PEEK_SHARE * self.seconds
@@ -342,8 +343,8 @@ class TreeSizer:
                     self.acceptance.observe(peek.candidates, peek.tree, peek.see(token), peek.path)
         self.peeks = [peek for peek in self.peeks if not peek.done]
 
-    def record(self, candidates: Candidates | None, tree: DraftTree, path: list[int], committed: int,
-               seconds: float, drafting: float, context: int) -> None:
+    def record(self, candidates: Candidates | None, tree: DraftTree, committed: int, seconds: float, drafting: float,
+               context: int) -> None:
         """A cycle ended: `committed` tokens in `seconds`, `drafting` of them spent drafting and building."""
         self.context = context
         self.tokens += SMOOTHING * (committed - self.tokens)
@@ -357,7 +358,6 @@ class TreeSizer:
         else:
             self.scale = average(self.scale, ratio)
         if candidates is not None:
-            self.acceptance.record(candidates, tree, path)
             if self.drafts:
                 self.drafted(drafting)
             else:  # its catch-up on the prompt is the generation's cost, paid once, not each draft's
@@ -365,12 +365,16 @@ class TreeSizer:
             self.drafts += 1
             if self.probing:  # its verdict is what drafting is worth knowing what it just saw, as the next draft would
                 self.size(self.full_tree(candidates, 0), context)
-            gain = self.net_gain()
-            # A probe's verdict stands alone: averaged with the cycles that stopped drafting, a changed text
-            # would need many probes to be believed.
-            self.gain = gain if self.probing else self.gain + SMOOTHING * (gain - self.gain)
+                gain = self.net_gain()
+            else:  # what it did gain over a queued plain step, its draft at what drafts cost (not the catch-up)
+                gain = committed - 1 - self.rate * (seconds - drafting + self.drafting - self.step_seconds(context))
+            # A probe's verdict stands alone (averaged with the cycles that stopped drafting, a changed text would
+            # need many probes to be believed); the drafts after it count as much as it does, until there are
+            # enough of them for the moving average.
+            self.judged = 1 if self.probing else self.judged + 1
+            self.gain += max(SMOOTHING, 1 / self.judged) * (gain - self.gain)
             if self.probing:
-                self.backoff = 1 if gain >= 0 else min(2 * self.backoff, PROBE_BACKOFF)
+                self.backoff = 1 if self.gain >= 0 else min(2 * self.backoff, PROBE_BACKOFF)
         self.share()
 
     def share(self) -> None:

@@ -63,6 +63,32 @@ def one_node_tree(candidates):
     return tree
 
 
+def learn(acceptance, candidates, tree, path):
+    """One verified tree's evidence, by definition: every node whose parent is on the accepted path was a trial,
+    accepted if it is on the path too (one fade per cycle)."""
+    acceptance.fade()
+    on_path = set(path)
+    acceptance.observe(candidates, tree, [n for n in range(1, len(tree)) if tree.parents[n] in on_path], on_path)
+
+
+MISS = -1  # a token no drafter proposes
+
+
+def drafted_cycle(sizer, candidates, text, seconds, drafting, context=SHORT):
+    """A drafted cycle as Session.cycle runs it, the target's text after the root being `text`: the sized tree
+    chosen, the tokens it commits produced (the accepted path's and the bonus), the cycle recorded."""
+    tree = sizer.choose(candidates, 0, context)
+    node, produced = 0, []
+    for token in text:
+        produced.append(token)
+        node = tree.children[node].get(token)
+        if node is None:
+            break
+    sizer.produced(produced)
+    sizer.record(candidates, tree, len(produced), seconds, drafting, context)
+    return tree, produced
+
+
 def test_acceptance_learns_what_the_drafter_is_worth():
     """A drafter that says 0.9 and is right 30% of the time at depth 1: after a few hundred cycles its 0.9 is
     worth ~0.3, and calibrating keeps every depth's order (the heap needs it)."""
@@ -73,7 +99,7 @@ def test_acceptance_learns_what_the_drafter_is_worth():
     assert before == pytest.approx(CLAIM_WORTH * np.exp(candidates.log_probs))  # no evidence yet: its word, discounted
     tree = one_node_tree(candidates)
     for _ in range(600):
-        acceptance.record(candidates, tree, [0, 1] if rng.random() < 0.3 else [0])
+        learn(acceptance, candidates, tree, [0, 1] if rng.random() < 0.3 else [0])
     after = np.exp(acceptance.calibrate(candidates).log_probs)
     assert after[0, 0] == pytest.approx(0.3, abs=0.08)
     assert after[1, 0] < 0.4  # depth 2 was never tried: it takes depth 1's lesson (the drafter overrates)
@@ -89,10 +115,10 @@ def test_a_claim_seen_once_or_never_borrows_what_the_drafter_overstates_elsewher
     sure = Candidates(np.array([[5, 6, 7]]), np.log([[0.985, 0.01, 0.005]]))
     over, under = Acceptance(), Acceptance()
     for _ in range(200):
-        over.record(candidates, one_node_tree(candidates), [0, 1] if rng.random() < 0.1 else [0])
-        under.record(candidates, one_node_tree(candidates), [0, 1] if rng.random() < 0.9 else [0])
+        learn(over, candidates, one_node_tree(candidates), [0, 1] if rng.random() < 0.1 else [0])
+        learn(under, candidates, one_node_tree(candidates), [0, 1] if rng.random() < 0.9 else [0])
     assert np.exp(over.calibrate(sure).log_probs[0, 0]) < 0.2
-    over.record(sure, one_node_tree(sure), [0, 1])
+    learn(over, sure, one_node_tree(sure), [0, 1])
     assert np.exp(over.calibrate(sure).log_probs[0, 0]) < 0.8
     assert np.exp(under.calibrate(sure).log_probs[0, 0]) == pytest.approx(0.985, abs=0.005)
 
@@ -108,10 +134,9 @@ def test_drafting_stops_when_it_does_not_pay_and_is_probed():
     for _ in range(1500):
         picks.append(sizer.pick("ddtree"))
         if picks[-1] == "ar":
-            sizer.record(None, DraftTree.root_only(0), [0], 1, step, 0.0, SHORT)
+            sizer.record(None, DraftTree.root_only(0), 1, step, 0.0, SHORT)
             continue
-        tree = sizer.size(build_tree(sizer.acceptance.calibrate(candidates), 0, 8), SHORT)
-        sizer.record(candidates, tree, [0], 1, draft + step, draft, SHORT)
+        drafted_cycle(sizer, candidates, [MISS], draft + step, draft)
     # The first draft catches up on the prompt, a cost of the generation's; the second shows drafts cost more
     # than they bring.
     assert picks[:3] == ["ddtree", "ddtree", "ar"] and sizer.first == sizer.drafting == draft
@@ -128,10 +153,9 @@ def test_drafting_stops_when_it_does_not_pay_and_is_probed():
     for _ in range(int(2 * PROBE_BACKOFF * first)):
         picks.append(sizer.pick("ddtree"))
         if picks[-1] == "ddtree":
-            tree = sizer.size(build_tree(sizer.acceptance.calibrate(candidates), 0, 8), SHORT)
-            sizer.record(candidates, tree, list(range(len(tree))), len(tree), draft + 0.012, draft, SHORT)
+            drafted_cycle(sizer, candidates, list(range(9)), draft + 0.012, draft)
         else:
-            sizer.record(None, DraftTree.root_only(0), [0], 1, step, 0.0, SHORT)
+            sizer.record(None, DraftTree.root_only(0), 1, step, 0.0, SHORT)
     start = picks.index("ddtree")
     assert start <= PROBE_BACKOFF * first + 1 and set(picks[start:]) == {"ddtree"}
     assert sizer.backoff == 1  # a probe that paid: back to probing often
@@ -162,7 +186,7 @@ def test_what_a_draft_costs_carries_over_and_where_drafts_are_dear_whether_they_
     assert not short.will_draft() and long.pick("ddtree") == "ddtree" and not long.probing
     for _ in range(int(wait)):  # 66 plain steps
         assert short.pick("ddtree") == "ar"
-        short.record(None, DraftTree.root_only(0), [0], 1, 0.01, 0.0, SHORT)
+        short.record(None, DraftTree.root_only(0), 1, 0.01, 0.0, SHORT)
     assert short.pick("ddtree") == "ddtree" and short.probing  # the first probe, once its share is earned
     last.gain = 0.2
     assert next_generation(1).pick("ddtree") == "ddtree"
@@ -175,12 +199,13 @@ def test_the_cycles_correct_the_curve():
     candidates = Candidates(np.array([[5], [6], [7], [8]]), np.log(np.full((4, 1), 0.5)))
     sizes = []
     for _ in range(120):
-        tree = sizer.size(build_tree(sizer.acceptance.calibrate(candidates), 0, 4), SHORT)
+        tree = sizer.choose(candidates, 0, SHORT)
         sizes.append(len(tree) - 1)
         slower = 1.2 if len(tree) == 1 else 3.0
-        accepted = list(range(len(tree) // 2 + 1))  # half the chain: what 0.5 per node gives
+        produced = [5, 6, 7, 8][: len(tree) // 2] + [MISS]  # half the chain: what 0.5 per node gives
+        sizer.produced(produced)
         seconds = 0.001 + slower * float(sizer.costs.at(len(tree)))
-        sizer.record(candidates, tree, accepted, len(accepted), seconds, 0.001, SHORT)
+        sizer.record(candidates, tree, len(produced), seconds, 0.001, SHORT)
     assert sizer.root_scale == pytest.approx(1.2, rel=0.02) and sizer.step_scale == 1.0  # no plain step ran
     assert sizer.cycle_seconds(0, SHORT) == pytest.approx(0.012, 0.02)
     assert sizer.scale > 1.5  # learned until trees stopped paying, then no tree ran to teach it more
@@ -213,10 +238,9 @@ def test_drafting_is_charged_the_plain_steps_queueing():
         for _ in range(40):
             picks[queueing].append(sizer.pick("ddtree"))
             if picks[queueing][-1] == "ar":
-                sizer.record(None, DraftTree.root_only(0), [0], 1, 0.01, 0.0, SHORT)
+                sizer.record(None, DraftTree.root_only(0), 1, 0.01, 0.0, SHORT)
                 continue
-            tree = sizer.size(build_tree(sizer.acceptance.calibrate(candidates), 0, 1), SHORT)
-            sizer.record(candidates, tree, [0], 1, 0.01 + queueing, 0.0, SHORT)
+            drafted_cycle(sizer, candidates, [MISS], 0.01 + queueing, 0.0)
     assert set(picks[0.0]) == {"ddtree"}
     assert picks[0.005][20:].count("ar") >= 15
 
@@ -335,7 +359,7 @@ def test_peeked_trees_learn_from_the_plain_steps_after_them():
     for _ in range(200):  # the other text: right 30% of the time at each depth
         candidates = guess(0)
         tree = build_tree(candidates, text[0], 4)
-        sizer.acceptance.record(candidates, tree, tree.path_to(int(np.argmin(rng.random(4) < 0.3))))
+        learn(sizer.acceptance, candidates, tree, tree.path_to(int(np.argmin(rng.random(4) < 0.3))))
     sizer.acceptance.new_text()  # the next generation
     before = sizer.acceptance.trials.sum()
     sizes = []
@@ -364,10 +388,10 @@ def test_cycles_not_measured_yet_are_off_the_calibration_as_plain_steps_are():
     measurement then stands alone)."""
     sizer = TreeSizer(VerifyCosts((1, 2), (0.01, 0.02)), cap=4)
     for _ in range(60):
-        sizer.record(None, DraftTree.root_only(0), [0], 1, 0.007, 0.0, SHORT)
+        sizer.record(None, DraftTree.root_only(0), 1, 0.007, 0.0, SHORT)
     assert sizer.cycle_seconds(np.array([0, 1]), SHORT) == pytest.approx([0.007, 0.014], rel=0.01)
     candidates = Candidates(np.array([[5]]), np.log([[0.9]]))
-    sizer.record(candidates, one_node_tree(candidates), [0, 1], 2, 0.03 + 0.001, 0.001, SHORT)
+    sizer.record(candidates, one_node_tree(candidates), 2, 0.03 + 0.001, 0.001, SHORT)
     assert sizer.cycle_seconds(np.array([0, 1]), SHORT) == pytest.approx([0.007, 0.03], rel=0.01)
 
 
@@ -389,12 +413,67 @@ def test_a_cycle_that_queues_the_next_step_is_not_charged_for_it(monkeypatch):
     monkeypatch.setattr(TreeSizer, "will_draft", lambda self, turns=itertools.cycle([True, False]): next(turns))
     monkeypatch.setattr(TreeSizer, "size", lambda self, tree, context: tree.prefix(1))  # drafts verify the root
     charged, record = [], TreeSizer.record
-    monkeypatch.setattr(TreeSizer, "record", lambda self, candidates, tree, path, committed, seconds, *rest: (
-        charged.append((candidates is not None, seconds)),
-        record(self, candidates, tree, path, committed, seconds, *rest)))
+    monkeypatch.setattr(TreeSizer, "record", lambda self, candidates, tree, committed, seconds, *rest: (
+        charged.append((candidates is not None, seconds)), record(self, candidates, tree, committed, seconds, *rest)))
     result = generate_ddtree_once(target_model=model, draft_model=OracleDrafter(truth), prompt_tokens=prompt,
                                   max_new_tokens=24, stop_token_ids=[], tree_budget="auto")
     drafted = [seconds for was_drafted, seconds in charged if was_drafted]
     plain = [seconds for was_drafted, seconds in charged if not was_drafted]
     assert drafted and plain and max(drafted) < 0.3 and min(plain) >= 0.2  # one step each, not two and none
     assert sum(seconds for _, seconds in charged) == pytest.approx(result["decode_seconds"])
+
+
+def test_a_tree_verified_in_part_teaches_what_its_sized_out_nodes_were_worth():
+    """Nodes cost half a token each: the verified tree is a part of the tree drafted to the cap. The tokens the
+    target commits then, and next cycle, score every drafted node whose parent they reached, each once, as
+    verifying the whole tree would have (learned on other text, deep nodes would otherwise never be tried)."""
+    candidates = Candidates(np.array([[5, 6], [7, 8], [9, 10], [11, 12]]), np.log([[0.95, 0.04]] * 4))
+    sizer = TreeSizer(VerifyCosts((1, 2, 3), (0.01, 0.015, 0.02)), cap=12)
+    sizer.tokens, sizer.seconds = 1.0, 0.01
+    full = sizer.full_tree(candidates, 0)
+    text = [5, 7, 10, 12]  # the first-ranked twice, the second-ranked, then one the tree does not have there
+    tree, produced = drafted_cycle(sizer, candidates, text, 0.02, 0.001)
+    assert 1 < len(tree) < len(full) and tree.tokens == full.tokens[: len(tree)] and len(produced) < len(text)
+    sizer.produced(text[len(produced):])  # the next cycle's tokens
+    assert not sizer.peeks
+    reference = Acceptance()
+    learn(reference, candidates, full, full.path_to(full.children[full.children[full.children[0][5]][7]][10]))
+    late = np.array([1.0] * 3 + [0.0])[:, None]  # depth 4 was decided a cycle later: faded once less
+    for counts, memory in (("hits", MEMORY), ("trials", MEMORY), ("recent_hits", tree_size.RECENT_MEMORY),
+                           ("recent_trials", tree_size.RECENT_MEMORY)):
+        expected = getattr(reference, counts) * (memory * late + 1 - late)
+        assert getattr(sizer.acceptance, counts) == pytest.approx(expected)
+    assert reference.trials.sum(1).tolist() == [2, 2, 2, 1] and reference.hits.sum(1).tolist() == [1, 1, 1, 0]
+
+
+def test_a_probe_that_hit_once_is_overruled_by_the_drafts_after_it():
+    """Drafting stopped paying; a probe hits (worth ~0.4 tokens after a draft's cost), and the drafts it brings
+    back are worth nothing (sized to the root alone, each costing a third of a step): drafting stops again after
+    two or three of them, as their mean with the probe says, not after the nine a moving average would take."""
+    sizer = TreeSizer(VerifyCosts((1, 2), (0.01, 0.011)), cap=1)
+    sizer.tokens, sizer.seconds, sizer.drafting, sizer.plain, sizer.drafts = 1.0, 0.01, 0.003, 0.01, 5
+    sizer.gain, sizer.skipped = -0.3, 10**6
+    assert sizer.pick("ddtree") == "ddtree" and sizer.probing
+    hit = Candidates(np.array([[5]]), np.log([[0.9]]))
+    drafted_cycle(sizer, hit, [5, 6], 0.011 + 0.003, 0.003)
+    assert sizer.gain > 0.3 and sizer.backoff == 1
+    worthless = Candidates(np.array([[7]]), np.log([[0.01]]))
+    drafts = 0
+    while sizer.pick("ddtree") == "ddtree":
+        assert not sizer.probing and drafts < 9
+        drafts += 1
+        assert len(drafted_cycle(sizer, worthless, [MISS], 0.01 + 0.003, 0.003)[0]) == 1
+    assert drafts <= 3
+
+
+def test_a_draft_is_judged_by_what_it_committed_not_by_what_was_expected():
+    """The estimate expects a sure 4-node chain (worth ~2 tokens past its cost); the cycle commits one token in the
+    time of a tree: drafting is judged by that, (1 - 1) - rate * (t - S), and stops."""
+    sizer = TreeSizer(VerifyCosts((1, 2, 5), (0.01, 0.011, 0.014)), cap=4)
+    sizer.tokens, sizer.seconds, sizer.drafting = 1.0, 0.01, 0.002
+    sure = Candidates(np.arange(4)[:, None], np.log(np.full((4, 1), 0.95)))
+    assert sizer.pick("ddtree") == "ddtree" and not sizer.probing
+    tree, produced = drafted_cycle(sizer, sure, [MISS], 0.014 + 0.002, 0.002)
+    assert len(tree) == 5 and produced == [MISS] and sizer.last_gain > 1
+    assert sizer.gain == pytest.approx(0 - sizer.rate * (0.014 + 0.002 - 0.01))
+    assert not sizer.will_draft()
