@@ -333,14 +333,15 @@ class TreeSizer:
     # --- after the cycle -------------------------------------------------------------------------------------
 
     def produced(self, tokens: list[int]) -> None:
-        """A cycle committed `tokens`: each earlier peek learns, token by token, what verifying it would have
-        accepted (evidence as soon as each depth is known, not once the whole tree is)."""
+        """A cycle committed `tokens`: each followed tree learns what verifying it would have accepted, token by
+        token (evidence as soon as each depth is known, not once the whole tree is), in one update per tree: a node
+        tried at a token is accepted if it is on the path once all are seen."""
         if self.peeks:
             self.acceptance.fade()
         for peek in self.peeks:
-            for token in tokens:
-                if not peek.done:
-                    self.acceptance.observe(peek.candidates, peek.tree, peek.see(token), peek.path)
+            tried = [node for token in tokens if not peek.done for node in peek.see(token)]
+            if tried:
+                self.acceptance.observe(peek.candidates, peek.tree, tried, peek.path)
         self.peeks = [peek for peek in self.peeks if not peek.done]
 
     def record(self, candidates: Candidates | None, tree: DraftTree, committed: int, seconds: float, drafting: float,
