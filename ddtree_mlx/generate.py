@@ -283,11 +283,9 @@ class Session:
         """A plain step is queued and the drafter costs almost nothing: draft anyway, on the host while the device
         runs the step, so the sizer learns at once whether drafting pays again (TreeSizer.peeked)."""
         start = time.perf_counter()
-        candidates = self.draft(self.method)
-        tree = self.sizer.full_tree(candidates, self.root)
-        self.sizer.size(tree, context)
+        self.sizer.choose(self.draft(self.method), self.root, context)
         seconds = time.perf_counter() - start
-        self.sizer.peeked(candidates, tree, seconds)  # a drafter that waited for the device is not cheap: no more peeks
+        self.sizer.peeked(seconds)  # a drafter that waited for the device is not cheap: no more peeks
         self.stats.overlap_seconds += seconds
 
     def next_method(self) -> str:

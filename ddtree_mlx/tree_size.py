@@ -319,12 +319,11 @@ class TreeSizer:
         """The newest draft's worth minus what drafting costs, in tokens."""
         return self.last_gain - self.rate * self.drafting
 
-    def peeked(self, candidates: Candidates, tree: DraftTree, seconds: float) -> None:
-        """A draft sized (`size`) in `seconds` during a queued plain step, while the device ran it: what drafting
-        would have been worth, without a probe's cost. Peeks come every plain cycle, so each one moves the average
-        (one optimistic draft alone does not turn drafting on; a run of good ones does within a few cycles).
-        `tree` (built to the cap, before sizing) waits for the tokens the next cycles produce (`produced`)."""
-        self.peeks.append(Peek(candidates, tree))
+    def peeked(self, seconds: float) -> None:
+        """A draft chosen (`choose`: sized, and followed as the next cycles produce tokens) in `seconds` during a
+        queued plain step, while the device ran it: what drafting would have been worth, without a probe's cost.
+        Peeks come every plain cycle, so each one moves the average (one optimistic draft alone does not turn
+        drafting on; a run of good ones does within a few cycles)."""
         self.drafted(seconds)
         self.gain += SMOOTHING * (self.net_gain() - self.gain)
         if self.gain >= 0:

@@ -329,15 +329,13 @@ def test_a_cheap_drafter_peeks_during_plain_steps():
     sizer.tokens, sizer.seconds, sizer.gain, sizer.backoff, sizer.drafting = 1.0, 0.01, -0.5, PROBE_BACKOFF, 0.0002
     assert not sizer.will_draft() and sizer.can_peek()
     unsure = Candidates(np.arange(8)[:, None], np.log(np.full((8, 1), 0.02)))
-    tree = build_tree(sizer.acceptance.calibrate(unsure), 0, 8)
-    sizer.size(tree, SHORT)
-    sizer.peeked(unsure, tree, 0.0002)
+    sizer.choose(unsure, 0, SHORT)
+    sizer.peeked(0.0002)
     assert not sizer.will_draft()
     sure = Candidates(np.arange(8)[:, None], np.log(np.full((8, 1), 0.95)))
     for peeks in range(1, 4):
-        tree = build_tree(sizer.acceptance.calibrate(sure), 0, 8)
-        sizer.size(tree, SHORT)
-        sizer.peeked(sure, tree, 0.0002)
+        sizer.choose(sure, 0, SHORT)
+        sizer.peeked(0.0002)
         if sizer.will_draft():
             break
     assert sizer.will_draft() and peeks <= 2 and sizer.backoff == 1
@@ -365,15 +363,15 @@ def test_peeked_trees_learn_from_the_plain_steps_after_them():
     sizes = []
     for at in range(len(text) - 6):  # plain steps, each producing the next token of `text`
         candidates = guess(at)
-        tree = build_tree(sizer.acceptance.calibrate(candidates), text[at], sizer.cap)
-        sizes.append(len(sizer.size(tree, SHORT)) - 1)
-        sizer.peeked(candidates, tree, 0.0001)
+        sizes.append(len(sizer.choose(candidates, text[at], SHORT)) - 1)
+        sizer.peeked(0.0001)
         sizer.produced([text[at + 1]])
     assert sizes[0] == 0 and sizes[-1] == 4  # a plain step at first; the whole chain once the lesson is learned
     assert sizer.acceptance.trials.sum() > before and len(sizer.peeks) <= 4  # scored once their depth is known
     fresh = TreeSizer(VerifyCosts((1, 2), (0.01, 0.015)), cap=4)
     missed = Candidates(np.array([[7], [8], [9], [10]]), np.log(np.full((4, 1), 0.9)))
-    fresh.peeked(missed, build_tree(missed, 1, 4), 0.0001)
+    fresh.choose(missed, 1, SHORT)
+    fresh.peeked(0.0001)
     fresh.produced([7, 8])  # evidence as soon as a depth is known
     assert fresh.acceptance.hits.sum(1).tolist() == fresh.acceptance.trials.sum(1).tolist() == [1, 1, 0, 0]
     fresh.produced([99, 10])  # a miss at depth 3: tried and missed; depth 4 never tried (one fade per cycle)
