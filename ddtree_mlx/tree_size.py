@@ -324,6 +324,7 @@ class TreeSizer:
         queued plain step, while the device ran it: what drafting would have been worth, without a probe's cost.
         Peeks come every plain cycle, so each one moves the average (one optimistic draft alone does not turn
         drafting on; a run of good ones does within a few cycles)."""
+        (seconds,) = self.shared(seconds)
         self.drafted(seconds)
         self.gain += SMOOTHING * (self.net_gain() - self.gain)
         if self.gain >= 0:
@@ -346,6 +347,7 @@ class TreeSizer:
     def record(self, candidates: Candidates | None, tree: DraftTree, committed: int, seconds: float, drafting: float,
                context: int) -> None:
         """A cycle ended: `committed` tokens in `seconds`, `drafting` of them spent drafting and building."""
+        seconds, drafting = self.shared(seconds, drafting)
         self.context = context
         self.tokens += SMOOTHING * (committed - self.tokens)
         self.seconds += SMOOTHING * (seconds - self.seconds)
@@ -375,15 +377,12 @@ class TreeSizer:
             self.gain += max(SMOOTHING, 1 / self.judged) * (gain - self.gain)
             if self.probing:
                 self.backoff = 1 if self.gain >= 0 else min(2 * self.backoff, PROBE_BACKOFF)
-        self.share()
 
-    def share(self) -> None:
-        """Sharded: what was measured in seconds becomes rank 0's on every rank (one small all-reduce)."""
-        if self.group is not None:
-            shared = [self.tokens, self.seconds, self.step_scale, self.root_scale, self.scale, self.drafting, self.gain,
-                      self.plain, self.first]
-            (self.tokens, self.seconds, self.step_scale, self.root_scale, self.scale, self.drafting, self.gain,
-             self.plain, self.first) = broadcast(shared, self.group)
+    def shared(self, *seconds: float) -> list[float]:
+        """Sharded: times this rank measured become rank 0's on every rank (one small all-reduce) as they come in,
+        so every rank decides alike from them: whether to draft, probe or peek, and what size (a rank that drafted
+        while another stepped would pair no collective)."""
+        return list(seconds) if self.group is None else broadcast(list(seconds), self.group)
 
     def report(self) -> dict:
         return {"sizes": list(self.costs.sizes), "seconds": [round(s, 6) for s in self.costs.seconds],

@@ -3,7 +3,9 @@ what mlx-lm's greedy decoding of the whole model gives."""
 
 import json
 import os
+import random
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -22,16 +24,38 @@ def launch(out: Path, *mode: str, **env: str) -> subprocess.CompletedProcess:
     launcher = shutil.which("mlx.launch")
     if launcher is None:
         pytest.skip("mlx.launch is not installed")
-    return subprocess.run([launcher, "--backend", "ring", "-n", "2", sys.executable, str(WORKER), str(out), *mode],
-                          capture_output=True, text=True, timeout=600, env=dict(os.environ, **env))
+    command = [launcher, "--backend", "ring", "-n", "2", "--starting-port", str(free_ports()), sys.executable,
+               str(WORKER), str(out), *mode]
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, env=dict(os.environ, **env))
+
+
+def free_ports() -> int:
+    """A port free on loopback with the next one free too (rank r listens on port + r): mlx.launch's fixed default
+    may be held by another run on the machine."""
+    while True:
+        port = random.randrange(20000, 60000)
+        with socket.socket() as first, socket.socket() as second:
+            try:
+                first.bind(("127.0.0.1", port))
+                second.bind(("127.0.0.1", port + 1))
+                return port
+            except OSError:
+                continue
+
+
+def written(run: subprocess.CompletedProcess, out: Path) -> list[dict]:
+    """What each rank wrote. mlx.launch exits 0 whatever its ranks did: a rank that failed wrote nothing, and its
+    error is in the output shown."""
+    missing = [rank for rank in range(2) if not Path(f"{out}.{rank}").exists()]
+    shown = run.stdout[-2000:] + run.stderr[-4000:]
+    assert run.returncode == 0 and not missing, f"ranks {missing} wrote nothing\n{shown}"
+    return [json.loads(Path(f"{out}.{rank}").read_text()) for rank in range(2)]
 
 
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory):
     out = tmp_path_factory.mktemp("ranks") / "rows.json"
-    run = launch(out)
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
-    ranks = [json.loads(Path(f"{out}.{rank}").read_text()) for rank in range(2)]
+    ranks = written(launch(out), out)
     return dict(ranks[0], other=ranks[1])
 
 
@@ -108,9 +132,8 @@ def test_the_server_under_mlx_launch(tmp_path):
     that left mid-stream, a second turn that hits the prompt cache, a stop string and an unseeded sampled request
     (any of which, mishandled, would leave the ranks' collectives unpaired: a hang, ended by the watchdog)."""
     out = tmp_path / "rows.json"
-    run = launch(out, "serve", DDTREE_RANK_TIMEOUT="30")
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
-    rows = json.loads(Path(f"{out}.0").read_text())["rows"]
+    served, followed = written(launch(out, "serve", DDTREE_RANK_TIMEOUT="30"), out)
+    rows = served["rows"]
     tokenizer = make_tokenizer()
     greedy = [row for row in rows if "temperature" not in row]
     for row in greedy:
@@ -123,7 +146,7 @@ def test_the_server_under_mlx_launch(tmp_path):
     assert greedy[1]["reused"] > len(greedy[0]["prompt"]) // 2  # the second turn hit the prompt cache
     # Rank 1 generated what rank 0 served (the sampled request too: it drew with rank 0's seed), and stopped
     # where rank 0 did (the client that left: fewer than the 40 tokens it asked for).
-    followed = json.loads(Path(f"{out}.1").read_text())["generations"]
+    followed = followed["generations"]
     assert len(followed) == 6 and len(followed[1]) < 40
     for row, tokens in zip(rows, followed[:1] + followed[2:]):
         assert tokenizer.encode(row["got"]) == tokens[: len(tokenizer.encode(row["got"]))]

@@ -475,3 +475,51 @@ def test_a_draft_is_judged_by_what_it_committed_not_by_what_was_expected():
     assert len(tree) == 5 and produced == [MISS] and sizer.last_gain > 1
     assert sizer.gain == pytest.approx(0 - sizer.rate * (0.014 + 0.002 - 0.01))
     assert not sizer.will_draft()
+
+
+def sharded_run(monkeypatch, rank, shared, seed=0):
+    """A sizer on one rank of two, driven as Session.cycle drives it through probes, peeks and drafts, on one text
+    with this rank's own timings (rank 1's up to 3x off rank 0's: a busier core). Collectives are simulated:
+    rank 0 writes what it broadcasts to `shared`, rank 1 reads it back in the same order."""
+    def broadcast(values, group):
+        values = np.float32(values).tolist()  # what crosses the wire
+        if rank == 0:
+            shared.append(values)
+            return values
+        assert shared and len(shared[0]) == len(values), "rank 1 broadcast what rank 0 did not"
+        return shared.pop(0)
+
+    monkeypatch.setattr(tree_size, "broadcast", broadcast)
+    rng, clock = np.random.default_rng(seed), np.random.default_rng(seed + 1 + rank)
+    sizer = TreeSizer(VerifyCosts((1, 2, 5), (0.01, 0.011, 0.014)), cap=4, group="two ranks")
+    decisions = []
+    for _ in range(400):
+        off = clock.uniform(1 / 3, 3) if rank else 1.0
+        text = [int(t) for t in rng.integers(0, 5, 5)]  # tokens 0-4: drafting pays, then not, then again
+        candidates = Candidates(rng.integers(0, 5, (4, 2)), np.log(rng.uniform(0.05, 0.9, (4, 2))))
+        method = sizer.pick("ddtree")
+        if method == "ddtree":
+            tree, _ = drafted_cycle(sizer, candidates, text, off * 0.0143, off * 0.0003)
+            decisions.append((method, len(tree), sizer.probing))
+            continue
+        sizer.produced(text[:1])
+        peeked = sizer.can_peek()
+        if peeked:
+            sizer.choose(candidates, 0, SHORT)
+            sizer.peeked(off * 0.0003)
+        sizer.record(None, DraftTree.root_only(0), 1, off * 0.01, 0.0, SHORT)
+        decisions.append((method, peeked))
+    return decisions
+
+
+def test_sharded_ranks_decide_alike_whatever_their_own_clocks_say(monkeypatch):
+    """Tensor parallel: every rank must draft, peek and size exactly when rank 0 does (a rank that drafted while
+    another stepped would pair no collective: a hang, or a crash). Each rank measures its own times; what is
+    decided from them must be rank 0's, including whether a probe failed."""
+    shared = []
+    rank0 = sharded_run(monkeypatch, 0, shared)
+    kinds = {d[0] for d in rank0}
+    assert kinds == {"ar", "ddtree"} and any(d[-1] for d in rank0 if d[0] == "ddtree")  # probes, drafts, plain steps
+    assert any(d[1] for d in rank0 if d[0] == "ar")  # and peeks
+    assert sharded_run(monkeypatch, 1, shared) == rank0
+    assert not shared  # every broadcast paired
