@@ -25,10 +25,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 import mlx.core as mx
+import numpy as np
 from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 
 from ddtree_mlx import DDTreeConfig, PromptLookupDrafter, generate_ddtree_once
 from ddtree_mlx.blas import OPENBLAS, blas_name, slow_blas, use_openblas
+from ddtree_mlx.calibration import lengthen
 from ddtree_mlx.drafter_training import DrafterShape, new_drafter
 from ddtree_mlx.drafters import ScriptedDrafter
 from ddtree_mlx.generate import PHASES
@@ -423,15 +425,24 @@ def shaped_tree(shape: str, size: int, seed: int = 0) -> DraftTree:
 
 
 def measure_verify(setup: Setup, args: argparse.Namespace) -> list[dict]:
-    """Verify cost of an N-node tree vs an N-token chain on the preset's target, after a real prompt."""
+    """Verify cost of an N-node tree vs an N-token chain on the preset's target, after a real prompt (and with
+    --context, after that many tokens: random keys and values, as calibration.lengthen grows them)."""
     target = adapter_for(setup.target)
     cache = target.make_cache()
     target.forward(mx.array(next(iter(setup.prompts.values()))[0]), cache, [])
+    if args.context:
+        lengthen(target, cache, np.random.default_rng(0), args.context)
     config = DDTreeConfig.from_env()
+
+    def verify(shape: str, size: int) -> mx.array:
+        logits = target.verify(shaped_tree(shape, size), cache, [], config).logits
+        if size == 1:  # a lone root is a step, written into the cache: keep the context's length
+            target.trim_attention(cache, 1)
+        return logits
+
     rows = []
     for size in (1, 4, 16, 32):
-        times = {shape: median_ms(lambda: target.verify(shaped_tree(shape, size), cache, [], config).logits,
-                                  args.repeats * 3) for shape in ("chain", "wide")}
+        times = {shape: median_ms(lambda: verify(shape, size), args.repeats * 3) for shape in ("chain", "wide")}
         rows.append({"nodes": size, "chain_ms": times["chain"], "tree_ms": times["wide"],
                      "tree_over_chain": times["wide"] / times["chain"]})
         print(f"N={size:3d}  chain {times['chain']:8.2f} ms  tree {times['wide']:8.2f} ms  "
@@ -700,7 +711,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "bytes with --kv-bits 8/4")
     parser.add_argument("--context", type=int, help="generation: put this many tokens of real text (MT-Bench and "
                                                      "Alpaca instructions) before each prompt; prefill-memory and "
-                                                     "serving: prompt tokens (default 8192)")
+                                                     "serving: prompt tokens (default 8192); verify: verify after "
+                                                     "this many cached tokens")
     parser.add_argument("--twin-shape", choices=sorted(TWIN_SHAPES), default="150m")
     args = parser.parse_args(argv)
     unknown = set(args.methods) - {"ar", "dflash", "ddtree", PEER} or set(args.sets) - set(PROMPT_SETS)

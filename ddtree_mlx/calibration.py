@@ -10,10 +10,11 @@ real target after a short prompt (a slow machine stops the grid after TIME_BUDGE
 linearly past its last point); a tree is verified as the size, at least its own, that costs least at the current
 context: padded to a bigger one where that is cheaper (`VerifyCosts.choose`). Then a plain step and two trees again
 after a long context, which says what every context token adds: to a plain step, to a tree, and to a tree per node
-(each node attends over the whole context; on this CPU, at 6K tokens, one more node costs ~30 ms where it cost ~3
-ms after 32). It is cached on disk per (model, dtype and quantization, device, MLX version, BLAS, ddtree-mlx
-version); a cache file that is unreadable or of another format is measured again, never an error. What it cannot
-know (other work on the machine, the drafter) the cycles measure online.
+(each node attends over the whole context; on this CPU, at 6K tokens, one more node costs ~20 ms where it cost
+~3 ms after 32; ~40 ms without the split attention of models/base.py). It is cached on disk per (model, dtype and
+quantization, device, MLX version, BLAS, ddtree-mlx version); a cache file that is unreadable or of another format
+is measured again, never an error. What it cannot know (other work on the machine, the drafter) the cycles measure
+online.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ LONG_CONTEXT = 4096  # or half the model's context window, if smaller
 REPEATS = 4
 TIME_BUDGET = 6.5  # seconds of measuring the grid, about: a slow machine measures fewer sizes (always two)
 LONG_BUDGET = 1.0  # seconds of rounds after the long context, about (always one)
-FORMAT = 4
+FORMAT = 5  # 5: verify attention split on the CPU by default (other per-token costs)
 # A tree verify does all of a plain step's work and more: a curve with a tree this much cheaper than the plain step
 # was measured on a busy machine (seen here: 3 nodes at 100 ms, 1 at 125 ms, with two other jobs on two cores).
 STEADY = 0.9
@@ -57,7 +58,8 @@ class VerifyCosts:
     sizes: tuple[int, ...]
     seconds: tuple[float, ...]  # the fastest verify of a tree of each size (root included) after PROMPT_TOKENS
     # Seconds each context token past PROMPT_TOKENS adds: to a plain step, to a tree whatever its size, and to a
-    # tree per node. Every tree node attends over the whole context; a tree also copies it next to its own keys.
+    # tree per node. Every tree node attends over the whole context; a tree also copies it next to its own keys
+    # (unless its attention is split).
     per_token: tuple[float, float, float] = (0.0, 0.0, 0.0)
 
     @cached_property
@@ -159,11 +161,11 @@ def per_token(sizes: tuple[int, int, int], extra: np.ndarray) -> tuple[float, fl
     return max(float(step), 0.0), max(float(low - node * small), 0.0), float(node)
 
 
-def lengthen(target: TargetAdapter, cache: list[Any], rng: np.random.Generator) -> int:
-    """Grow the attention caches to LONG_CONTEXT tokens of random keys and values, and return that length. What a
-    verify costs depends on how many keys it attends over, not on what they are, so no prefill is needed (a slow
-    machine would spend minutes on one). Shapes come from the caches themselves."""
-    length = min(LONG_CONTEXT, (target.context_length or 2 * LONG_CONTEXT) // 2)
+def lengthen(target: TargetAdapter, cache: list[Any], rng: np.random.Generator, length: int | None = None) -> int:
+    """Grow the attention caches to `length` (LONG_CONTEXT) tokens of random keys and values, and return that
+    length. What a verify costs depends on how many keys it attends over, not on what they are, so no prefill is
+    needed (a slow machine would spend minutes on one). Shapes come from the caches themselves."""
+    length = length or min(LONG_CONTEXT, (target.context_length or 2 * LONG_CONTEXT) // 2)
     for entry in cache:
         if target.is_attention_cache(entry) and entry.offset < length:
             keys, values = entry.keys, entry.values

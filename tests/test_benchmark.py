@@ -68,7 +68,17 @@ def test_self_drafter_proposes_the_greedy_continuation():
     assert result["avg_acceptance"] == 5  # every draft accepted: 4 nodes and the bonus, every cycle
 
 
-def test_verify_and_twin_measurements_run(tmp_path):
+def test_verify_and_twin_measurements_run(tmp_path, monkeypatch):
+    from ddtree_mlx.models.base import TargetAdapter
+
+    contexts, verify = [], TargetAdapter.verify
+    monkeypatch.setattr(TargetAdapter, "verify", lambda self, tree, cache, *rest: (
+        contexts.append(self.prefix_length(cache)), verify(self, tree, cache, *rest))[1])
+    args = benchmark.parse_args(["--measure", "verify", "--synthetic-size", "tiny", "--repeats", "1", "--context",
+                                 "2000"])
+    benchmark.measure_verify(benchmark.make_setup(args), args)
+    assert len(set(contexts)) == 1 and contexts[0] >= 2000  # every verify after the context asked for, steps too
+    monkeypatch.undo()
     out = tmp_path / "verify.json"
     assert benchmark.main(["--measure", "verify", "--synthetic-size", "tiny", "--repeats", "1", "--limit", "1",
                            "--json", str(out)]) == 0

@@ -104,8 +104,17 @@ def test_env_parsing_is_strict(monkeypatch):
     with pytest.raises(ValueError, match="DDTREE_DRAFT_WINDOW=-1 is too small; set it to a whole number >= 0"):
         DDTreeConfig.from_env()
     monkeypatch.setenv("DDTREE_DRAFT_WINDOW", "0")
+    monkeypatch.setenv("DDTREE_EXACT_TREE_ATTENTION", "sometimes")
+    with pytest.raises(ValueError, match="DDTREE_EXACT_TREE_ATTENTION='sometimes' is not understood; use auto, 1/0"):
+        DDTreeConfig.from_env()
+    monkeypatch.setenv("DDTREE_EXACT_TREE_ATTENTION", "Off")
     config = DDTreeConfig.from_env()
     assert config.budget == 12 and config.exact_commit and config.prefill_chunk == 512 and config.draft_window == 0
+    assert config.exact_tree_attention is False and DDTreeConfig().exact_tree_attention == "auto"
+    monkeypatch.setenv("DDTREE_EXACT_TREE_ATTENTION", "AUTO")
+    assert DDTreeConfig.from_env().exact_tree_attention == "auto"
+    with pytest.raises(ValueError, match="exact_tree_attention must be 'auto', True or False, got 'always'"):
+        DDTreeConfig(exact_tree_attention="always").validate()
     assert DDTreeConfig.from_env(budget=3).budget == 3  # explicit arguments win
 
 

@@ -112,3 +112,22 @@ def test_a_deliberate_non_tie_error_fails_the_check(monkeypatch, form):
                                   prompt_tokens=PROMPT, max_new_tokens=NEW_TOKENS, stop_token_ids=[])
     with pytest.raises(AssertionError, match="not a near-tie"):
         assert_lossless(result["generated_token_ids"], ref, exact=False, label="injected")
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("family", ["qwen3_5", "llama"])
+def test_a_long_context_matches_mlx_lm(monkeypatch, family, form):
+    """Past DDTREE_EXACT_TREE_ATTENTION_MIN_PREFIX the default verify attention on the CPU is split, its softmax on
+    cpu_exp's exp: still mlx-lm's greedy output, every branch of a deep tree taken as the oracle leads."""
+    from ddtree_mlx.models import base
+
+    runnable(family, form)
+    split, calls = base.split_attention, []
+    monkeypatch.setattr(base, "split_attention", lambda *args: calls.append(1) or split(*args))
+    prompt = [int(t) for t in np.random.default_rng(4).integers(3, 120, 1100)]
+    model = target(family, form)
+    want = mlx_lm_greedy(model, prompt, 24)
+    result = generate_ddtree_once(target_model=model, prompt_tokens=prompt, tree_budget=6, max_new_tokens=24,
+                                  draft_model=OracleDrafter(prompt + want.tokens, seed=1), stop_token_ids=[])
+    assert_lossless(result["generated_token_ids"], want, exact=form == "f32", label=f"{family}/{form}/1,100 tokens")
+    assert calls and result["cycles"] < 12 and result["fast_path_ratio"] < 1.0

@@ -19,6 +19,7 @@ from mlx_lm.models import rope_utils
 from mlx_lm.models.base import create_attention_mask, quantized_scaled_dot_product_attention
 from mlx_lm.models.cache import KVCache, QuantizedKVCache
 
+from .. import cpu_exp
 from ..config import DDTreeConfig
 from ..distributed import Stage, gather_last_axis, pipeline_stage, sharding_group
 from ..kernels import LevelPlan
@@ -132,7 +133,7 @@ def tree_attention(attn: Any, queries: mx.array, keys: mx.array, values: mx.arra
     config = inputs.config
     if hasattr(cache, "bits"):  # a quantized KV cache: the nodes attend to keys and values as it stores them
         out = quantized_tree_attention(queries, keys, values, cache, attn.scale, inputs.attention_mask())
-    elif config.exact_tree_attention and cache.offset >= config.exact_tree_attention_min_prefix:
+    elif splits(config, cache.offset):
         prefix = cache.keys[..., : cache.offset, :], cache.values[..., : cache.offset, :]
         out = split_attention(queries, prefix, (keys, values), attn.scale, inputs.ancestors)
     else:
@@ -145,6 +146,14 @@ def tree_attention(attn: Any, queries: mx.array, keys: mx.array, values: mx.arra
         )
     out = inputs.clock.detail("attention.sdpa", out)
     return out.transpose(0, 2, 1, 3).reshape(1, queries.shape[2], -1), KVCapture(keys, values)
+
+
+def splits(config: DDTreeConfig, prefix: int) -> bool:
+    """Whether verify attention after `prefix` cached tokens is split (split_attention). "auto" splits on the CPU:
+    there it is faster from ~1K tokens of context (BENCHMARKS.md); on Metal it has not been measured against MLX's
+    fused attention."""
+    wanted = cpu_exp.on_cpu() if config.exact_tree_attention == "auto" else config.exact_tree_attention
+    return wanted and prefix >= config.exact_tree_attention_min_prefix
 
 
 def quantized_tree_attention(queries: mx.array, keys: mx.array, values: mx.array, cache: Any, scale: float,
@@ -172,7 +181,8 @@ def split_attention(queries: mx.array, prefix: tuple[mx.array, mx.array], tree: 
     tree_scores = (q @ tree[0].astype(mx.float32).swapaxes(-1, -2)).reshape(1, kv_heads, -1, length, length)
     tree_scores = mx.where(ancestors, tree_scores, -mx.inf).reshape(1, kv_heads, -1, length)
     peak = mx.maximum(prefix_scores.max(-1, keepdims=True), tree_scores.max(-1, keepdims=True))
-    prefix_weights, tree_weights = mx.exp(prefix_scores - peak), mx.exp(tree_scores - peak)
+    exp = cpu_exp.exp if cpu_exp.on_cpu() else mx.exp  # MLX's CPU exp is the slow part on a CPU (cpu_exp.py)
+    prefix_weights, tree_weights = exp(prefix_scores - peak), exp(tree_scores - peak)
     total = prefix_weights.sum(-1, keepdims=True) + tree_weights.sum(-1, keepdims=True)
     out = (prefix_weights @ prefix[1].astype(mx.float32) + tree_weights @ tree[1].astype(mx.float32)) / total
     return out.reshape(1, heads, length, -1).astype(queries.dtype)
