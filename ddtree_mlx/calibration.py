@@ -210,14 +210,15 @@ def agreed(values: list[float], target: TargetAdapter | None) -> list[float]:
     return broadcast(values, target.group) if target is not None and target.group is not None else values
 
 
-def machine_key(target: TargetAdapter) -> str:
-    """What the verify cost depends on besides the tree: the model's shape, dtype and quantization, the device
-    and the software it runs on."""
+def machine_key(target: TargetAdapter, config: DDTreeConfig = DDTreeConfig()) -> str:
+    """What the verify cost depends on besides the tree: the model's shape, dtype and quantization, the device,
+    the software it runs on, and how verify attention is computed (split or not, from what context)."""
     from importlib.metadata import version
 
     weights = sorted((name, str(value.dtype), tuple(value.shape)) for name, value in _leaves(target.model))
     parts = [repr(sorted(vars(target.args).items(), key=str)), repr(weights), str(mx.default_device()),
-             mx.__version__, blas_name(), version("ddtree-mlx"), str(FORMAT)]
+             mx.__version__, blas_name(), version("ddtree-mlx"), str(FORMAT),
+             repr((config.exact_tree_attention, config.exact_tree_attention_min_prefix))]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
 
 
@@ -237,7 +238,7 @@ _MEMORY: dict[str, VerifyCosts] = {}
 
 def verify_costs(target: TargetAdapter, config: DDTreeConfig = DDTreeConfig()) -> VerifyCosts:
     """This machine's costs for this target: from memory, from disk, or measured now (a few seconds) and saved."""
-    key = machine_key(target)
+    key = machine_key(target, config)
     if key in _MEMORY:
         return _MEMORY[key]
     path = cache_dir() / f"{key}.json"

@@ -113,9 +113,10 @@ def calibration_report(target_model: Any) -> dict[str, Any] | None:
     """The verify cost curve measured for this model on this machine, if it has been (the doctor does not
     measure)."""
     from .calibration import cache_dir, machine_key, read
+    from .config import DDTreeConfig
     from .models import adapter_for
 
-    costs = read(cache_dir() / f"{machine_key(adapter_for(target_model))}.json")
+    costs = read(cache_dir() / f"{machine_key(adapter_for(target_model), DDTreeConfig.from_env())}.json")
     return None if costs is None else {"sizes": costs.sizes, "seconds": costs.seconds}
 
 

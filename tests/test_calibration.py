@@ -98,6 +98,8 @@ def test_the_key_follows_what_the_cost_depends_on(monkeypatch):
     before = calibration.machine_key(target)
     monkeypatch.setattr(calibration, "blas_name", lambda: "another BLAS")
     assert calibration.machine_key(target) != before
+    # Verify attention split or not costs differently per context token: a curve measured one way is not the other's.
+    assert calibration.machine_key(target, DDTreeConfig(exact_tree_attention=False)) != calibration.machine_key(target)
 
 
 def test_auto_uses_the_measured_costs_and_stays_lossless(fresh, monkeypatch):
