@@ -47,7 +47,7 @@ LONG_CONTEXT = 4096  # or half the model's context window, if smaller
 REPEATS = 4
 TIME_BUDGET = 6.5  # seconds of measuring the grid, about: a slow machine measures fewer sizes (always two)
 LONG_BUDGET = 1.0  # seconds of rounds after the long context, about (always one)
-FORMAT = 5  # 5: verify attention split on the CPU by default (other per-token costs)
+FORMAT = 6  # 5: verify attention split on the CPU by default; 6: and a plain step's (other per-token costs)
 # A tree verify does all of a plain step's work and more: a curve with a tree this much cheaper than the plain step
 # was measured on a busy machine (seen here: 3 nodes at 100 ms, 1 at 125 ms, with two other jobs on two cores).
 STEADY = 0.9

@@ -72,9 +72,11 @@ class DDTreeConfig:
     """DDTREE_EXACT_TREE_ATTENTION: verify attention as a prefix part and a tree part merged exactly (log-sum-exp),
     reading the cached prefix in place instead of concatenating it with the tree's keys under one mask: "auto"
     (default) on the CPU, where it and a faster exp (cpu_exp.py) make a tree at a 2K-token context ~25% cheaper to
-    verify; 1 on any device; 0 never."""
+    verify, and a plain step's attention uses that exp too (the cache read in place: ~13% at 6K); 1 on any device
+    (plain steps on the CPU only); 0 never: every plain step is then mlx-lm's own."""
     exact_tree_attention_min_prefix: int = 1024
-    """DDTREE_EXACT_TREE_ATTENTION_MIN_PREFIX: the split is used once the prefix has at least this many tokens."""
+    """DDTREE_EXACT_TREE_ATTENTION_MIN_PREFIX: the split (and a step's own attention) is used once the prefix has
+    at least this many tokens."""
     prefill_chunk: int = 2048
     """DDTREE_PREFILL_CHUNK: prompt tokens per prefill step (mlx-lm's prefill_step_size); bounds prefill memory."""
     profile_verify: bool = False

@@ -195,7 +195,7 @@ class Session:
             return
         mx.async_eval(tokens)
         start = time.perf_counter()
-        self.next_step = self.target.step(tokens, self.cache, self.capture_layers)
+        self.next_step = self.target.step(tokens, self.cache, self.capture_layers, self.config)
         mx.async_eval(self.next_step.logits)  # returns once little of that step is left to run (see EarlyStart)
         self.handed_over = time.perf_counter() - start
         self.stats.overlap_seconds += self.handed_over

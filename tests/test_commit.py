@@ -76,3 +76,24 @@ def test_split_tree_attention_equals_masked_attention(family):
     split = target.verify(tree, cache, [0], DDTreeConfig(exact_tree_attention=True, exact_tree_attention_min_prefix=0))
     np.testing.assert_allclose(np.array(split.logits), np.array(plain.logits), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.array(split.hidden), np.array(plain.hidden), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["qwen3_5", "qwen3", "llama"])
+def test_a_step_with_its_own_attention_equals_mlx_lms_step(family):
+    """Past the split's min prefix on the CPU a plain step's attention layers run as a lone root's verify whose keys
+    go straight into the cache (`TargetAdapter.lone_root`): the same logits, captured states and cache as the
+    model's own step."""
+    target = adapter_for(make_target(family))
+    own, theirs = target.make_cache(), target.make_cache()
+    for cache in (own, theirs):
+        target.forward(mx.array(list(range(3, 40))), cache, [])
+    config = DDTreeConfig(exact_tree_attention_min_prefix=0)
+    assert target.lone_root(own, config) is not None and target.lone_root(own, DDTreeConfig()) is None  # 37 < 1,024
+    layers = [0, len(target.layers) - 1]
+    for token in (7, 11):
+        step = target.step(mx.array([token]), own, layers, config)
+        mlx_lm_step = target.step(mx.array([token]), theirs, layers)
+        np.testing.assert_allclose(np.array(step.logits), np.array(mlx_lm_step.logits), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.array(step.hidden), np.array(mlx_lm_step.hidden), rtol=1e-5, atol=1e-5)
+    for got, want in zip(cache_arrays(own), cache_arrays(theirs)):
+        np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-5, atol=1e-5)

@@ -117,17 +117,24 @@ def test_a_deliberate_non_tie_error_fails_the_check(monkeypatch, form):
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("family", ["qwen3_5", "llama"])
 def test_a_long_context_matches_mlx_lm(monkeypatch, family, form):
-    """Past DDTREE_EXACT_TREE_ATTENTION_MIN_PREFIX the default verify attention on the CPU is split, its softmax on
-    cpu_exp's exp: still mlx-lm's greedy output, every branch of a deep tree taken as the oracle leads."""
+    """Past DDTREE_EXACT_TREE_ATTENTION_MIN_PREFIX the default attention on the CPU is split, its softmax on
+    cpu_exp's exp, in tree verifies and plain steps alike: still mlx-lm's greedy output, every branch of a deep
+    tree taken as the oracle leads, and every plain step's token."""
     from ddtree_mlx.models import base
 
     runnable(family, form)
-    split, calls = base.split_attention, []
-    monkeypatch.setattr(base, "split_attention", lambda *args: calls.append(1) or split(*args))
+    split, step, rows, steps = base.split_attention, base.step_attention, [], []
+    monkeypatch.setattr(base, "split_attention", lambda *args: rows.append(args[0].shape[2]) or split(*args))
+    monkeypatch.setattr(base, "step_attention", lambda *args: steps.append(1) or step(*args))
     prompt = [int(t) for t in np.random.default_rng(4).integers(3, 120, 1100)]
     model = target(family, form)
     want = mlx_lm_greedy(model, prompt, 24)
     result = generate_ddtree_once(target_model=model, prompt_tokens=prompt, tree_budget=6, max_new_tokens=24,
                                   draft_model=OracleDrafter(prompt + want.tokens, seed=1), stop_token_ids=[])
     assert_lossless(result["generated_token_ids"], want, exact=form == "f32", label=f"{family}/{form}/1,100 tokens")
-    assert calls and result["cycles"] < 12 and result["fast_path_ratio"] < 1.0
+    assert max(rows) > 1 and result["cycles"] < 12 and result["fast_path_ratio"] < 1.0
+    steps.clear()
+    plain = generate_ddtree_once(target_model=model, prompt_tokens=prompt, draft_model=None, method="ar",
+                                 max_new_tokens=24, stop_token_ids=[])
+    assert_lossless(plain["generated_token_ids"], want, exact=form == "f32", label=f"{family}/{form}/1,100 ar")
+    assert len(steps) >= 23  # every step after the prefill's token, in each of its attention layers

@@ -9,7 +9,7 @@ the generation loop knows which family or layer type it runs.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Protocol, Sequence
 
 import mlx.core as mx
@@ -45,6 +45,7 @@ class TreeInputs:
     conv_windows: dict[int, mx.array]  # kernel width -> [T, width] rows of concat(cached, nodes)
     mask: mx.array | None = None
     plan: LevelPlan | None = None
+    step: bool = False  # a plain step (TargetAdapter.lone_root): keys and values go straight into the cache
     kernels: set[str] = field(default_factory=set)  # what the recurrent layers ran as: "metal" and/or "twin"
 
     @classmethod
@@ -128,6 +129,10 @@ def rope_at(rope: Any, x: mx.array, positions: mx.array) -> mx.array:
 def tree_attention(attn: Any, queries: mx.array, keys: mx.array, values: mx.array, cache: KVCache,
                    inputs: TreeInputs) -> tuple[mx.array, KVCapture]:
     """queries [1, H, T, D], keys/values [1, Hkv, T, D] before RoPE. Returns attention output [1, T, H*D]."""
+    if inputs.step:  # rotated and stored as mlx-lm's step does, then attended to in place
+        queries, keys = attn.rope(queries, offset=cache.offset), attn.rope(keys, offset=cache.offset)
+        out = step_attention(queries, cache.update_and_fetch(keys, values), attn.scale)
+        return out.transpose(0, 2, 1, 3).reshape(1, 1, -1), KVCapture(keys, values)  # nothing left to commit
     queries = rope_at(attn.rope, queries, inputs.positions)
     keys = inputs.clock.detail("attention.proj_rope", rope_at(attn.rope, keys, inputs.positions))
     config = inputs.config
@@ -175,17 +180,35 @@ def split_attention(queries: mx.array, prefix: tuple[mx.array, mx.array], tree: 
     tree's keys nor masked element by element; the tree part is a small T x T ancestor-masked block.
     queries [1, H, T, D]; prefix and tree (keys, values) [1, Hkv, *, D]. Softmax in float32, as MLX's own."""
     _, heads, length, dim = queries.shape
-    kv_heads = prefix[0].shape[1]
-    q = (queries.astype(mx.float32) * scale).reshape(1, kv_heads, heads // kv_heads * length, dim)
+    q = grouped(queries, prefix[0].shape[1], scale)
     prefix_scores = q @ prefix[0].astype(mx.float32).swapaxes(-1, -2)  # [1, Hkv, rep*T, P]
-    tree_scores = (q @ tree[0].astype(mx.float32).swapaxes(-1, -2)).reshape(1, kv_heads, -1, length, length)
-    tree_scores = mx.where(ancestors, tree_scores, -mx.inf).reshape(1, kv_heads, -1, length)
+    tree_scores = (q @ tree[0].astype(mx.float32).swapaxes(-1, -2)).reshape(*q.shape[:2], -1, length, length)
+    tree_scores = mx.where(ancestors, tree_scores, -mx.inf).reshape(*q.shape[:2], -1, length)
     peak = mx.maximum(prefix_scores.max(-1, keepdims=True), tree_scores.max(-1, keepdims=True))
-    exp = cpu_exp.exp if cpu_exp.on_cpu() else mx.exp  # MLX's CPU exp is the slow part on a CPU (cpu_exp.py)
-    prefix_weights, tree_weights = exp(prefix_scores - peak), exp(tree_scores - peak)
+    exp = cpu_exp.exp if cpu_exp.on_cpu() else lambda x, shift: mx.exp(x - shift)  # MLX's CPU exp is slow
+    prefix_weights, tree_weights = exp(prefix_scores, peak), exp(tree_scores, peak)
     total = prefix_weights.sum(-1, keepdims=True) + tree_weights.sum(-1, keepdims=True)
     out = (prefix_weights @ prefix[1].astype(mx.float32) + tree_weights @ tree[1].astype(mx.float32)) / total
     return out.reshape(1, heads, length, -1).astype(queries.dtype)
+
+
+def step_attention(queries: mx.array, cached: tuple[mx.array, mx.array], scale: float) -> mx.array:
+    """One token's attention over the whole cache (its own key and value already in), read in place: the prefix
+    part of split_attention alone, with as few operations as that takes (at ~14 us an operation on the CPU, a
+    second part to merge would cost a step more than the exp saves at ~1K tokens). queries [1, H, 1, D]."""
+    keys, values = cached
+    q = grouped(queries, keys.shape[1], scale)
+    scores = q @ keys.astype(mx.float32).swapaxes(-1, -2)
+    weights = cpu_exp.exp(scores, scores.max(-1, keepdims=True))
+    out = (weights @ values.astype(mx.float32)) / weights.sum(-1, keepdims=True)
+    return out.reshape(queries.shape).astype(queries.dtype)
+
+
+def grouped(queries: mx.array, kv_heads: int, scale: float) -> mx.array:
+    """Scaled float32 queries [1, H, T, D] as [1, Hkv, H / Hkv * T, D]: each key/value head's queries in one
+    product with its keys."""
+    _, heads, length, dim = queries.shape
+    return (queries.astype(mx.float32) * scale).reshape(1, kv_heads, heads // kv_heads * length, dim)
 
 
 class TargetAdapter:
@@ -298,8 +321,9 @@ class TargetAdapter:
         return self.lm_head(self.inner.norm(h))
 
     def forward(self, tokens: mx.array, cache: list[Any], capture_layers: list[int],
-                early: EarlyStart | None = None) -> tuple[mx.array, mx.array | None]:
-        """Plain causal forward of `tokens` [n] through the model's own layers, appending to the cache.
+                early: EarlyStart | None = None, lone: TreeInputs | None = None) -> tuple[mx.array, mx.array | None]:
+        """Plain causal forward of `tokens` [n] through the model's own layers, appending to the cache (`lone`:
+        a one-token step whose attention layers run as `run_layer` says).
         Returns the last layer's output [n, hidden] (before the final norm; no LM head, so a long prompt never
         materialises [n, V] logits) and the requested layers' outputs concatenated [n, F] (None if none)."""
         h = self.embed(tokens[None])
@@ -311,11 +335,20 @@ class TargetAdapter:
             kind = self.mixer_kind(layer)
             if kind not in masks:
                 masks[kind] = self.layer_mask(layer, h, entry)
-            h = early(index, layer(h, masks[kind], entry), self)
+            h = early(index, self.run_layer(layer, h, masks[kind], entry, lone), self)
             if index in capture_layers:
                 captured[index] = h
         h, hidden = pass_on(self.stage, h, captured, capture_layers, cache[-1])
         return h[0], hidden
+
+    def run_layer(self, layer: Any, h: mx.array, mask: Any, entry: Any, lone: TreeInputs | None) -> mx.array:
+        """mlx-lm's layer; or, for an attention layer of a `lone` step, the layer as a lone root's verify whose
+        keys and values go straight into the cache, its attention `step_attention`."""
+        if lone is None or self.mixer_kind(layer) != "attention":
+            return layer(h, mask, entry)
+        mixed, _ = self.mixer_tree(layer, layer.input_layernorm(h), entry, lone)  # already in the cache
+        h = h + mixed
+        return h + layer.mlp(layer.post_attention_layernorm(h))
 
     def prefill(self, tokens: list[int], cache: list[Any], capture_layers: list[int], chunk: int,
                 after_chunk: Callable[[list[Any]], None] | None = None, snapshots: Sequence[int] = (),
@@ -351,7 +384,7 @@ class TargetAdapter:
         Leaves the cache untouched; the captures commit the accepted path later. A lone root (plain decoding, or
         no draft this cycle) is always accepted: it runs as the model's own step, straight into the cache."""
         if len(tree) == 1 and not config.profile_verify:
-            return self.step(mx.array(tree.tokens), cache, capture_layers)
+            return self.step(mx.array(tree.tokens), cache, capture_layers, config)
         inputs = TreeInputs.build(tree, self.prefix_length(cache), config)
         clock = inputs.clock
         h = clock.lap("embed", self.embed(mx.array(tree.tokens)[None]))
@@ -369,11 +402,25 @@ class TargetAdapter:
         return VerifyOutput(logits, hidden, captures, clock.seconds, inputs.kernels, started=early.first,
                             waited=early.waited)
 
-    def step(self, token: mx.array, cache: list[Any], capture_layers: list[int]) -> VerifyOutput:
-        """The model's own one-token step, straight into the cache (`token` [1] may still be lazy)."""
+    def step(self, token: mx.array, cache: list[Any], capture_layers: list[int],
+             config: DDTreeConfig | None = None) -> VerifyOutput:
+        """The model's one-token step, straight into the cache (`token` [1] may still be lazy); with `config`, its
+        attention layers as `lone_root` says."""
         early = EarlyStart()
-        h, hidden = self.forward(token, cache, capture_layers, early)
+        h, hidden = self.forward(token, cache, capture_layers, early, self.lone_root(cache, config))
         return VerifyOutput(self.logits(h), hidden, [], committed=True, started=early.first, waited=early.waited)
+
+    def lone_root(self, cache: list[Any], config: DDTreeConfig | None) -> TreeInputs | None:
+        """A step's attention layers run as a lone root's verify, into the cache (step_attention), where that is
+        faster: on the CPU from a long context (`splits`), where mlx-lm's attention spends most of its time in
+        MLX's softmax exponentials (a step at 6K tokens: 126 -> 110 ms here; BENCHMARKS.md). Not with a quantized
+        KV cache, whose attention is mlx-lm's own either way."""
+        if config is None or not cpu_exp.on_cpu() or any(hasattr(entry, "bits") for entry in cache):
+            return None
+        prefix = self.prefix_length(cache)
+        if not splits(config, prefix):
+            return None
+        return replace(TreeInputs.build(DraftTree.root_only(0), prefix, config), step=True)
 
     def prefix_length(self, cache: list[Any]) -> int:
         return next(entry.offset for entry in cache if self.is_attention_cache(entry))
