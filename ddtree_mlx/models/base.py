@@ -346,9 +346,13 @@ class TargetAdapter:
         keys and values go straight into the cache, its attention `step_attention`."""
         if lone is None or self.mixer_kind(layer) != "attention":
             return layer(h, mask, entry)
-        mixed, _ = self.mixer_tree(layer, layer.input_layernorm(h), entry, lone)  # already in the cache
-        h = h + mixed
-        return h + layer.mlp(layer.post_attention_layernorm(h))
+        return self.tree_layer(layer, h, entry, lone)[0]  # its keys and values are in the cache already
+
+    def tree_layer(self, layer: Any, h: mx.array, entry: Any, inputs: TreeInputs) -> tuple[mx.array, Capture]:
+        """One layer over a tree's rows: the token mixer as the family runs it over a tree, then the layer's MLP."""
+        mixed, capture = self.mixer_tree(layer, layer.input_layernorm(h), entry, inputs)
+        h = inputs.clock.lap(self.mixer_kind(layer), h + mixed)
+        return inputs.clock.lap("mlp", h + layer.mlp(layer.post_attention_layernorm(h))), capture
 
     def prefill(self, tokens: list[int], cache: list[Any], capture_layers: list[int], chunk: int,
                 after_chunk: Callable[[list[Any]], None] | None = None, snapshots: Sequence[int] = (),
@@ -391,9 +395,8 @@ class TargetAdapter:
         captures, captured, early = [], {}, EarlyStart()
         h = receive(self.stage, h)
         for index, (layer, entry) in enumerate(zip(self.layers, cache), self.first_layer):
-            mixed, capture = self.mixer_tree(layer, layer.input_layernorm(h), entry, inputs)
-            h = clock.lap(self.mixer_kind(layer), h + mixed)
-            h = early(index, clock.lap("mlp", h + layer.mlp(layer.post_attention_layernorm(h))), self)
+            h, capture = self.tree_layer(layer, h, entry, inputs)
+            h = early(index, h, self)
             captures.append(capture)
             if index in capture_layers:
                 captured[index] = h
@@ -420,7 +423,7 @@ class TargetAdapter:
         prefix = self.prefix_length(cache)
         if not splits(config, prefix):
             return None
-        return replace(TreeInputs.build(DraftTree.root_only(0), prefix, config), step=True)
+        return replace(TreeInputs.build(DraftTree.root_only(0), prefix, config), step=True, clock=PartClock(False))
 
     def prefix_length(self, cache: list[Any]) -> int:
         return next(entry.offset for entry in cache if self.is_attention_cache(entry))
