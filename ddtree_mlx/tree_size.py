@@ -21,7 +21,8 @@ highest tokens per second). n = 0 verifies the root alone, a plain decoding step
 Draft or not. Drafting costs time too (a DFlash drafter's forward). After each drafted cycle the sizer knows what
 it was worth over a plain step: the tokens it committed past the one a step commits, less the time it took past a
 queued plain step's S at the going rate, (k - 1) - rate * (t - S), its draft in t at what drafts cost on average (a
-generation's first catches up on the prompt). What happened, not what the estimate expected: an estimate learned on
+generation's first catches up on the prompt; that first draft is no verdict: it guesses the answer's first tokens,
+the hardest). What happened, not what the estimate expected: an estimate learned on
 a few lucky cycles would otherwise keep drafting on by its own word. While the recent average says drafting does
 not pay, cycles are plain steps, with a probe (a draft) every PROBE_EVERY cycles to notice when the text changes, or
 further apart where a draft costs more than PROBE_SHARE of that many plain steps (a draft of two steps on the
@@ -365,6 +366,11 @@ class TreeSizer:
             else:  # its catch-up on the prompt is the generation's cost, paid once, not each draft's
                 self.first = average(self.first, drafting)
             self.drafts += 1
+            if self.drafts == 1 and not self.probing:
+                # A generation's first draft is not a verdict on its text: it guesses the answer's first tokens, the
+                # hardest (no lookup match yet, a drafter just caught up on the prompt), often sized to the root
+                # alone; standing alone, it stopped drafting until a probe on text where trees paid (BENCHMARKS.md).
+                return
             if self.probing:  # its verdict is what drafting is worth knowing what it just saw, as the next draft would
                 self.size(self.full_tree(candidates, 0), context)
                 gain = self.net_gain()

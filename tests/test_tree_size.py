@@ -468,13 +468,25 @@ def test_a_draft_is_judged_by_what_it_committed_not_by_what_was_expected():
     """The estimate expects a sure 4-node chain (worth ~2 tokens past its cost); the cycle commits one token in the
     time of a tree: drafting is judged by that, (1 - 1) - rate * (t - S), and stops."""
     sizer = TreeSizer(VerifyCosts((1, 2, 5), (0.01, 0.011, 0.014)), cap=4)
-    sizer.tokens, sizer.seconds, sizer.drafting = 1.0, 0.01, 0.002
+    sizer.tokens, sizer.seconds, sizer.drafting, sizer.drafts = 1.0, 0.01, 0.002, 1  # not the generation's first
     sure = Candidates(np.arange(4)[:, None], np.log(np.full((4, 1), 0.95)))
     assert sizer.pick("ddtree") == "ddtree" and not sizer.probing
     tree, produced = drafted_cycle(sizer, sure, [MISS], 0.014 + 0.002, 0.002)
     assert len(tree) == 5 and produced == [MISS] and sizer.last_gain > 1
     assert sizer.gain == pytest.approx(0 - sizer.rate * (0.014 + 0.002 - 0.01))
     assert not sizer.will_draft()
+
+
+def test_a_generations_first_draft_is_not_its_verdict():
+    """A generation's first draft guesses the answer's first tokens, the hardest: sized to the root alone, a loss,
+    it leaves drafting on; the next one like it is a verdict, and drafting stops."""
+    sizer = TreeSizer(VerifyCosts((1, 2, 5), (0.01, 0.02, 0.05)), cap=4)
+    sizer.tokens, sizer.seconds, sizer.drafting = 1.0, 0.01, 0.002
+    worthless = Candidates(np.arange(4)[:, None], np.log(np.full((4, 1), 0.01)))
+    for still_drafting in (True, False):
+        assert sizer.pick("ddtree") == "ddtree" and not sizer.probing
+        assert len(drafted_cycle(sizer, worthless, [MISS], 0.012 + 0.002, 0.002)[0]) == 1
+        assert sizer.will_draft() == still_drafting
 
 
 def sharded_run(monkeypatch, rank, shared, seed=0):
