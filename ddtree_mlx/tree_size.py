@@ -22,16 +22,17 @@ Draft or not. Drafting costs time too (a DFlash drafter's forward). After each d
 it was worth over a plain step: the tokens it committed past the one a step commits, less the time it took past a
 queued plain step's S at the going rate, (k - 1) - rate * (t - S), its draft in t at what drafts cost on average (a
 generation's first catches up on the prompt; that first draft is no verdict: it guesses the answer's first tokens,
-the hardest). What happened, not what the estimate expected: an estimate learned on
-a few lucky cycles would otherwise keep drafting on by its own word. While the recent average says drafting does
-not pay, cycles are plain steps, with a probe (a draft) every PROBE_EVERY cycles to notice when the text changes, or
-further apart where a draft costs more than PROBE_SHARE of that many plain steps (a draft of two steps on the
-reference BLAS), so probing costs at most about that share (a generation's first draft, which catches up on the
-prompt, priced as such); twice as far apart after each probe that did not pay (up to PROBE_BACKOFF times). A
-probe is judged once verified, by what a draft is worth knowing what it showed, E(n*) - rate * V(n*) - (1 - rate *
-S) less its drafting (a probe sized to nothing would otherwise never find that drafting pays again); the drafts
-after it are averaged with it as equals until there are enough for the moving average (a probe that hit once is
-one draft's word).
+the hardest). What happened, not what the estimate expected: an estimate learned on a few lucky cycles would
+otherwise keep drafting on by its own word; but charged no more than a token past what a draft sized to the root
+alone loses (a big tree that missed at its first node was the sizer's bet, which the acceptance estimate answers).
+While the recent average says
+drafting does not pay, cycles are plain steps, with a probe (a draft) every PROBE_EVERY cycles to notice when the text
+changes, or further apart where a draft costs more than PROBE_SHARE of that many plain steps (a draft of two steps on
+the reference BLAS), so probing costs at most about that share (a generation's first draft, which catches up on the
+prompt, priced as such); twice as far apart after each probe that did not pay (up to PROBE_BACKOFF times). A probe is
+judged once verified, by what a draft is worth knowing what it showed, E(n*) - rate * V(n*) - (1 - rate * S) less its
+drafting (a probe sized to nothing would otherwise never find that drafting pays again); the drafts after it are
+averaged with it as equals until there are enough for the moving average (a probe that hit once is one draft's word).
 What a draft costs here carries over to the next generation with the same kind of drafter, and where drafts are
 that dear, whether drafting paid (`carry`).
 A drafter that costs almost nothing (prompt lookup) drafts during every queued plain step instead, on the host
@@ -376,6 +377,7 @@ class TreeSizer:
                 gain = self.net_gain()
             else:  # what it did gain over a queued plain step, its draft at what drafts cost (not the catch-up)
                 gain = committed - 1 - self.rate * (seconds - drafting + self.drafting - self.step_seconds(context))
+                gain = max(gain, self.least_gain(context))
             # A probe's verdict stands alone (averaged with the cycles that stopped drafting, a changed text would
             # need many probes to be believed); the drafts after it count as much as it does, until there are
             # enough of them for the moving average.
@@ -383,6 +385,15 @@ class TreeSizer:
             self.gain += max(SMOOTHING, 1 / self.judged) * (gain - self.gain)
             if self.probing:
                 self.backoff = 1 if self.gain >= 0 else min(2 * self.backoff, PROBE_BACKOFF)
+
+    def least_gain(self, context: int) -> float:
+        """The most a draft's verdict is charged: what a draft sized to the root alone loses against a queued plain
+        step, and one token more. A tree that loses more than a token's time past the root alone was a big bet of
+        the sizer's on what the drafter said (a 31-node tree that missed at its first node), which the acceptance
+        estimate answers by sizing the next trees down; charged in full to drafting itself, one such miss among
+        drafts that paid stopped drafting until a probe (BENCHMARKS.md). A tree's ordinary losses stay in full."""
+        root_alone = -self.rate * (float(self.cycle_seconds(0, context)) + self.drafting - self.step_seconds(context))
+        return root_alone - 1
 
     def shared(self, *seconds: float) -> list[float]:
         """Sharded: times this rank measured become rank 0's on every rank (one small all-reduce) as they come in,

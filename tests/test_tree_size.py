@@ -473,8 +473,31 @@ def test_a_draft_is_judged_by_what_it_committed_not_by_what_was_expected():
     assert sizer.pick("ddtree") == "ddtree" and not sizer.probing
     tree, produced = drafted_cycle(sizer, sure, [MISS], 0.014 + 0.002, 0.002)
     assert len(tree) == 5 and produced == [MISS] and sizer.last_gain > 1
-    assert sizer.gain == pytest.approx(0 - sizer.rate * (0.014 + 0.002 - 0.01))
+    assert sizer.gain == pytest.approx(0 - sizer.rate * (0.014 + 0.002 - 0.01))  # in full: an ordinary loss
     assert not sizer.will_draft()
+
+
+def test_one_big_tree_that_missed_among_drafts_that_paid_does_not_stop_drafting():
+    """Three sure chains commit five tokens each; then a big tree misses at its first node in a cycle so long that,
+    charged in full, it would outweigh all three (so drafting would stop until a probe). Its verdict is charged as
+    a draft sized to the root alone and one token more: drafting goes on. Drafts worth nothing still stop it, once
+    they outweigh the three that paid."""
+    sizer = TreeSizer(VerifyCosts((1, 2, 5), (0.01, 0.011, 0.014)), cap=4)
+    sizer.tokens, sizer.seconds, sizer.drafting, sizer.drafts = 1.0, 0.01, 0.002, 1  # not the generation's first
+    sure = Candidates(np.arange(4)[:, None], np.log(np.full((4, 1), 0.95)))
+    for _ in range(3):
+        assert sizer.pick("ddtree") == "ddtree"
+        drafted_cycle(sizer, sure, [0, 1, 2, 3, 9], 0.014 + 0.002, 0.002)
+    paid = 3 * sizer.gain
+    assert sizer.pick("ddtree") == "ddtree"
+    tree, _ = drafted_cycle(sizer, sure, [MISS], 0.2 + 0.002, 0.002)
+    assert len(tree) == 5 and -sizer.rate * (0.2 + 0.002 - 0.01) < -paid  # in full, it outweighs them
+    assert sizer.will_draft() and sizer.gain == pytest.approx((paid + sizer.least_gain(SHORT)) / 4)
+    worthless = Candidates(np.arange(4)[:, None], np.log(np.full((4, 1), 0.01)))
+    drafts = 0
+    while sizer.pick("ddtree") == "ddtree":
+        drafts += 1
+        assert drafts < 30 and len(drafted_cycle(sizer, worthless, [MISS], 0.01 + 0.002, 0.002)[0]) == 1
 
 
 def test_a_generations_first_draft_is_not_its_verdict():
