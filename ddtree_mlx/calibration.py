@@ -45,7 +45,7 @@ PROMPT_TOKENS = 32  # the grid's context
 LONG_SIZES = (1, 2, 9)  # measured again after LONG_CONTEXT tokens (or the nearest sizes trees are verified as)
 LONG_CONTEXT = 4096  # or half the model's context window, if smaller
 REPEATS = 4
-TIME_BUDGET = 6.5  # seconds of measuring the grid, about: a slow machine measures fewer sizes (always two)
+TIME_BUDGET = 5.5  # seconds of measuring the grid, about: a slow machine measures fewer sizes (always two)
 LONG_BUDGET = 1.0  # seconds of rounds after the long context, about (always one)
 FORMAT = 6  # 5: verify attention split on the CPU by default; 6: and a plain step's (other per-token costs)
 # A tree verify does all of a plain step's work and more: a curve with a tree this much cheaper than the plain step
