@@ -18,21 +18,21 @@ Choice. The size maximizing E(n) - rate * V(n), where `rate` is the tokens per s
 a node is worth verifying when the tokens it adds pay for its time at that rate (Dinkelbach's step towards the
 highest tokens per second). n = 0 verifies the root alone, a plain decoding step.
 
-Draft or not. Drafting costs time too (a DFlash drafter's forward). After each drafted cycle the sizer knows what
-it was worth over a plain step: the tokens it committed past the one a step commits, less the time it took past a
-queued plain step's S at the going rate, (k - 1) - rate * (t - S), its draft in t at what drafts cost on average (a
-generation's first catches up on the prompt; that first draft is no verdict: it guesses the answer's first tokens,
-the hardest). What happened, not what the estimate expected: an estimate learned on a few lucky cycles would
-otherwise keep drafting on by its own word; but charged no more than a token past what a draft sized to the root
-alone loses (a big tree that missed at its first node was the sizer's bet, which the acceptance estimate answers).
-While the recent average says
-drafting does not pay, cycles are plain steps, with a probe (a draft) every PROBE_EVERY cycles to notice when the text
-changes, or further apart where a draft costs more than PROBE_SHARE of that many plain steps (a draft of two steps on
-the reference BLAS), so probing costs at most about that share (a generation's first draft, which catches up on the
-prompt, priced as such); twice as far apart after each probe that did not pay (up to PROBE_BACKOFF times). A probe is
-judged once verified, by what a draft is worth knowing what it showed, E(n*) - rate * V(n*) - (1 - rate * S) less its
-drafting (a probe sized to nothing would otherwise never find that drafting pays again); the drafts after it are
-averaged with it as equals until there are enough for the moving average (a probe that hit once is one draft's word).
+Draft or not. Drafting costs time too (a DFlash drafter's forward). After each drafted cycle the sizer knows
+what it was worth over a plain step: the tokens it committed past the one a step commits, less the time it took
+past a queued plain step's S at the going rate, (k - 1) - rate * (t - S), its draft in t at what drafts cost on
+average (a generation's first catches up on the prompt; that first draft is no verdict: it guesses the answer's
+first tokens, the hardest). What happened, not what the estimate expected: an estimate learned on a few lucky
+cycles would otherwise keep drafting on by its own word; but charged no more than a token past what a draft
+sized to the root alone loses (a big tree that missed at its first node was the sizer's bet, which the
+acceptance estimate answers). While the recent average says drafting does not pay, cycles are plain steps, with
+a probe (a draft) every PROBE_EVERY cycles to notice when the text changes, or further apart where a draft costs
+more than PROBE_SHARE of that many plain steps (a draft of two steps on the reference BLAS), so probing costs at
+most about that share (a generation's first draft, which catches up on the prompt, priced as such); twice as far
+apart after each probe that did not pay (up to PROBE_BACKOFF times). A probe is judged once verified, by what a
+draft is worth knowing what it showed, E(n*) - rate * V(n*) - (1 - rate * S) less its drafting (a probe sized to
+nothing would otherwise never find that drafting pays again); the drafts after it are averaged with it as equals
+until there are enough for the moving average (a probe that hit once is one draft's word).
 What a draft costs here carries over to the next generation with the same kind of drafter, and where drafts are
 that dear, whether drafting paid (`carry`).
 A drafter that costs almost nothing (prompt lookup) drafts during every queued plain step instead, on the host
