@@ -376,8 +376,7 @@ class TreeSizer:
                 self.size(self.full_tree(candidates, 0), context)
                 gain = self.net_gain()
             else:  # what it did gain over a queued plain step, its draft at what drafts cost (not the catch-up)
-                gain = committed - 1 - self.rate * (seconds - drafting + self.drafting - self.step_seconds(context))
-                gain = max(gain, self.least_gain(context))
+                gain = max(committed - 1 - self.overtime(seconds - drafting, context), self.least_gain(context))
             # A probe's verdict stands alone (averaged with the cycles that stopped drafting, a changed text would
             # need many probes to be believed); the drafts after it count as much as it does, until there are
             # enough of them for the moving average.
@@ -392,8 +391,12 @@ class TreeSizer:
         the sizer's on what the drafter said (a 31-node tree that missed at its first node), which the acceptance
         estimate answers by sizing the next trees down; charged in full to drafting itself, one such miss among
         drafts that paid stopped drafting until a probe (BENCHMARKS.md). A tree's ordinary losses stay in full."""
-        root_alone = -self.rate * (float(self.cycle_seconds(0, context)) + self.drafting - self.step_seconds(context))
-        return root_alone - 1
+        return -self.overtime(float(self.cycle_seconds(0, context)), context) - 1
+
+    def overtime(self, verifying: float, context: int) -> float:
+        """In tokens at the going rate: what a drafted cycle verifying for `verifying` seconds takes past a queued
+        plain step, its draft at what drafts cost on average."""
+        return self.rate * (verifying + self.drafting - self.step_seconds(context))
 
     def shared(self, *seconds: float) -> list[float]:
         """Sharded: times this rank measured become rank 0's on every rank (one small all-reduce) as they come in,
