@@ -21,10 +21,10 @@ highest tokens per second). n = 0 verifies the root alone, a plain decoding step
 Draft or not. Drafting costs time too (a DFlash drafter's forward). After each drafted cycle the sizer knows
 what it was worth over a plain step: the tokens it committed past the one a step commits, less the time it took
 past a queued plain step's S at the going rate, (k - 1) - rate * (t - S), its draft in t at what drafts cost on
-average (a generation's first catches up on the prompt; that first draft is no verdict: it guesses the answer's
-first tokens, the hardest). What happened, not what the estimate expected: an estimate learned on a few lucky
-cycles would otherwise keep drafting on by its own word; but charged no more than a token past what a draft
-sized to the root alone loses (a big tree that missed at its first node was the sizer's bet, which the
+average (a generation's first catches up on the prompt; that first draft, if it lost, is no verdict: it guesses
+the answer's first tokens, the hardest). What happened, not what the estimate expected: an estimate learned on a
+few lucky cycles would otherwise keep drafting on by its own word; but charged no more than a token past what a
+draft sized to the root alone loses (a big tree that missed at its first node was the sizer's bet, which the
 acceptance estimate answers). While the recent average says drafting does not pay, cycles are plain steps, with
 a probe (a draft) every PROBE_EVERY cycles to notice when the text changes, or further apart where a draft costs
 more than PROBE_SHARE of that many plain steps (a draft of two steps on the reference BLAS), so probing costs at
@@ -367,16 +367,18 @@ class TreeSizer:
             else:  # its catch-up on the prompt is the generation's cost, paid once, not each draft's
                 self.first = average(self.first, drafting)
             self.drafts += 1
-            if self.drafts == 1 and not self.probing:
-                # A generation's first draft is not a verdict on its text: it guesses the answer's first tokens, the
-                # hardest (no lookup match yet, a drafter just caught up on the prompt), often sized to the root
-                # alone; standing alone, it stopped drafting until a probe on text where trees paid (BENCHMARKS.md).
-                return
             if self.probing:  # its verdict is what drafting is worth knowing what it just saw, as the next draft would
                 self.size(self.full_tree(candidates, 0), context)
                 gain = self.net_gain()
             else:  # what it did gain over a queued plain step, its draft at what drafts cost (not the catch-up)
                 gain = max(committed - 1 - self.overtime(seconds - drafting, context), self.least_gain(context))
+            if self.drafts == 1 and not self.probing and gain < 0:
+                # A generation's first draft that lost is no verdict on its text: it guesses the answer's first
+                # tokens, the hardest (no lookup match yet, a drafter just caught up on the prompt), often sized to
+                # the root alone; standing alone, it stopped drafting until a probe on text where trees paid. One
+                # that paid despite that counts: ignored, a root-alone draft after seven accepted tokens stopped
+                # drafting for 24 plain steps on GSM8K (BENCHMARKS.md).
+                return
             # A probe's verdict stands alone (averaged with the cycles that stopped drafting, a changed text would
             # need many probes to be believed); the drafts after it count as much as it does, until there are
             # enough of them for the moving average.
@@ -395,8 +397,9 @@ class TreeSizer:
 
     def overtime(self, verifying: float, context: int) -> float:
         """In tokens at the going rate: what a drafted cycle verifying for `verifying` seconds takes past a queued
-        plain step, its draft at what drafts cost on average."""
-        return self.rate * (verifying + self.drafting - self.step_seconds(context))
+        plain step, its draft at what drafts cost on average (the first's cost, catch-up and all, until a later one
+        is measured)."""
+        return self.rate * (verifying + (self.drafting or self.first) - self.step_seconds(context))
 
     def shared(self, *seconds: float) -> list[float]:
         """Sharded: times this rank measured become rank 0's on every rank (one small all-reduce) as they come in,

@@ -500,15 +500,23 @@ def test_one_big_tree_that_missed_among_drafts_that_paid_does_not_stop_drafting(
         assert drafts < 30 and len(drafted_cycle(sizer, worthless, [MISS], 0.01 + 0.002, 0.002)[0]) == 1
 
 
-def test_a_generations_first_draft_is_not_its_verdict():
+def test_a_generations_first_draft_is_not_its_verdict_unless_it_paid():
     """A generation's first draft guesses the answer's first tokens, the hardest: sized to the root alone, a loss,
-    it leaves drafting on; the next one like it is a verdict, and drafting stops."""
-    sizer = TreeSizer(VerifyCosts((1, 2, 5), (0.01, 0.02, 0.05)), cap=4)
-    sizer.tokens, sizer.seconds, sizer.drafting = 1.0, 0.01, 0.002
+    it leaves drafting on; the next one like it is a verdict, and drafting stops. A first draft that paid despite
+    that counts: a draft sized to the root alone after it does not stop drafting (the GSM8K trace)."""
     worthless = Candidates(np.arange(4)[:, None], np.log(np.full((4, 1), 0.01)))
-    for still_drafting in (True, False):
+    sure = Candidates(np.arange(4)[:, None], np.log(np.full((4, 1), 0.95)))
+    for first, text, still_drafting in ((worthless, [MISS], False), (sure, [0, 1, 2, 3, 9], True)):
+        sizer = TreeSizer(VerifyCosts((1, 2, 5), (0.01, 0.011, 0.014)), cap=4)
+        sizer.tokens, sizer.seconds = 1.0, 0.01  # the first generation: no draft measured yet
         assert sizer.pick("ddtree") == "ddtree" and not sizer.probing
-        assert len(drafted_cycle(sizer, worthless, [MISS], 0.012 + 0.002, 0.002)[0]) == 1
+        tree, produced = drafted_cycle(sizer, first, text, 0.014 + 0.002, 0.002)
+        paid = len(produced) - 1 - sizer.rate * (0.014 + 0.002 - 0.01)  # its draft at its own cost: no other yet
+        assert (len(tree), paid > 3) == ((1, False) if first is worthless else (5, True))
+        assert sizer.will_draft() and sizer.gain == (0 if first is worthless else pytest.approx(paid))
+        assert sizer.pick("ddtree") == "ddtree" and not sizer.probing
+        drafted_cycle(sizer, worthless, [MISS], 0.012 + 0.002, 0.002)  # one token, a draft's time lost
+        assert sizer.gain < 0 if first is worthless else 0 < sizer.gain < paid
         assert sizer.will_draft() == still_drafting
 
 
