@@ -22,14 +22,17 @@ def shingles(text, n=8):
 def test_no_training_prompt_is_a_benchmark_prompt():
     """The instructions written for the drafter (the standard-library stubs and the requests SmolLM2 wrote itself
     included) share no run of eight words with any benchmark prompt; the GSM8K questions (whose phrasing is
-    formulaic: "how many ... are in the") are none of the held-out ones."""
+    formulaic: "how many ... are in the") are none of the held-out ones; the requests SmolLM2 wrote share none with
+    the held-out code and chat prompts either."""
     benchmark, exact = set(), set()
     for name in BENCHMARKS:
         for line in (ROOT / "ddtree_mlx" / "prompts" / name).read_text().splitlines():
             for text in texts(json.loads(line)):
                 benchmark |= shingles(text)
                 exact.add(text.strip())
-    for name, gsm8k in (("general_prompts.jsonl", 1248), ("broad_prompts.jsonl", 500), ("self_prompts.jsonl", 500)):
+    phases = (("general_prompts.jsonl", 1248), ("broad_prompts.jsonl", 500), ("self_prompts.jsonl", 500),
+              ("written_prompts.jsonl", 0))  # all the requests written so far, those for a next phase included
+    for name, gsm8k in phases:
         rows = [json.loads(line) for line in (ROOT / "drafters/smollm2-135m" / name).read_text().splitlines()]
         written = [r for r in rows if not r["id"].startswith("gsm8k-")]
         assert len(written) > 500 and len(rows) - len(written) == gsm8k
@@ -37,4 +40,7 @@ def test_no_training_prompt_is_a_benchmark_prompt():
         assert not [r["id"] for r in rows if r["prompt"].strip() in exact]
     held_out = [json.loads(line) for line in (ROOT / "drafters/smollm2-135m/heldout_general.jsonl").read_text().splitlines()]
     assert len(held_out) == 24 and not [r["id"] for r in held_out if shingles(r["prompt"]) & benchmark]
+    evaluated = set().union(*(shingles(r["prompt"]) for r in held_out))
+    requests = [json.loads(line) for line in (ROOT / "drafters/smollm2-135m/written_prompts.jsonl").read_text().splitlines()]
+    assert not [r["id"] for r in requests if shingles(r["prompt"]) & evaluated]
     assert benchmark and len(exact) > 1000, "the benchmark prompts were not read: the test would pass vacuously"
