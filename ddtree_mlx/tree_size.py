@@ -370,7 +370,7 @@ class TreeSizer:
             if self.probing:  # its verdict is what drafting is worth knowing what it just saw, as the next draft would
                 self.size(self.full_tree(candidates, 0), context)
                 gain = self.net_gain()
-            else:  # what it did gain over a queued plain step, its draft at what drafts cost (not the catch-up)
+            else:  # what it gained over a queued plain step, its draft at what drafts cost (`overtime`)
                 gain = max(committed - 1 - self.overtime(seconds - drafting, context), self.least_gain(context))
             if self.drafts == 1 and not self.probing and gain < 0:
                 # A generation's first draft that lost is no verdict on its text: it guesses the answer's first
