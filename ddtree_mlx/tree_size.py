@@ -397,9 +397,9 @@ class TreeSizer:
 
     def overtime(self, verifying: float, context: int) -> float:
         """In tokens at the going rate: what a drafted cycle verifying for `verifying` seconds takes past a queued
-        plain step, its draft at what drafts cost on average (the first's cost, catch-up and all, until a later one
-        is measured)."""
-        return self.rate * (verifying + (self.drafting or self.first) - self.step_seconds(context))
+        plain step, its draft at what drafts cost (`draft_seconds`: after a generation's first draft, the average of
+        later ones, or the first's, catch-up and all, until one is measured)."""
+        return self.rate * (verifying + self.draft_seconds() - self.step_seconds(context))
 
     def shared(self, *seconds: float) -> list[float]:
         """Sharded: times this rank measured become rank 0's on every rank (one small all-reduce) as they come in,
