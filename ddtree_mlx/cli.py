@@ -179,6 +179,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vocab", choices=("full", "data"), default=settings.vocab,
                         help="training softmax over the whole vocabulary, or only the tokens in the data (faster; "
                              "evaluation always uses the whole vocabulary)")
+    parser.add_argument("--vocab-size", type=non_negative_int, default=settings.vocab_size,
+                        help="with --vocab data: only the N most frequent answer tokens (a smaller draft head; "
+                             "0: every token of the data)")
     parser.add_argument("--init", help="start from an exported drafter of the same shape (fine-tune it)")
     parser.add_argument("--seed", type=int, default=settings.seed)
 
@@ -188,7 +191,8 @@ def run_train_drafter(args: argparse.Namespace) -> int:
 
     shape = DrafterShape(args.block_size, args.layers, args.taps)
     settings = TrainSettings(epochs=args.epochs, anchors=args.anchors, accumulate=args.accumulate, lr=args.lr,
-                             max_len=args.max_len, seed=args.seed, vocab=args.vocab)
+                             max_len=args.max_len, seed=args.seed, vocab=args.vocab,
+                             vocab_size=args.vocab_size)
     out = train_drafter(args.model, args.prompts, args.out, shape=shape, settings=settings,
                         mask_token_id=args.mask_token_id, max_prompts=args.max_prompts,
                         answer_tokens=args.answer_tokens, gen_batch=args.gen_batch, temperature=args.temperature,

@@ -19,6 +19,7 @@ import json
 import math
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -69,10 +70,15 @@ class TrainSettings:
     # the training data only (every label is one); the LM head is most of a step's cost on a CPU and this is often
     # 5-10x fewer rows. Evaluation always uses the whole vocabulary, so it shows what this costs in acceptance.
     vocab: str = "full"
+    # With vocab "data": only the `vocab_size` most frequent answer tokens (0: every token of the data). The draft
+    # head's cost grows with its rows, while each new phase's data brings rare tokens it will almost never get right.
+    vocab_size: int = 0
 
     def __post_init__(self) -> None:
         if self.vocab not in ("full", "data"):
             raise ValueError(f"vocab {self.vocab!r}: use 'full' or 'data'")
+        if self.vocab_size < 0 or (self.vocab_size and self.vocab != "data"):
+            raise ValueError(f"vocab_size {self.vocab_size}: use a positive size with vocab 'data', or 0")
 
 
 def default_gamma(block_size: int) -> float:
@@ -135,8 +141,12 @@ class TrainVocab:
     index: mx.array  # [V] int32, -1 for ids outside
 
     @classmethod
-    def of(cls, target: TargetAdapter, examples: list[Example]) -> TrainVocab:
-        ids = sorted({t for e in examples for t in e.prompt + e.answer})
+    def of(cls, target: TargetAdapter, examples: list[Example], size: int = 0) -> TrainVocab:
+        if size:
+            counts = Counter(t for e in examples for t in e.answer)
+            ids = sorted(t for t, _ in counts.most_common(size))
+        else:
+            ids = sorted({t for e in examples for t in e.prompt + e.answer})
         index = np.full(target.vocab_size, -1, np.int32)
         index[ids] = np.arange(len(ids), dtype=np.int32)
         rows = target.head_rows(mx.array(ids)).astype(mx.float32)
@@ -188,14 +198,15 @@ def draft_hidden(drafter: DFlashDraftModel, target: TargetAdapter, tokens: mx.ar
 def block_predictions(drafter: DFlashDraftModel, target: TargetAdapter, tokens: mx.array, hidden: mx.array,
                       anchors: mx.array, vocab: TrainVocab | None = None) -> tuple[mx.array, mx.array, mx.array]:
     """Logits [A, B-1, V] for block positions 1..B-1 (over `vocab` only, with labels as indices into it, when
-    given), their labels, and which labels lie inside the sequence."""
+    given), their labels, and which labels count: inside the sequence (and inside `vocab`)."""
     size = drafter.block_size
     h = draft_hidden(drafter, target, tokens, hidden, anchors)[:, 1:]
     label_at = anchors[:, None] + mx.arange(1, size)[None]
     valid = label_at < tokens.shape[0]
     labels = tokens[mx.minimum(label_at, tokens.shape[0] - 1)]
     if vocab is not None:
-        return h @ vocab.rows.T, vocab.index[labels], valid
+        index = vocab.index[labels]  # -1: a token the drafter will never propose, so nothing to learn there
+        return h @ vocab.rows.T, mx.maximum(index, 0), valid & (index >= 0)
     return target.lm_head(h).astype(mx.float32), labels, valid
 
 
@@ -250,7 +261,7 @@ class Trainer:
         self.drafter = new_drafter(self.target, shape, settings.seed)
         if init is not None:
             start_from(self.drafter, Path(init))
-        self.vocab = TrainVocab.of(self.target, self.examples) if settings.vocab == "data" else None
+        self.vocab = TrainVocab.of(self.target, self.examples, settings.vocab_size) if settings.vocab == "data" else None
         warm = max(1, int(settings.warmup * self.total_steps))
         schedule = optim.join_schedules([optim.linear_schedule(0.0, settings.lr, warm),
                                          optim.cosine_decay(settings.lr, max(1, self.total_steps - warm))], [warm])

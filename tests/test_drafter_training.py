@@ -2,6 +2,7 @@
 loss drops, a checkpoint resumes exactly, the export loads through dflash-mlx and generation stays lossless."""
 
 import json
+from collections import Counter
 
 import mlx.core as mx
 import numpy as np
@@ -104,6 +105,36 @@ def test_data_vocabulary_is_the_full_softmax_restricted(llama, examples):
     assert (ids[np.array(indices)] == np.array(labels)).all()
 
 
+def test_a_capped_vocabulary_is_the_most_frequent_answer_tokens_and_skips_the_rest(llama, examples):
+    """Brute force: the ids are the most frequent answer tokens; a label outside them does not count, and the loss
+    over the rest is the cross-entropy of the full logits' columns for those ids."""
+    target = adapter_for(llama)
+    drafter = new_drafter(target, SHAPE, seed=1)
+    counts = Counter(t for e in examples for t in e.answer)
+    vocab = TrainVocab.of(target, examples, size=6)
+    cut = sorted(counts.values(), reverse=True)[5]
+    assert len(vocab.ids) == 6 and all(counts[t] >= cut for t in vocab.ids)
+    assert {t for t in counts if counts[t] > cut} <= set(vocab.ids)
+    tokens = mx.array(examples[0].prompt + examples[0].answer)
+    _, hidden = target.forward(tokens, target.make_cache(), drafter.target_layer_ids)
+    anchors = mx.array([5, 9, 20, 40])
+    logits, labels, valid = (np.array(a) for a in block_predictions(drafter, target, tokens, hidden, anchors))
+    part, indices, counted = (np.array(a) for a in block_predictions(drafter, target, tokens, hidden, anchors, vocab))
+    inside = np.isin(labels, vocab.ids)
+    assert inside.any() and (valid & ~inside).any()  # both kinds of label occur
+    assert (counted == (valid & inside)).all()
+    assert (np.array(vocab.ids)[indices[counted]] == labels[counted]).all()
+    columns = logits[..., vocab.ids].astype(np.float64)
+    log_probs = columns - np.log(np.exp(columns - columns.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+        - columns.max(-1, keepdims=True)
+    weights = np.exp(-np.arange(SHAPE.block_size - 1) / 4.0)[None] * counted
+    picked = np.take_along_axis(log_probs, indices[..., None], -1)[..., 0]
+    expected = -(picked * weights).sum() / weights.sum()
+    loss, right, count = block_loss(drafter, target, tokens, hidden, anchors, 4.0, vocab)
+    assert abs(loss.item() - expected) < 1e-4
+    assert (np.array(count) == counted.sum(0)).all()
+
+
 @pytest.mark.parametrize("family,form", [("llama", "q4"), ("qwen3_5", "bf16"), ("qwen3_5", "q8")])
 def test_trains_against_targets_in_their_own_dtype(family, form, tmp_path):
     """The target stays frozen as Mac users run it (bf16, 4/8-bit); the drafter trains in float32 through the
@@ -193,6 +224,8 @@ def test_init_starts_from_an_export_of_the_same_shape(llama, examples, tmp_path)
         Trainer(llama, examples, tmp_path / "fourth", SHAPE, init=tmp_path)
     with pytest.raises(ValueError, match="vocab 'some'"):
         TrainSettings(vocab="some")
+    with pytest.raises(ValueError, match="vocab_size 100: use a positive size with vocab 'data'"):
+        TrainSettings(vocab_size=100)
 
 
 def test_bad_input_fails_before_training(llama, examples, tmp_path):

@@ -31,7 +31,7 @@ def test_no_training_prompt_is_a_benchmark_prompt():
                 benchmark |= shingles(text)
                 exact.add(text.strip())
     phases = (("general_prompts.jsonl", 1248), ("broad_prompts.jsonl", 500), ("self_prompts.jsonl", 500),
-              ("written_prompts.jsonl", 0))  # all the requests written so far, those for a next phase included
+              ("wide_prompts.jsonl", 500), ("written_prompts.jsonl", 0))  # every request written so far
     for name, gsm8k in phases:
         rows = [json.loads(line) for line in (ROOT / "drafters/smollm2-135m" / name).read_text().splitlines()]
         written = [r for r in rows if not r["id"].startswith("gsm8k-")]
