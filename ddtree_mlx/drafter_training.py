@@ -77,8 +77,11 @@ class TrainSettings:
     def __post_init__(self) -> None:
         if self.vocab not in ("full", "data"):
             raise ValueError(f"vocab {self.vocab!r}: use 'full' or 'data'")
-        if self.vocab_size < 0 or (self.vocab_size and self.vocab != "data"):
-            raise ValueError(f"vocab_size {self.vocab_size}: use a positive size with vocab 'data', or 0")
+        if self.vocab_size < 0:
+            raise ValueError(f"vocab_size {self.vocab_size}: use a positive size, or 0 for every token of the data")
+        if self.vocab_size and self.vocab != "data":
+            raise ValueError(f"vocab_size {self.vocab_size} caps vocab 'data' (--vocab data); the full vocabulary "
+                             "has no size to choose")
 
 
 def default_gamma(block_size: int) -> float:

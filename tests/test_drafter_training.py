@@ -224,8 +224,10 @@ def test_init_starts_from_an_export_of_the_same_shape(llama, examples, tmp_path)
         Trainer(llama, examples, tmp_path / "fourth", SHAPE, init=tmp_path)
     with pytest.raises(ValueError, match="vocab 'some'"):
         TrainSettings(vocab="some")
-    with pytest.raises(ValueError, match="vocab_size 100: use a positive size with vocab 'data'"):
+    with pytest.raises(ValueError, match=r"vocab_size 100 caps vocab 'data' \(--vocab data\)"):
         TrainSettings(vocab_size=100)
+    with pytest.raises(ValueError, match="vocab_size -1: use a positive size"):
+        TrainSettings(vocab="data", vocab_size=-1)
 
 
 def test_bad_input_fails_before_training(llama, examples, tmp_path):
