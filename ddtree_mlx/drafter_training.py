@@ -145,7 +145,7 @@ class TrainVocab:
 
     @classmethod
     def of(cls, target: TargetAdapter, examples: list[Example], size: int = 0) -> TrainVocab:
-        if size:
+        if size:  # ranked over answer tokens, the only labels (uncapped, prompt tokens stay: the shipped recipe)
             counts = Counter(t for e in examples for t in e.answer)
             ids = sorted(t for t, _ in counts.most_common(size))
         else:
