@@ -264,7 +264,9 @@ class Trainer:
         self.drafter = new_drafter(self.target, shape, settings.seed)
         if init is not None:
             start_from(self.drafter, Path(init))
-        self.vocab = TrainVocab.of(self.target, self.examples, settings.vocab_size) if settings.vocab == "data" else None
+        self.vocab = None
+        if settings.vocab == "data":
+            self.vocab = TrainVocab.of(self.target, self.examples, settings.vocab_size)
         warm = max(1, int(settings.warmup * self.total_steps))
         schedule = optim.join_schedules([optim.linear_schedule(0.0, settings.lr, warm),
                                          optim.cosine_decay(settings.lr, max(1, self.total_steps - warm))], [warm])
