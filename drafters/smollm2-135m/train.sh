@@ -1,20 +1,20 @@
 #!/bin/sh
-# The SmolLM2 drafter's recipe (the shipped one: the first three phases), each phase in resumable stretches: a stretch trains up to STRETCH
-# more steps, evaluates on the 40 held-out GSM8K answers and the 24 held-out code and chat answers
-# (train/eval.jsonl, a row per set), exports the bf16 drafter (drafter/; with SHIP=1 also copied to
-# ddtree_mlx/smollm2_drafter/, the one the package ships, which a phase should earn in the engine first) and redraws
-# curve.png. Rerun after an interrupt: it resumes from train/checkpoint.json.
+# The SmolLM2 drafter's recipe (the shipped one: phases math, general, broad, then wide), each phase in resumable
+# stretches: a stretch trains up to STRETCH more steps, evaluates on the 40 held-out GSM8K answers and the 24 held-out
+# code and chat answers (train/eval.jsonl, a row per set), exports the bf16 drafter (drafter/; with SHIP=1 also copied
+# to ddtree_mlx/smollm2_drafter/, the one the package ships, which a phase should earn in the engine first) and
+# redraws curve.png. Rerun after an interrupt: it resumes from train/checkpoint.json.
 #
 #   PHASE=math    (done: its logs are in math/) 12 epochs from scratch over the 1,248 GSM8K answers, stopped at
 #                 step 2,900 of 3,744 once held-out acceptance had flattened;
 #   PHASE=general (done: logs in general/) from the math phase's export: 2 epochs over those answers plus the 502
 #                 written instructions' (general_prompts.jsonl: code, explanations, writing, advice), lr 3e-4;
-#   PHASE=broad   (done: logs in broad/; the shipped export) from the general phase's export: 2 epochs over
+#   PHASE=broad   (done: logs in broad/) from the general phase's export: 2 epochs over
 #                 broad_prompts.jsonl (500 of the GSM8K answers, the 502 instructions, 430 standard-library stubs and
 #                 296 more instructions), lr 3e-4;
 #   PHASE=self    (done: logs in self/; not shipped) from the broad export: 1 epoch over self_prompts.jsonl
 #                 (broad_prompts.jsonl plus the first 1,220 requests SmolLM2 wrote itself), lr 3e-4 (737 steps);
-#   PHASE=wide    (default) from the broad export: 1 epoch over wide_prompts.jsonl (broad_prompts.jsonl plus all
+#   PHASE=wide    (default; done: logs in wide/, the shipped export) from the broad export: 1 epoch over wide_prompts.jsonl (broad_prompts.jsonl plus all
 #                 2,607 written requests), lr 3e-4, the draft vocabulary capped at the 10,000 most frequent answer
 #                 tokens (the uncapped one grew 40% with the written requests, and a draft's head with it).
 set -e
