@@ -14,9 +14,10 @@
 #                 296 more instructions), lr 3e-4;
 #   PHASE=self    (done: logs in self/; not shipped) from the broad export: 1 epoch over self_prompts.jsonl
 #                 (broad_prompts.jsonl plus the first 1,220 requests SmolLM2 wrote itself), lr 3e-4 (737 steps);
-#   PHASE=wide    (default; done: logs in wide/, the shipped export) from the broad export: 1 epoch over wide_prompts.jsonl (broad_prompts.jsonl plus all
-#                 2,607 written requests), lr 3e-4, the draft vocabulary capped at the 10,000 most frequent answer
-#                 tokens (the uncapped one grew 40% with the written requests, and a draft's head with it).
+#   PHASE=wide    (default; done: logs in wide/, the shipped export) from the broad export: 1 epoch over
+#                 wide_prompts.jsonl (broad_prompts.jsonl plus all 2,607 written requests), lr 3e-4, the draft
+#                 vocabulary capped at the 10,000 most frequent answer tokens (the uncapped one grew 40% with the
+#                 written requests, and a draft's head with it).
 set -e
 STRETCH=${STRETCH:-500}
 PHASE=${PHASE:-wide}
