@@ -26,19 +26,23 @@ from typing import Any, Callable
 
 import mlx.core as mx
 import numpy as np
-from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
+from mlx_lm.models.cache import (
+    can_trim_prompt_cache,
+    make_prompt_cache,
+    trim_prompt_cache,
+)
 
 from ddtree_mlx import DDTreeConfig, PromptLookupDrafter, generate_ddtree_once
 from ddtree_mlx.blas import OPENBLAS, blas_name, slow_blas, use_openblas
-from ddtree_mlx.calibration import lengthen
-from ddtree_mlx.drafter_training import DrafterShape, new_drafter
-from ddtree_mlx.drafters import ScriptedDrafter
-from ddtree_mlx.generate import PHASES
-from ddtree_mlx.models import adapter_for
-from ddtree_mlx.progress import show
-from ddtree_mlx.tree import DraftTree
+from ddtree_mlx.drafting.oracle import ScriptedDrafter
+from ddtree_mlx.engine.calibration import lengthen
+from ddtree_mlx.engine.generate import PHASES
+from ddtree_mlx.models.registry import adapter_for
+from ddtree_mlx.training.progress import show
+from ddtree_mlx.training.trainer import DrafterShape, new_drafter
+from ddtree_mlx.tree.draft_tree import DraftTree
 
-PROMPT_DIR = Path(__file__).parent / "ddtree_mlx" / "prompts"
+PROMPT_DIR = Path(__file__).parent / "benchmarks" / "prompts"
 PROMPT_SETS = {
     "humaneval": ("humaneval.jsonl", lambda row: row["prompt"]),
     "mbpp": ("mbpp_sanitized.jsonl", lambda row: row["prompt"]),
@@ -83,7 +87,7 @@ class Prefills:
     from a copy of its own cache after the same body, prefilled in its own chunks."""
 
     def __init__(self, megabytes: int = 4096):
-        from ddtree_mlx.prompt_cache import PromptCache
+        from ddtree_mlx.engine.prompt_cache import PromptCache
 
         self.ours = PromptCache(megabytes * 2**20)
         self.mlx_lm: tuple[list[int], list[Any]] | None = None  # the current prompt's body and its cache
@@ -115,7 +119,7 @@ class Prefills:
 def load_prompts(sets: list[str], limit: int, seed: int, files: list[str] = ()) -> dict[str, list[Any]]:
     """A seeded sample of `limit` prompts per bundled set, and per --prompts file (named by its stem): text, or
     chat messages for files whose rows have `messages`."""
-    from ddtree_mlx.drafter_data import read_prompts
+    from ddtree_mlx.training.data import read_prompts
 
     prompts = {}
     for file in files:
@@ -147,7 +151,12 @@ def with_context(texts: dict[str, list[Any]], tokenizer: Any, length: int) -> di
 
 
 def real_setup(args: argparse.Namespace, name: str, model: str | None, draft: str | None) -> Setup:
-    from ddtree_mlx.loading import encode_prompt, load, load_drafter, stop_token_ids
+    from ddtree_mlx.loading.load import (
+        encode_prompt,
+        load,
+        load_drafter,
+        stop_token_ids,
+    )
 
     names = draft.split(",") if draft else [None]  # several: each drafted variant runs with each, side by side
     target, tokenizer, drafter = load(model, names[0])
@@ -251,7 +260,7 @@ def run_once(setup: Setup, prompt: list[int], truth: list[int] | None, variant: 
         return result
     drafter = None if variant.method == "ar" else setup.make_drafter(prompt, truth or [], variant.draft)
     # A row is what its label says: ddtree@N a tree of N nodes every cycle, ddtree@auto sized per cycle.
-    config = DDTreeConfig.from_env(budget=variant.budget if variant.tree else None)
+    config = DDTreeConfig.from_env(tree_budget=variant.budget if variant.tree else None)
     result = generate_ddtree_once(target_model=setup.target, draft_model=drafter, prompt_tokens=prompt,
                                   max_new_tokens=max_tokens, stop_token_ids=setup.stop_token_ids,
                                   method=variant.method, config=config, temperature=temperature, seed=seed,
@@ -457,7 +466,11 @@ def measure_twin(args: argparse.Namespace) -> list[dict]:
     """One GatedDeltaNet layer's tree conv + tree recurrence (the pure-MLX twin) per verify, and what a commit
     of the deepest node costs three ways: closed form (no per-node state kept), every node's state written
     (what the first Metal kernel design kept), or replaying the accepted path with mlx-lm's chain recurrence."""
-    from ddtree_mlx.recurrence import ReplayRecurrence, tree_conv, tree_gated_delta
+    from ddtree_mlx.kernels.recurrence import (
+        ReplayRecurrence,
+        tree_conv,
+        tree_gated_delta,
+    )
 
     shape = TWIN_SHAPES[args.twin_shape]
     Hk, Hv, Dk, Dv = shape["Hk"], shape["Hv"], shape["Dk"], shape["Dv"]
@@ -497,7 +510,7 @@ def measure_scratch(args: argparse.Namespace) -> list[dict]:
     spec (no model, no GPU): the first design kept every node's state of every recurrent layer until the
     commit; the current kernel keeps each node's delta (Dv floats per head, for the closed-form commit) and
     writes states to a scratch of at most two levels that is dead once the layer's launch ends."""
-    from ddtree_mlx.kernels import LevelPlan, tree_gated_delta_launch
+    from ddtree_mlx.kernels.metal import LevelPlan, tree_gated_delta_launch
 
     shape, rows = QWEN35_27B, []
     layers = shape["recurrent_layers"]
@@ -568,8 +581,8 @@ def measure_serving(setup: Setup, args: argparse.Namespace) -> list[dict]:
     """What serving features buy at --context tokens: time to first token of a conversation's second turn with the
     prompt cache vs its first turn (and vs the second turn without the cache), and the KV cache's bytes with
     --kv-bits 8 and 4 (quantized from the start) vs the plain cache, after the same prefill."""
-    from ddtree_mlx.kv_quantization import KVQuantization
-    from ddtree_mlx.prompt_cache import PromptCache
+    from ddtree_mlx.engine.prompt_cache import PromptCache
+    from ddtree_mlx.models.kv_quantization import KVQuantization
 
     first = long_prompt(setup, args.context)
     cache = PromptCache(2**32)
@@ -595,7 +608,7 @@ def measure_serving(setup: Setup, args: argparse.Namespace) -> list[dict]:
         plain = None
         for bits in (None, 8, 4):
             kv = target.make_cache()
-            target.prefill(first, kv, [], DDTreeConfig.from_env().prefill_chunk,
+            target.prefill(first, kv, [], DDTreeConfig.from_env().prefill_step_size,
                            after_chunk=KVQuantization(bits, 64, 0).convert if bits else None)
             nbytes = sum(entry.nbytes for entry in kv if target.is_attention_cache(entry))
             plain = plain or nbytes

@@ -1,10 +1,11 @@
 """ddtree-mlx: lossless tree speculative decoding (DDTree over DFlash drafters) for MLX language models."""
 
 from .config import DDTreeConfig
-from .drafters import DFlashDrafter, Drafter
-from .generate import DecodeStep, generate_ddtree_once, stream_generate
-from .loading import load
-from .prompt_lookup import PromptLookupDrafter
+from .drafting.dflash import DFlashDrafter
+from .drafting.prompt_lookup import PromptLookupDrafter
+from .drafting.protocol import Drafter
+from .engine.generate import DecodeStep, generate_ddtree_once, stream_generate
+from .loading.load import load
 
 __all__ = ["DDTreeConfig", "DFlashDrafter", "DecodeStep", "Drafter", "PromptLookupDrafter", "generate_ddtree_once",
            "load", "stream_generate"]

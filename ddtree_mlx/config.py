@@ -1,16 +1,24 @@
-"""One configuration object, read at call time from DDTREE_* env vars.
+"""One configuration object, built where a run starts (the CLI, `serve`, an API call that was given none) from
+explicit arguments, then DDTREE_* env vars, then defaults; validated there and passed down. Nothing below the
+entry points reads the environment.
 
-Explicit arguments win over the environment; the environment wins over the defaults. Every variable is parsed
-strictly: a value that is not understood is a ValueError naming the variable and what it accepts.
+Every variable is parsed strictly: a value that is not understood is a ValueError naming the variable and what it
+accepts. Each setting has one name everywhere: the field `tree_budget` is DDTREE_TREE_BUDGET, `--tree-budget` and
+`tree_budget=`. Names from earlier releases (DDTREE_BUDGET, DDTREE_MAX_BUDGET, DDTREE_PREFILL_CHUNK,
+DDTREE_PROMPT_CACHE_MB) still work, with a warning.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
+import re
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any, Mapping
 
+log = logging.getLogger("ddtree_mlx")
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
@@ -48,13 +56,13 @@ def parse_int(name: str, text: str, minimum: int) -> int:
 class DDTreeConfig:
     """Engine settings. Field docs double as the README's env-var table."""
 
-    budget: int | str = "auto"
-    """DDTREE_BUDGET: draft-tree nodes per cycle (the root not counted): "auto" (default) sizes each cycle's tree
+    tree_budget: int | str = "auto"
+    """DDTREE_TREE_BUDGET: draft-tree nodes per cycle (the root not counted): "auto" (default) sizes each cycle's tree
     for the most tokens per second from this machine's verify costs (measured once per model, a few seconds, cached
     on disk) and the drafter's measured acceptance, down to a plain step when drafting does not pay; a number
     verifies a tree of that many nodes every cycle."""
-    max_budget: int = 32
-    """DDTREE_MAX_BUDGET: the largest tree DDTREE_BUDGET=auto may choose."""
+    max_tree_budget: int = 32
+    """DDTREE_MAX_TREE_BUDGET: the largest tree DDTREE_TREE_BUDGET=auto may choose."""
     draft_window: int = 1024
     """DDTREE_DRAFT_WINDOW: the context tokens a DFlash drafter reads: the first 64 and the last this many
     (dflash-mlx's default); 0 reads all of them. Bounds what each draft attends to and what the first draft after a
@@ -77,14 +85,16 @@ class DDTreeConfig:
     exact_tree_attention_min_prefix: int = 1024
     """DDTREE_EXACT_TREE_ATTENTION_MIN_PREFIX: the split (and a step's own attention) is used once the prefix has
     at least this many tokens."""
-    prefill_chunk: int = 2048
-    """DDTREE_PREFILL_CHUNK: prompt tokens per prefill step (mlx-lm's prefill_step_size); bounds prefill memory."""
+    prefill_step_size: int = 2048
+    """DDTREE_PREFILL_STEP_SIZE: prompt tokens per prefill step (mlx-lm's prefill_step_size); bounds prefill
+    memory."""
     profile_verify: bool = False
     """DDTREE_PROFILE_VERIFY: time verify per layer part (attention, linear, mlp, head); serializes, so slower."""
     profile_detail: bool = False
     """DDTREE_PROFILE_DETAIL: with DDTREE_PROFILE_VERIFY, also time the steps inside the token mixers."""
-    prompt_cache_mb: int = 2048
-    """DDTREE_PROMPT_CACHE_MB: the server's prompt cache bound in MiB (least recently used entries go first); 0 off."""
+    prompt_cache_bytes: int = 2 * 2**30
+    """DDTREE_PROMPT_CACHE_BYTES: the server's prompt cache bound in bytes (mlx-lm's --prompt-cache-bytes; a K, M
+    or G suffix counts binary units); least recently used entries go first; 0 turns it off."""
     rank_timeout: int = 120
     """DDTREE_RANK_TIMEOUT: sharded across processes (mx.distributed), the seconds a rank may go without progress
     (a cycle, a prefill chunk) before it stops with an error: MLX's collectives would wait forever for a rank that
@@ -92,15 +102,24 @@ class DDTreeConfig:
     openblas: bool = True
     """DDTREE_OPENBLAS: on Linux, `ddtree-mlx` and `benchmark.py` re-run themselves with Debian's OpenBLAS
     (libopenblas0-pthread) preloaded when it is installed, ~25x faster matmuls than MLX's bundled BLAS; 0 keeps it."""
+    cache_dir: str = "~/.cache/ddtree-mlx"
+    """DDTREE_CACHE_DIR: where the embedded model is converted once and verify-cost curves are kept."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> "DDTreeConfig":
+        """Explicit `overrides` (None means "not given"), then DDTREE_* variables in `env` (default: this process's
+        environment), then the defaults; validated."""
         env = os.environ if env is None else env
         values: dict[str, Any] = {}
         for f in fields(cls):
             name = "DDTREE_" + f.name.upper()
-            if name in env and overrides.get(f.name) is None:  # an explicit argument wins, even over a bad var
+            if overrides.get(f.name) is not None:  # an explicit argument wins, even over a bad variable
+                continue
+            if name in env:
                 values[f.name] = _parse_field(f, name, env[name])
+            elif (old := _OLD_NAMES.get(f.name)) and old[0] in env:
+                log.warning("%s is deprecated; set %s instead", old[0], name)
+                values[f.name] = old[1](_parse_field(f, old[0], env[old[0]]))
         values.update({k: v for k, v in overrides.items() if v is not None})
         config = cls(**values)
         config.validate()
@@ -109,17 +128,24 @@ class DDTreeConfig:
     @property
     def tree_cap(self) -> int:
         """The most draft nodes a tree may have."""
-        return self.max_budget if self.budget == "auto" else self.budget
+        return self.max_tree_budget if self.tree_budget == "auto" else self.tree_budget
+
+    @property
+    def cache_path(self) -> Path:
+        return Path(self.cache_dir).expanduser()
 
     def validate(self) -> None:
-        if self.budget != "auto" and (not is_int(self.budget) or self.budget < 1):
-            raise ValueError(f"tree budget must be 'auto' or an integer >= 1, got {self.budget!r}")
-        if not is_int(self.max_budget) or self.max_budget < 1:
-            raise ValueError(f"max_budget must be an integer >= 1, got {self.max_budget!r}")
-        if not is_int(self.prefill_chunk) or self.prefill_chunk < 1:
-            raise ValueError(f"prefill_chunk must be an integer >= 1, got {self.prefill_chunk!r}")
-        if not is_int(self.prompt_cache_mb) or self.prompt_cache_mb < 0:
-            raise ValueError(f"prompt_cache_mb must be an integer >= 0 (0 turns the cache off), got {self.prompt_cache_mb!r}")
+        if self.tree_budget != "auto" and (not is_int(self.tree_budget) or self.tree_budget < 1):
+            raise ValueError(f"tree_budget must be 'auto' or an integer >= 1, got {self.tree_budget!r}")
+        if not is_int(self.max_tree_budget) or self.max_tree_budget < 1:
+            raise ValueError(f"max_tree_budget must be an integer >= 1, got {self.max_tree_budget!r}")
+        if not is_int(self.prefill_step_size) or self.prefill_step_size < 1:
+            raise ValueError(f"prefill_step_size must be an integer >= 1, got {self.prefill_step_size!r}")
+        if not is_int(self.prompt_cache_bytes) or self.prompt_cache_bytes < 0:
+            raise ValueError("prompt_cache_bytes must be an integer >= 0 (0 turns the cache off), "
+                             f"got {self.prompt_cache_bytes!r}")
+        if not isinstance(self.cache_dir, (str, os.PathLike)) or not str(self.cache_dir):
+            raise ValueError(f"cache_dir must be a directory path, got {self.cache_dir!r}")
         if not is_int(self.rank_timeout) or self.rank_timeout < 1:
             raise ValueError(f"rank_timeout must be a whole number of seconds >= 1, got {self.rank_timeout!r}")
         if not is_int(self.draft_window) or self.draft_window < 0:
@@ -145,6 +171,14 @@ def parse_auto_bool(name: str, text: str) -> bool | str:
         raise ValueError(f"{name}={text!r} is not understood; use auto, 1/0, true/false, on/off or yes/no") from None
 
 
+def parse_bytes(name: str, text: str) -> int:
+    """A size in bytes: digits, optionally followed by K, M or G (binary units; a trailing B or iB is allowed)."""
+    match = re.fullmatch(r"\s*(\d+)\s*([kmg]?)(i?b)?\s*", text, re.IGNORECASE)
+    if not match:
+        raise ValueError(f"{name}={text!r} is not a size; use a whole number of bytes, optionally with K, M or G")
+    return int(match[1]) * 1024 ** " kmg".index((match[2] or " ").lower())
+
+
 def parse_budget(name: str, text: str) -> int | str:
     if text.strip().lower() == "auto":
         return "auto"
@@ -157,9 +191,26 @@ def parse_budget(name: str, text: str) -> int | str:
 def _parse_field(f: dataclasses.Field, name: str, text: str) -> Any:
     if f.type in ("bool", bool):
         return parse_bool(name, text)
-    if f.name == "budget":
+    if f.name == "tree_budget":
         return parse_budget(name, text)
     if f.name == "exact_tree_attention":
         return parse_auto_bool(name, text)
-    may_be_zero = ("exact_tree_attention_min_prefix", "prompt_cache_mb", "draft_window")
+    if f.name == "prompt_cache_bytes":
+        return parse_bytes(name, text)
+    if f.name == "cache_dir":
+        if not text.strip():
+            raise ValueError(f"{name} is empty; set it to a directory or unset it")
+        return text
+    if name == "DDTREE_PROMPT_CACHE_MB":  # the old name counted MiB
+        return parse_int(name, text, minimum=0)
+    may_be_zero = ("exact_tree_attention_min_prefix", "draft_window")
     return parse_int(name, text, minimum=0 if f.name in may_be_zero else 1)
+
+
+# Field -> (its earlier variable, how that variable's value converts).
+_OLD_NAMES = {
+    "tree_budget": ("DDTREE_BUDGET", lambda v: v),
+    "max_tree_budget": ("DDTREE_MAX_BUDGET", lambda v: v),
+    "prefill_step_size": ("DDTREE_PREFILL_CHUNK", lambda v: v),
+    "prompt_cache_bytes": ("DDTREE_PROMPT_CACHE_MB", lambda megabytes: megabytes * 2**20),
+}

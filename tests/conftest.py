@@ -27,11 +27,11 @@ def pytest_terminal_summary(terminalreporter):
 
 @pytest.fixture(autouse=True)
 def fixed_verify_costs(request, monkeypatch):
-    """DDTREE_BUDGET=auto (the default) sizes trees from verify costs measured per machine (ddtree_mlx.calibration);
+    """DDTREE_TREE_BUDGET=auto (the default) sizes trees from verify costs measured per machine (ddtree_mlx.calibration);
     tests that leave it automatic get a fixed curve (a node costs 6% of a one-token verify, as measured on these
     CPUs with OpenBLAS), so no test waits for a measurement. tests/test_calibration.py tests the measurement."""
     if request.module.__name__ != "test_calibration":
-        from ddtree_mlx import calibration
+        from ddtree_mlx.engine import calibration
 
         fixed = calibration.VerifyCosts((1, 2), (0.01, 0.0106))
         monkeypatch.setattr(calibration, "verify_costs", lambda target, config=None: fixed)
@@ -41,6 +41,6 @@ def fixed_verify_costs(request, monkeypatch):
 def fresh_acceptance(monkeypatch):
     """What drafts were worth is remembered across generations in a process (generate.LEARNED): each test starts
     without another test's lessons."""
-    from ddtree_mlx import generate
+    from ddtree_mlx.engine import generate
 
     monkeypatch.setattr(generate, "LEARNED", {})

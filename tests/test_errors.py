@@ -2,10 +2,10 @@
 
 import pytest
 from mlx_lm.models.cache import RotatingKVCache
+from tiny import OracleDrafter, make_dflash, make_target
 
 from ddtree_mlx import DDTreeConfig, generate_ddtree_once, stream_generate
 from ddtree_mlx.config import parse_bool
-from tiny import OracleDrafter, make_dflash, make_target
 
 TARGET = make_target("qwen3_5")
 
@@ -24,8 +24,8 @@ def start(**kwargs):
     ({"prompt_tokens": [[1, 2], [3, 4]]}, "batch size 1"),
     ({"max_new_tokens": 0}, "max_new_tokens must be a positive integer"),
     ({"max_new_tokens": -3}, "max_new_tokens must be a positive integer"),
-    ({"tree_budget": 0}, "tree budget must be 'auto' or an integer >= 1"),
-    ({"tree_budget": -2}, "tree budget must be 'auto' or an integer >= 1"),
+    ({"tree_budget": 0}, "tree_budget must be 'auto' or an integer >= 1"),
+    ({"tree_budget": -2}, "tree_budget must be 'auto' or an integer >= 1"),
     ({"method": "beam"}, "unknown method"),
     ({"draft_model": None}, "needs a draft_model"),
     ({"draft_model": object()}, "drafter protocol"),
@@ -60,7 +60,7 @@ def test_drafter_that_does_not_fit_the_target():
 @pytest.mark.parametrize("form", ["q4", "q8", "mixed"])
 def test_quantized_target_sizes_come_from_its_args(form):
     """A quantized embedding's weight is packed (hidden * bits / 32 columns): sizes must not be read from it."""
-    from ddtree_mlx.models import adapter_for
+    from ddtree_mlx.models.registry import adapter_for
 
     target = adapter_for(make_target("qwen3_5", form=form))
     assert (target.hidden_size, target.vocab_size) == (64, 128)
@@ -82,24 +82,24 @@ def test_sequence_length_dependent_rope_is_refused():
 def test_unsupported_family_and_cache():
     with pytest.raises(ValueError, match="unsupported target model type 'gpt2'"):
         start(target_model=type("M", (), {"model_type": "gpt2"})())
-    from ddtree_mlx.models import adapter_for
+    from ddtree_mlx.models.registry import adapter_for
     with pytest.raises(ValueError, match="unsupported KV cache RotatingKVCache"):
         adapter_for(TARGET).check_cache([RotatingKVCache(max_size=8)])
 
 
 def test_env_parsing_is_strict(monkeypatch):
-    monkeypatch.setenv("DDTREE_BUDGET", "abc")
-    with pytest.raises(ValueError, match="DDTREE_BUDGET='abc' is not a tree budget"):
+    monkeypatch.setenv("DDTREE_TREE_BUDGET", "abc")
+    with pytest.raises(ValueError, match="DDTREE_TREE_BUDGET='abc' is not a tree budget"):
         start()
-    monkeypatch.setenv("DDTREE_BUDGET", "12")
+    monkeypatch.setenv("DDTREE_TREE_BUDGET", "12")
     monkeypatch.setenv("DDTREE_EXACT_COMMIT", "maybe")
     with pytest.raises(ValueError, match="DDTREE_EXACT_COMMIT='maybe' is not a boolean"):
         DDTreeConfig.from_env()
     monkeypatch.setenv("DDTREE_EXACT_COMMIT", "on")
-    monkeypatch.setenv("DDTREE_PREFILL_CHUNK", "0")
-    with pytest.raises(ValueError, match="DDTREE_PREFILL_CHUNK=0 is too small"):
+    monkeypatch.setenv("DDTREE_PREFILL_STEP_SIZE", "0")
+    with pytest.raises(ValueError, match="DDTREE_PREFILL_STEP_SIZE=0 is too small"):
         DDTreeConfig.from_env()
-    monkeypatch.setenv("DDTREE_PREFILL_CHUNK", "512")
+    monkeypatch.setenv("DDTREE_PREFILL_STEP_SIZE", "512")
     monkeypatch.setenv("DDTREE_DRAFT_WINDOW", "-1")
     with pytest.raises(ValueError, match="DDTREE_DRAFT_WINDOW=-1 is too small; set it to a whole number >= 0"):
         DDTreeConfig.from_env()
@@ -109,13 +109,13 @@ def test_env_parsing_is_strict(monkeypatch):
         DDTreeConfig.from_env()
     monkeypatch.setenv("DDTREE_EXACT_TREE_ATTENTION", "Off")
     config = DDTreeConfig.from_env()
-    assert config.budget == 12 and config.exact_commit and config.prefill_chunk == 512 and config.draft_window == 0
+    assert config.tree_budget == 12 and config.exact_commit and config.prefill_step_size == 512 and config.draft_window == 0
     assert config.exact_tree_attention is False and DDTreeConfig().exact_tree_attention == "auto"
     monkeypatch.setenv("DDTREE_EXACT_TREE_ATTENTION", "AUTO")
     assert DDTreeConfig.from_env().exact_tree_attention == "auto"
     with pytest.raises(ValueError, match="exact_tree_attention must be 'auto', True or False, got 'always'"):
         DDTreeConfig(exact_tree_attention="always").validate()
-    assert DDTreeConfig.from_env(budget=3).budget == 3  # explicit arguments win
+    assert DDTreeConfig.from_env(tree_budget=3).tree_budget == 3  # explicit arguments win
 
 
 @pytest.mark.parametrize("text,value", [("off", False), ("0", False), ("false", False), ("No", False),
@@ -126,11 +126,11 @@ def test_bool_words(text, value):
 
 def test_env_budget_is_read_at_call_time(monkeypatch):
     truth = [1, 2, 3]
-    monkeypatch.setenv("DDTREE_BUDGET", "1")
+    monkeypatch.setenv("DDTREE_TREE_BUDGET", "1")
     one = generate_ddtree_once(target_model=TARGET, draft_model=OracleDrafter(truth), prompt_tokens=truth,
                                max_new_tokens=2, stop_token_ids=[])
     assert one["cycles"] >= 1
-    monkeypatch.setenv("DDTREE_BUDGET", "x")
+    monkeypatch.setenv("DDTREE_TREE_BUDGET", "x")
     with pytest.raises(ValueError):
         generate_ddtree_once(target_model=TARGET, draft_model=OracleDrafter(truth), prompt_tokens=truth,
                              max_new_tokens=2, stop_token_ids=[])
@@ -146,27 +146,59 @@ def test_readme_documents_every_setting():
 
 
 def test_budget_setting(monkeypatch):
-    assert DDTreeConfig.from_env().budget == "auto" and DDTreeConfig().tree_cap == 32
+    assert DDTreeConfig.from_env().tree_budget == "auto" and DDTreeConfig().tree_cap == 32
     for bad in ("cheap", "0", "-3", "8.5"):
-        monkeypatch.setenv("DDTREE_BUDGET", bad)
-        with pytest.raises(ValueError, match=f"DDTREE_BUDGET='{bad}' is not a tree budget; set it to 'auto'"):
+        monkeypatch.setenv("DDTREE_TREE_BUDGET", bad)
+        with pytest.raises(ValueError, match=f"DDTREE_TREE_BUDGET='{bad}' is not a tree budget; set it to 'auto'"):
             DDTreeConfig.from_env()
-    monkeypatch.setenv("DDTREE_BUDGET", " AUTO ")
-    assert DDTreeConfig.from_env().budget == "auto"
-    monkeypatch.setenv("DDTREE_BUDGET", "12")
-    assert DDTreeConfig.from_env().budget == 12 and DDTreeConfig.from_env().tree_cap == 12
-    assert DDTreeConfig.from_env(budget="auto").budget == "auto"  # an explicit argument wins over the variable
-    monkeypatch.setenv("DDTREE_MAX_BUDGET", "0")
-    with pytest.raises(ValueError, match="DDTREE_MAX_BUDGET=0 is too small"):
+    monkeypatch.setenv("DDTREE_TREE_BUDGET", " AUTO ")
+    assert DDTreeConfig.from_env().tree_budget == "auto"
+    monkeypatch.setenv("DDTREE_TREE_BUDGET", "12")
+    assert DDTreeConfig.from_env().tree_budget == 12 and DDTreeConfig.from_env().tree_cap == 12
+    assert DDTreeConfig.from_env(tree_budget="auto").tree_budget == "auto"  # an explicit argument wins over the variable
+    monkeypatch.setenv("DDTREE_MAX_TREE_BUDGET", "0")
+    with pytest.raises(ValueError, match="DDTREE_MAX_TREE_BUDGET=0 is too small"):
         DDTreeConfig.from_env()
     for bad in (0, "big", 2.0, True):
-        with pytest.raises(ValueError, match="tree budget must be 'auto' or an integer >= 1"):
-            DDTreeConfig(budget=bad).validate()
+        with pytest.raises(ValueError, match="tree_budget must be 'auto' or an integer >= 1"):
+            DDTreeConfig(tree_budget=bad).validate()
+
+
+def test_earlier_variable_names_still_work_with_a_warning(monkeypatch, caplog):
+    monkeypatch.setenv("DDTREE_BUDGET", "5")
+    monkeypatch.setenv("DDTREE_PROMPT_CACHE_MB", "16")
+    monkeypatch.setenv("DDTREE_PREFILL_CHUNK", "64")
+    config = DDTreeConfig.from_env()
+    assert (config.tree_budget, config.prompt_cache_bytes, config.prefill_step_size) == (5, 16 * 2**20, 64)
+    assert "DDTREE_BUDGET is deprecated; set DDTREE_TREE_BUDGET instead" in caplog.text
+    monkeypatch.setenv("DDTREE_TREE_BUDGET", "7")  # the current name wins
+    assert DDTreeConfig.from_env().tree_budget == 7
+    monkeypatch.setenv("DDTREE_BUDGET", "lots")  # still parsed strictly
+    monkeypatch.delenv("DDTREE_TREE_BUDGET")
+    with pytest.raises(ValueError, match="DDTREE_BUDGET='lots' is not a tree budget"):
+        DDTreeConfig.from_env()
+
+
+@pytest.mark.parametrize("text,value", [("0", 0), ("1024", 1024), ("512M", 512 * 2**20), ("2G", 2 * 2**30),
+                                        ("2GB", 2 * 2**30), ("64 KiB", 64 * 2**10)])
+def test_prompt_cache_bytes_take_a_size(monkeypatch, text, value):
+    monkeypatch.setenv("DDTREE_PROMPT_CACHE_BYTES", text)
+    assert DDTreeConfig.from_env().prompt_cache_bytes == value
+
+
+def test_a_bad_size_or_cache_dir_names_the_variable(monkeypatch):
+    monkeypatch.setenv("DDTREE_PROMPT_CACHE_BYTES", "2 lots")
+    with pytest.raises(ValueError, match="DDTREE_PROMPT_CACHE_BYTES='2 lots' is not a size"):
+        DDTreeConfig.from_env()
+    monkeypatch.delenv("DDTREE_PROMPT_CACHE_BYTES")
+    monkeypatch.setenv("DDTREE_CACHE_DIR", " ")
+    with pytest.raises(ValueError, match="DDTREE_CACHE_DIR is empty"):
+        DDTreeConfig.from_env()
 
 
 def test_explicit_arguments_win_even_over_a_bad_env_var(monkeypatch):
-    monkeypatch.setenv("DDTREE_BUDGET", "abc")
-    with pytest.raises(ValueError, match="DDTREE_BUDGET='abc' is not a tree budget"):
+    monkeypatch.setenv("DDTREE_TREE_BUDGET", "abc")
+    with pytest.raises(ValueError, match="DDTREE_TREE_BUDGET='abc' is not a tree budget"):
         start()
     list(start(tree_budget=4, draft_model=None, method="ar"))  # the broken variable is never read
 

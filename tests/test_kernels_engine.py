@@ -3,10 +3,12 @@ generation stays lossless, and the commit installs exactly what a sequential for
 
 import mlx.core as mx
 import pytest
-
-from ddtree_mlx import DDTreeConfig, generate_ddtree_once, kernel_check, kernels
 from metal_harness import harness as H
 from tiny import OracleDrafter, greedy_reference, make_target
+
+from ddtree_mlx import DDTreeConfig, generate_ddtree_once
+from ddtree_mlx.kernels import check as kernel_check
+from ddtree_mlx.kernels import metal as kernels
 
 pytestmark = pytest.mark.skipif(not H.harness_available(), reason=f"no C++ compiler ({H.CXX}) for the harness")
 PROMPT = [3, 17, 42, 9, 100, 5]
@@ -50,15 +52,15 @@ def test_engine_with_harness_kernels_matches_greedy(launches, target, budget, mo
 
 def test_kernel_switches_fall_back_to_the_twin(launches, target):
     expected = greedy_reference(target, PROMPT, 8)
-    config = DDTreeConfig(budget=4, tree_kernel=False, tree_conv_kernel=False)
+    config = DDTreeConfig(tree_budget=4, tree_kernel=False, tree_conv_kernel=False)
     result = generate_ddtree_once(target_model=target, draft_model=OracleDrafter(PROMPT + expected), config=config,
                                   prompt_tokens=PROMPT, max_new_tokens=8, stop_token_ids=[])
     assert result["generated_token_ids"] == expected and launches == []
 
 
 def test_kernel_verify_equals_twin_verify(launches, target):
-    from ddtree_mlx.models import adapter_for
-    from ddtree_mlx.tree import DraftTree
+    from ddtree_mlx.models.registry import adapter_for
+    from ddtree_mlx.tree.draft_tree import DraftTree
 
     adapter = adapter_for(target)
     tree = DraftTree.root_only(7)

@@ -11,7 +11,6 @@ import os
 import mlx.core as mx
 import numpy as np
 import pytest
-
 from metal_harness import harness as H
 
 SEED = int(os.environ.get("KERNEL_TEST_SEED", np.random.SeedSequence().entropy % 2**32))
@@ -46,7 +45,7 @@ def ref_tree_gated_delta(q, k, v, g, beta, state, parent):
 
 def committed_states(delta, k, g, state, parent):
     """Every node's state as the engine's commit rebuilds it from the kernel's deltas (closed form)."""
-    from ddtree_mlx.recurrence import delta_record
+    from ddtree_mlx.kernels.recurrence import delta_record
 
     ancestors = np.zeros((len(parent), len(parent)), dtype=bool)
     for t, p in enumerate(parent):
@@ -251,7 +250,7 @@ class TestMetalKernels(KernelChecks):
 def test_scratch_rows_are_never_shared_by_live_states(rng):
     """A node's state must survive until its children (one level down) have read it: rows are unique within a
     level and disjoint between neighbouring levels; a deep tree needs only two levels' worth of rows."""
-    from ddtree_mlx.kernels import scratch_slots, tree_levels
+    from ddtree_mlx.kernels.metal import scratch_slots, tree_levels
 
     for parent in [chain(32), fan(15), two_branches(21), *[random_tree(rng, 40) for _ in range(5)]]:
         order, level_start = tree_levels(parent)
@@ -336,8 +335,8 @@ def test_harness_catches_out_of_bounds_writes():
 @pytest.mark.parametrize("tree", ["chain32", "fan16", "random24", "single"])
 def test_harness_kernels_match_the_pure_mlx_twin(rng, tree):
     """The same node states and outputs as the engine's loop-free twin (recurrence.py)."""
-    from ddtree_mlx.recurrence import tree_conv, tree_gated_delta
-    from ddtree_mlx.tree import DraftTree
+    from ddtree_mlx.kernels.recurrence import tree_conv, tree_gated_delta
+    from ddtree_mlx.tree.draft_tree import DraftTree
 
     parent = trees(rng)[tree]
     draft = DraftTree.root_only(0)

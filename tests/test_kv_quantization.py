@@ -3,9 +3,9 @@ own greedy output with the same settings, including when the cache turns quantiz
 
 import numpy as np
 import pytest
+from tiny import OracleDrafter, assert_lossless, make_target, mlx_lm_greedy
 
 from ddtree_mlx import generate_ddtree_once
-from tiny import OracleDrafter, assert_lossless, make_target, mlx_lm_greedy
 
 PROMPT = [int(t) for t in np.random.default_rng(11).integers(0, 120, 20)]
 NEW = 40

@@ -8,13 +8,20 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
-
-from ddtree_mlx import DDTreeConfig, generate_ddtree_once, loading
-from ddtree_mlx.drafters import SINK, DFlashDrafter
-from ddtree_mlx.loading import EMBEDDED_DRAFTER, load_dflash, load_drafter, registered_drafter, stop_token_ids
-from ddtree_mlx.models import adapter_for
-from ddtree_mlx.prompt_lookup import PromptLookupDrafter
 from tiny import HIDDEN, VOCAB, greedy_reference, make_dflash, make_target
+
+from ddtree_mlx import DDTreeConfig, generate_ddtree_once
+from ddtree_mlx.drafting.dflash import SINK, DFlashDrafter
+from ddtree_mlx.drafting.prompt_lookup import PromptLookupDrafter
+from ddtree_mlx.loading import load as loading
+from ddtree_mlx.loading.load import (
+    EMBEDDED_DRAFTER,
+    load_dflash,
+    load_drafter,
+    registered_drafter,
+    stop_token_ids,
+)
+from ddtree_mlx.models.registry import adapter_for
 
 TARGET = make_target("qwen3")
 

@@ -4,14 +4,14 @@ engine with it against mlx-lm's greedy decoding."""
 import mlx.core as mx
 import numpy as np
 import pytest
+from tiny import VOCAB, greedy_reference, make_dflash, make_target
 
 from ddtree_mlx import generate_ddtree_once
-from ddtree_mlx.drafters import DFlashDrafter
-from ddtree_mlx.loading import load_drafter
-from ddtree_mlx.lookup_dflash import LookupDFlashDrafter
-from ddtree_mlx.models import adapter_for
-from ddtree_mlx.prompt_lookup import PromptLookupDrafter
-from tiny import VOCAB, greedy_reference, make_dflash, make_target
+from ddtree_mlx.drafting.dflash import DFlashDrafter
+from ddtree_mlx.drafting.mixed import LookupDFlashDrafter
+from ddtree_mlx.drafting.prompt_lookup import PromptLookupDrafter
+from ddtree_mlx.loading.load import load_drafter
+from ddtree_mlx.models.registry import adapter_for
 
 PHRASE = [11, 23, 5, 77, 42, 9]
 PROMPT = [1] + PHRASE + [30, 31] + PHRASE + [60] + PHRASE[:3]  # the root (PHRASE[3] next) has matches

@@ -1,9 +1,9 @@
 """Every generation path equals plain mlx-lm greedy decoding, token for token."""
 
 import pytest
+from tiny import OracleDrafter, greedy_reference, make_dflash, make_target
 
 from ddtree_mlx import DDTreeConfig, generate_ddtree_once, stream_generate
-from tiny import OracleDrafter, greedy_reference, make_dflash, make_target
 
 FAMILIES = ["qwen3_5", "qwen3_5_moe", "qwen3", "llama"]
 PROMPTS = {0: [3, 17, 42, 9, 100, 5], 1: [7, 7, 1, 64, 90, 33, 12, 5, 2, 88, 41]}
@@ -70,7 +70,7 @@ def test_baselines_match_greedy(family):
 @pytest.mark.parametrize("family", ["qwen3_5", "qwen3"])
 @pytest.mark.parametrize("setting", [{"exact_commit": True}, {"tree_aware_linear": False}])
 def test_engine_variants_match_greedy(family, setting):
-    config = DDTreeConfig(budget=8, **setting)
+    config = DDTreeConfig(tree_budget=8, **setting)
     result = run(family, 1, 1, oracle(family, 1, 1), config=config)
     assert result["generated_token_ids"] == reference(family, 1, 1)
 
@@ -127,7 +127,7 @@ def test_result_fields_are_consistent():
 
 
 def test_profile_verify_reports_layer_parts_without_changing_tokens():
-    config = DDTreeConfig(budget=8, profile_verify=True)
+    config = DDTreeConfig(tree_budget=8, profile_verify=True)
     result = run("qwen3_5", 0, 0, oracle("qwen3_5", 0, 0), config=config)
     assert result["generated_token_ids"] == reference("qwen3_5", 0, 0)
     assert {"attention", "linear", "mlp", "head"} == set(result["verify_profile"]) - {"embed"}
@@ -173,7 +173,7 @@ def test_auto_stops_drafting_when_it_does_not_pay_and_the_drafter_misses_nothing
     """Plain steps in between (probing) drafts: lossless, and the drafter is still handed every token once, in
     order. (Its 20 ms draft is many of a tiny model's steps, which would space probes past this generation's end:
     here probing may take all the time it likes, so probes come every PROBE_EVERY cycles, on a busy machine too.)"""
-    from ddtree_mlx import tree_size
+    from ddtree_mlx.engine import sizing as tree_size
 
     monkeypatch.setattr(tree_size, "PROBE_SHARE", 100.0)
     monkeypatch.setattr(tree_size, "PROBE_BACKOFF", 1)
@@ -188,6 +188,6 @@ def test_auto_stops_drafting_when_it_does_not_pay_and_the_drafter_misses_nothing
 
 @pytest.mark.parametrize("family", ["qwen3_5_moe", "llama"])
 def test_split_tree_attention_matches_greedy(family):
-    config = DDTreeConfig(budget=8, exact_tree_attention=True, exact_tree_attention_min_prefix=8)
+    config = DDTreeConfig(tree_budget=8, exact_tree_attention=True, exact_tree_attention_min_prefix=8)
     result = run(family, 1, 1, oracle(family, 1, 1), config=config)
     assert result["generated_token_ids"] == reference(family, 1, 1)

@@ -7,10 +7,18 @@ tiny.assert_lossless). The guards below check that the bound has teeth."""
 import mlx.core as mx
 import numpy as np
 import pytest
+from tiny import (
+    FORMS,
+    NEAR_TIE,
+    OracleDrafter,
+    assert_lossless,
+    make_dflash,
+    make_target,
+    mlx_lm_greedy,
+)
 
 from ddtree_mlx import PromptLookupDrafter, generate_ddtree_once
-from ddtree_mlx import generate as generate_module
-from tiny import FORMS, NEAR_TIE, OracleDrafter, assert_lossless, make_dflash, make_target, mlx_lm_greedy
+from ddtree_mlx.engine import generate as generate_module
 
 FAMILIES = ["qwen3_5", "qwen3_5_moe", "qwen3", "llama"]
 PROMPT = [3, 17, 42, 9, 100, 5, 61, 17, 42]
@@ -120,7 +128,7 @@ def test_a_long_context_matches_mlx_lm(monkeypatch, family, form):
     """Past DDTREE_EXACT_TREE_ATTENTION_MIN_PREFIX the default attention on the CPU is split, its softmax on
     cpu_exp's exp, in tree verifies and plain steps alike: still mlx-lm's greedy output, every branch of a deep
     tree taken as the oracle leads, and every plain step's token."""
-    from ddtree_mlx.models import base
+    from ddtree_mlx.models import adapter as base
 
     runnable(family, form)
     split, step, rows, steps = base.split_attention, base.step_attention, [], []

@@ -4,10 +4,10 @@ for the prompt, hidden states captured chunk by chunk, and the same output whate
 import mlx.core as mx
 import numpy as np
 import pytest
+from tiny import greedy_reference, make_dflash, make_target
 
 from ddtree_mlx import DDTreeConfig, generate_ddtree_once
-from ddtree_mlx.models import adapter_for
-from tiny import greedy_reference, make_dflash, make_target
+from ddtree_mlx.models.registry import adapter_for
 
 PROMPT = [int(t) for t in np.random.default_rng(0).integers(0, 128, 23)]
 
@@ -17,7 +17,7 @@ PROMPT = [int(t) for t in np.random.default_rng(0).integers(0, 128, 23)]
 def test_chunked_prefill_is_lossless(family, chunk):
     model = make_target(family)
     result = generate_ddtree_once(target_model=model, draft_model=make_dflash(model), prompt_tokens=PROMPT,
-                                  max_new_tokens=24, stop_token_ids=[], config=DDTreeConfig(budget=4, prefill_chunk=chunk))
+                                  max_new_tokens=24, stop_token_ids=[], config=DDTreeConfig(tree_budget=4, prefill_step_size=chunk))
     assert result["generated_token_ids"] == greedy_reference(model, PROMPT, 24)
 
 

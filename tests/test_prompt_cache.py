@@ -4,12 +4,12 @@ still mlx-lm's own greedy output (and the same drafts: the drafter's hidden stat
 import mlx.core as mx
 import numpy as np
 import pytest
+from tiny import greedy_reference, make_dflash, make_target
 
 from ddtree_mlx import PromptLookupDrafter, generate_ddtree_once
-from ddtree_mlx.drafters import as_drafter
-from ddtree_mlx.models import adapter_for
-from ddtree_mlx.prompt_cache import PromptCache
-from tiny import greedy_reference, make_dflash, make_target
+from ddtree_mlx.drafting.protocol import as_drafter
+from ddtree_mlx.engine.prompt_cache import PromptCache
+from ddtree_mlx.models.registry import adapter_for
 
 FIRST = [int(t) for t in np.random.default_rng(5).integers(0, 120, 30)]
 

@@ -4,10 +4,10 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from tiny import VOCAB, greedy_reference, make_target
 
 from ddtree_mlx import generate_ddtree_once
-from ddtree_mlx.prompt_lookup import PromptLookupDrafter
-from tiny import VOCAB, greedy_reference, make_target
+from ddtree_mlx.drafting.prompt_lookup import PromptLookupDrafter
 
 TARGET = SimpleNamespace(vocab_size=VOCAB)  # reset only reads the vocabulary size
 

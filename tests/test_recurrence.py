@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from mlx_lm.models.gated_delta import gated_delta_ops
 
-from ddtree_mlx.recurrence import chain_gated_delta, tree_conv, tree_gated_delta
-from ddtree_mlx.tree import DraftTree
+from ddtree_mlx.kernels.recurrence import chain_gated_delta, tree_conv, tree_gated_delta
+from ddtree_mlx.tree.draft_tree import DraftTree
 
 
 def make_tree(shape, size, rng):
@@ -91,7 +91,7 @@ def test_bfloat16_pieces_round_exactly_as_mlx_lm():
     bit: rounding differences here would move near-ties in every verify."""
     from mlx_lm.models.gated_delta import compute_g
 
-    from ddtree_mlx.recurrence import log_decay
+    from ddtree_mlx.kernels.recurrence import log_decay
 
     rng = np.random.default_rng(7)
     tree = make_tree("random", 12, rng)

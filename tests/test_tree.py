@@ -5,7 +5,8 @@ import itertools
 import numpy as np
 import pytest
 
-from ddtree_mlx.tree import Candidates, DraftTree, build_tree, chain_tree
+from ddtree_mlx.tree.build import Candidates, build_tree, chain_tree
+from ddtree_mlx.tree.draft_tree import DraftTree
 
 
 def random_candidates(rng, depth, width):
@@ -112,8 +113,9 @@ def test_scripted_candidates_are_its_dense_rows_top_tokens(weights, width):
     from types import SimpleNamespace
 
     import mlx.core as mx
-    from ddtree_mlx.drafters import ScriptedDrafter
-    from ddtree_mlx.tree import top_candidates
+
+    from ddtree_mlx.drafting.oracle import ScriptedDrafter
+    from ddtree_mlx.tree.build import top_candidates
 
     truth = list(np.random.default_rng(3).integers(0, 50, size=60))
     sparse, dense = (ScriptedDrafter(truth, block_size=8, rank_weights=weights, seed=2) for _ in range(2))
@@ -145,7 +147,8 @@ def test_the_device_walk_is_the_host_walk():
     """Walk.of (on the device, padded to the tree's depth + 1 by repeating the last node) against the direct walk,
     on bushy trees whose target tokens follow a random root path and then leave it (or go on past the tree)."""
     import mlx.core as mx
-    from ddtree_mlx.tree import Walk
+
+    from ddtree_mlx.tree.draft_tree import Walk
 
     deep = off_first_rank = 0
     for seed in range(40):

@@ -1,15 +1,23 @@
-"""DDTREE_BUDGET=auto: the size chosen vs brute force over every tree, what the acceptance estimate learns, when
+"""DDTREE_TREE_BUDGET=auto: the size chosen vs brute force over every tree, what the acceptance estimate learns, when
 drafting stops and restarts, and what the cycles' timings correct."""
 
 import numpy as np
 import pytest
-
-from ddtree_mlx.calibration import VerifyCosts
-from ddtree_mlx.tree import Candidates, DraftTree, build_tree
-from ddtree_mlx import tree_size
-from ddtree_mlx.tree_size import (CLAIM_WORTH, MEMORY, PROBE_BACKOFF, PROBE_EVERY, PROBE_SHARE, Acceptance,
-                                   TreeSizer)
 from test_tree import all_prefixes, random_candidates
+
+from ddtree_mlx.engine import sizing as tree_size
+from ddtree_mlx.engine.calibration import VerifyCosts
+from ddtree_mlx.engine.sizing import (
+    CLAIM_WORTH,
+    MEMORY,
+    PROBE_BACKOFF,
+    PROBE_EVERY,
+    PROBE_SHARE,
+    Acceptance,
+    TreeSizer,
+)
+from ddtree_mlx.tree.build import Candidates, build_tree
+from ddtree_mlx.tree.draft_tree import DraftTree
 
 SHORT = 32  # the calibration's own context: its curve as measured
 
@@ -281,9 +289,10 @@ def test_the_cap_bounds_the_tree(cap):
 def test_what_drafts_were_worth_carries_over_to_the_next_generation():
     """A generation of a few dozen tokens is too short to learn acceptance: the next one with the same kind of
     drafter on the same target starts from what earlier ones learned; another kind of drafter starts afresh."""
-    from ddtree_mlx import PromptLookupDrafter, generate_ddtree_once
-    from ddtree_mlx.generate import LEARNED
     from tiny import OracleDrafter, greedy_reference, make_target
+
+    from ddtree_mlx import PromptLookupDrafter, generate_ddtree_once
+    from ddtree_mlx.engine.generate import LEARNED
 
     model, prompt = make_target("llama"), [3, 17, 42, 9, 100, 5]
     truth = prompt + greedy_reference(model, prompt, 24)
@@ -305,9 +314,11 @@ def test_a_draft_sized_to_the_root_alone_still_teaches_what_its_nodes_were_worth
     """Nodes priced at a whole step each (a long context on a CPU): every draft's best tree is the root alone, so
     nothing is verified; the drafted trees are followed as peeks are, and what the target produced after them is
     learned (without it, acceptance learned on other text could never be corrected within a generation)."""
-    from ddtree_mlx import calibration, generate_ddtree_once
-    from ddtree_mlx.generate import LEARNED
     from tiny import OracleDrafter, greedy_reference, make_target
+
+    from ddtree_mlx import generate_ddtree_once
+    from ddtree_mlx.engine import calibration
+    from ddtree_mlx.engine.generate import LEARNED
 
     monkeypatch.setattr(calibration, "verify_costs", lambda target, config=None: VerifyCosts((1, 2), (0.01, 0.02)))
     monkeypatch.setattr(tree_size, "PROBE_SHARE", 100.0)  # probes every PROBE_EVERY cycles, however long drafts take
@@ -400,9 +411,10 @@ def test_a_cycle_that_queues_the_next_step_is_not_charged_for_it(monkeypatch):
     import itertools
     import time
 
-    from ddtree_mlx import generate_ddtree_once
-    from ddtree_mlx.models import adapter_for
     from tiny import OracleDrafter, greedy_reference, make_target
+
+    from ddtree_mlx import generate_ddtree_once
+    from ddtree_mlx.models.registry import adapter_for
 
     model, prompt = make_target("llama"), [3, 17, 42, 9]
     truth = prompt + greedy_reference(model, prompt, 24)

@@ -1,12 +1,18 @@
 """Prompts a target writes for itself (written_prompts): seeded, resumable to the same file, never a benchmark's."""
 
 import json
+from pathlib import Path
 
 import pytest
-
-from ddtree_mlx.cli import main
-from ddtree_mlx.written_prompts import BENCHMARK_SETS, excluded_runs, keep, user_turn_start, write_prompts
 from tiny import make_target, make_tokenizer
+
+from ddtree_mlx.cli.main import main
+from ddtree_mlx.training.written_prompts import (
+    excluded_runs,
+    keep,
+    user_turn_start,
+    write_prompts,
+)
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +43,9 @@ def test_an_interrupted_run_resumes_to_the_same_file(llama, tmp_path):
     rows = [json.loads(line) for line in whole.read_text().splitlines()]
     assert len({row["prompt"] for row in rows}) == held and len({row["batch"] for row in rows}) > 1
     assert all(row["prompt"].split()[0].startswith(("w", "ж")) for row in rows)  # the model's words, no template
+
+
+BENCHMARK_SETS = sorted((Path(__file__).parents[1] / "benchmarks" / "prompts").glob("*.jsonl"))
 
 
 def test_nothing_sharing_eight_words_with_a_benchmark_prompt_is_kept(tmp_path):

@@ -8,11 +8,12 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 from dflash_mlx.model import DFlashDraftModel, DFlashDraftModelArgs
-from ddtree_mlx.drafters import ScriptedDrafter
 from mlx_lm.models import llama, qwen3, qwen3_5, qwen3_5_moe
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
+
+from ddtree_mlx.drafting.oracle import ScriptedDrafter
 
 generate_module = importlib.import_module("mlx_lm.generate")  # the package re-exports a function of that name
 

@@ -6,7 +6,9 @@ from typing import Any
 
 import mlx.core as mx
 
-from .base import Capture, TargetAdapter, TreeInputs, tree_attention
+from .adapter import TargetAdapter
+from .attention import tree_attention
+from .verify import Capture, TreeInputs
 
 
 class LlamaAdapter(TargetAdapter):

@@ -14,8 +14,10 @@ from mlx_lm.models.base import create_ssm_mask
 from mlx_lm.models.cache import ArraysCache
 from mlx_lm.models.gated_delta import normalize_qk
 
-from .. import kernels
-from .base import Capture, TargetAdapter, TreeInputs, tree_attention
+from ..kernels import metal as kernels
+from .adapter import TargetAdapter
+from .attention import tree_attention
+from .verify import Capture, TreeInputs
 
 
 @dataclass

@@ -24,10 +24,15 @@ from pathlib import Path
 
 import numpy as np
 
-from ddtree_mlx.kernels import scratch_slots, tree_conv1d_launch, tree_gated_delta_launch, tree_levels
+from ddtree_mlx.kernels.metal import (
+    scratch_slots,
+    tree_conv1d_launch,
+    tree_gated_delta_launch,
+    tree_levels,
+)
 
 HERE = Path(__file__).resolve().parent
-KERNEL_DIR = HERE.parents[1] / "kernels"
+KERNEL_DIR = HERE.parents[1] / "ddtree_mlx" / "kernels"
 CXX = os.environ.get("CXX", "g++")
 
 # dtype name -> (Metal type name as MLX spells it, numpy storage dtype). bfloat16 travels as uint16 bits.

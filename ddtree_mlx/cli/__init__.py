@@ -1,0 +1,1 @@
+"""The `ddtree-mlx` command: generate, serve, train-drafter, write-prompts, doctor."""

@@ -1,0 +1,53 @@
+"""Drafters: anything that turns the committed context into per-position log-probs for the next block.
+
+The protocol (duck-typed; a test or a user may pass any object with these members):
+
+    block_size: int                 # the block the drafter fills: the root plus block_size - 1 draft positions
+    target_layer_ids: list[int]     # target layers whose outputs it conditions on ([] for none)
+    configure(config)               # optional: the generation's DDTreeConfig, before reset
+    reset(target, prompt_tokens)    # a new generation starts
+    draft(root_token, context_tokens, context_hidden) -> mx.array [block_size - 1, vocab] log-probs
+    candidates(root_token, context_tokens, context_hidden, width) -> tree.Candidates   # optional
+
+`context_tokens` are the tokens the target processed since the last call (the prompt on the first call, then
+the root and the accepted nodes of each cycle), and `context_hidden` [len(context_tokens), F] their outputs at
+`target_layer_ids`, concatenated (None when target_layer_ids is empty). Row d of the result is the drafter's
+distribution for the token d + 1 places after the root. A drafter may also offer `candidates`: the top `width`
+tokens per depth, best first (numpy arrays, or lazy MLX ones the session evaluates), which the session then uses
+instead of a top-k over the dense rows: prompt lookup's are sparse, a DFlash drafter's may span part of the
+vocabulary.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Protocol, Sequence
+
+import mlx.core as mx
+from dflash_mlx.model import DFlashDraftModel
+
+from .dflash import DFlashDrafter
+
+if TYPE_CHECKING:
+    from ..models.adapter import TargetAdapter
+
+
+class Drafter(Protocol):
+    block_size: int
+    target_layer_ids: Sequence[int]
+
+    def reset(self, target: TargetAdapter, prompt_tokens: list[int]) -> None: ...
+
+    def draft(self, root_token: int, context_tokens: list[int], context_hidden: mx.array | None) -> mx.array: ...
+
+
+def as_drafter(draft_model: Any) -> Drafter:
+    """Wrap a DFlashDraftModel; pass any object that follows the drafter protocol through unchanged."""
+    if isinstance(draft_model, DFlashDraftModel):
+        return DFlashDrafter(draft_model)
+    missing = [name for name in ("block_size", "target_layer_ids", "reset", "draft") if not hasattr(draft_model, name)]
+    if missing:
+        raise ValueError(
+            f"draft_model {type(draft_model).__name__} lacks {', '.join(missing)}: pass a dflash_mlx "
+            "DFlashDraftModel or an object following the drafter protocol in ddtree_mlx.drafting.protocol"
+        )
+    return draft_model

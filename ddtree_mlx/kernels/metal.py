@@ -1,0 +1,221 @@
+"""Dispatch for the tree conv and the tree recurrence: Metal kernels on Apple GPUs, the pure-MLX twin elsewhere.
+
+The kernel bodies are the .metal files beside this module. They are
+built once with `mx.fast.metal_kernel`. `kernel_maker` is the one place that says whether they can run; the
+tests put the CPU harness (which executes the same bodies with g++) there to prove the kernels plug in.
+
+Launch layouts are explained at the top of each .metal file.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import mlx.core as mx
+import numpy as np
+
+from . import recurrence
+
+KernelMaker = Callable[..., Any]  # mx.fast.metal_kernel's signature
+
+
+def kernel_maker() -> KernelMaker | None:
+    """What builds kernels here: mx.fast.metal_kernel on an Apple GPU, else nothing (use the twin)."""
+    if mx.metal.is_available() and mx.default_device() == mx.gpu:
+        return mx.fast.metal_kernel
+    return None
+
+
+SWITCHES = {"ddtree_tree_gated_delta": "tree_kernel", "ddtree_tree_conv1d": "tree_conv_kernel"}  # config fields
+
+
+def checked_maker(kernel: str, config: Any) -> KernelMaker | None:
+    """The maker, if `kernel` is switched on in `config`, can be built here and passed its self-check in this
+    process (see kernel_check); otherwise None: the twin runs."""
+    maker = kernel_maker()
+    if maker is None or not getattr(config, SWITCHES[kernel]):
+        return None
+    from .check import check  # it drives the kernels through this module
+
+    return maker if check(maker, kernel).ok else None
+
+
+def kernel_path(config: Any) -> str:
+    """What the tree conv and recurrence of a hybrid target run as here: "metal", "twin" or "metal+twin"."""
+    used = {checked_maker(kernel, config) is not None for kernel in SWITCHES}
+    return "metal" if used == {True} else "twin" if used == {False} else "metal+twin"
+
+
+def kernel_source(name: str) -> str:
+    """A kernel body, shipped beside this module."""
+    path = Path(__file__).with_name(name)
+    if not path.exists():
+        raise FileNotFoundError(f"Metal kernel source {name} is missing; reinstall ddtree-mlx")
+    return path.read_text()
+
+
+@functools.lru_cache(maxsize=None)
+def _built(maker: KernelMaker, name: str, source: str, inputs: tuple[str, ...], outputs: tuple[str, ...]) -> Any:
+    return maker(name=name, input_names=list(inputs), output_names=list(outputs), source=kernel_source(source))
+
+
+def launch(maker: KernelMaker, spec: dict, inputs: list[Any]) -> list[mx.array]:
+    kernel = _built(maker, spec["name"], spec["source"], tuple(spec["input_names"]), tuple(spec["output_names"]))
+    return kernel(inputs=inputs, template=spec["template"], grid=spec["grid"], threadgroup=spec["threadgroup"],
+                  output_shapes=spec["output_shapes"], output_dtypes=spec["output_dtypes"])
+
+
+# --- launch specs: the single description of how each kernel is called ----------------------------------------
+
+
+def tree_levels(parent) -> tuple[np.ndarray, np.ndarray]:
+    """Depth-level schedule for tree_gated_delta: (order [T], level_start [levels + 1]), int32.
+    Depth d is order[level_start[d]:level_start[d + 1]] (ties by node id)."""
+    parent = np.asarray(parent, dtype=np.int64)
+    depth = np.zeros(len(parent), dtype=np.int64)
+    for t, p in enumerate(parent):
+        if p >= t:
+            raise ValueError(f"parent[{t}] = {p}: parents must precede their children")
+        depth[t] = 0 if p < 0 else depth[p] + 1
+    order = np.argsort(depth, kind="stable").astype(np.int32)
+    counts = np.bincount(depth, minlength=int(depth.max()) + 1) if len(parent) else np.zeros(0, np.int64)
+    return order, np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+
+
+def scratch_slots(order: np.ndarray, level_start: np.ndarray) -> tuple[np.ndarray, int]:
+    """The scratch row of each node's state in tree_gated_delta, and the row count R. A level only reads the
+    level above it, so level d takes rows (d % 2) * W + its rank (W the widest level); R = 2W, or T rows (one
+    per node) when that is fewer."""
+    widths = np.diff(level_start)
+    width, count = int(widths.max()), len(order)
+    if count <= 2 * width:
+        return np.arange(count, dtype=np.int32), count
+    depth = np.repeat(np.arange(len(widths)), widths)
+    slot = np.empty(count, dtype=np.int32)
+    slot[order] = (depth % 2) * width + np.arange(count) - level_start[depth]
+    return slot, 2 * width
+
+
+@dataclass(frozen=True)
+class LevelPlan:
+    """What tree_gated_delta's launch needs from the tree, built once per verify and shared by every layer."""
+
+    order: mx.array
+    level_start: mx.array
+    slot: mx.array
+    levels: int
+    width: int  # nodes in the widest level
+    scratch_rows: int
+
+    @classmethod
+    def of(cls, parents) -> "LevelPlan":
+        order, level_start = tree_levels(parents)
+        slot, rows = scratch_slots(order, level_start)
+        return cls(mx.array(order), mx.array(level_start), mx.array(slot), len(level_start) - 1,
+                   int(np.diff(level_start).max()), rows)
+
+
+def node_slots(max_level_width: int) -> int:
+    """Simdgroups per value row: enough for the widest level, at most 4 (1, 2 or 4)."""
+    return 1 if max_level_width <= 1 else 2 if max_level_width <= 2 else 4
+
+
+def tree_gated_delta_launch(*, T, Hk, Hv, Dk, Dv, in_dtype, f32, max_level_width, scratch_rows, slots=None) -> dict:
+    """Inputs, in order: q, k [T,Hk,Dk], v [T,Hv,Dv], g, beta [T,Hv], state_in [Hv,Dv,Dk] float32, parent [T],
+    order [T], level_start [levels+1], state_row [T] (int32, see tree_levels and scratch_slots), n_levels (int).
+    Outputs: y, delta_out (kept for the commit) and the scratch (dead after the launch)."""
+    if Dk % 32 or Hv % Hk:
+        raise ValueError("tree_gated_delta needs Dk % 32 == 0 and Hv % Hk == 0")
+    slots = slots or node_slots(max_level_width)
+    return dict(
+        name="ddtree_tree_gated_delta",
+        source="tree_gated_delta.metal",
+        input_names=["q", "k", "v", "g", "beta", "state_in", "parent", "order", "level_start", "state_row", "n_levels"],
+        output_names=["y", "delta_out", "scratch"],
+        template=[("InT", in_dtype), ("Dk", Dk), ("Dv", Dv), ("Hk", Hk), ("Hv", Hv)],
+        grid=(32, slots, Hv * Dv),
+        threadgroup=(32, slots, 4 // slots),  # 128 threads, as mlx-lm's gated_delta kernel uses
+        output_shapes=[(T, Hv, Dv), (T, Hv, Dv), (scratch_rows, Hv, Dv, Dk)],
+        output_dtypes=[in_dtype, f32, f32],
+    )
+
+
+def tree_conv1d_launch(*, T, C, K, in_dtype) -> dict:
+    """Inputs, in order: x [T,C], conv_state [K-1,C], weight [C,K], parent [T] int32."""
+    return dict(
+        name="ddtree_tree_conv1d",
+        source="tree_conv1d.metal",
+        input_names=["x", "conv_state", "weight", "parent"],
+        output_names=["out", "windows"],
+        template=[("InT", in_dtype), ("C", C), ("K", K)],
+        grid=(C, T, 1),
+        threadgroup=(min(C, 256), 1, 1),
+        output_shapes=[(T, C), (T, K - 1, C)],
+        output_dtypes=[in_dtype, in_dtype],
+    )
+
+
+# --- dispatch --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ConvWindows:
+    """Each node's conv window (its K-1 newest inputs) as rows of `source`: the window of node a is
+    source[index[a]]. The twin gathers lazily from its input rows; the kernel writes windows outright."""
+
+    source: mx.array  # [N, C]
+    index: mx.array  # [T, K-1]
+
+    def window_at(self, node: int) -> mx.array:
+        return self.source[self.index[node]]
+
+
+def conv_by_kernel(maker: KernelMaker, x: mx.array, cached: mx.array, weight: mx.array,
+                   parents: mx.array) -> tuple[mx.array, ConvWindows]:
+    T, C = x.shape
+    K = weight.shape[1]
+    spec = tree_conv1d_launch(T=T, C=C, K=K, in_dtype=x.dtype)
+    out, windows = launch(maker, spec, [x, cached.astype(x.dtype), weight.reshape(C, K), parents])
+    return out, ConvWindows(windows.reshape(T * (K - 1), C), mx.arange(T * (K - 1)).reshape(T, K - 1))
+
+
+def delta_by_kernel(maker: KernelMaker, q, k, v, log_g, beta, state0, parents: mx.array, plan: LevelPlan,
+                    ancestors: mx.array) -> tuple[mx.array, recurrence.TreeRecurrence]:
+    T, Hk, Dk = k.shape
+    Hv, Dv = v.shape[1:]
+    spec = tree_gated_delta_launch(T=T, Hk=Hk, Hv=Hv, Dk=Dk, Dv=Dv, in_dtype=v.dtype, f32=mx.float32,
+                                   max_level_width=plan.width, scratch_rows=plan.scratch_rows)
+    y, delta, _ = launch(maker, spec, [q, k, v, mx.exp(log_g), beta, state0.astype(mx.float32), parents,
+                                       plan.order, plan.level_start, plan.slot, plan.levels])
+    return y, recurrence.delta_record(delta, k, log_g, state0, ancestors)
+
+
+def tree_conv(x: mx.array, cached: mx.array, weight: mx.array, inputs: Any) -> tuple[mx.array, ConvWindows]:
+    """x [T, C] node inputs, cached [K-1, C], weight [C, K, 1]: SiLU(depthwise conv over each node's ancestors)."""
+    maker = checked_maker("ddtree_tree_conv1d", inputs.config)
+    inputs.kernels.add("twin" if maker is None else "metal")
+    if maker is not None:
+        return conv_by_kernel(maker, x, cached, weight, inputs.parents)
+    window_index = inputs.window_index(weight.shape[1])
+    out, rows = recurrence.tree_conv(x, cached, weight, window_index)
+    return out, ConvWindows(rows, window_index[:, 1:])
+
+
+def tree_gated_delta(q, k, v, a, beta, A_log, dt_bias, state0, inputs: Any):
+    """q, k [T,Hk,Dk] normalized, v [T,Hv,Dv], a and beta [T,Hv], state0 [Hv,Dv,Dk]: y [T,Hv,Dv] and a record
+    with state_at(nodes) for the commit."""
+    log_g = recurrence.log_decay(a, A_log, dt_bias)
+    if not inputs.config.tree_aware_linear:
+        inputs.kernels.add("twin")
+        return recurrence.chain_gated_delta(q, k, v, log_g, beta, state0, inputs.tree)
+    maker = checked_maker("ddtree_tree_gated_delta", inputs.config)
+    Hk, Dk = k.shape[1:]
+    if maker is not None and Dk % 32 == 0 and v.shape[1] % Hk == 0:
+        inputs.kernels.add("metal")
+        return delta_by_kernel(maker, q, k, v, log_g, beta, state0, inputs.parents, inputs.level_plan(),
+                               inputs.ancestors)
+    inputs.kernels.add("twin")
+    return recurrence.tree_gated_delta(q, k, v, log_g, beta, state0, inputs.ancestors)

@@ -1,0 +1,2 @@
+"""Loading targets and drafters by name (the hub, a local folder, the embedded SmolLM2), and splitting a target
+across processes."""

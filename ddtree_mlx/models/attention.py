@@ -1,0 +1,125 @@
+"""Attention over [cached prefix, tree] with ancestor-only visibility inside the tree, each node rotated at its
+own position (prefix + depth). Three forms: one masked attention over a copy of the prefix and the tree's keys,
+the same split into a prefix part and a tree part merged exactly by log-sum-exp (the CPU's choice from ~1K tokens),
+and mlx-lm's quantized attention for a quantized KV cache.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models import rope_utils
+from mlx_lm.models.base import quantized_scaled_dot_product_attention
+from mlx_lm.models.cache import KVCache
+
+from ..config import DDTreeConfig
+from . import cpu_exp
+from .verify import KVCapture, TreeInputs
+
+# RoPE modules whose rotation depends only on each token's position, so rotating tree nodes at their own
+# positions is what mlx-lm's step does. Others (dynamic NTK rescales its base by the sequence length) are refused.
+POSITIONAL_ROPES = (nn.RoPE, rope_utils.Llama3RoPE, rope_utils.YarnRoPE, rope_utils.SuScaledRoPE,
+                    rope_utils.ProportionalRoPE)
+
+
+def check_rope(layers: list[Any]) -> None:
+    for layer in layers:
+        rope = getattr(getattr(layer, "self_attn", None), "rope", None)
+        if rope is not None and not isinstance(rope, POSITIONAL_ROPES):
+            raise ValueError(
+                f"unsupported RoPE {type(rope).__name__}: tree verify rotates each node at its own position, which "
+                "is only exact for position-only RoPE (default, linear, llama3, yarn, longrope); use a model config "
+                "without this rope scaling"
+            )
+
+
+def rope_at(rope: Any, x: mx.array, positions: mx.array) -> mx.array:
+    """Rotate each token at its own position: tokens go to the batch axis, where rope accepts an offset array."""
+    return rope(x.transpose(2, 1, 0, 3), offset=positions).transpose(2, 1, 0, 3)
+
+
+def tree_attention(attn: Any, queries: mx.array, keys: mx.array, values: mx.array, cache: KVCache,
+                   inputs: TreeInputs) -> tuple[mx.array, KVCapture]:
+    """queries [1, H, T, D], keys/values [1, Hkv, T, D] before RoPE. Returns attention output [1, T, H*D]."""
+    if inputs.step:  # rotated and stored as mlx-lm's step does, then attended to in place
+        queries, keys = attn.rope(queries, offset=cache.offset), attn.rope(keys, offset=cache.offset)
+        out = step_attention(queries, cache.update_and_fetch(keys, values), attn.scale)
+        return out.transpose(0, 2, 1, 3).reshape(1, 1, -1), KVCapture(keys, values)  # nothing left to commit
+    queries = rope_at(attn.rope, queries, inputs.positions)
+    keys = inputs.clock.detail("attention.proj_rope", rope_at(attn.rope, keys, inputs.positions))
+    config = inputs.config
+    if hasattr(cache, "bits"):  # a quantized KV cache: the nodes attend to keys and values as it stores them
+        out = quantized_tree_attention(queries, keys, values, cache, attn.scale, inputs.attention_mask())
+    elif splits(config, cache.offset):
+        prefix = cache.keys[..., : cache.offset, :], cache.values[..., : cache.offset, :]
+        out = split_attention(queries, prefix, (keys, values), attn.scale, inputs.ancestors)
+    else:
+        all_keys, all_values = keys, values
+        if cache.offset > 0:
+            all_keys = mx.concatenate([cache.keys[..., : cache.offset, :], keys], axis=2)
+            all_values = mx.concatenate([cache.values[..., : cache.offset, :], values], axis=2)
+        out = mx.fast.scaled_dot_product_attention(
+            queries, all_keys, all_values, scale=attn.scale, mask=inputs.attention_mask()
+        )
+    out = inputs.clock.detail("attention.sdpa", out)
+    return out.transpose(0, 2, 1, 3).reshape(1, queries.shape[2], -1), KVCapture(keys, values)
+
+
+def splits(config: DDTreeConfig, prefix: int) -> bool:
+    """Whether verify attention after `prefix` cached tokens is split (split_attention). "auto" splits on the CPU:
+    there it is faster from ~1K tokens of context (BENCHMARKS.md); on Metal it has not been measured against MLX's
+    fused attention."""
+    wanted = cpu_exp.on_cpu() if config.exact_tree_attention == "auto" else config.exact_tree_attention
+    return wanted and prefix >= config.exact_tree_attention_min_prefix
+
+
+def quantized_tree_attention(queries: mx.array, keys: mx.array, values: mx.array, cache: Any, scale: float,
+                             mask: mx.array | None) -> mx.array:
+    """mlx-lm's quantized attention over [the cached prefix, the tree's keys and values quantized per token]."""
+    def with_tree(stored, new):
+        quantized = mx.quantize(new, group_size=cache.group_size, bits=cache.bits)
+        return tuple(mx.concatenate([part[..., : cache.offset, :], q], axis=2) for part, q in zip(stored, quantized))
+
+    return quantized_scaled_dot_product_attention(queries, with_tree(cache.keys, keys), with_tree(cache.values, values),
+                                                  scale=scale, mask=mask, group_size=cache.group_size, bits=cache.bits)
+
+
+def split_attention(queries: mx.array, prefix: tuple[mx.array, mx.array], tree: tuple[mx.array, mx.array],
+                    scale: float, ancestors: mx.array) -> mx.array:
+    """Attention over [prefix, tree] as two parts merged exactly by their log-sum-exp (DDTREE_EXACT_TREE_ATTENTION).
+
+    The prefix part needs no mask and reads the cache in place, so a long context is neither copied next to the
+    tree's keys nor masked element by element; the tree part is a small T x T ancestor-masked block.
+    queries [1, H, T, D]; prefix and tree (keys, values) [1, Hkv, *, D]. Softmax in float32, as MLX's own."""
+    _, heads, length, dim = queries.shape
+    q = grouped(queries, prefix[0].shape[1], scale)
+    prefix_scores = q @ prefix[0].astype(mx.float32).swapaxes(-1, -2)  # [1, Hkv, rep*T, P]
+    tree_scores = (q @ tree[0].astype(mx.float32).swapaxes(-1, -2)).reshape(*q.shape[:2], -1, length, length)
+    tree_scores = mx.where(ancestors, tree_scores, -mx.inf).reshape(*q.shape[:2], -1, length)
+    peak = mx.maximum(prefix_scores.max(-1, keepdims=True), tree_scores.max(-1, keepdims=True))
+    exp = cpu_exp.exp if cpu_exp.on_cpu() else lambda x, shift: mx.exp(x - shift)  # MLX's CPU exp is slow
+    prefix_weights, tree_weights = exp(prefix_scores, peak), exp(tree_scores, peak)
+    total = prefix_weights.sum(-1, keepdims=True) + tree_weights.sum(-1, keepdims=True)
+    out = (prefix_weights @ prefix[1].astype(mx.float32) + tree_weights @ tree[1].astype(mx.float32)) / total
+    return out.reshape(1, heads, length, -1).astype(queries.dtype)
+
+
+def step_attention(queries: mx.array, cached: tuple[mx.array, mx.array], scale: float) -> mx.array:
+    """One token's attention over the whole cache (its own key and value already in), read in place: the prefix
+    part of split_attention alone, with as few operations as that takes (at ~14 us an operation on the CPU, a
+    second part to merge would cost a step more than the exp saves at ~1K tokens). queries [1, H, 1, D]."""
+    keys, values = cached
+    q = grouped(queries, keys.shape[1], scale)
+    scores = q @ keys.astype(mx.float32).swapaxes(-1, -2)
+    weights = cpu_exp.exp(scores, scores.max(-1, keepdims=True))
+    out = (weights @ values.astype(mx.float32)) / weights.sum(-1, keepdims=True)
+    return out.reshape(queries.shape).astype(queries.dtype)
+
+
+def grouped(queries: mx.array, kv_heads: int, scale: float) -> mx.array:
+    """Scaled float32 queries [1, H, T, D] as [1, Hkv, H / Hkv * T, D]: each key/value head's queries in one
+    product with its keys."""
+    _, heads, length, dim = queries.shape
+    return (queries.astype(mx.float32) * scale).reshape(1, kv_heads, heads // kv_heads * length, dim)

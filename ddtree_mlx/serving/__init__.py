@@ -1,0 +1,2 @@
+"""The OpenAI-compatible HTTP server: request schema, text streaming, the worker that runs the engine, the HTTP
+handler, and sharded serving."""
