@@ -21,14 +21,16 @@ def embedded_cache(tmp_path_factory):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--budget", "0", "hi"], "argument --budget: must be a whole number >= 1, got 0"),
-    (["--budget", "four", "hi"], "argument --budget: 'four' is not a whole number"),
-    (["--max-tokens", "-1", "hi"], "argument --max-tokens: must be a whole number >= 1"),
+    (["--tree-budget", "0", "hi"], "argument --tree-budget: must be a whole number >= 1, got 0"),
+    (["--budget", "four", "hi"], "argument --budget: 'four' is not a whole number"),  # the earlier spelling
+    (["--max-tokens", "-1", "hi"], "argument --max-tokens/-m: must be a whole number >= 1"),
+    (["--prefill-step-size", "0", "hi"], "argument --prefill-step-size: must be a whole number >= 1"),
     (["--method", "beam", "hi"], "argument --method: invalid choice: 'beam'"),
     (["--kv-bits", "7", "hi"], "argument --kv-bits: invalid choice: 7"),
     (["--quantized-kv-start", "-1", "hi"], "argument --quantized-kv-start: must be a whole number >= 0"),
     (["--prompt", "a", "b"], "give the prompt once"),
     ([], "a prompt is required"),
+    (["--temp", "-1", "hi"], "temperature must be a number >= 0"),
     (["--temperature", "-1", "hi"], "temperature must be a number >= 0"),
     (["--top-p", "0", "hi"], "top_p must be a number in"),
 ])
@@ -38,6 +40,22 @@ def test_bad_arguments_exit_2(capsys, argv, message):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_mlx_lm_spellings_and_the_earlier_ones_mean_the_same(capsys, caplog):
+    from ddtree_mlx.cli.main import build_parser
+
+    parse = build_parser().parse_args
+    new = parse(["generate", "-p", "hi", "--temp", "0.5", "--draft-model", "dflash", "--tree-budget", "4", "-m", "9",
+                 "--ignore-chat-template"])
+    old = parse(["generate", "--prompt", "hi", "--temperature", "0.5", "--draft", "dflash", "--budget", "4",
+                 "--max-tokens", "9", "--no-chat-template"])
+    for name in ("prompt_option", "temp", "draft_model", "tree_budget", "max_tokens", "ignore_chat_template"):
+        assert getattr(new, name) == getattr(old, name), name
+    assert "--temperature is deprecated; use --temp" in caplog.text
+    with pytest.raises(SystemExit):
+        parse(["generate", "--help"])
+    assert "deprecated spelling of --draft-model" in " ".join(capsys.readouterr().out.split())
 
 
 def test_bad_environment_exits_2(capsys, monkeypatch):
@@ -72,7 +90,7 @@ def test_version_and_ctrl_c(capsys, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    import ddtree_mlx.cli as cli
+    import ddtree_mlx.cli.main as cli
 
     monkeypatch.setattr(cli, "load", interrupted)
     assert main(["generate", "hi"]) == 130 and "interrupted" in capsys.readouterr().err

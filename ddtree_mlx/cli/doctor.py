@@ -24,8 +24,9 @@ from ..blas import blas_name
 from ..config import DDTreeConfig
 from ..engine.calibration import curve_path, read
 from ..engine.generate import generate_ddtree_once
-from ..kernels import metal as kernels
+from ..kernels import dispatch
 from ..kernels.check import check as self_check
+from ..kernels.metal import SWITCHES
 from ..loading.load import encode_prompt, load
 from ..models.registry import adapter_for
 
@@ -71,12 +72,12 @@ def versions() -> dict[str, str]:
 
 def kernel_report(config: DDTreeConfig) -> dict[str, Any]:
     """The self-check of each Metal kernel, where kernels can run; else which path runs and why."""
-    maker = kernels.kernel_maker()
+    maker = dispatch.kernel_maker()
     if maker is None:
         return {"path": "twin", "reason": "no Metal GPU as the default device: the pure-MLX twin runs",
                 "checks": [], "ok": True}
-    checks = [self_check(maker, kernel).as_dict() for kernel in kernels.SWITCHES]
-    return {"path": kernels.kernel_path(config), "checks": checks, "ok": all(c["ok"] for c in checks)}
+    checks = [self_check(maker, kernel).as_dict() for kernel in SWITCHES]
+    return {"path": dispatch.kernel_path(config), "checks": checks, "ok": all(c["ok"] for c in checks)}
 
 
 def self_test(model: str | None, draft: str | None, config: DDTreeConfig, max_tokens: int = 16) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from mlx_lm.models.base import create_ssm_mask
 from mlx_lm.models.cache import ArraysCache
 from mlx_lm.models.gated_delta import normalize_qk
 
-from ..kernels import metal as kernels
+from ..kernels import dispatch as kernels
 from .adapter import TargetAdapter
 from .attention import tree_attention
 from .verify import Capture, TreeInputs
