@@ -19,19 +19,9 @@ from ddtree_mlx.training.data import (
     read_examples,
     read_prompts,
 )
-from ddtree_mlx.training.trainer import (
-    DrafterShape,
-    Trainer,
-    TrainSettings,
-    TrainVocab,
-    block_loss,
-    block_mask,
-    block_predictions,
-    draft_hidden,
-    export,
-    held_out_sets,
-    new_drafter,
-)
+from ddtree_mlx.training.drafter import DrafterShape, TrainVocab, export, new_drafter
+from ddtree_mlx.training.objective import block_loss, block_mask, block_predictions, draft_hidden
+from ddtree_mlx.training.trainer import Trainer, TrainSettings, held_out_sets
 
 SHAPE = DrafterShape(block_size=8, layers=1, taps=2, mask_token_id=VOCAB - 1)
 

@@ -10,7 +10,7 @@ from mlx_lm.sample_utils import apply_top_p
 from tiny import OracleDrafter, greedy_reference, make_target
 
 from ddtree_mlx import generate_ddtree_once
-from ddtree_mlx.engine.generate import Session
+from ddtree_mlx.engine.session import Session
 from ddtree_mlx.tree.draft_tree import Walk
 
 PROMPT = [3, 17, 42, 9]

@@ -7,7 +7,8 @@ import sys
 
 from ..config import DDTreeConfig
 from ..loading.load import load
-from ..training.trainer import DrafterShape, TrainSettings, train_drafter
+from ..training.drafter import DrafterShape
+from ..training.trainer import TrainSettings, train_drafter
 from ..training.written_prompts import excluded_runs, write_prompts
 from .arguments import non_negative_int, positive_int
 

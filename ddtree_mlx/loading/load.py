@@ -45,7 +45,7 @@ REGISTRY = {
     "qwen3.6-35b-a3b": "z-lab/Qwen3.6-35B-A3B-DFlash",
 }
 
-# The embedded SmolLM2's drafter, trained on this project's CPU (recipe and logs: drafters/smollm2-135m/).
+# The embedded SmolLM2's drafter, trained on this project's CPU (its recipe: drafters/smollm2-135m/).
 EMBEDDED_DRAFTER = Path(__file__).parents[1] / "smollm2_drafter"
 LOOKUP = "+lookup"  # after a DFlash drafter's name in --draft: prompt lookup mixed into its drafts
 

@@ -19,7 +19,6 @@ import json
 import math
 import sys
 import time
-from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -28,35 +27,22 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from dflash_mlx.model import (
-    DFlashDraftModel,
-    DFlashDraftModelArgs,
-    build_target_layer_ids,
-)
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from ..drafting.dflash import DRAFT_VOCAB
-from ..models.adapter import TargetAdapter
-from ..models.attention import rope_at
 from ..models.registry import adapter_for
 from .data import Example, read_prompts
+from .drafter import (
+    DrafterShape,
+    TrainVocab,
+    check_shape,
+    choose_mask_token,
+    default_gamma,
+    export,
+    new_drafter,
+    start_from,
+)
+from .objective import block_loss, block_predictions, sample_anchors, usable
 from .progress import show
-
-
-@dataclass(frozen=True)
-class DrafterShape:
-    """The drafter's architecture; the rest (width, heads, vocabulary) comes from the target's args."""
-
-    block_size: int = 16
-    layers: int = 1
-    taps: int = 5
-    mask_token_id: int = 0
-
-    def __post_init__(self) -> None:
-        if self.block_size < 2:
-            raise ValueError(f"block_size {self.block_size} leaves no draft positions; use 2 or more (8 or 16)")
-        if self.layers < 1 or self.taps < 1:
-            raise ValueError("a drafter needs layers >= 1 and taps >= 1")
 
 
 @dataclass(frozen=True)
@@ -87,169 +73,6 @@ class TrainSettings:
         if self.vocab_size and self.vocab != "data":
             raise ValueError(f"vocab_size {self.vocab_size} caps vocab 'data' (--vocab data); the full vocabulary "
                              "has no size to choose")
-
-
-def default_gamma(block_size: int) -> float:
-    return 7.0 if block_size >= 16 else 4.0 if block_size >= 8 else block_size / 2
-
-
-def check_shape(target: TargetAdapter, shape: DrafterShape) -> None:
-    """What depends on the target fails here, before any training."""
-    if shape.taps > len(target.layers):
-        raise ValueError(f"taps {shape.taps} > the target's {len(target.layers)} layers; tap fewer layers")
-    if not 0 <= shape.mask_token_id < target.vocab_size:
-        raise ValueError(f"mask_token_id {shape.mask_token_id} is outside the target vocabulary "
-                         f"[0, {target.vocab_size})")
-
-
-def new_drafter(target: TargetAdapter, shape: DrafterShape, seed: int = 0) -> DFlashDraftModel:
-    """A freshly initialised drafter of the target's width, float32."""
-    check_shape(target, shape)
-    args = target.args
-    heads = args.num_attention_heads
-    draft_args = DFlashDraftModelArgs(
-        model_type="qwen3", hidden_size=args.hidden_size, num_hidden_layers=shape.layers,
-        intermediate_size=args.intermediate_size, num_attention_heads=heads, rms_norm_eps=args.rms_norm_eps,
-        vocab_size=target.vocab_size, num_key_value_heads=args.num_key_value_heads,
-        max_position_embeddings=getattr(args, "max_position_embeddings", None) or 32768,
-        rope_theta=getattr(args, "rope_theta", None) or 10000.0,
-        head_dim=getattr(args, "head_dim", None) or args.hidden_size // heads, tie_word_embeddings=False,
-        num_target_layers=len(target.layers), block_size=shape.block_size,
-        dflash_config={"target_layer_ids": sorted(set(build_target_layer_ids(len(target.layers), shape.taps))),
-                       "mask_token_id": shape.mask_token_id},
-    )
-    mx.random.seed(seed)
-    model = DFlashDraftModel(draft_args)
-    mx.eval(model.parameters())
-    return model
-
-
-def choose_mask_token(tokenizer: Any, examples: list[Example]) -> int:
-    """The tokenizer's mask token, or else (SmolLM2 has none) the highest special or added token id that is no
-    stop token and never occurs in the training data (SmolLM2: 16, `<empty_output>`): its frozen embedding is a
-    fixed vector the drafter learns to read as "to be predicted"."""
-    if getattr(tokenizer, "mask_token_id", None) is not None:
-        return int(tokenizer.mask_token_id)
-    special = set(getattr(tokenizer, "all_special_ids", [])) | set(tokenizer.get_added_vocab().values())
-    seen = {t for example in examples for t in example.prompt + example.answer}
-    unused = sorted(special - seen - set(getattr(tokenizer, "eos_token_ids", None) or []))
-    if not unused:
-        raise ValueError("the tokenizer has no mask token and every special token occurs in the data; pass "
-                         "mask_token_id explicitly (an id the target never emits)")
-    return unused[-1]
-
-
-@dataclass(frozen=True)
-class TrainVocab:
-    """Part of the vocabulary for the training softmax: the LM head's rows for `ids` and each token's index among
-    them (labels are remapped through it)."""
-
-    ids: list[int]
-    rows: mx.array  # [k, hidden] float32, frozen
-    index: mx.array  # [V] int32, -1 for ids outside
-
-    @classmethod
-    def of(cls, target: TargetAdapter, examples: list[Example], size: int = 0) -> TrainVocab:
-        if size:  # ranked over answer tokens, the only labels (uncapped, prompt tokens stay: the shipped recipe)
-            counts = Counter(t for e in examples for t in e.answer)
-            ids = sorted(t for t, _ in counts.most_common(size))
-        else:
-            ids = sorted({t for e in examples for t in e.prompt + e.answer})
-        index = np.full(target.vocab_size, -1, np.int32)
-        index[ids] = np.arange(len(ids), dtype=np.int32)
-        rows = target.head_rows(mx.array(ids)).astype(mx.float32)
-        mx.eval(rows)
-        return cls(ids, rows, mx.array(index))
-
-
-# --- one training forward ---------------------------------------------------------------------------------------
-
-
-def block_mask(anchors: mx.array, block_size: int, context: int) -> mx.array:
-    """[A*B, context + A*B] bool: block j's queries see the context before its anchor and their own block."""
-    blocks = mx.repeat(mx.arange(anchors.shape[0]), block_size)  # block of each query
-    sees_context = mx.arange(context)[None, :] < anchors[blocks][:, None]
-    same_block = blocks[:, None] == blocks[None, :]
-    return mx.concatenate([sees_context, same_block], axis=1)
-
-
-def _attend(attn: Any, x: mx.array, context: mx.array, positions: mx.array, mask: mx.array) -> mx.array:
-    """dflash-mlx's DFlashAttention, with every block at its own positions and the block-sparse mask."""
-    def heads(proj, source, count):
-        return proj(source).reshape(1, source.shape[1], count, -1).transpose(0, 2, 1, 3)
-
-    queries = rope_at(attn.rope, attn.q_norm(heads(attn.q_proj, x, attn.n_heads)), positions)
-    keys = mx.concatenate([attn.rope(attn.k_norm(heads(attn.k_proj, context, attn.n_kv_heads))),
-                           rope_at(attn.rope, attn.k_norm(heads(attn.k_proj, x, attn.n_kv_heads)), positions)], 2)
-    values = mx.concatenate([heads(attn.v_proj, context, attn.n_kv_heads), heads(attn.v_proj, x, attn.n_kv_heads)], 2)
-    out = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=attn.scale, mask=mask)
-    return attn.o_proj(out.transpose(0, 2, 1, 3).reshape(1, x.shape[1], -1))
-
-
-def draft_hidden(drafter: DFlashDraftModel, target: TargetAdapter, tokens: mx.array, hidden: mx.array,
-                 anchors: mx.array) -> mx.array:
-    """The drafter's final hidden states [A, B, D] for blocks at `anchors` of one sequence (tokens [n], tapped
-    target hidden states [n, F]): what DFlashDraftModel computes for each block alone, all blocks at once."""
-    size = drafter.block_size
-    offsets = mx.arange(size)
-    block = mx.where(offsets[None] == 0, tokens[anchors][:, None], drafter.mask_token_id).reshape(1, -1)
-    x = target.embed(block).astype(mx.float32) * drafter.embed_scale
-    context = drafter.project_target_hidden(hidden.astype(mx.float32)[None])
-    positions = (anchors[:, None] + offsets[None]).reshape(-1)
-    mask = block_mask(anchors, size, tokens.shape[0])
-    for layer in drafter.layers:
-        x = x + _attend(layer.self_attn, layer.input_layernorm(x), context, positions, mask)
-        x = x + layer.mlp(layer.post_attention_layernorm(x))
-    return drafter.norm(x).reshape(anchors.shape[0], size, -1)
-
-
-def block_predictions(drafter: DFlashDraftModel, target: TargetAdapter, tokens: mx.array, hidden: mx.array,
-                      anchors: mx.array, vocab: TrainVocab | None = None) -> tuple[mx.array, mx.array, mx.array]:
-    """Logits [A, B-1, V] for block positions 1..B-1 (over `vocab` only, with labels as indices into it, when
-    given), their labels, and which labels count: inside the sequence (and inside `vocab`)."""
-    size = drafter.block_size
-    h = draft_hidden(drafter, target, tokens, hidden, anchors)[:, 1:]
-    label_at = anchors[:, None] + mx.arange(1, size)[None]
-    valid = label_at < tokens.shape[0]
-    labels = tokens[mx.minimum(label_at, tokens.shape[0] - 1)]
-    if vocab is not None:
-        index = vocab.index[labels]  # -1: a token the drafter will never propose, so nothing to learn there
-        return h @ vocab.rows.T, mx.maximum(index, 0), valid & (index >= 0)
-    return target.lm_head(h).astype(mx.float32), labels, valid
-
-
-def block_loss(drafter: DFlashDraftModel, target: TargetAdapter, tokens: mx.array, hidden: mx.array,
-               anchors: mx.array, gamma: float, vocab: TrainVocab | None = None) -> tuple[mx.array, mx.array, mx.array]:
-    """Weighted cross-entropy over block positions 1..B-1 whose label lies inside the sequence, and the correct /
-    counted predictions per position (for per-position accuracy)."""
-    logits, labels, valid = block_predictions(drafter, target, tokens, hidden, anchors, vocab)
-    weights = mx.exp(-mx.arange(drafter.block_size - 1) / gamma)[None] * valid
-    loss = (nn.losses.cross_entropy(logits, labels) * weights).sum() / weights.sum()
-    correct = ((mx.argmax(logits, axis=-1) == labels) & valid).sum(axis=0)
-    return loss, correct, valid.sum(axis=0)
-
-
-def sample_anchors(rng: np.random.Generator, prompt_len: int, length: int, count: int) -> mx.array:
-    """Anchors whose next token is an answer token: from the last prompt token to the second-to-last token."""
-    choices = np.arange(max(prompt_len - 1, 0), length - 1)
-    picked = rng.choice(choices, size=min(count, len(choices)), replace=False)
-    return mx.array(np.sort(picked).astype(np.int32))
-
-
-# --- the loop -----------------------------------------------------------------------------------------------------
-
-
-def usable(examples: list[Example], max_len: int, vocab_size: int) -> list[Example]:
-    """The examples with an answer inside max_len; token ids must fit the target (data made for another model
-    would otherwise train on garbage)."""
-    bad = next((e.id for e in examples if any(not 0 <= t < vocab_size for t in e.prompt + e.answer)), None)
-    if bad is not None:
-        raise ValueError(f"example {bad!r} has token ids outside the target vocabulary [0, {vocab_size}); "
-                         "regenerate the data with this target")
-    kept = [e for e in examples if e.answer and len(e.prompt) + 1 < max_len]
-    if not kept:
-        raise ValueError("no example has an answer within max_len tokens; regenerate the data or raise max_len")
-    return kept
 
 
 class Trainer:
@@ -394,55 +217,12 @@ class Trainer:
                 "accuracy": (correct / np.maximum(counted, 1)).round(4).tolist()}
 
 
-def start_from(drafter: DFlashDraftModel, exported: Path) -> None:
-    """Initialise from an exported drafter of the same shape (a z-lab checkpoint or an earlier run's export): the
-    run then fine-tunes it. A checkpoint in out_dir, when there is one, still wins (resume)."""
-    config_file = exported / "config.json"
-    if not config_file.exists():
-        raise ValueError(f"--init {exported}: no config.json there; give a drafter directory (an export)")
-    config = json.loads(config_file.read_text())
-    mine = {"block_size": drafter.block_size, "num_hidden_layers": len(drafter.layers),
-            "hidden_size": drafter.args.hidden_size, "dflash_config": drafter.args.dflash_config}
-    theirs = {key: config.get(key) for key in mine}
-    if theirs != mine:
-        raise ValueError(f"--init {exported} has shape {theirs}, this run {mine}; pass matching --block-size, "
-                         "--layers, --taps and --mask-token-id")
-    weights = mx.load(str(exported / "model.safetensors"))
-    drafter.load_weights([(name, value.astype(mx.float32)) for name, value in weights.items()])
-    mx.eval(drafter.parameters())
-
-
 def tree_map_add(a: Any, b: Any) -> Any:
     return tree_map(lambda x, y: x + y, a, b)
 
 
 def tree_scale(a: Any, factor: float) -> Any:
     return tree_map(lambda x: x * factor, a)
-
-
-# --- export -------------------------------------------------------------------------------------------------------
-
-
-def export(drafter: DFlashDraftModel, out_dir: str | Path, dtype: mx.Dtype = mx.bfloat16,
-           vocab: list[int] | None = None) -> Path:
-    """z-lab's checkpoint layout: config.json (with block_size, num_target_layers and
-    dflash_config: {target_layer_ids, mask_token_id}) and model.safetensors, loadable by dflash-mlx's
-    DFlashDraftModel and by ddtree_mlx.load(..., draft=out_dir). `vocab` (trained with --vocab data): the ids it
-    was trained to propose, in draft_vocab.json beside them (other loaders ignore the file)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if vocab is not None:
-        (out / DRAFT_VOCAB).write_text(json.dumps({"token_ids": sorted(vocab)}))
-    config = {key: value for key, value in asdict(drafter.args).items() if key not in ("layer_types",)}
-    config["architectures"] = ["DFlashDraftModel"]
-    config["torch_dtype"] = {mx.bfloat16: "bfloat16", mx.float16: "float16"}.get(dtype, "float32")
-    (out / "config.json").write_text(json.dumps(config, indent=1))
-    weights = {name: value.astype(dtype) for name, value in tree_flatten(drafter.parameters())}
-    mx.save_safetensors(str(out / "model.safetensors"), weights)
-    return out
-
-
-# --- the whole job ------------------------------------------------------------------------------------------------
 
 
 def train_drafter(model: str | None, prompts_file: str | Path, out_dir: str | Path, *, shape: DrafterShape,
