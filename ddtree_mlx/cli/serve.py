@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import logging
 
 import mlx.core as mx
 
 from ..config import parse_bytes
 from ..engine.ranks import silence_other_ranks
+from ..engine.sampling import SamplingParams
 from ..loading.load import load, stop_token_ids
-from ..serving.http import MAX_BODY_BYTES, MAX_QUEUE, READ_TIMEOUT, Engine, _Server
-from .arguments import add_engine_arguments, deprecated, engine_config, kv_options
+from ..serving.generation import DEFAULT_MAX_TOKENS, Engine
+from ..serving.http import MAX_BODY_BYTES, READ_TIMEOUT, Server
+from ..serving.worker import MAX_QUEUE
+from .arguments import add_engine_arguments, deprecated, engine_config, kv_options, positive_int
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 def cache_size(text: str) -> int:
@@ -34,23 +40,35 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"requests that may wait for the model; more get 503 + Retry-After (default {MAX_QUEUE})")
     parser.add_argument("--read-timeout", type=float, default=READ_TIMEOUT,
                         help=f"seconds a client may take to send its request, else HTTP 408 (default {READ_TIMEOUT})")
+    # A request's own temperature, top_p, top_k or max_tokens wins over these (mlx-lm's server options).
+    parser.add_argument("--temp", type=float, default=0.0,
+                        help="default sampling temperature; 0 is greedy (default: 0)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="default nucleus sampling mass (default: 1, off)")
+    parser.add_argument("--top-k", type=int, default=0, help="default top-k sampling (default: 0, off)")
+    parser.add_argument("--max-tokens", type=positive_int, default=DEFAULT_MAX_TOKENS,
+                        help=f"default tokens to generate, within the context (default: {DEFAULT_MAX_TOKENS})")
+    parser.add_argument("--log-level", choices=LOG_LEVELS, default="INFO",
+                        help="the server's log level; INFO logs every request (default: INFO)")
 
 
 def run_server(args: argparse.Namespace) -> None:
     """Serve on rank 0; sharded (under mlx.launch), the other ranks follow its requests and serve nothing."""
     if args.max_body_bytes < 1 or not args.read_timeout > 0 or args.max_queue < 0:
         raise ValueError("--max-body-bytes and --read-timeout must be positive, --max-queue >= 0")
+    logging.getLogger("ddtree_mlx").setLevel(args.log_level)
     config = engine_config(args)
+    sampling = dict(temperature=args.temp, top_p=args.top_p, top_k=args.top_k)
+    SamplingParams(**sampling)  # checked before the model loads, so a typo fails at once
     rank = mx.distributed.init().rank() if args.sharding else 0
     server = None
     if rank == 0:
-        server = _Server((args.host, args.port), max_body_bytes=args.max_body_bytes, read_timeout=args.read_timeout)
+        server = Server((args.host, args.port), max_body_bytes=args.max_body_bytes, read_timeout=args.read_timeout)
     target_model, tokenizer, drafter = load(args.model, args.draft_model, config=config,
                                             sharding=args.sharding)  # the port is ours first
     # stop_token_ids reads generation_config.json when --model is a local directory.
     engine = Engine(target_model, tokenizer, drafter, model_name=args.model or "ddtree", method=args.method,
                     config=config, stop_token_ids=stop_token_ids(tokenizer, args.model), kv=kv_options(args),
-                    max_queue=args.max_queue)
+                    max_queue=args.max_queue, max_tokens=args.max_tokens, sampling=sampling)
     if server is None:
         silence_other_ranks()
         engine.follow()

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass
 from functools import cached_property
@@ -38,8 +38,10 @@ from ..models.adapter import TargetAdapter
 from ..tree.draft_tree import DraftTree
 from .ranks import broadcast
 
-# Nodes, root included (DDTREE_MAX_TREE_BUDGET's default of 32 draft nodes and the root): dense where trees are small,
-# and either side of the row blocks BLAS kernels work in.
+log = logging.getLogger(__name__)
+
+# Nodes, root included (DDTREE_MAX_TREE_BUDGET's default of 32 draft nodes and the root): dense where trees are
+# small, and either side of the row blocks BLAS kernels work in.
 SIZES = (1, 2, 3, 4, 5, 8, 9, 16, 17, 32, 33)
 PROMPT_TOKENS = 32  # the grid's context
 LONG_SIZES = (1, 2, 9)  # measured again after LONG_CONTEXT tokens (or the nearest sizes trees are verified as)
@@ -252,13 +254,11 @@ def verify_costs(target: TargetAdapter, config: DDTreeConfig = DDTreeConfig()) -
         return costs
     costs = read(path)
     if costs is None:
-        print("ddtree-mlx: measuring verify cost per tree size on this machine (once per model; cached)",
-              file=sys.stderr, flush=True)
+        log.info("measuring verify cost per tree size on this machine (once per model; cached)")
         costs = measure(target, config)
         if not steady(costs):
-            print("ddtree-mlx: the machine was busy while measuring (a tree verified faster than a plain step); "
-                  "using the curve for this process only: it is measured again next time", file=sys.stderr,
-                  flush=True)
+            log.warning("the machine was busy while measuring (a tree verified faster than a plain step); using the "
+                        "curve for this process only: it is measured again next time")
             _MEMORY[key] = costs
             return costs
         path.parent.mkdir(parents=True, exist_ok=True)

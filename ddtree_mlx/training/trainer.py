@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -44,6 +44,7 @@ from .drafter import (
 from .objective import block_loss, block_predictions, sample_anchors, usable
 from .progress import show
 
+log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TrainSettings:
@@ -257,7 +258,7 @@ def train_drafter(model: str | None, prompts_file: str | Path, out_dir: str | Pa
     trainer.train(max_steps=max_steps, progress=progress)
     for name, rows in held_out.items():
         row = trainer.evaluate(read_answers(out / "eval_answers.jsonl", rows), name=name)
-        print(f"held-out acceptance per position, {name}: {row['acceptance']}", file=sys.stderr)
+        log.info("held-out acceptance per position, %s: %s", name, row["acceptance"])
     if (out / "train" / "log.jsonl").exists():
         plot_curve(out / "train" / "log.jsonl", out / "curve.png")
     return export(trainer.drafter, out / "drafter", vocab=trainer.vocab.ids if trainer.vocab else None)

@@ -1,0 +1,167 @@
+"""The engine behind the server: a request in, `Piece`s of text out, each generation run by `stream_generate` on
+the one model thread. Sharded across processes, rank 0's engine tells the others what to run (sharded.py)."""
+
+from __future__ import annotations
+
+import os
+import time
+from contextlib import closing
+from dataclasses import dataclass
+from typing import Any, Iterator, Mapping, Sequence
+
+from ..blas import blas_name
+from ..config import DDTreeConfig
+from ..engine import calibration
+from ..engine.generate import DecodeStep, GenerationStats, stream_generate
+from ..engine.prompt_cache import PromptCache
+from ..engine.sampling import SamplingParams
+from ..kernels.dispatch import kernel_path
+from ..loading.load import encode_prompt
+from ..models.kv_quantization import KVQuantization
+from ..models.registry import adapter_for
+from .schema import BadRequest, Request
+from .sharded import lockstep, share
+from .text import TextStream
+from .worker import MAX_QUEUE, Worker
+
+DEFAULT_MAX_TOKENS = 256
+
+
+@dataclass
+class Piece:
+    """New text from one committed step; the last piece has a finish_reason and the usage and ddtree fields."""
+
+    text: str
+    finish_reason: str | None = None
+    final: dict[str, Any] | None = None
+
+
+class Engine:
+    """The model, its tokenizer and drafter, and the settings every request runs with. `max_tokens` and `sampling`
+    (temperature, top_p, top_k) are the server's defaults for a request that leaves them out."""
+
+    def __init__(self, target_model: Any, tokenizer: Any, drafter: Any, *, model_name: str, method: str,
+                 config: DDTreeConfig, stop_token_ids: Sequence[int] | None, kv: Mapping[str, Any] | None = None,
+                 max_queue: int = MAX_QUEUE, max_tokens: int = DEFAULT_MAX_TOKENS,
+                 sampling: Mapping[str, Any] | None = None):
+        self.target_model, self.tokenizer, self.drafter = target_model, tokenizer, drafter
+        self.model_name, self.method, self.config, self.stop_token_ids = model_name, method, config, stop_token_ids
+        self.max_tokens, self.sampling = max_tokens, dict(sampling or {})
+        SamplingParams(**self.sampling)  # a bad default fails at start, not in every request
+        self.prompt_cache = PromptCache(config.prompt_cache_bytes) if config.prompt_cache_bytes else None
+        self.kv = dict(kv or {})  # kv_bits, kv_group_size, quantized_kv_start for every request
+        self.target = adapter_for(target_model)  # sizes and layer kinds, built once (not per request)
+        KVQuantization(*self.kv.values()).check(self.target.head_dim)  # fails at start, not per request
+        if method == "ddtree" and config.tree_budget == "auto":
+            calibration.verify_costs(self.target, config)  # measured once per model and machine, before any request
+        self.group = self.target.group  # sharded: rank 0 serves, the others follow (sharded.py)
+        self.created = int(time.time())
+        self.worker = Worker(max_queue, on_stop=self.release)
+
+    def generate(self, request: Request) -> Iterator[Piece]:
+        return self.worker.stream(lambda: self._pieces(request))
+
+    def health(self) -> dict[str, Any]:
+        """What a hybrid target's tree recurrence runs as here ("metal" once the kernels passed their self-check,
+        else "twin"; "none" for other targets) and which BLAS the CPU uses."""
+        target = self.target
+        hybrid = any(target.mixer_kind(layer) == "linear" for layer in target.layers)
+        return {"status": "ok", "kernels": kernel_path(self.config) if hybrid else "none",
+                "blas": blas_name(), "prompt_cache": self.prompt_cache.stats() if self.prompt_cache else None}
+
+    def release(self) -> None:
+        """Sharded: the server stopped; the other ranks, waiting for its next job, may stop too."""
+        if self.group is not None:
+            share(self.group, None)
+
+    def follow(self) -> None:
+        """Sharded, on every rank but 0: run each generation rank 0 runs, until its server stops."""
+        while (job := share(self.group)) is not None:
+            try:
+                for _ in self._steps(job):
+                    pass
+            except ValueError:  # refused before any model work, as on rank 0
+                continue
+
+    def _prompt_tokens(self, request: Request) -> list[int]:
+        """The one encoder the CLI and benchmark use too (loading.encode_prompt)."""
+        try:
+            return encode_prompt(self.tokenizer, request.prompt, chat=request.kind == "chat")
+        except ValueError as error:
+            raise BadRequest(str(error), "messages" if request.kind == "chat" else "prompt") from None
+
+    def _checkpoints(self, request: Request, prompt: list[int]) -> list[int]:
+        """Where a chat's system message and its earlier turns end in the prompt: later requests that share only
+        that much (another user turn on the same system prompt) still hit the prompt cache on hybrid targets."""
+        if request.kind != "chat" or self.prompt_cache is None:
+            return []
+        messages = request.prompt
+        heads = [messages[:1]] if messages[0]["role"] == "system" and len(messages) > 1 else []
+        heads += [messages[:-1]] if len(messages) > 2 else []
+        ends = set()
+        for head in heads:
+            rendered = encode_prompt(self.tokenizer, head, add_generation_prompt=False)
+            shared = min(len(rendered), len(prompt))
+            ends.add(next((i for i, (a, b) in enumerate(zip(rendered, prompt)) if a != b), shared))
+        return sorted(ends)
+
+    def _max_tokens(self, request: Request, prompt: list[int]) -> int:
+        """The client's max_tokens, refused if the context cannot hold it; else the default, within the context."""
+        context = self.target.context_length
+        room = context - len(prompt) if context else None
+        wanted = request.max_tokens or self.max_tokens
+        if room is not None and (room <= 0 or (request.max_tokens is not None and wanted > room)):
+            raise BadRequest(f"the model's context is {context} tokens; the prompt has {len(prompt)} and max_tokens "
+                             f"asks for {wanted}: shorten the prompt or ask for at most {max(room, 0)} tokens",
+                             "max_tokens" if room > 0 else "messages" if request.kind == "chat" else "prompt",
+                             code="context_length_exceeded")
+        return wanted if room is None else min(wanted, room)
+
+    def _job(self, request: Request) -> dict[str, Any]:
+        """What every rank needs to run the request's generation (sharded, rank 0 sends it to the others)."""
+        prompt = self._prompt_tokens(request)
+        job = {"prompt": prompt, "max_new_tokens": self._max_tokens(request, prompt),
+               "checkpoints": self._checkpoints(request, prompt), "sampling": {**self.sampling, **request.sampling}}
+        if self.group is not None:
+            # Every rank draws the same tokens: an unseeded request gets rank 0's seed.
+            if job["sampling"].get("seed") is None:
+                job["sampling"]["seed"] = int.from_bytes(os.urandom(4), "little")
+            share(self.group, job)
+        return job
+
+    def _steps(self, job: dict[str, Any]) -> Iterator[DecodeStep]:
+        steps = stream_generate(
+            target_model=self.target_model, draft_model=self.drafter, tokenizer=self.tokenizer,
+            prompt_tokens=job["prompt"], max_new_tokens=job["max_new_tokens"], config=self.config,
+            stop_token_ids=self.stop_token_ids, method=self.method, prompt_cache=self.prompt_cache,
+            prompt_checkpoints=job["checkpoints"], **job["sampling"], **self.kv,
+        )
+        return steps if self.group is None else lockstep(steps, self.group)
+
+    def _pieces(self, request: Request) -> Iterator[Piece]:
+        job = self._job(request)
+        text = TextStream(self.tokenizer, request.stop)
+        generated = 0
+        # Closing the steps early (a stop string matched) ends the generation, on every rank when sharded.
+        with closing(self._steps(job)) as steps:
+            for step in steps:
+                generated += len(step.tokens)
+                # A "stop" step ends with the stop token, which is not part of the text.
+                piece = text.add(step.tokens[:-1] if step.finish_reason == "stop" else step.tokens)
+                if step.finish_reason is None and not text.stopped:
+                    yield Piece(piece)
+                    continue
+                piece += text.finish()
+                completion = text.tokens if text.stopped else generated
+                prompt = len(job["prompt"])
+                usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+                final = {"usage": usage, "ddtree": _stats(step.stats, generated)}
+                yield Piece(piece, "stop" if text.stopped else step.finish_reason, final)
+                return
+
+
+def _stats(stats: GenerationStats, generated: int) -> dict[str, Any]:
+    summary = stats.summary(generated)
+    keys = ("tokens_per_second", "cycles", "avg_acceptance", "fast_path_ratio", "prefill_seconds",
+            "reused_prompt_tokens")
+    return {key: summary[key] for key in keys}
