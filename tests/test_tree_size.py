@@ -5,17 +5,11 @@ import numpy as np
 import pytest
 from test_tree import all_prefixes, random_candidates
 
+from ddtree_mlx.engine import acceptance
 from ddtree_mlx.engine import sizing as tree_size
+from ddtree_mlx.engine.acceptance import CLAIM_WORTH, MEMORY, Acceptance
 from ddtree_mlx.engine.calibration import VerifyCosts
-from ddtree_mlx.engine.sizing import (
-    CLAIM_WORTH,
-    MEMORY,
-    PROBE_BACKOFF,
-    PROBE_EVERY,
-    PROBE_SHARE,
-    Acceptance,
-    TreeSizer,
-)
+from ddtree_mlx.engine.sizing import PROBE_BACKOFF, PROBE_EVERY, PROBE_SHARE, TreeSizer
 from ddtree_mlx.tree.build import Candidates, build_tree
 from ddtree_mlx.tree.draft_tree import DraftTree
 
@@ -50,7 +44,7 @@ def test_the_chosen_size_is_the_best_tree_over_every_tree(seed):
 
 
 def test_unlikely_nodes_are_cut_and_free_ones_kept(monkeypatch):
-    monkeypatch.setattr(tree_size, "CLAIM_WORTH", 1.0)  # the drafter's word as it is
+    monkeypatch.setattr(acceptance, "CLAIM_WORTH", 1.0)  # the drafter's word as it is
     flat = Candidates(np.arange(12).reshape(3, 4), np.full((3, 4), np.log(1 / 5000)))
     dear = TreeSizer(VerifyCosts((1, 2), (0.01, 0.02)), cap=8)
     assert len(dear.size(build_tree(dear.acceptance.calibrate(flat), 0, 8), SHORT)) == 1  # a plain step
@@ -449,8 +443,8 @@ def test_a_tree_verified_in_part_teaches_what_its_sized_out_nodes_were_worth():
     reference = Acceptance()
     learn(reference, candidates, full, full.path_to(full.children[full.children[full.children[0][5]][7]][10]))
     late = np.array([1.0] * 3 + [0.0])[:, None]  # depth 4 was decided a cycle later: faded once less
-    for counts, memory in (("hits", MEMORY), ("trials", MEMORY), ("recent_hits", tree_size.RECENT_MEMORY),
-                           ("recent_trials", tree_size.RECENT_MEMORY)):
+    for counts, memory in (("hits", MEMORY), ("trials", MEMORY), ("recent_hits", acceptance.RECENT_MEMORY),
+                           ("recent_trials", acceptance.RECENT_MEMORY)):
         expected = getattr(reference, counts) * (memory * late + 1 - late)
         assert getattr(sizer.acceptance, counts) == pytest.approx(expected)
     assert reference.trials.sum(1).tolist() == [2, 2, 2, 1] and reference.hits.sum(1).tolist() == [1, 1, 1, 0]
