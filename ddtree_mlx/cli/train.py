@@ -60,7 +60,7 @@ def run_train_drafter(args: argparse.Namespace) -> int:
                         mask_token_id=args.mask_token_id, max_prompts=args.max_prompts,
                         answer_tokens=args.answer_tokens, gen_batch=args.gen_batch, temperature=args.temperature,
                         max_steps=args.max_steps, eval_prompts=args.eval_prompts, eval_count=args.eval_count,
-                        init=args.init, answers_only=args.answers_only)
+                        init=args.init, answers_only=args.answers_only, config=DDTreeConfig.from_env())
     if args.answers_only:
         print(f"answers: {out} (rerun without --answers-only to train on them)", file=sys.stderr)
     else:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import mlx.core as mx
 from dflash_mlx.model import (
@@ -15,11 +15,8 @@ from dflash_mlx.model import (
 )
 
 from ..config import DDTreeConfig
+from ..models.adapter import TargetAdapter
 from ..tree.build import Candidates, top_candidates
-
-if TYPE_CHECKING:
-    from ..models.adapter import TargetAdapter
-
 
 SINK = 64  # a drafter reading a window of the context keeps its first tokens too (attention sinks), as dflash-mlx does
 

@@ -3,15 +3,13 @@ it drives the engine down deep, off-first-rank paths independently of any traine
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import mlx.core as mx
 import numpy as np
 
+from ..models.adapter import TargetAdapter
 from ..tree.build import Candidates, top_candidates
-
-if TYPE_CHECKING:
-    from ..models.adapter import TargetAdapter
 
 
 class ScriptedDrafter:

@@ -20,15 +20,13 @@ vocabulary.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Protocol, Sequence
+from typing import Any, Protocol, Sequence
 
 import mlx.core as mx
 from dflash_mlx.model import DFlashDraftModel
 
+from ..models.adapter import TargetAdapter
 from .dflash import DFlashDrafter
-
-if TYPE_CHECKING:
-    from ..models.adapter import TargetAdapter
 
 
 class Drafter(Protocol):

@@ -29,8 +29,10 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
+from ..config import DDTreeConfig
+from ..loading.load import load
 from ..models.registry import adapter_for
-from .data import Example, read_prompts
+from .data import Example, read_answers, read_prompts, regenerate
 from .drafter import (
     DrafterShape,
     TrainVocab,
@@ -231,17 +233,15 @@ def train_drafter(model: str | None, prompts_file: str | Path, out_dir: str | Pa
                   max_prompts: int | None = None, answer_tokens: int = 256, gen_batch: int = 32,
                   temperature: float = 0.0, max_steps: int | None = None, eval_prompts: Sequence[str | Path] = (),
                   eval_count: int = 40, init: str | Path | None = None, answers_only: bool = False,
-                  progress: bool = True) -> Path:
+                  progress: bool = True, config: DDTreeConfig | None = None) -> Path:
     """Regenerate answers (out_dir/answers.jsonl), train (out_dir/train/), evaluate on each held-out prompt file
     (out_dir/train/eval.jsonl, a row per file named by its stem), export (out_dir/drafter/) and plot the curve
     (out_dir/curve.png); returns the export, or with `answers_only` the answers file once they are all there.
-    Every stage resumes: run the same command again after an interrupt; `max_steps=0` only evaluates and exports."""
-    from ..loading.load import load
-    from .data import read_answers, regenerate
-
+    Every stage resumes: run the same command again after an interrupt; `max_steps=0` only evaluates and exports.
+    `config`: where the embedded model is converted (DDTreeConfig.cache_dir); default the environment's."""
     prompts = read_prompts(prompts_file)[:max_prompts]  # bad data fails before the model loads
     held_out = held_out_sets(eval_prompts, eval_count)
-    target, tokenizer, _ = load(model, "prompt-lookup")
+    target, tokenizer, _ = load(model, "prompt-lookup", config=config)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     everything = [row for rows in held_out.values() for row in rows]
