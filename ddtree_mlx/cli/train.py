@@ -64,7 +64,7 @@ def run_train_drafter(args: argparse.Namespace) -> int:
     if args.answers_only:
         print(f"answers: {out} (rerun without --answers-only to train on them)", file=sys.stderr)
     else:
-        print(f"drafter: {out} (use it with --draft {out})", file=sys.stderr)
+        print(f"drafter: {out} (use it with --draft-model {out})", file=sys.stderr)
     return 0
 
 
