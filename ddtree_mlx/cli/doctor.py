@@ -25,10 +25,11 @@ from ..config import DDTreeConfig
 from ..engine.calibration import curve_path, read
 from ..engine.generate import generate_ddtree_once
 from ..kernels import dispatch
-from ..kernels.check import check as self_check
-from ..kernels.metal import SWITCHES
+from ..kernels.check import DEFAULT_SHAPES
+from ..kernels.guard import GUARD
 from ..loading.load import encode_prompt, load
 from ..models.registry import adapter_for
+from .hybrid_check import hybrid_self_test
 
 PROMPTS = ("Explain in two sentences why the sky is blue.",
            "Write a Python function that returns the n-th Fibonacci number.")
@@ -71,13 +72,15 @@ def versions() -> dict[str, str]:
 
 
 def kernel_report(config: DDTreeConfig) -> dict[str, Any]:
-    """The self-check of each Metal kernel, where kernels can run; else which path runs and why."""
-    maker = dispatch.kernel_maker()
-    if maker is None:
+    """Every Metal kernel variant checked in this process (the hybrid self-test's and small shapes of each head
+    layout and dtype), where kernels can run; else which path runs and why."""
+    if dispatch.kernel_maker() is None:
         return {"path": "twin", "reason": "no Metal GPU as the default device: the pure-MLX twin runs",
-                "checks": [], "ok": True}
-    checks = [self_check(maker, kernel).as_dict() for kernel in SWITCHES]
-    return {"path": dispatch.kernel_path(config), "checks": checks, "ok": all(c["ok"] for c in checks)}
+                "variants": [], "ok": True}
+    dispatch.prepare(DEFAULT_SHAPES, config)
+    variants = [check.as_dict() for check in GUARD.checks.values()]
+    return {"path": dispatch.kernel_path(config), "variants": variants, "failed": dict(GUARD.off),
+            "ok": all(v["ok"] for v in variants) and not GUARD.off}
 
 
 def self_test(model: str | None, draft: str | None, config: DDTreeConfig, max_tokens: int = 16) -> dict[str, Any]:
@@ -124,13 +127,15 @@ def report(model: str | None, draft: str | None, config: DDTreeConfig) -> dict[s
         "device": str(mx.default_device()),
         "metal": mx.metal.is_available(),
         "blas": blas_name(),
-        "kernels": kernel_report(config),
     }
-    try:
-        info["self_test"] = self_test(model, draft, config)
-    except Exception as error:  # noqa: BLE001 - the report names whatever broke instead of a traceback alone
-        info["self_test"] = {"ok": False, "error": f"{type(error).__name__}: {error}"}
-    info["ok"] = info["kernels"]["ok"] and info["self_test"]["ok"]
+    for name, test in (("self_test", lambda: self_test(model, draft, config)),
+                       ("hybrid_self_test", lambda: hybrid_self_test(config))):
+        try:
+            info[name] = test()
+        except Exception as error:  # noqa: BLE001 - the report names whatever broke instead of a traceback alone
+            info[name] = {"ok": False, "error": f"{type(error).__name__}: {error}"}
+    info["kernels"] = kernel_report(config)  # after the self-tests: the variants they built are listed too
+    info["ok"] = info["kernels"]["ok"] and info["self_test"]["ok"] and info["hybrid_self_test"]["ok"]
     return info
 
 
@@ -146,8 +151,9 @@ def print_report(info: dict[str, Any], as_json: bool) -> None:
     print(f"BLAS       {info['blas']}")
     kernel = info["kernels"]
     print(f"kernels    {kernel['path']}" + (f": {kernel['reason']}" if "reason" in kernel else ""))
-    for check in kernel["checks"]:
-        print(f"  {'ok  ' if check['ok'] else 'FAIL'} {check['kernel']}: {check['detail']}")
+    for variant in kernel["variants"]:
+        print(f"  {'ok  ' if variant['ok'] else 'FAIL'} {variant['variant']}: {variant['detail']}")
+    print_hybrid(info["hybrid_self_test"])
     test = info["self_test"]
     if "error" in test:
         print(f"self-test  FAIL: {test['error']}")
@@ -165,6 +171,17 @@ def print_report(info: dict[str, Any], as_json: bool) -> None:
             print(f"  {'ok  ' if run['identical'] else 'FAIL'} {run['tokens']} tokens, {detail}, "
                   f"{run['tokens_per_cycle']} tokens/cycle, kernels {run['kernels']}")
     print("all checks passed" if info["ok"] else "some checks FAILED (attach `ddtree-mlx doctor --json` to a report)")
+
+
+def print_hybrid(test: dict[str, Any]) -> None:
+    if "error" in test:
+        print(f"hybrid     FAIL: {test['error']}")
+        return
+    for run in test["runs"]:
+        detail = ("identical" if run["identical"] else f"differs at token {run['first_difference']} (mlx-lm top-2 "
+                  f"margin {run['mlx_lm_top2_margin']:.3g}{', a near-tie' if run['ok'] else ''})")
+        print(f"hybrid     {'ok  ' if run['ok'] else 'FAIL'} {run['dtype']}: {run['tokens']} tokens, {detail}, "
+              f"{run['tokens_per_cycle']} tokens/cycle, kernels {run['kernels']}")
 
 
 def run_doctor(model: str | None, draft: str | None, as_json: bool, config: DDTreeConfig) -> int:

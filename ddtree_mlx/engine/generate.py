@@ -11,6 +11,7 @@ import numpy as np
 
 from ..config import DDTreeConfig, is_int
 from ..drafting.protocol import Drafter, as_drafter
+from ..kernels import dispatch
 from ..loading.load import stop_token_ids as stop_token_ids_of
 from ..models.adapter import TargetAdapter
 from ..models.kv_quantization import DEFAULT_QUANTIZED_KV_START, KVQuantization
@@ -115,6 +116,7 @@ def stream_generate(
     cache = target.make_cache()
     target.check_cache(cache)
     max_new_tokens = min(max_new_tokens, room)  # generation ends with the context: "length"
+    dispatch.prepare(target.kernel_shapes(), config)  # before anything is timed: kernels checked and built
     sizer = tree_sizer_for(target, config, method, drafter, len(prompt), max_new_tokens)
     session = Session(target=target, drafter=drafter, config=config, method=method, cache=cache,
                       choose=TokenChooser(sampling), stats=GenerationStats(prompt_tokens=len(prompt), sizer=sizer),

@@ -1,7 +1,9 @@
 """Where the engine chooses how a hybrid target's tree conv and tree recurrence run: the Metal kernels on an Apple
-GPU, once they passed their self-check in this process (check.py), else the pure-MLX twin (recurrence.py), which
-is exact everywhere. `kernel_maker` is the one place that says whether kernels can be built here; the tests put
-the CPU harness (which executes the same bodies with g++) there to prove the kernels plug in."""
+GPU, or the pure-MLX twin (recurrence.py), which is exact everywhere. A kernel runs only where `kernel_maker` can
+build it, its switch in the configuration is on, and it has not failed here (guard.py): its variants for the
+target are self-checked before the first generation (`prepare`), and each variant's first launch in a process is
+compared with the twin. `kernel_maker` is the one place that says whether kernels can be built: the tests put a
+fake or the CPU harness (which executes the same bodies with g++) there."""
 
 from __future__ import annotations
 
@@ -10,8 +12,11 @@ from typing import Any
 import mlx.core as mx
 
 from . import recurrence
-from .check import check
-from .metal import SWITCHES, ConvWindows, KernelMaker, conv_by_kernel, delta_by_kernel
+from .check import DeltaShape, Shape, Verdicts, check, conv_pairs, delta_pairs, twin_conv
+from .guard import GUARD
+from .metal import SWITCHES, ConvWindows, KernelMaker, Variant, conv_by_kernel, conv_spec, delta_by_kernel, delta_spec
+
+_PREPARED: set[tuple[Shape, ...]] = set()
 
 
 def kernel_maker() -> KernelMaker | None:
@@ -22,12 +27,31 @@ def kernel_maker() -> KernelMaker | None:
 
 
 def checked_maker(kernel: str, config: Any) -> KernelMaker | None:
-    """The maker, if `kernel` is switched on in `config`, can be built here and passed its self-check in this
-    process (check.py); otherwise None: the twin runs."""
+    """The maker, if `kernel` is switched on in `config`, can be built here and has not failed in this process;
+    otherwise None: the twin runs."""
     maker = kernel_maker()
-    if maker is None or not getattr(config, SWITCHES[kernel]):
+    if maker is None or not getattr(config, SWITCHES[kernel]) or not GUARD.runs(kernel):
         return None
-    return maker if check(maker, kernel).ok else None
+    return maker
+
+
+def prepare(shapes: tuple[Shape, ...], config: Any) -> None:
+    """Before a target's first generation: check every kernel variant it can use against the twin at its own
+    shapes and dtype (once per machine, MLX version and shape set: kept under DDTREE_CACHE_DIR), or, with those
+    verdicts on disk, build and run each variant once, so no kernel compiles after the first cycle."""
+    maker = kernel_maker()
+    wanted = tuple(shape for shape in shapes if shape.supported() and checked_maker(shape.kernel, config))
+    if maker is None or not wanted or wanted in _PREPARED:
+        return
+    _PREPARED.add(wanted)
+    verdicts = Verdicts(config.cache_path / "kernels", wanted)
+    known = verdicts.read()
+    if known is None:
+        known = check(maker, wanted)
+        verdicts.write(known)
+    elif all(result.ok for result in known):
+        known = check(maker, wanted, compare=False)  # warm: the first real launches still compare (guard.py)
+    GUARD.record(known)
 
 
 def kernel_path(config: Any) -> str:
@@ -36,15 +60,23 @@ def kernel_path(config: Any) -> str:
     return "metal" if used == {True} else "twin" if used == {False} else "metal+twin"
 
 
+def dtype_name(x: mx.array) -> str:
+    return str(x.dtype).rsplit(".", 1)[-1]
+
+
 def tree_conv(x: mx.array, cached: mx.array, weight: mx.array, inputs: Any) -> tuple[mx.array, ConvWindows]:
     """x [T, C] node inputs, cached [K-1, C], weight [C, K, 1]: SiLU(depthwise conv over each node's ancestors)."""
     maker = checked_maker("ddtree_tree_conv1d", inputs.config)
-    inputs.kernels.add("twin" if maker is None else "metal")
-    if maker is not None:
-        return conv_by_kernel(maker, x, cached, weight, inputs.parents)
-    window_index = inputs.window_index(weight.shape[1])
-    out, rows = recurrence.tree_conv(x, cached, weight, window_index)
-    return out, ConvWindows(rows, window_index[:, 1:])
+    twin = lambda: twin_conv(x, cached, weight, inputs.window_index(weight.shape[1]))  # noqa: E731
+    if maker is None:
+        inputs.kernels.add("twin")
+        return twin()
+    plan = inputs.level_plan()
+    out, used = GUARD.first_launch(Variant.of(conv_spec(x, weight)),
+                                   lambda: conv_by_kernel(maker, x, cached, weight, plan), twin,
+                                   lambda ours, theirs: conv_pairs(ours, theirs, len(inputs.tree)), dtype_name(x))
+    inputs.kernels.add("metal" if used else "twin")
+    return out
 
 
 def tree_gated_delta(q, k, v, a, beta, A_log, dt_bias, state0, inputs: Any):
@@ -55,10 +87,14 @@ def tree_gated_delta(q, k, v, a, beta, A_log, dt_bias, state0, inputs: Any):
         inputs.kernels.add("twin")
         return recurrence.chain_gated_delta(q, k, v, log_g, beta, state0, inputs.tree)
     maker = checked_maker("ddtree_tree_gated_delta", inputs.config)
-    Hk, Dk = k.shape[1:]
-    if maker is not None and Dk % 32 == 0 and v.shape[1] % Hk == 0:
-        inputs.kernels.add("metal")
-        return delta_by_kernel(maker, q, k, v, log_g, beta, state0, inputs.parents, inputs.level_plan(),
-                               inputs.ancestors)
-    inputs.kernels.add("twin")
-    return recurrence.tree_gated_delta(q, k, v, log_g, beta, state0, inputs.ancestors)
+    twin = lambda: recurrence.tree_gated_delta(q, k, v, log_g, beta, state0, inputs.ancestors)  # noqa: E731
+    if maker is None or not DeltaShape(k.shape[1], v.shape[1], k.shape[2], v.shape[2], dtype_name(v)).supported():
+        inputs.kernels.add("twin")
+        return twin()
+    plan = inputs.level_plan()
+    out, used = GUARD.first_launch(Variant.of(delta_spec(k, v, plan)),
+                                   lambda: delta_by_kernel(maker, q, k, v, log_g, beta, state0, plan, inputs.ancestors),
+                                   twin, lambda ours, theirs: delta_pairs(ours, theirs, len(inputs.tree)),
+                                   dtype_name(v))
+    inputs.kernels.add("metal" if used else "twin")
+    return out

@@ -22,6 +22,37 @@ KernelMaker = Callable[..., Any]  # mx.fast.metal_kernel's signature
 
 SWITCHES = {"ddtree_tree_gated_delta": "tree_kernel", "ddtree_tree_conv1d": "tree_conv_kernel"}  # config fields
 
+# MLX passes an input array of fewer than this many elements in `constant` memory, and compiles a library of its
+# own for that signature. The kernels' per-tree tables are padded to it, so one library per template serves every
+# tree size and none compiles mid-generation when a small tree first comes.
+DEVICE_MIN = 8
+
+
+def padded(table: np.ndarray, fill: int) -> np.ndarray:
+    """`table` [n] int32 with `fill` appended up to DEVICE_MIN entries (the kernels read only the first n)."""
+    extra = max(DEVICE_MIN - len(table), 0)
+    return np.concatenate([table, np.full(extra, fill, np.int32)]).astype(np.int32)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """What MLX compiles once and launches the same way: a kernel at one template (input dtype and sizes) with
+    one number of node slots (simdgroups sharing a value row, 1, 2 or 4; the conv has one layout)."""
+
+    kernel: str
+    template: tuple[tuple[str, Any], ...]
+    slots: int = 1
+
+    @classmethod
+    def of(cls, spec: dict) -> "Variant":
+        template = tuple((name, str(value).rsplit(".", 1)[-1] if isinstance(value, mx.Dtype) else value)
+                         for name, value in spec["template"])
+        return cls(spec["name"], template, spec["threadgroup"][1] if spec["name"].endswith("gated_delta") else 1)
+
+    def __str__(self) -> str:
+        sizes = ", ".join(f"{name}={value}" for name, value in self.template)
+        return f"{self.kernel}({sizes}, slots={self.slots})"
+
 
 def kernel_source(name: str) -> str:
     """A kernel body, shipped beside this module."""
@@ -75,8 +106,10 @@ def scratch_slots(order: np.ndarray, level_start: np.ndarray) -> tuple[np.ndarra
 
 @dataclass(frozen=True)
 class LevelPlan:
-    """What tree_gated_delta's launch needs from the tree, built once per verify and shared by every layer."""
+    """What the kernels' launches need from the tree, built once per verify and shared by every layer; every
+    table padded to DEVICE_MIN entries."""
 
+    parents: mx.array
     order: mx.array
     level_start: mx.array
     slot: mx.array
@@ -88,8 +121,9 @@ class LevelPlan:
     def of(cls, parents) -> "LevelPlan":
         order, level_start = tree_levels(parents)
         slot, rows = scratch_slots(order, level_start)
-        return cls(mx.array(order), mx.array(level_start), mx.array(slot), len(level_start) - 1,
-                   int(np.diff(level_start).max()), rows)
+        tables = (padded(np.asarray(parents, np.int32), -1), padded(order, 0), padded(level_start, len(order)),
+                  padded(slot, 0))
+        return cls(*map(mx.array, tables), len(level_start) - 1, int(np.diff(level_start).max()), rows)
 
 
 def node_slots(max_level_width: int) -> int:
@@ -132,7 +166,7 @@ def tree_conv1d_launch(*, T, C, K, in_dtype) -> dict:
     )
 
 
-# --- dispatch --------------------------------------------------------------------------------------------------
+# --- launches --------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -147,23 +181,30 @@ class ConvWindows:
         return self.source[self.index[node]]
 
 
+def conv_spec(x: mx.array, weight: mx.array) -> dict:
+    return tree_conv1d_launch(T=x.shape[0], C=x.shape[1], K=weight.shape[1], in_dtype=x.dtype)
+
+
 def conv_by_kernel(maker: KernelMaker, x: mx.array, cached: mx.array, weight: mx.array,
-                   parents: mx.array) -> tuple[mx.array, ConvWindows]:
+                   plan: LevelPlan) -> tuple[mx.array, ConvWindows]:
     T, C = x.shape
     K = weight.shape[1]
-    spec = tree_conv1d_launch(T=T, C=C, K=K, in_dtype=x.dtype)
-    out, windows = launch(maker, spec, [x, cached.astype(x.dtype), weight.reshape(C, K), parents])
+    out, windows = launch(maker, conv_spec(x, weight), [x, cached.astype(x.dtype), weight.reshape(C, K), plan.parents])
     return out, ConvWindows(windows.reshape(T * (K - 1), C), mx.arange(T * (K - 1)).reshape(T, K - 1))
 
 
-def delta_by_kernel(maker: KernelMaker, q, k, v, log_g, beta, state0, parents: mx.array, plan: LevelPlan,
-                    ancestors: mx.array) -> tuple[mx.array, recurrence.TreeRecurrence]:
+def delta_spec(k: mx.array, v: mx.array, plan: LevelPlan) -> dict:
     T, Hk, Dk = k.shape
     Hv, Dv = v.shape[1:]
-    spec = tree_gated_delta_launch(T=T, Hk=Hk, Hv=Hv, Dk=Dk, Dv=Dv, in_dtype=v.dtype, f32=mx.float32,
+    return tree_gated_delta_launch(T=T, Hk=Hk, Hv=Hv, Dk=Dk, Dv=Dv, in_dtype=v.dtype, f32=mx.float32,
                                    max_level_width=plan.width, scratch_rows=plan.scratch_rows)
-    y, delta, _ = launch(maker, spec, [q, k, v, mx.exp(log_g), beta, state0.astype(mx.float32), parents,
-                                       plan.order, plan.level_start, plan.slot, plan.levels])
+
+
+def delta_by_kernel(maker: KernelMaker, q, k, v, log_g, beta, state0, plan: LevelPlan,
+                    ancestors: mx.array) -> tuple[mx.array, recurrence.TreeRecurrence]:
+    y, delta, _ = launch(maker, delta_spec(k, v, plan), [q, k, v, mx.exp(log_g), beta, state0.astype(mx.float32),
+                                                         plan.parents, plan.order, plan.level_start, plan.slot,
+                                                         plan.levels])
     return y, recurrence.delta_record(delta, k, log_g, state0, ancestors)
 
 

@@ -1,5 +1,5 @@
 // Tree causal depthwise conv1d + SiLU: every draft-tree node convolves over its own ancestors.
-// Body for mx.fast.metal_kernel (launch spec: ddtree_mlx/kernels.py, tree_conv1d_launch).
+// Body for mx.fast.metal_kernel (launch spec: ddtree_mlx/kernels/metal.py, tree_conv1d_launch).
 //
 // Rows of X = concat(conv_state, x): rows 0..K-2 are the cached conv inputs (oldest first), row K-1+t is node t.
 // Node t's window is its K-1 nearest ancestors (oldest first) then itself; above the root it continues into
@@ -7,7 +7,8 @@
 // windows[t] = the window's last K-1 rows, i.e. the conv state to install if t is the last accepted node.
 //
 // Inputs:  x [T, C] InT; conv_state [K-1, C] (InT or float); weight [C, K] (mlx-lm's conv1d.weight [C, K, 1] has
-//          the same layout; any float type); parent [T] int32 (-1 for the root, parent[t] < t).
+//          the same layout; any float type); parent [T'] int32 (-1 for the root, parent[t] < t;
+//          T' >= T: tables are padded to 8 entries so MLX always passes them in device memory).
 // Outputs: out [T, C] InT; windows [T, K-1, C] InT.
 // Template: InT, C, K.
 //

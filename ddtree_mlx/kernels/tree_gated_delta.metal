@@ -1,5 +1,5 @@
 // Tree gated-delta recurrence: every draft-tree node forks the GatedDeltaNet state from its parent.
-// Body for mx.fast.metal_kernel (launch spec: ddtree_mlx/kernels.py, tree_gated_delta_launch).
+// Body for mx.fast.metal_kernel (launch spec: ddtree_mlx/kernels/metal.py, tree_gated_delta_launch).
 //
 // Per node t and value head hv (hk = hv / (Hv / Hk)), with S_p the parent's state (state_in for the root):
 //   S = g[t,hv] * S_p;  delta = (v[t,hv] - S k[t,hk]) * beta[t,hv];  S_t = S + delta k^T;  y[t,hv] = S_t q[t,hk]
@@ -8,13 +8,15 @@
 // Inputs:  q, k [T, Hk, Dk] InT; v [T, Hv, Dv] InT; g, beta [T, Hv] (float or InT); state_in [Hv, Dv, Dk] float;
 //          parent [T] int32 (-1 = state_in, parent[t] < t); order [T] int32 (node ids sorted by depth, any order
 //          within a depth); level_start [n_levels + 1] int32 (depth d is order[level_start[d] : level_start[d+1]]);
-//          state_row [T] int32 (the scratch row holding node t's state; see below); n_levels int scalar.
+//          state_row [T] int32 (the scratch row holding node t's state; see below); n_levels int scalar. The int32
+//          tables are padded to at least 8 entries (read only up to T and n_levels), so MLX always passes them in
+//          device memory: one compiled library per template, whatever the tree's size.
 // Outputs: y [T, Hv, Dv] InT; delta_out [T, Hv, Dv] float (each node's delta: with k and the decays it rebuilds any
 //          node's state in closed form, so the commit needs no stored state); scratch [R, Hv, Dv, Dk] float.
 // Template: InT, Dk (a multiple of 32), Dv, Hk, Hv.
 //
-// Grid (32, NS, Hv * Dv), threadgroup (32, NS, R): thread_position_in_grid.z is one value row (hv, dv) and the
-// NS simdgroups that share it are node slots. Levels are walked in order; within a level, slot s takes the
+// Grid (32, NS, Hv * Dv), threadgroup (32, NS, 4 / NS), 128 threads (NS = 1, 2 or 4 node slots, for the widest
+// level): thread_position_in_grid.z is one value row (hv, dv) and the NS simdgroups that share it are node slots. Levels are walked in order; within a level, slot s takes the
 // level's nodes s, s + NS, ...: same-depth nodes run in parallel, across slots and across all rows at once.
 // A simdgroup keeps its row's Dk state elements in registers (Dk / 32 per lane, contiguous) and reloads them
 // from scratch[state_row[parent]] only when the parent is not the node it computed last (chains stay in registers).

@@ -244,5 +244,9 @@ class TargetAdapter:
     def mixer_kind(self, layer: Any) -> str:
         return "attention"
 
+    def kernel_shapes(self) -> tuple:
+        """The Metal kernels' shapes this target uses (kernels.check.Shape): none but for hybrid targets."""
+        return ()
+
     def mixer_tree(self, layer: Any, x: mx.array, cache_entry: Any, inputs: TreeInputs) -> tuple[mx.array, Capture]:
         raise NotImplementedError

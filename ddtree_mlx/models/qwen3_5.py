@@ -15,6 +15,8 @@ from mlx_lm.models.cache import ArraysCache
 from mlx_lm.models.gated_delta import normalize_qk
 
 from ..kernels import dispatch as kernels
+from ..kernels.check import ConvShape, DeltaShape, Shape
+from ..kernels.dispatch import dtype_name
 from .adapter import TargetAdapter
 from .attention import tree_attention
 from .verify import Capture, TreeInputs
@@ -38,6 +40,16 @@ class Qwen3_5Adapter(TargetAdapter):
 
     def mixer_kind(self, layer: Any) -> str:
         return "linear" if layer.is_linear else "attention"
+
+    def kernel_shapes(self) -> tuple[Shape, ...]:
+        """The tree conv and recurrence as this target runs them: the GatedDeltaNet layer's own head counts and
+        sizes (this rank's share, when sharded) and the activations' dtype."""
+        gdn = next((layer.linear_attn for layer in self.layers if layer.is_linear), None)
+        if gdn is None:  # a pipeline stage of attention layers only
+            return ()
+        dtype = dtype_name(self.embed(mx.array([0])))
+        return (DeltaShape(gdn.num_k_heads, gdn.num_v_heads, gdn.head_k_dim, gdn.head_v_dim, dtype),
+                ConvShape(gdn.conv_dim, gdn.conv_kernel_size, dtype))
 
     def layer_mask(self, layer: Any, hidden: mx.array, cache_entry: Any) -> Any:
         if layer.is_linear:

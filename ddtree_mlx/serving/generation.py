@@ -15,7 +15,7 @@ from ..engine import calibration
 from ..engine.generate import DecodeStep, GenerationStats, stream_generate
 from ..engine.prompt_cache import PromptCache
 from ..engine.sampling import SamplingParams
-from ..kernels.dispatch import kernel_path
+from ..kernels import dispatch
 from ..loading.load import encode_prompt
 from ..models.kv_quantization import KVQuantization
 from ..models.registry import adapter_for
@@ -52,6 +52,7 @@ class Engine:
         self.kv = dict(kv or {})  # kv_bits, kv_group_size, quantized_kv_start for every request
         self.target = adapter_for(target_model)  # sizes and layer kinds, built once (not per request)
         KVQuantization(*self.kv.values()).check(self.target.head_dim)  # fails at start, not per request
+        dispatch.prepare(self.target.kernel_shapes(), config)
         if method == "ddtree" and config.tree_budget == "auto":
             calibration.verify_costs(self.target, config)  # measured once per model and machine, before any request
         self.group = self.target.group  # sharded: rank 0 serves, the others follow (sharded.py)
@@ -66,7 +67,7 @@ class Engine:
         else "twin"; "none" for other targets) and which BLAS the CPU uses."""
         target = self.target
         hybrid = any(target.mixer_kind(layer) == "linear" for layer in target.layers)
-        return {"status": "ok", "kernels": kernel_path(self.config) if hybrid else "none",
+        return {"status": "ok", "kernels": dispatch.kernel_path(self.config) if hybrid else "none",
                 "blas": blas_name(), "prompt_cache": self.prompt_cache.stats() if self.prompt_cache else None}
 
     def release(self) -> None:
