@@ -14,7 +14,7 @@ import dataclasses
 import logging
 import os
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -104,6 +104,9 @@ class DDTreeConfig:
     (libopenblas0-pthread) preloaded when it is installed, ~25x faster matmuls than MLX's bundled BLAS; 0 keeps it."""
     cache_dir: str = "~/.cache/ddtree-mlx"
     """DDTREE_CACHE_DIR: where the embedded model is converted once and verify-cost curves are kept."""
+    api_key: str = field(default="", repr=False)
+    """DDTREE_API_KEY: the server's API key (`serve --api-key`); when set, every route but /health needs it as
+    `Authorization: Bearer KEY` or `x-api-key: KEY`; empty (default): none needed."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> "DDTreeConfig":
@@ -144,6 +147,8 @@ class DDTreeConfig:
         if not is_int(self.prompt_cache_bytes) or self.prompt_cache_bytes < 0:
             raise ValueError("prompt_cache_bytes must be an integer >= 0 (0 turns the cache off), "
                              f"got {self.prompt_cache_bytes!r}")
+        if not isinstance(self.api_key, str):
+            raise ValueError("api_key must be a string")
         if not isinstance(self.cache_dir, (str, os.PathLike)) or not str(self.cache_dir):
             raise ValueError(f"cache_dir must be a directory path, got {self.cache_dir!r}")
         if not is_int(self.rank_timeout) or self.rank_timeout < 1:
@@ -197,6 +202,8 @@ def _parse_field(f: dataclasses.Field, name: str, text: str) -> Any:
         return parse_auto_bool(name, text)
     if f.name == "prompt_cache_bytes":
         return parse_bytes(name, text)
+    if f.name == "api_key":
+        return text.strip()
     if f.name == "cache_dir":
         if not text.strip():
             raise ValueError(f"{name} is empty; set it to a directory or unset it")

@@ -186,7 +186,7 @@ def raw(port, method, path, body=None, timeout=30):
     ("/v1/chat/completions", {"messages": CHAT, "seed": -1}, None),
     ("/v1/chat/completions", {"messages": CHAT, "seed": 2**70}, None),
     ("/v1/chat/completions", {"messages": CHAT, "n": 2}, "n"),
-    ("/v1/chat/completions", {"messages": CHAT, "logprobs": True}, "logprobs"),
+    ("/v1/chat/completions", {"messages": CHAT, "top_logprobs": 3}, "top_logprobs"),  # without logprobs: true
     ("/v1/chat/completions", {"messages": CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ("/v1/completions", {"prompt": PROMPT, "best_of": 3}, "best_of"),
     ("/v1/completions", {"prompt": " ".join(["w5"] * 5000)}, "prompt"),  # past the tiny model's 4,096-token context

@@ -1,4 +1,4 @@
-"""`ddtree-mlx serve`: the OpenAI-compatible HTTP server on the loaded model."""
+"""`ddtree-mlx serve`: the OpenAI- and Anthropic-compatible HTTP server on the loaded model."""
 
 from __future__ import annotations
 
@@ -30,6 +30,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     add_engine_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--api-key", help="require this key (Authorization: Bearer or x-api-key) on every route but "
+                                          "/health (default: DDTREE_API_KEY, else none; the variable keeps it out "
+                                          "of the process list)")
     parser.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES,
                         help=f"largest request body accepted, else HTTP 413 (default {MAX_BODY_BYTES})")
     parser.add_argument("--prompt-cache-bytes", type=cache_size,
@@ -57,12 +60,15 @@ def run_server(args: argparse.Namespace) -> None:
         raise ValueError("--max-body-bytes and --read-timeout must be positive, --max-queue >= 0")
     logging.getLogger("ddtree_mlx").setLevel(args.log_level)
     config = engine_config(args)
+    if args.api_key is not None:  # the option wins over DDTREE_API_KEY
+        config = config.replace(api_key=args.api_key)
     sampling = dict(temperature=args.temp, top_p=args.top_p, top_k=args.top_k)
     SamplingParams(**sampling)  # checked before the model loads, so a typo fails at once
     rank = mx.distributed.init().rank() if args.sharding else 0
     server = None
     if rank == 0:
-        server = Server((args.host, args.port), max_body_bytes=args.max_body_bytes, read_timeout=args.read_timeout)
+        server = Server((args.host, args.port), max_body_bytes=args.max_body_bytes, read_timeout=args.read_timeout,
+                        api_key=config.api_key)
     target_model, tokenizer, drafter = load(args.model, args.draft_model, config=config,
                                             sharding=args.sharding)  # the port is ours first
     # stop_token_ids reads generation_config.json when --model is a local directory.

@@ -17,6 +17,7 @@ from ..models.adapter import TargetAdapter
 from ..models.kv_quantization import DEFAULT_QUANTIZED_KV_START, KVQuantization
 from ..models.registry import adapter_for
 from . import calibration
+from .logprobs import check_logprobs
 from .prompt_cache import PromptCache
 from .ranks import watched
 from .sampling import SamplingParams, TokenChooser
@@ -82,6 +83,7 @@ def stream_generate(
     kv_bits: int | None = None,
     kv_group_size: int = 64,
     quantized_kv_start: int = DEFAULT_QUANTIZED_KV_START,
+    logprobs: int | None = None,
 ) -> Iterator[DecodeStep]:
     """Return an iterator that yields tokens as they are committed. `method` is "ddtree", "dflash" (single path)
     or "ar" (no drafter). temperature 0 is greedy; otherwise tokens are drawn (seeded by `seed`) from the
@@ -90,12 +92,16 @@ def stream_generate(
     `prompt_cache` (a PromptCache, shared across calls) skips prefilling what an earlier call already did;
     `prompt_checkpoints` are prompt lengths it should also keep (e.g. where a chat's earlier messages end): a
     hybrid target's recurrent state cannot be rewound, so a later prompt sharing only that much hits there.
-    `kv_bits`, `kv_group_size`, `quantized_kv_start`: a quantized KV cache, as mlx-lm's generate_step means them."""
+    `kv_bits`, `kv_group_size`, `quantized_kv_start`: a quantized KV cache, as mlx-lm's generate_step means them.
+    `logprobs` k in 0..20: each step also carries, per token, its exact log-probability under the target (the
+    log-softmax of the target's logits given the true prefix, before temperature, top-p and top-k, as mlx-lm's
+    generate_step gives them) and the k most likely tokens with theirs; None (the default) computes nothing."""
     if config is not None and not isinstance(config, DDTreeConfig):
         raise ValueError(f"config must be a DDTreeConfig (ddtree_mlx.DDTreeConfig(tree_budget=...)), got {type(config).__name__}")
     explicit = {"tree_budget": tree_budget} if tree_budget is not None else {}  # an int or "auto"
     config = config.replace(**explicit) if config is not None else DDTreeConfig.from_env(**explicit)
     sampling = SamplingParams(temperature, top_p, top_k, seed)
+    logprobs = check_logprobs(logprobs)
     target = adapter_for(target_model)
     kv = KVQuantization(kv_bits, kv_group_size, quantized_kv_start)
     kv.check(target.head_dim)
@@ -120,7 +126,7 @@ def stream_generate(
     sizer = tree_sizer_for(target, config, method, drafter, len(prompt), max_new_tokens)
     session = Session(target=target, drafter=drafter, config=config, method=method, cache=cache,
                       choose=TokenChooser(sampling), stats=GenerationStats(prompt_tokens=len(prompt), sizer=sizer),
-                      prompt_cache=prompt_cache, kv=kv)
+                      prompt_cache=prompt_cache, kv=kv, logprobs=logprobs)
     return _run(session, prompt, max_new_tokens, stops, prompt_checkpoints)
 
 
@@ -159,7 +165,8 @@ def _run(session: Session, prompt: list[int], max_new_tokens: int, stops: set[in
         session.stats.committed = produced - 1  # kept tokens from cycles: prefill gave the first
         if finish:
             session.remember()
-        yield DecodeStep(new, session.stats, finish)
+        scored = session.scored and session.scored[: len(new)]  # None when log-probs are off
+        yield DecodeStep(new, session.stats, finish, scored)
         if finish:
             return
         session.more_steps = max_new_tokens - produced > 1
@@ -179,11 +186,17 @@ def _clip(tokens: list[int], room: int, stops: set[int]) -> tuple[list[int], str
 
 def generate_ddtree_once(*, tokenizer: Any = None, **kwargs: Any) -> dict[str, Any]:
     """Generate to completion; see `stream_generate` for the arguments and `GenerationStats.summary` for the
-    numbers returned beside `generated_token_ids`, `finish_reason` and (with a tokenizer) `text`."""
+    numbers returned beside `generated_token_ids`, `finish_reason`, (with a tokenizer) `text` and (with
+    `logprobs`) `logprobs`, a TokenLogprob per generated token."""
     tokens: list[int] = []
+    logprobs = [] if kwargs.get("logprobs") is not None else None
     for step in stream_generate(tokenizer=tokenizer, **kwargs):
         tokens.extend(step.tokens)
+        if logprobs is not None:
+            logprobs.extend(step.logprobs)
     result = {"generated_token_ids": tokens, "finish_reason": step.finish_reason, **step.stats.summary(len(tokens))}
+    if logprobs is not None:
+        result["logprobs"] = logprobs  # TokenLogprob per generated token
     if tokenizer is not None and hasattr(tokenizer, "decode"):
         stops = _stop_ids(tokenizer, kwargs.get("stop_token_ids"))
         result["text"] = tokenizer.decode([t for t in tokens if t not in stops])

@@ -24,6 +24,7 @@ from ..models.kv_quantization import KVQuantization
 from ..models.verify import VerifyOutput, join_rows
 from ..tree.build import Candidates, build_tree, chain_tree, top_candidates
 from ..tree.draft_tree import DraftTree, Walk
+from .logprobs import Scores, TokenLogprob
 from .prompt_cache import PromptCache
 from .ranks import beat
 from .sampling import TokenChooser
@@ -86,6 +87,7 @@ class DecodeStep:
     tokens: list[int]
     stats: GenerationStats
     finish_reason: str | None = None
+    logprobs: list[TokenLogprob] | None = None  # with stream_generate(logprobs=k): one per token, aligned
 
 
 @dataclass
@@ -110,6 +112,9 @@ class Session:
     started: float | None = None  # when the verify's last part was handed to the device (Session.start)
     held: list[int] = field(default_factory=list)  # with a prompt cache: the tokens the cache holds,
     held_hidden: list[mx.array] = field(default_factory=list)  # and their captured hidden states
+    logprobs: int | None = None  # None: off (nothing computed); k: log-probs of committed tokens and their top k
+    scored: list[TokenLogprob] | None = None  # those of the tokens the last prefill or cycle committed
+    scores: Scores | None = None  # this cycle's, lazy (a plain step's issued before the step after it is queued)
 
     @property
     def sizer(self) -> TreeSizer | None:
@@ -168,6 +173,8 @@ class Session:
                 self.stats.sync_seconds += out.waited
         padded = out.logits.shape[0] > len(tree)
         tokens = self.choose(out.logits[: len(tree)] if padded else out.logits)  # nothing is drawn for padding
+        if self.logprobs is not None and out.committed:  # a lone root's one row: before any step is queued after it
+            self.scores = Scores(out.logits, tokens, self.logprobs)
         self.queue_next_step(out, tokens)
         if not out.committed:
             self.start(tokens)
@@ -191,7 +198,7 @@ class Session:
         plain_next = self.method == "ar" or (self.sizer is not None and not self.sizer.will_draft())
         if not (out.committed and plain_next and self.more_steps) or self.kv.bits is not None:
             return
-        mx.async_eval(tokens)
+        mx.async_eval(tokens, self.scores and self.scores.arrays)
         start = time.perf_counter()
         self.next_step = self.target.step(tokens, self.cache, self.capture_layers, self.config)
         mx.async_eval(self.next_step.logits)  # returns once little of that step is left to run (see EarlyStart)
@@ -207,21 +214,25 @@ class Session:
     def commit(self, tree: DraftTree, out: VerifyOutput, walk: Walk, target_tokens: mx.array) -> tuple[list[int], int]:
         """Install the accepted path's cache state from what verify captured, built on the device's walk before it
         is read; then read the path and the target's token after it (the bonus) and return both."""
+        scores = self.score(out, walk, target_tokens)
         if self.config.exact_commit and not out.committed:
-            path, bonus = self.read(walk, target_tokens)
+            path, bonus = self.read(walk, target_tokens, scores)
             _, hidden = self.target.forward(mx.array([tree.tokens[node] for node in path]), self.cache,
                                             self.capture_layers)
             self.sync(hidden, [entry.state for entry in self.cache])
         elif out.committed:  # a step wrote the cache itself: the next one will wait for it, as in mlx-lm
-            (path, bonus), hidden = self.read(walk, target_tokens), out.hidden
+            (path, bonus), hidden = self.read(walk, target_tokens, scores), out.hidden
         else:
             for capture, entry in zip(out.captures, self.cache):
                 capture.commit(entry, walk.nodes)
             hidden = None if out.hidden is None else out.hidden[walk.nodes]
-            path, bonus = self.read(walk, target_tokens, hidden, [entry.state for entry in self.cache])  # skips None
+            states = [entry.state for entry in self.cache]
+            path, bonus = self.read(walk, target_tokens, hidden, states, scores)  # skips None
             self.target.trim_attention(self.cache, len(walk.nodes) - len(path))  # the padding's keys and values
             hidden = None if hidden is None else hidden[: len(path)]
         accepted = [tree.tokens[node] for node in path]
+        if scores is not None:
+            self.scored = self.scores.read(len(path))
         if self.drafter is not None:  # what the drafter has not seen yet (plain steps in between included)
             self.pending_tokens = self.pending_tokens + accepted
             self.pending_hidden = join_rows(self.pending_hidden, hidden)
@@ -229,6 +240,15 @@ class Session:
         self.kv.convert(self.cache)
         self.hold(accepted, hidden)
         return path, bonus
+
+    def score(self, out: VerifyOutput, walk: Walk, target_tokens: mx.array) -> list[mx.array] | None:
+        """With log-probs on: those of the tokens committed after each node of the accepted path (the bonus after
+        the last), from the rows of the walk's nodes (the padding repeats the last one), or a plain step's own."""
+        if self.logprobs is None:
+            return None
+        if not out.committed:  # a plain step's were issued in verify
+            self.scores = Scores(out.logits, target_tokens, self.logprobs, walk.nodes)
+        return self.scores.arrays
 
     def read(self, walk: Walk, target_tokens: mx.array, *more: Any) -> tuple[list[int], int]:
         """Wait for the verify (and `more`) on the device; the path and the bonus token. The wait is the verify's
@@ -301,7 +321,9 @@ class Session:
                                              snapshot=self.snapshot(prompt, done, reused))
         first = self.choose(logits)
         hidden = join_rows(reused, hidden)
-        mx.eval(first, hidden, [entry.state for entry in self.cache])
+        scores = Scores(logits, first, self.logprobs) if self.logprobs is not None else None
+        mx.eval(first, hidden, [entry.state for entry in self.cache], scores and scores.arrays)
+        self.scored = scores and scores.read(1)
         self.pending_tokens, self.pending_hidden, self.root = list(prompt), hidden, int(first[0])
         self.hold(prompt, hidden)
         self.stats.prefill_seconds = time.perf_counter() - start

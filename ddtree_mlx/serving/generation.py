@@ -16,9 +16,10 @@ from ..engine.generate import DecodeStep, GenerationStats, stream_generate
 from ..engine.prompt_cache import PromptCache
 from ..engine.sampling import SamplingParams
 from ..kernels import dispatch
-from ..loading.load import encode_prompt
 from ..models.kv_quantization import KVQuantization
 from ..models.registry import adapter_for
+from .conversation import Rendered, prepare, render
+from .logprobs import Carried
 from .schema import BadRequest, Request
 from .sharded import lockstep, share
 from .text import TextStream
@@ -34,6 +35,8 @@ class Piece:
     text: str
     finish_reason: str | None = None
     final: dict[str, Any] | None = None
+    stop_string: str | None = None  # on the last piece: the client's stop string that ended the text
+    logprobs: list[dict[str, Any]] | None = None  # with logprobs asked: those of the tokens this text carries
 
 
 class Engine:
@@ -60,7 +63,15 @@ class Engine:
         self.worker = Worker(max_queue, on_stop=self.release)
 
     def generate(self, request: Request) -> Iterator[Piece]:
+        self.render(request)  # here, on the caller's thread: a refused prompt never queues
         return self.worker.stream(lambda: self._pieces(request))
+
+    def render(self, request: Request) -> Rendered:
+        """The request's prompt with its tools (conversation.py), rendered once; needs no model work."""
+        if request.rendered is None:
+            prepare(request)
+            request.rendered = render(self.tokenizer, request)
+        return request.rendered
 
     def health(self) -> dict[str, Any]:
         """What a hybrid target's tree recurrence runs as here ("metal" once the kernels passed their self-check,
@@ -85,11 +96,7 @@ class Engine:
                 continue
 
     def _prompt_tokens(self, request: Request) -> list[int]:
-        """The one encoder the CLI and benchmark use too (loading.encode_prompt)."""
-        try:
-            return encode_prompt(self.tokenizer, request.prompt, chat=request.kind == "chat")
-        except ValueError as error:
-            raise BadRequest(str(error), "messages" if request.kind == "chat" else "prompt") from None
+        return self.render(request).tokens
 
     def _checkpoints(self, request: Request, prompt: list[int]) -> list[int]:
         """Where a chat's system message and its earlier turns end in the prompt: later requests that share only
@@ -101,7 +108,10 @@ class Engine:
         heads += [messages[:-1]] if len(messages) > 2 else []
         ends = set()
         for head in heads:
-            rendered = encode_prompt(self.tokenizer, head, add_generation_prompt=False)
+            try:
+                rendered = render(self.tokenizer, request, head).tokens
+            except BadRequest:  # a template may refuse a conversation's head alone: no checkpoint there
+                continue
             shared = min(len(rendered), len(prompt))
             ends.add(next((i for i, (a, b) in enumerate(zip(rendered, prompt)) if a != b), shared))
         return sorted(ends)
@@ -123,6 +133,7 @@ class Engine:
         prompt = self._prompt_tokens(request)
         job = {"prompt": prompt, "max_new_tokens": self._max_tokens(request, prompt),
                "checkpoints": self._checkpoints(request, prompt), "sampling": {**self.sampling, **request.sampling}}
+        job["logprobs"] = request.logprobs
         if self.group is not None:
             # Every rank draws the same tokens: an unseeded request gets rank 0's seed.
             if job["sampling"].get("seed") is None:
@@ -135,29 +146,33 @@ class Engine:
             target_model=self.target_model, draft_model=self.drafter, tokenizer=self.tokenizer,
             prompt_tokens=job["prompt"], max_new_tokens=job["max_new_tokens"], config=self.config,
             stop_token_ids=self.stop_token_ids, method=self.method, prompt_cache=self.prompt_cache,
-            prompt_checkpoints=job["checkpoints"], **job["sampling"], **self.kv,
+            prompt_checkpoints=job["checkpoints"], **job["sampling"], **self.kv, logprobs=job.get("logprobs"),
         )
         return steps if self.group is None else lockstep(steps, self.group)
 
     def _pieces(self, request: Request) -> Iterator[Piece]:
         job = self._job(request)
         text = TextStream(self.tokenizer, request.stop)
+        carried = Carried(text, self.tokenizer) if request.logprobs is not None else None  # None: no log-probs
         generated = 0
         # Closing the steps early (a stop string matched) ends the generation, on every rank when sharded.
         with closing(self._steps(job)) as steps:
             for step in steps:
                 generated += len(step.tokens)
                 # A "stop" step ends with the stop token, which is not part of the text.
-                piece = text.add(step.tokens[:-1] if step.finish_reason == "stop" else step.tokens)
+                words = step.tokens[:-1] if step.finish_reason == "stop" else step.tokens
+                piece = text.add(words) if carried is None else carried.add(words, step.logprobs)
                 if step.finish_reason is None and not text.stopped:
-                    yield Piece(piece)
+                    yield Piece(piece, logprobs=carried and carried.ready())
                     continue
+                stop = step.logprobs[-1] if carried and step.finish_reason == "stop" and not text.stopped else None
+                entries = carried and carried.rest(stop)  # the stop token's too: it counts as a completion token
                 piece += text.finish()
                 completion = text.tokens if text.stopped else generated
                 prompt = len(job["prompt"])
                 usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
                 final = {"usage": usage, "ddtree": _stats(step.stats, generated)}
-                yield Piece(piece, "stop" if text.stopped else step.finish_reason, final)
+                yield Piece(piece, "stop" if text.stopped else step.finish_reason, final, text.matched, entries)
                 return
 
 

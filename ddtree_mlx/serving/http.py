@@ -1,16 +1,19 @@
 """An OpenAI-compatible HTTP server on the standard library.
 
-    POST /v1/chat/completions   messages -> the tokenizer's chat template
+    POST /v1/chat/completions   messages (and tools) -> the tokenizer's chat template
     POST /v1/completions        a plain prompt string
+    POST /v1/messages           Anthropic's Messages API (anthropic.py); /v1/messages/count_tokens
     GET  /v1/models, /health
 
-Both POST endpoints stream (server-sent events) or answer with the whole object. Every generation runs on the
-engine's one model thread (worker.py), so concurrent requests queue. A client that disconnects cancels its
-generation at the next committed step.
+The generating endpoints stream (server-sent events) or answer with the whole object. Every generation runs on
+the engine's one model thread (worker.py), so concurrent requests queue. A client that disconnects cancels its
+generation at the next committed step. With an API key set, every route but /health needs it (`Authorization:
+Bearer KEY` or `x-api-key: KEY`); errors come in the shape of the route's API.
 """
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import select
@@ -19,10 +22,12 @@ import sys
 from contextlib import closing
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from itertools import chain
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from ..config import DDTreeConfig
+from . import anthropic
 from .generation import DEFAULT_MAX_TOKENS, Engine
+from .output import Output
 from .responses import error_body, full_response, stream_chunks
 from .schema import BadRequest, parse_request
 from .worker import MAX_QUEUE
@@ -33,11 +38,13 @@ MAX_BODY_BYTES = 16 * 2**20  # a 262k-token conversation is ~1 MB of JSON
 READ_TIMEOUT = 30.0  # seconds to send a request (and to take each streamed write)
 RETRY_AFTER = 2  # seconds, in a 503's Retry-After
 
-_ROUTES = {"/v1/models": "GET", "/health": "GET", "/v1/chat/completions": "POST", "/v1/completions": "POST"}
+_ROUTES = {"/v1/models": "GET", "/health": "GET", "/v1/chat/completions": "POST", "/v1/completions": "POST",
+           "/v1/messages": "POST", "/v1/messages/count_tokens": "POST"}
 
 
 class _Handler(BaseHTTPRequestHandler):
     server: "Server"
+    anthropic = False  # whether the route is Anthropic's (its error shape)
 
     def setup(self) -> None:
         self.timeout = self.server.read_timeout  # a client that stops sending mid-request cannot hold a thread
@@ -47,18 +54,51 @@ class _Handler(BaseHTTPRequestHandler):
         log.info("%s %s", self.address_string(), fmt % args)
 
     def _dispatch(self) -> None:
-        path = self.path.split("?", 1)[0].rstrip("/")
+        path = self.path.split("?", 1)[0].rstrip("/")  # ?beta=true (the Anthropic SDK's beta calls) is ignored
+        self.anthropic = path.startswith("/v1/messages")
+        if path != "/health" and not self._authorized():
+            self.close_connection = True  # a body we will not read may follow
+            return self._error(401, "a valid API key is required: send Authorization: Bearer KEY or x-api-key",
+                               code="invalid_api_key")
         method = _ROUTES.get(path)
         if method is None:
-            return self._send_json(404, error_body(f"no route for {self.command} {path}", code="not_found"))
+            self.close_connection = True  # a body we will not read may follow
+            return self._error(404, f"no route for {self.command} {path}", code="not_found")
         if method != self.command:
             self.close_connection = True  # a body we will not read may follow
-            return self._send_json(405, error_body(f"{path} takes {method}, not {self.command}",
-                                                   code="method_not_allowed"), {"Allow": method})
+            return self._error(405, f"{path} takes {method}, not {self.command}", code="method_not_allowed",
+                               headers={"Allow": method})
         actions = {"/v1/models": self._models, "/health": lambda: self._send_json(200, self.server.engine.health()),
                    "/v1/chat/completions": lambda: self._complete("chat"),
-                   "/v1/completions": lambda: self._complete("completion")}
+                   "/v1/completions": lambda: self._complete("completion"),
+                   "/v1/messages": lambda: self._complete("messages"), "/v1/messages/count_tokens": self._count}
         actions[path]()
+
+    def _authorized(self) -> bool:
+        """The server's API key, if it has one, in either header; compared in constant time."""
+        key = self.server.api_key
+        if not key:
+            return True
+        bearer = self.headers.get("Authorization", "")
+        given = [self.headers.get("x-api-key", ""), bearer[7:].strip() if bearer[:7].lower() == "bearer " else ""]
+        return any(hmac.compare_digest(g.encode(), key.encode()) for g in given if g)
+
+    def _error(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None, headers: Mapping[str, str] | None = None) -> None:
+        """An error in the route's API's shape (Anthropic's busy is 529)."""
+        if self.anthropic:
+            status = 529 if status == 503 else status
+            return self._send_json(status, anthropic.error_body(status, message), headers)
+        kind = "authentication_error" if status == 401 else kind
+        self._send_json(status, error_body(message, kind=kind, param=param, code=code), headers)
+
+    def _count(self) -> None:
+        """count_tokens: the prompt rendered as /v1/messages would, without waiting for the model thread."""
+        try:
+            request = anthropic.parse_request(self._read_json(), counting=True)
+            self._send_json(200, {"input_tokens": len(self.server.engine.render(request).tokens)})
+        except ValueError as error:
+            self._refuse(error)
 
     do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _dispatch
 
@@ -68,22 +108,34 @@ class _Handler(BaseHTTPRequestHandler):
         self._send_json(200, {"object": "list", "data": [model]})
 
     def _complete(self, kind: str) -> None:
-        engine = self.server.engine
+        """kind "chat", "completion" (OpenAI) or "messages" (Anthropic)."""
+        engine, model = self.server.engine, self.server.engine.model_name
         try:
-            request = parse_request(kind, self._read_json())
-            pieces = engine.generate(request)
+            if kind == "messages":
+                request = anthropic.parse_request(self._read_json())
+                anthropic.fit(request, engine)
+            else:
+                request = parse_request(kind, self._read_json())
+            pieces = engine.generate(request)  # renders the prompt: a refusal comes before the request queues
             first = next(pieces)  # waits for the model and prefill; the engine checks its arguments first
         except ValueError as error:  # a BadRequest, or the engine refusing an argument
             return self._refuse(error)
         except Exception as error:
             log.exception("generation failed")
-            return self._send_json(500, error_body(f"generation failed: {error}", kind="server_error"))
+            return self._error(500, f"generation failed: {error}", kind="server_error")
+        output = Output(engine.tokenizer, request, request.rendered) if request.kind == "chat" else None
         with closing(pieces):  # closing cancels the generation if the client left early
             try:
-                if request.stream:
-                    self._send_events(stream_chunks(request, engine.model_name, chain([first], pieces)))
+                if request.stream and kind == "messages":
+                    events = anthropic.stream_events(request, model, chain([first], pieces), output)
+                    self._send_events((f"event: {name}\ndata: {json.dumps(data)}\n\n" for name, data in events))
+                elif request.stream:
+                    chunks = stream_chunks(request, model, chain([first], pieces), output)
+                    self._send_events(chain((f"data: {json.dumps(chunk)}\n\n" for chunk in chunks),
+                                            ["data: [DONE]\n\n"]))
                 else:
-                    self._send_json(200, full_response(request, engine.model_name, self._collect(first, pieces)))
+                    shape = anthropic.full_message if kind == "messages" else full_response
+                    self._send_json(200, shape(request, model, self._collect(first, pieces), output))
             except (ConnectionError, TimeoutError):  # the client is gone or stopped reading
                 self.close_connection = True
 
@@ -91,8 +143,8 @@ class _Handler(BaseHTTPRequestHandler):
         status = getattr(error, "status", 400)
         if status != 400:
             self.close_connection = True  # the body was not read to its end
-        body = error_body(str(error), param=getattr(error, "param", None), code=getattr(error, "code", None))
-        self._send_json(status, body, {"Retry-After": str(RETRY_AFTER)} if status == 503 else None)
+        self._error(status, str(error), param=getattr(error, "param", None), code=getattr(error, "code", None),
+                    headers={"Retry-After": str(RETRY_AFTER)} if status == 503 else None)
 
     def _collect(self, first: Any, pieces: Iterator[Any]) -> list[Any]:
         collected = [first]
@@ -147,14 +199,25 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    def _send_events(self, chunks: Iterator[dict[str, Any]]) -> None:
+    def _send_events(self, events: Iterable[str]) -> None:
+        """Server-sent events; a failure once the stream began is its last event (the status was sent)."""
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
         self.end_headers()
-        for chunk in chunks:
-            self.wfile.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
-        self.wfile.write(b"data: [DONE]\n\n")
+        try:
+            for event in events:
+                self.wfile.write(event.encode())
+        except (ConnectionError, TimeoutError):
+            raise
+        except Exception as error:
+            log.exception("generation failed while streaming")
+            message = f"generation failed: {error}"
+            if self.anthropic:
+                self.wfile.write(f"event: error\ndata: {json.dumps(anthropic.error_body(500, message))}\n\n".encode())
+            else:
+                self.wfile.write(f"data: {json.dumps(error_body(message, kind='server_error'))}\n\n".encode())
+            self.close_connection = True
 
 
 def _no_constant(name: str) -> Any:
@@ -199,8 +262,9 @@ class Server(ThreadingHTTPServer):
     request_queue_size = 128  # the listen backlog: a burst of clients is queued by the kernel, not reset
 
     def __init__(self, address: tuple[str, int], engine: Engine | None = None, *,
-                 max_body_bytes: int = MAX_BODY_BYTES, read_timeout: float = READ_TIMEOUT):
+                 max_body_bytes: int = MAX_BODY_BYTES, read_timeout: float = READ_TIMEOUT, api_key: str = ""):
         self.engine, self.max_body_bytes, self.read_timeout = engine, max_body_bytes, read_timeout
+        self.api_key = api_key  # "" : no key needed
         try:
             super().__init__(address, _Handler)
         except OSError as error:  # before any model loads: a busy port is a usage error
@@ -224,10 +288,12 @@ def make_server(target_model: Any, tokenizer: Any, drafter: Any, *, host: str = 
                 max_queue: int = MAX_QUEUE, max_tokens: int = DEFAULT_MAX_TOKENS,
                 sampling: Mapping[str, Any] | None = None) -> Server:
     """A bound, not yet serving server: call serve_forever(); server_address holds the port when port=0.
-    `config`: the settings every request runs with (default: DDTREE_* variables, then defaults), read once here.
+    `config`: the settings every request runs with (default: DDTREE_* variables, then defaults), read once here;
+    its api_key, when set, guards every route but /health.
     `max_tokens`, `sampling` (temperature, top_p, top_k): defaults for requests that leave them out."""
-    engine = Engine(target_model, tokenizer, drafter, model_name=model_name, method=method,
-                    config=config if config is not None else DDTreeConfig.from_env(),
+    config = config if config is not None else DDTreeConfig.from_env()
+    engine = Engine(target_model, tokenizer, drafter, model_name=model_name, method=method, config=config,
                     stop_token_ids=stop_token_ids, kv=kv, max_queue=max_queue, max_tokens=max_tokens,
                     sampling=sampling)
-    return Server((host, port), engine, max_body_bytes=max_body_bytes, read_timeout=read_timeout)
+    return Server((host, port), engine, max_body_bytes=max_body_bytes, read_timeout=read_timeout,
+                  api_key=config.api_key)

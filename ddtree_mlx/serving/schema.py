@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 from ..config import is_int, is_number
+from ..engine.logprobs import MAX_TOP
 
 
 class BadRequest(ValueError):
@@ -27,6 +28,12 @@ class Request:
     stream: bool
     stop: list[str]
     sampling: dict[str, Any]  # temperature, top_p, top_k, seed: only those the client sent
+    tools: Any = None  # chat: OpenAI function tools; conversation.prepare checks these three
+    tool_choice: Any = None
+    parallel_tool_calls: bool = True
+    include_usage: bool = False  # stream_options.include_usage: a last chunk with the usage
+    rendered: Any = None  # the prompt, rendered once (conversation.Rendered)
+    logprobs: int | None = None  # None: none; k: every completion token's log-prob and its top k (logprobs.py)
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -53,11 +60,7 @@ def _messages(body: Mapping[str, Any]) -> list[dict[str, Any]]:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise BadRequest("'messages' must be a non-empty list of {role, content} objects", "messages")
-    for i, message in enumerate(messages):
-        if not (isinstance(message, dict) and isinstance(message.get("role"), str)
-                and isinstance(message.get("content"), str)):
-            raise BadRequest(f"messages[{i}] must be an object with string 'role' and 'content'", "messages")
-    return messages
+    return messages  # each message is checked where it is rendered (conversation.prepare)
 
 
 def _prompt(body: Mapping[str, Any]) -> str:
@@ -72,13 +75,32 @@ def _prompt(body: Mapping[str, Any]) -> str:
 _UNSUPPORTED = {
     "n": (lambda v: is_int(v) and v == 1, "one completion per request"),
     "best_of": (lambda v: is_int(v) and v == 1, "one completion per request"),
-    "logprobs": (lambda v: v is False, "no log-probabilities"),
-    "top_logprobs": (lambda v: is_int(v) and v == 0, "no log-probabilities"),
-    "tools": (lambda v: v == [], "no tool calling"),
-    "tool_choice": (lambda v: v == "none", "no tool calling"),
+    # Each of these changes the output in a way decoding the model's own distribution cannot honour.
+    "response_format": (lambda v: isinstance(v, dict) and v.get("type") == "text", "free text only"),
+    "logit_bias": (lambda v: v == {}, "the model's own distribution, unbiased"),
+    "presence_penalty": (lambda v: is_number(v) and v == 0, "the model's own distribution, no penalties"),
+    "frequency_penalty": (lambda v: is_number(v) and v == 0, "the model's own distribution, no penalties"),
     "functions": (lambda v: v == [], "no function calling"),
     "function_call": (lambda v: v == "none", "no function calling"),
 }
+
+
+def _logprobs(kind: str, body: Mapping[str, Any]) -> int | None:
+    """How many top alternatives per token the request asks for (None: no log-probs). Chat: `logprobs: true` and
+    `top_logprobs` 0..20; legacy completions: `logprobs` 0..20 (OpenAI's went to 5)."""
+    logprobs, top = body.get("logprobs"), body.get("top_logprobs")
+    if kind != "chat":
+        if top is not None:
+            raise BadRequest("'top_logprobs' is a chat field; completions take 'logprobs': <count>", "top_logprobs")
+        if logprobs is not None and not (is_int(logprobs) and 0 <= logprobs <= MAX_TOP):
+            raise BadRequest(f"'logprobs' must be an integer in [0, {MAX_TOP}] (top tokens per position), got "
+                             f"{logprobs!r}", "logprobs")
+        return logprobs
+    _field(body, "logprobs", lambda v: isinstance(v, bool), "a boolean")
+    _field(body, "top_logprobs", lambda v: is_int(v) and 0 <= v <= MAX_TOP, f"an integer in [0, {MAX_TOP}]")
+    if top and not logprobs:
+        raise BadRequest("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    return (top or 0) if logprobs else None
 
 
 def _refuse_unsupported(body: Mapping[str, Any]) -> None:
@@ -100,4 +122,8 @@ def parse_request(kind: str, body: Any) -> Request:
     sampling = {name: value for name, (check, what) in _SAMPLING.items()
                 if (value := _field(body, name, check, what)) is not None}
     stop = [stop] if isinstance(stop, str) else stop
-    return Request(kind, prompt, max_tokens, stream, [s for s in stop if s], sampling)
+    parallel = _field(body, "parallel_tool_calls", lambda v: isinstance(v, bool), "a boolean", True)
+    options = _field(body, "stream_options", lambda v: isinstance(v, dict), "an object", {})
+    return Request(kind, prompt, max_tokens, stream, [s for s in stop if s], sampling, tools=body.get("tools"),
+                   tool_choice=body.get("tool_choice"), parallel_tool_calls=parallel,
+                   include_usage=bool(options.get("include_usage")), logprobs=_logprobs(kind, body))

@@ -22,6 +22,7 @@ class TextStream:
         self.tokens = 0  # tokens whose text counts: after a stop, those it took to complete the stop string
         self.started = False  # whether any text came yet
         self.stopped = False
+        self.matched: str | None = None  # the stop string that ended the text
 
     def add(self, tokens: Sequence[int]) -> str:
         """The text these tokens make safe to send; tokens after a stop string are not counted."""
@@ -48,10 +49,10 @@ class TextStream:
         self.pending += segment
         # Checked after every token, so the token that completes a stop string is known without re-decoding. Only
         # the pending text is searched: what was held back keeps a stop string from starting in what was sent.
-        cut = min((i for s in self.stops if (i := self.pending.find(s)) >= 0), default=None)
-        if cut is not None:
-            self.pending = self.pending[:cut]
-            self.stopped = True
+        found = min(((i, s) for s in self.stops if (i := self.pending.find(s)) >= 0), default=None)
+        if found is not None:
+            self.pending = self.pending[: found[0]]
+            self.stopped, self.matched = True, found[1]
 
     def _restore_lead(self, segment: str) -> str:
         """mlx-lm's BPE and SPM detokenizers drop the space the text starts with, which `decode` keeps: the first
