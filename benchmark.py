@@ -71,6 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--accuracy", type=float, default=0.8, help="synthetic: P(true token ranked first)")
     parser.add_argument("--synthetic-size", choices=sorted(SYNTHETIC_SIZES), default="small")
     parser.add_argument("--temp", type=float, default=0.0, help="sample (seeded per repeat) instead of greedy")
+    parser.add_argument("--logprobs", type=int, choices=range(21), metavar="K",
+                        help="also run each of our methods with the committed tokens' log-probs (top K) on")
     deprecated(parser, "--temperature", "--temp", type=float)
     parser.add_argument("--no-chat-template", action="store_true")
     parser.add_argument("--json", help="write one row per set x method x tree budget")

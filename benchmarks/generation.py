@@ -35,7 +35,7 @@ def compare(setup: Setup, args: argparse.Namespace) -> list[dict]:
 
 
 def measure(setup: Setup, args: argparse.Namespace) -> dict[tuple[str, Variant], Runs]:
-    plan = variants(args.methods, args.tree_budgets, setup.drafts)
+    plan = variants(args.methods, args.tree_budgets, setup.drafts, args.logprobs)
     total = sum(len(p) for p in setup.prompts.values()) * args.repeats * len(plan)
     first = next(iter(setup.prompts.values()))[0]
     warm_truth = run_once(setup, first, None, MLX_LM, args.max_tokens)["generated_token_ids"]

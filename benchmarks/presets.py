@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Sequence
 
 import mlx.core as mx
@@ -56,6 +56,7 @@ class Variant:
     method: str
     tree_budget: int | str | None = None  # ddtree: a fixed number of draft nodes per cycle, or "auto"
     draft: str | None = None  # with several --draft-model names: which drafter (None: the only one)
+    logprobs: int | None = None  # --logprobs K: the same run with the committed tokens' log-probs (top K) on
 
     @property
     def tree(self) -> bool:
@@ -64,6 +65,7 @@ class Variant:
     @property
     def label(self) -> str:
         label = f"{self.method}@{self.tree_budget}" if self.tree else self.method
+        label = f"{label}+logprobs{self.logprobs}" if self.logprobs is not None else label
         return f"{label} {self.draft}" if self.draft else label
 
 
@@ -74,13 +76,16 @@ DRAFTED = ("dflash", "ddtree")  # our methods that use the preset's drafter
 METHODS = ("ar", *DRAFTED, PEER)
 
 
-def variants(methods: list[str], tree_budgets: list[int | str],
-             drafts: Sequence[str | None] = (None,)) -> list[Variant]:
-    """Both baselines first (mlx-lm's tokens are the reference), then each method, per drafter and tree budget."""
+def variants(methods: list[str], tree_budgets: list[int | str], drafts: Sequence[str | None] = (None,),
+             logprobs: int | None = None) -> list[Variant]:
+    """Both baselines first (mlx-lm's tokens are the reference), then each method, per drafter and tree budget;
+    with `logprobs`, each of our methods again with log-probs on, beside the same run without."""
     plan = [MLX_LM, AR]
     for method in methods:
         for draft in drafts if method in DRAFTED else [None]:
             plan += [Variant(method, budget, draft) for budget in (tree_budgets if method == "ddtree" else [None])]
+    if logprobs is not None:
+        plan += [replace(v, logprobs=logprobs) for v in plan if v.method in ("ar", *DRAFTED)]
     return list(dict.fromkeys(plan))  # ar asked for again runs once
 
 

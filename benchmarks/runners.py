@@ -39,6 +39,7 @@ def run_ours(setup: Setup, prompt: list[int], truth: list[int] | None, variant: 
     return generate_ddtree_once(target_model=setup.target, draft_model=drafter, prompt_tokens=prompt,
                                 max_new_tokens=max_tokens, stop_token_ids=setup.stop_token_ids,
                                 method=variant.method, config=config, temperature=temp, seed=seed,
+                                logprobs=variant.logprobs,
                                 prompt_cache=setup.prefills.ours if setup.prefills else None)
 
 
