@@ -38,11 +38,12 @@ CXX = os.environ.get("CXX", "g++")
 # dtype name -> (Metal type name as MLX spells it, numpy storage dtype). bfloat16 travels as uint16 bits.
 DTYPES = {
     "float32": ("float", np.float32),
+    "float16": ("half", np.float16),
     "bfloat16": ("bfloat16_t", np.uint16),
     "int32": ("int32_t", np.int32),
     "uint32": ("uint32_t", np.uint32),
 }
-POISON = {"float32": np.float32(np.nan), "bfloat16": np.uint16(0x7FC0), "int32": np.int32(-1),
+POISON = {"float32": np.float32(np.nan), "float16": np.float16(np.nan), "bfloat16": np.uint16(0x7FC0), "int32": np.int32(-1),
           "uint32": np.uint32(0xFFFFFFFF)}
 
 # Builtin attributes MLX declares when a body mentions them (in MLX's order; the quadgroup ones are not emulated).
@@ -124,15 +125,23 @@ def _compiler_id() -> str:
     return CXX + subprocess.run([CXX, "--version"], capture_output=True, text=True, check=True).stdout
 
 
+# MLX's signature (mx.fast.metal_kernel's write_signature): an input array of fewer than this many elements is passed
+# in `constant` memory, others in `device` memory, a 0-d input (a Python scalar) by `constant` reference.
+CONSTANT_BELOW = 8
+PARAMS = {"in": "const device {t}* {n}", "constant": "const constant {t}* {n}", "scalar": "const constant {t}& {n}",
+          "out": "device {t}* {n}"}
+
+
 def _generate(source: str, source_name: str, args: list[tuple[str, str, str]], template: list[tuple[str, object]]):
-    """C++ for one instantiation. args: (name, metal type, kind) with kind 'in', 'scalar' or 'out'."""
+    """C++ for one instantiation. args: (name, metal type, kind) with kind 'in', 'constant', 'scalar' or 'out',
+    written as MLX writes them (metal_compat.h keeps `constant` apart from `device`, so g++ rejects a device pointer
+    taken from a constant array, as Metal does)."""
     for name, _, kind in args:
         if kind != "scalar" and re.search(rf"\b{name}_(shape|strides|ndim)\b", source):
             raise NotImplementedError(f"{name}_shape/_strides/_ndim are not emulated; pass sizes as template values")
     params = []
     for name, ctype, kind in args:
-        params.append({"in": f"const device {ctype}* {name}", "scalar": f"const constant {ctype}& {name}",
-                       "out": f"device {ctype}* {name}"}[kind])
+        params.append(PARAMS[kind].format(t=ctype, n=name))
     if UNSUPPORTED.search(source):
         raise NotImplementedError(f"harness: {UNSUPPORTED.search(source).group(0)} is not emulated")
     attributes = [(name, ctype) for name, ctype in ATTRIBUTES if name in source]
@@ -198,10 +207,10 @@ def run_kernel(source, inputs, outputs, template, grid, threadgroup, source_name
     for name, value, dtype in inputs:
         if dtype is None:  # a scalar, passed by reference like MLX's `const constant int& name`
             is_int = isinstance(value, (int, np.integer))
-            args.append((name, "int" if is_int else "float", "scalar"))
+            args.append((name, "int32_t" if is_int else "float", "scalar"))
             data.append(np.asarray(value, np.int32 if is_int else np.float32))
         else:
-            args.append((name, DTYPES[dtype][0], "in"))
+            args.append((name, DTYPES[dtype][0], "constant" if np.size(value) < CONSTANT_BELOW else "in"))
             data.append(_storage(value, dtype))
     for name, shape, dtype in outputs:
         args.append((name, DTYPES[dtype][0], "out"))
@@ -236,7 +245,8 @@ def cpu_metal_kernel(*, name, input_names, output_names, source):
     ddtree_mlx.kernels.kernel_maker looks, and the engine's dispatch runs the real kernel bodies here."""
     import mlx.core as mx
 
-    names = {mx.float32: "float32", mx.bfloat16: "bfloat16", mx.int32: "int32", mx.uint32: "uint32"}
+    names = {mx.float32: "float32", mx.bfloat16: "bfloat16", mx.float16: "float16", mx.int32: "int32",
+             mx.uint32: "uint32"}
 
     def numpy_of(value):
         if not isinstance(value, mx.array):

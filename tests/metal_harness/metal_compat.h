@@ -56,7 +56,15 @@ struct bfloat16_t {
     std::memcpy(&f, &u, 4);
     return f;
   }
+  operator float() const volatile {  // read through a `constant` pointer (see the address spaces below)
+    return static_cast<float>(bfloat16_t(*this));
+  }
+  bfloat16_t(const volatile bfloat16_t& other) : bits(other.bits) {}
+  bfloat16_t(const bfloat16_t& other) = default;
+  bfloat16_t& operator=(const bfloat16_t& other) = default;
 };
+
+typedef _Float16 half;  // IEEE binary16, as Metal's half (GCC on x86-64 and arm64)
 
 namespace metal {
 using std::abs, std::exp, std::exp2, std::fabs, std::fma, std::log, std::sqrt, std::tanh;
@@ -361,8 +369,11 @@ inline void threadgroup_barrier(mem_flags) {
 #endif  // HARNESS_SYNC
 
 // Metal address spaces and qualifiers. Defined last so that nothing above is affected. `threadgroup` storage is
-// per worker thread, which is per threadgroup because a worker runs one threadgroup at a time.
+// per worker thread, which is per threadgroup because a worker runs one threadgroup at a time. `constant` is
+// emulated by `volatile`: like Metal, C++ then refuses to turn a pointer into constant memory into a plain (device)
+// pointer, so a body that takes a device pointer from an input MLX passes in constant memory (fewer than 8
+// elements) fails to compile here as it would on a Mac.
 #define device
-#define constant
+#define constant volatile
 #define threadgroup static thread_local
 #define METAL_FUNC inline
