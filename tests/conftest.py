@@ -1,15 +1,44 @@
 import os
 import sys
+from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
+OPENBLAS = os.environ.get("DDTREE_OPENBLAS", "1")  # read before the scrub below (see pytest_configure)
 # Tests pass every setting explicitly; a developer's DDTREE_* environment must not change what they check.
 for name in [n for n in os.environ if n.startswith("DDTREE_") and n != "DDTREE_CACHE_DIR"]:
     del os.environ[name]
 
 # One converted embedded model per checkout, reused across test runs (a developer's own cache dir wins).
 os.environ.setdefault("DDTREE_CACHE_DIR", os.path.join(os.path.dirname(__file__), "..", ".pytest_cache", "ddtree"))
+
+
+def pytest_configure(config):
+    """Run on Debian's OpenBLAS where it is installed, as `ddtree-mlx` and benchmark.py do (blas.use_openblas
+    re-runs the command with it preloaded, OPENBLAS_NUM_THREADS=1): MLX's Linux CPU wheel multiplies on a
+    reference BLAS ~25x slower, minutes of the real-model tests. DDTREE_OPENBLAS=0 keeps MLX's own BLAS. Only a
+    pytest command line is re-run, never pytest.main() inside another program."""
+    import platform
+
+    from ddtree_mlx import blas
+    from ddtree_mlx.config import parse_bool
+
+    command = Path(sys.argv[0])
+    if (not parse_bool("DDTREE_OPENBLAS", OPENBLAS) or platform.system() != "Linux"
+            or "openblas" in os.environ.get("LD_PRELOAD", "").lower() or not Path(blas.OPENBLAS).exists()
+            or not (command.name in ("pytest", "py.test") or command.parent.name == "pytest")):
+        return
+    capture = config.pluginmanager.getplugin("capturemanager")
+    if capture is not None:
+        capture.stop_global_capturing()  # the re-run writes to the terminal, not to this run's capture files
+    blas.use_openblas(True)
+
+
+def pytest_report_header(config):
+    from ddtree_mlx.blas import blas_name
+
+    return f"BLAS: {blas_name()}"
 
 
 def pytest_terminal_summary(terminalreporter):
@@ -44,3 +73,20 @@ def fresh_acceptance(monkeypatch):
     from ddtree_mlx.engine import generate
 
     monkeypatch.setattr(generate, "LEARNED", {})
+
+
+@pytest.fixture
+def fresh_kernels(monkeypatch, tmp_path):
+    """A process that has built and checked no Metal kernel yet (a new guard, nothing prepared, no compiled kernel
+    kept); returns a configuration that keeps kernel verdicts under tmp_path, never in the user's cache."""
+    from ddtree_mlx import DDTreeConfig
+    from ddtree_mlx.cli import doctor
+    from ddtree_mlx.kernels import dispatch, guard, metal
+
+    state = guard.Guard()
+    for module in (dispatch, doctor):
+        monkeypatch.setattr(module, "GUARD", state)
+    monkeypatch.setattr(dispatch, "_PREPARED", set())
+    metal._built.cache_clear()
+    yield DDTreeConfig(cache_dir=str(tmp_path))
+    metal._built.cache_clear()

@@ -8,8 +8,9 @@ rank 1 follows; rank 0 writes what came back beside mlx-lm's greedy decoding of 
 
 import json
 import os
+import random
 import sys
-import time
+import threading
 
 sys.path.insert(0, os.path.dirname(__file__))
 
@@ -18,6 +19,7 @@ from mlx.utils import tree_flatten  # noqa: E402
 from tiny import OracleDrafter, make_dflash, make_target, make_tokenizer, mlx_lm_greedy  # noqa: E402
 
 from ddtree_mlx import DDTreeConfig, PromptLookupDrafter, generate_ddtree_once  # noqa: E402
+from ddtree_mlx.engine import calibration  # noqa: E402
 from ddtree_mlx.engine.generate import stream_generate  # noqa: E402
 from ddtree_mlx.loading.sharding import pipeline, shard  # noqa: E402
 from ddtree_mlx.serving import generation as server_module  # noqa: E402
@@ -50,6 +52,10 @@ class Counted:
 
 def main(out: str) -> None:
     group = mx.distributed.init()
+    # A sharded target measures its verify costs on every start, every rank keeping rank 0's numbers and decisions:
+    # here one round of a short grid, and a short long context, so each "auto" case measures in a fraction of a
+    # second.
+    calibration.REPEATS, calibration.TIME_BUDGET, calibration.LONG_BUDGET, calibration.LONG_CONTEXT = 1, 0.3, 0.0, 256
     rows = []
     for sharding, family, budget, drafter in CASES:
         whole = make_target(family)
@@ -90,7 +96,7 @@ class Hanging:
     def draft(self, *args):
         self.calls += 1
         if self.rank == 1 and self.calls == 3:
-            time.sleep(3600)
+            threading.Event().wait()  # never set: stuck for good
         return self.inner.draft(*args)
 
 
@@ -129,9 +135,21 @@ def leave_stream(port: int, body: dict, events: int) -> None:
             received += client.recv(4096)
 
 
-def serve(out: str) -> None:
-    import threading
+class SeededOs:
+    """The os module with urandom drawn from a seeded generator: the seed rank 0 draws for an unseeded request
+    is then the same on every run (rank 1 must still take rank 0's, never draw its own)."""
 
+    def __init__(self, seed: int):
+        self.rng = random.Random(seed)
+
+    def __getattr__(self, name):
+        return getattr(os, name)
+
+    def urandom(self, size: int) -> bytes:
+        return self.rng.randbytes(size)
+
+
+def serve(out: str) -> None:
     group = mx.distributed.init()
     tokenizer = make_tokenizer()
     model = shard(make_target("qwen3_5"), group)
@@ -151,6 +169,7 @@ def serve(out: str) -> None:
         with open(f"{out}.1", "w") as file:
             json.dump({"generations": generations}, file)
         return
+    server_module.os = SeededOs(0)
     server = make_server(model, tokenizer, PromptLookupDrafter(), **settings)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     port, rows = server.server_address[1], []

@@ -15,15 +15,19 @@ PROMPT = [3, 17, 42, 9, 100, 5]
 
 @pytest.fixture
 def fresh(tmp_path, monkeypatch):
-    """An empty disk cache and no costs remembered in memory."""
-    monkeypatch.setenv("DDTREE_CACHE_DIR", str(tmp_path))
+    """A configuration whose disk cache is empty (never the user's own), and no costs remembered in memory."""
     monkeypatch.setattr(calibration, "_MEMORY", {})
-    return tmp_path / "calibration"
+    return DDTreeConfig(cache_dir=str(tmp_path))
+
+
+def saved(config):
+    """The curves on disk."""
+    return list((config.cache_path / "calibration").glob("*.json"))
 
 
 def test_measuring_a_real_target(monkeypatch):
     target = adapter_for(make_target("qwen3_5"))
-    monkeypatch.setattr(calibration, "TIME_BUDGET", 60.0)  # a cold process's first verifies compile: not a slow machine
+    monkeypatch.setattr(calibration, "TIME_BUDGET", float("inf"))  # the whole grid, however busy the machine
     costs = calibration.measure(target, sizes=(1, 4, 16))
     assert costs.sizes == (1, 4, 16) and all(s > 0 for s in costs.seconds)
     monkeypatch.setattr(calibration, "TIME_BUDGET", 0.0)  # a slow machine: the grid stops after two sizes
@@ -60,11 +64,11 @@ def test_the_long_context_measures_what_each_context_token_adds(monkeypatch, fam
 def test_measured_once_then_read_from_disk(fresh, monkeypatch):
     target = adapter_for(make_target("llama"))
     monkeypatch.setattr(calibration, "measure", lambda target, config: VerifyCosts((1, 2), (1.0, 1.5), (1e-6, 0, 0)))
-    assert calibration.verify_costs(target).seconds == (1.0, 1.5)
-    [saved] = fresh.glob("*.json")
+    assert calibration.verify_costs(target, fresh).seconds == (1.0, 1.5)
+    [curve] = saved(fresh)
     monkeypatch.setattr(calibration, "_MEMORY", {})
     monkeypatch.setattr(calibration, "measure", lambda target, config: pytest.fail("measured again"))
-    assert calibration.verify_costs(target) == VerifyCosts((1, 2), (1.0, 1.5), (1e-6, 0, 0))
+    assert calibration.verify_costs(target, fresh) == VerifyCosts((1, 2), (1.0, 1.5), (1e-6, 0, 0))
     for broken in ("{not json", json.dumps({"format": 99, "sizes": [1, 2], "seconds": [1.0, 2.0]}),
                    json.dumps({"format": calibration.FORMAT, "sizes": [1], "seconds": [1.0]}),
                    json.dumps({"format": calibration.FORMAT, "sizes": [2, 1], "seconds": [1.0, 2.0]}),
@@ -72,33 +76,33 @@ def test_measured_once_then_read_from_disk(fresh, monkeypatch):
                    json.dumps({"format": calibration.FORMAT, "sizes": [1, 2], "seconds": [1.0, 2.0]}),
                    json.dumps({"format": calibration.FORMAT, "sizes": [1, 2], "seconds": [1.0, 2.0],
                                "per_token": [1e-6, -1e-6, 0.0]})):
-        saved.write_text(broken)
+        curve.write_text(broken)
         monkeypatch.setattr(calibration, "_MEMORY", {})
         monkeypatch.setattr(calibration, "measure", lambda target, config: VerifyCosts((1, 2), (1.0, 1.2)))
-        assert calibration.verify_costs(target).seconds == (1.0, 1.2)  # measured again, no error
+        assert calibration.verify_costs(target, fresh).seconds == (1.0, 1.2)  # measured again, no error
 
 
-def test_a_curve_measured_on_a_busy_machine_is_not_kept(fresh, monkeypatch, capsys):
+def test_a_curve_measured_on_a_busy_machine_is_not_kept(fresh, monkeypatch, caplog):
     """A tree verified faster than a plain step (another job slowed the plain steps) is used for this process
     only, with a warning, and measured again by the next; such a file on disk counts as broken."""
     target = adapter_for(make_target("llama"))
     busy = VerifyCosts((1, 2, 3), (0.125, 0.115, 0.1))
     monkeypatch.setattr(calibration, "measure", lambda target, config: busy)
-    assert calibration.verify_costs(target) == busy
-    assert "busy" in capsys.readouterr().err and not list(fresh.glob("*.json"))
+    assert calibration.verify_costs(target, fresh) == busy
+    assert "busy" in caplog.text and not saved(fresh)
     monkeypatch.setattr(calibration, "_MEMORY", {})
     monkeypatch.setattr(calibration, "measure", lambda target, config: VerifyCosts((1, 2, 3), (0.1, 0.115, 0.125)))
-    assert calibration.verify_costs(target).seconds == (0.1, 0.115, 0.125)
-    [saved] = fresh.glob("*.json")
+    assert calibration.verify_costs(target, fresh).seconds == (0.1, 0.115, 0.125)
+    [curve] = saved(fresh)
     for busy_at_length in ([0.125, 0.115, 0.1], [0.0, 0.0, 0.0]), ([0.1, 0.115, 0.125], [1e-3, 2e-5, 1e-6]):
         # Busy after the grid's prompt; or after the long context, where a plain step cost more per context token
         # than a tree of 2 or 3 nodes (seen: 1.05 ms per token for a plain step, 0.02 ms for a tree).
         seconds, per_token = busy_at_length
-        saved.write_text(json.dumps({"format": calibration.FORMAT, "sizes": [1, 2, 3], "seconds": seconds,
+        curve.write_text(json.dumps({"format": calibration.FORMAT, "sizes": [1, 2, 3], "seconds": seconds,
                                      "per_token": per_token}))
         monkeypatch.setattr(calibration, "_MEMORY", {})
         monkeypatch.setattr(calibration, "measure", lambda target, config: VerifyCosts((1, 2, 3), (0.1, 0.115, 0.125)))
-        assert calibration.verify_costs(target).per_token == (0.0, 0.0, 0.0)  # the busy file: measured again
+        assert calibration.verify_costs(target, fresh).per_token == (0.0, 0.0, 0.0)  # the busy file: measured again
 
 
 def test_the_key_follows_what_the_cost_depends_on(monkeypatch):
@@ -118,11 +122,10 @@ def test_auto_uses_the_measured_costs_and_stays_lossless(fresh, monkeypatch):
     sizes = {}
     for name, node in (("dear", 0.8), ("cheap", 0.01)):  # what one more node costs, in one-token verifies
         monkeypatch.setattr(calibration, "_MEMORY", {})
-        monkeypatch.setenv("DDTREE_CACHE_DIR", str(fresh / name))
         monkeypatch.setattr(calibration, "measure", lambda target, config: VerifyCosts((1, 2), (1.0, 1.0 + node)))
+        config = fresh.replace(tree_budget="auto", max_tree_budget=16, cache_dir=str(fresh.cache_path / name))
         result = generate_ddtree_once(target_model=model, draft_model=OracleDrafter(PROMPT + expected),
-                                      prompt_tokens=PROMPT, max_new_tokens=24, stop_token_ids=[],
-                                      config=DDTreeConfig(tree_budget="auto", max_tree_budget=16))
+                                      prompt_tokens=PROMPT, max_new_tokens=24, stop_token_ids=[], config=config)
         assert result["generated_token_ids"] == expected
         assert result["calibration"]["seconds"] == [1.0, 1.0 + node]
         sizes[name] = max(result["tree_sizes"])
@@ -158,6 +161,6 @@ def test_trees_verified_at_a_cheaper_bigger_size_stay_lossless(fresh, monkeypatc
     monkeypatch.setattr(calibration, "measure", lambda target, config: VerifyCosts((1, 2, 8), (1.0, 1.5, 1.2)))
     result = generate_ddtree_once(target_model=model, draft_model=OracleDrafter(PROMPT + expected),
                                   prompt_tokens=PROMPT, max_new_tokens=24, stop_token_ids=[],
-                                  config=DDTreeConfig(tree_budget="auto", max_tree_budget=4))
+                                  config=fresh.replace(tree_budget="auto", max_tree_budget=4))
     assert result["generated_token_ids"] == expected
     assert set(rows) <= {1, 8} and 8 in rows and max(result["tree_sizes"]) == 4

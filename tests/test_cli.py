@@ -73,6 +73,7 @@ def test_unknown_dflash_drafter_exits_2(capsys):
     assert "no DFlash drafter is known for someone/unknown-model" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @needs_embedded
 def test_generate_streams_text_and_stats(capsys, embedded_cache):
     code = main(["generate", "--max-tokens", "12", "List three colors."])

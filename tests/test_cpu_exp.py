@@ -17,8 +17,7 @@ def ulps(got: np.ndarray, x: np.ndarray) -> np.ndarray:
 def test_within_one_ulp_of_float64_wherever_the_result_is_a_normal_float():
     x = np.linspace(-87.3, 88.0, 3_000_001, dtype=np.float32)
     err = ulps(np.array(cpu_exp.exp(mx.array(x), ZERO)), x)
-    assert err.max() <= 1.0
-    assert err.max() < ulps(np.array(mx.exp(mx.array(x))), x).max()  # MLX's own CPU exp is further off
+    assert err.max() <= 1.0  # the stated bound: one float32 ulp of e ** x computed in float64
 
 
 def test_scores_of_any_shape_less_their_row_maximum_and_the_ends_of_the_range():

@@ -146,7 +146,9 @@ def test_readme_documents_every_setting():
 
 
 def test_budget_setting(monkeypatch):
-    assert DDTreeConfig.from_env().tree_budget == "auto" and DDTreeConfig().tree_cap == 32
+    default = DDTreeConfig()  # auto sizes trees up to DDTREE_MAX_TREE_BUDGET, whatever its default
+    assert DDTreeConfig.from_env().tree_budget == "auto" and default.tree_cap == default.max_tree_budget
+    assert DDTreeConfig(max_tree_budget=5).tree_cap == 5
     for bad in ("cheap", "0", "-3", "8.5"):
         monkeypatch.setenv("DDTREE_TREE_BUDGET", bad)
         with pytest.raises(ValueError, match=f"DDTREE_TREE_BUDGET='{bad}' is not a tree budget; set it to 'auto'"):

@@ -6,17 +6,17 @@ import pytest
 from metal_harness import harness as H
 from tiny import OracleDrafter, greedy_reference, make_target
 
-from ddtree_mlx import DDTreeConfig, generate_ddtree_once
-from ddtree_mlx.kernels import check as kernel_check
+from ddtree_mlx import generate_ddtree_once
 from ddtree_mlx.kernels import dispatch as kernels
 from ddtree_mlx.kernels.metal import LevelPlan
+from ddtree_mlx.models.registry import adapter_for
 
 pytestmark = pytest.mark.skipif(not H.harness_available(), reason=f"no C++ compiler ({H.CXX}) for the harness")
 PROMPT = [3, 17, 42, 9, 100, 5]
 
 
 @pytest.fixture
-def launches(monkeypatch):
+def launches(monkeypatch, fresh_kernels):
     """Route kernel_maker to the harness and count which kernels run."""
     seen = []
 
@@ -24,12 +24,8 @@ def launches(monkeypatch):
         seen.append(spec["name"])
         return H.cpu_metal_kernel(**spec)
 
-    kernels._built.cache_clear()
-    kernel_check.check.cache_clear()
     monkeypatch.setattr(kernels, "kernel_maker", lambda: maker)
-    yield seen
-    kernels._built.cache_clear()
-    kernel_check.check.cache_clear()
+    return seen
 
 
 @pytest.fixture(scope="module")
@@ -38,29 +34,30 @@ def target():
 
 
 @pytest.mark.parametrize("budget", [1, 6, 16])
-def test_engine_with_harness_kernels_matches_greedy(launches, target, budget, monkeypatch):
-    assert kernels.kernel_path(DDTreeConfig()) == "metal"  # the self-checks run first (they build plans too)
+def test_engine_with_harness_kernels_matches_greedy(launches, fresh_kernels, target, budget, monkeypatch):
+    config = fresh_kernels.replace(tree_budget=budget)
+    kernels.prepare(adapter_for(target).kernel_shapes(), config)  # the self-checks first (they build plans too)
+    assert kernels.kernel_path(config) == "metal"
     plans = []
     monkeypatch.setattr(LevelPlan, "of", lambda parents, of=LevelPlan.of: plans.append(1) or of(parents))
     expected = greedy_reference(target, PROMPT, 24)
     result = generate_ddtree_once(target_model=target, draft_model=OracleDrafter(PROMPT + expected, seed=budget),
-                                  prompt_tokens=PROMPT, max_new_tokens=24, stop_token_ids=[], tree_budget=budget)
+                                  prompt_tokens=PROMPT, max_new_tokens=24, stop_token_ids=[], config=config)
     assert result["generated_token_ids"] == expected
     assert set(launches) == {"ddtree_tree_gated_delta", "ddtree_tree_conv1d"}
     assert result["cycles"] < 24
     assert len(plans) == result["cycles"]  # the level schedule is built once per verify, not once per layer
 
 
-def test_kernel_switches_fall_back_to_the_twin(launches, target):
+def test_kernel_switches_fall_back_to_the_twin(launches, fresh_kernels, target):
     expected = greedy_reference(target, PROMPT, 8)
-    config = DDTreeConfig(tree_budget=4, tree_kernel=False, tree_conv_kernel=False)
+    config = fresh_kernels.replace(tree_budget=4, tree_kernel=False, tree_conv_kernel=False)
     result = generate_ddtree_once(target_model=target, draft_model=OracleDrafter(PROMPT + expected), config=config,
                                   prompt_tokens=PROMPT, max_new_tokens=8, stop_token_ids=[])
     assert result["generated_token_ids"] == expected and launches == []
 
 
-def test_kernel_verify_equals_twin_verify(launches, target):
-    from ddtree_mlx.models.registry import adapter_for
+def test_kernel_verify_equals_twin_verify(launches, fresh_kernels, target):
     from ddtree_mlx.tree.draft_tree import DraftTree
 
     adapter = adapter_for(target)
@@ -71,7 +68,7 @@ def test_kernel_verify_equals_twin_verify(launches, target):
     for use_kernels in (True, False):
         cache = adapter.make_cache()
         adapter.forward(mx.array(PROMPT), cache, [])
-        config = DDTreeConfig(tree_kernel=use_kernels, tree_conv_kernel=use_kernels)
+        config = fresh_kernels.replace(tree_kernel=use_kernels, tree_conv_kernel=use_kernels)
         out = adapter.verify(tree, cache, [1], config)
         for capture, entry in zip(out.captures, cache):
             capture.commit(entry, mx.array([0, 1, 3, 4]))
@@ -80,37 +77,33 @@ def test_kernel_verify_equals_twin_verify(launches, target):
         assert mx.allclose(with_kernel, with_twin, rtol=1e-5, atol=1e-5).item()
 
 
-def _generate(target, budget=6, tokens=16):
+def _generate(target, config, budget=6, tokens=16):
     expected = greedy_reference(target, PROMPT, tokens)
     result = generate_ddtree_once(target_model=target, draft_model=OracleDrafter(PROMPT + expected, seed=budget),
-                                  prompt_tokens=PROMPT, max_new_tokens=tokens, stop_token_ids=[], tree_budget=budget)
+                                  prompt_tokens=PROMPT, max_new_tokens=tokens, stop_token_ids=[],
+                                  config=config.replace(tree_budget=budget))
     assert result["generated_token_ids"] == expected
     return result
 
 
-def test_kernels_that_pass_their_self_check_run(launches, target, recwarn):
-    result = _generate(target)
-    assert result["kernels"] == "metal" and not [w for w in recwarn if "self-check" in str(w.message)]
+def test_kernels_that_pass_their_self_check_run(launches, fresh_kernels, target, recwarn):
+    result = _generate(target, fresh_kernels)
+    assert result["kernels"] == "metal" and not [w for w in recwarn if "failed" in str(w.message)]
+    assert kernels.GUARD.checks and all(check.ok for check in kernels.GUARD.checks.values())
 
 
-def _broken(monkeypatch, maker):
-    kernels._built.cache_clear()
-    kernel_check.check.cache_clear()
-    monkeypatch.setattr(kernels, "kernel_maker", lambda: maker)
-
-
-def test_a_kernel_that_does_not_build_leaves_the_twin_running(target, monkeypatch):
+def test_a_kernel_that_does_not_build_leaves_the_twin_running(fresh_kernels, target, monkeypatch):
     def maker(**spec):
         raise RuntimeError("[metal::Device] Unable to build metal library from source")
 
-    _broken(monkeypatch, maker)
-    with pytest.warns(RuntimeWarning, match="ddtree_tree_gated_delta failed its self-check.*could not build"):
-        result = _generate(target)
-    assert result["kernels"] == "twin"
+    monkeypatch.setattr(kernels, "kernel_maker", lambda: maker)
+    with pytest.warns(RuntimeWarning, match="ddtree_tree_(gated_delta|conv1d) failed.*could not build"):
+        result = _generate(target, fresh_kernels)
+    assert result["kernels"] == "twin" and set(kernels.GUARD.off) == {"ddtree_tree_gated_delta", "ddtree_tree_conv1d"}
 
 
 @pytest.mark.parametrize("kernel", ["ddtree_tree_gated_delta", "ddtree_tree_conv1d"])
-def test_a_kernel_with_wrong_numbers_leaves_the_twin_running(target, monkeypatch, kernel):
+def test_a_kernel_with_wrong_numbers_leaves_the_twin_running(fresh_kernels, target, monkeypatch, kernel):
     """The self-check really runs the kernel: one that is off by a little in its first output is caught (a check
     comparing the twin with itself would pass it), only that kernel is dropped, and the output stays exact."""
     runs = []
@@ -127,9 +120,9 @@ def test_a_kernel_with_wrong_numbers_leaves_the_twin_running(target, monkeypatch
 
         return wrong
 
-    _broken(monkeypatch, maker)
+    monkeypatch.setattr(kernels, "kernel_maker", lambda: maker)
     switch = "DDTREE_TREE_KERNEL" if kernel == "ddtree_tree_gated_delta" else "DDTREE_TREE_CONV_KERNEL"
-    with pytest.warns(RuntimeWarning, match=f"{kernel} failed its self-check.*{switch}=0"):
-        result = _generate(target)
+    with pytest.warns(RuntimeWarning, match=f"{kernel} failed.*{switch}=0"):
+        result = _generate(target, fresh_kernels)
     assert runs and result["kernels"] == "metal+twin"
-    assert not kernel_check.check(maker, kernel).ok
+    assert set(kernels.GUARD.off) == {kernel}  # only that kernel is dropped

@@ -100,6 +100,7 @@ def sample_counts(model, temperature, top_p, runs=RUNS):
     return counts, branches
 
 
+@pytest.mark.slow  # 1,500 sampled generations
 @pytest.mark.parametrize("family", ["qwen3_5", "llama"])
 @pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.9)])
 def test_joint_distribution_of_first_tokens_matches_target(family, temperature, top_p):
@@ -110,6 +111,7 @@ def test_joint_distribution_of_first_tokens_matches_target(family, temperature, 
     assert not rejects, f"chi-square {statistic:.1f} > {critical:.1f} (dof {dof})"
 
 
+@pytest.mark.slow  # 600 sampled generations
 def test_a_biased_walk_is_detected(monkeypatch):
     """The same test with a walk that takes the drafter's first child whenever the draw misses: must reject."""
     def biased_walk(tree, target_tokens):

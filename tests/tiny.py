@@ -149,6 +149,38 @@ def assert_lossless(got: list[int], reference: Reference, exact: bool, label: st
     COMPARED.append((label, first, margin))
 
 
+class FakeClock:
+    """A clock for the engine instead of time.perf_counter (`install` puts it where cycles and verifies are timed):
+    it moves only by what a test charges (`advance`, e.g. per target step), plus a microsecond per reading so that
+    no interval is zero. What DDTREE_TREE_BUDGET=auto decides from the cycles' times is then the same on every run,
+    whatever else the machine is doing."""
+
+    TICK = 1e-6
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        self.now += self.TICK
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+    def __getattr__(self, name):  # anything else of the time module stays real
+        import time
+
+        return getattr(time, name)
+
+    def install(self, monkeypatch) -> "FakeClock":
+        from ddtree_mlx.engine import session
+        from ddtree_mlx.models import verify
+
+        for module in (session, verify):
+            monkeypatch.setattr(module, "time", self)
+        return self
+
+
 def OracleDrafter(truth, block_size=8, seed=0, rank_weights=(0.55, 0.2, 0.1, 0.15)):
     """The scripted drafter with the tests' default ranks: true token 1st, 2nd, 3rd or absent."""
     return ScriptedDrafter(truth, block_size=block_size, rank_weights=rank_weights, seed=seed)
