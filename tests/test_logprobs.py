@@ -11,14 +11,13 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from openai import BadRequestError, OpenAI
-from tiny import FakeClock, OracleDrafter, make_dflash, make_target, make_tokenizer, mlx_lm_greedy
+from tiny import OracleDrafter, make_dflash, make_target, make_tokenizer, mlx_lm_greedy, target_time
 
 from ddtree_mlx import DDTreeConfig, generate_ddtree_once, stream_generate
 from ddtree_mlx.engine import generate as generate_module
 from ddtree_mlx.engine import logprobs as logprobs_module
 from ddtree_mlx.engine import session as session_module
 from ddtree_mlx.engine.logprobs import TokenLogprob
-from ddtree_mlx.models.registry import adapter_for
 from ddtree_mlx.serving.http import make_server
 from ddtree_mlx.serving.logprobs import Carried
 from ddtree_mlx.serving.text import TextStream
@@ -28,7 +27,6 @@ mlx_lm_generate = importlib.import_module("mlx_lm.generate")
 PROMPT = [3, 17, 42, 9, 100, 5, 61, 17, 42]
 NEW_TOKENS = 32
 TOP = 5
-STEP, NODE = 0.01, 0.0006  # the fixed calibration curve conftest installs: what a step and a tree node cost
 
 _targets, _greedy = {}, {}
 
@@ -43,26 +41,6 @@ def greedy(family, form):
     if (family, form) not in _greedy:
         _greedy[family, form] = mlx_lm_greedy(target(family, form), PROMPT, NEW_TOKENS).tokens
     return _greedy[family, form]
-
-
-def fake_time(monkeypatch, model):
-    """tree_budget="auto" decides from the cycles' times: on a fake clock on which every target call takes what
-    the fixed curve says, it decides the same on every run."""
-    clock = FakeClock().install(monkeypatch)
-    adapter = type(adapter_for(model))
-    step, verify = adapter.step, adapter.verify
-
-    def timed_step(*args, **kwargs):
-        clock.advance(STEP)
-        return step(*args, **kwargs)
-
-    def timed_verify(self, tree, *args, **kwargs):
-        if len(tree) > 1:
-            clock.advance(STEP + NODE * (len(tree) - 1))
-        return verify(self, tree, *args, **kwargs)
-
-    monkeypatch.setattr(adapter, "step", timed_step)
-    monkeypatch.setattr(adapter, "verify", timed_verify)
 
 
 def reference(model, tokens, prompt=PROMPT, **options):
@@ -116,7 +94,7 @@ def run(family, form, monkeypatch, budget, temperature=0.0, **kwargs):
     model = target(family, form)
     monkeypatch.setattr(generate_module, "LEARNED", {})  # what auto learned in other tests' generations
     if budget == "auto":
-        fake_time(monkeypatch, model)
+        target_time(monkeypatch, model)
     kwargs.setdefault("draft_model", OracleDrafter(PROMPT + greedy(family, form), seed=3))
     return generate_ddtree_once(target_model=model, prompt_tokens=PROMPT, max_new_tokens=NEW_TOKENS,
                                 stop_token_ids=[], tree_budget=budget, temperature=temperature, seed=7,

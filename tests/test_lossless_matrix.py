@@ -14,18 +14,18 @@ import pytest
 from tiny import (
     FORMS,
     NEAR_TIE,
-    FakeClock,
+    STEP,
     OracleDrafter,
     assert_lossless,
     make_dflash,
     make_target,
     mlx_lm_greedy,
+    target_time,
 )
 
 from ddtree_mlx import DDTreeConfig, PromptLookupDrafter, generate_ddtree_once, stream_generate
 from ddtree_mlx.engine import generate as generate_module
 from ddtree_mlx.engine import sizing
-from ddtree_mlx.models.registry import adapter_for
 
 FAMILIES = ["qwen3_5", "qwen3_5_moe", "qwen3", "llama"]
 PROMPT = [3, 17, 42, 9, 100, 5, 61, 17, 42]
@@ -238,28 +238,6 @@ def test_profile_verify_reports_layer_parts_without_changing_tokens():
 
 
 # --- automatic tree sizes, on a fake clock (what auto decides from the cycles' times is then the same every run) --
-
-STEP, NODE = 0.01, 0.0006  # a target step, and what each more tree node adds: the tests' fixed curve (conftest)
-
-
-def target_time(monkeypatch, model):
-    """A fake clock on which every target call takes what the tests' fixed calibration curve says it does."""
-    clock = FakeClock().install(monkeypatch)
-    adapter = type(adapter_for(model))
-    step, verify = adapter.step, adapter.verify
-
-    def timed_step(*args, **kwargs):
-        clock.advance(STEP)
-        return step(*args, **kwargs)
-
-    def timed_verify(self, tree, *args, **kwargs):
-        if len(tree) > 1:  # a one-node tree is a step
-            clock.advance(STEP + NODE * (len(tree) - 1))
-        return verify(self, tree, *args, **kwargs)
-
-    monkeypatch.setattr(adapter, "step", timed_step)
-    monkeypatch.setattr(adapter, "verify", timed_verify)
-    return clock
 
 
 @pytest.mark.parametrize("family", ["qwen3_5", "qwen3", "llama"])

@@ -181,6 +181,31 @@ class FakeClock:
         return self
 
 
+STEP, NODE = 0.01, 0.0006  # a target step, and what each more tree node adds: the tests' fixed curve (conftest)
+
+
+def target_time(monkeypatch, model) -> FakeClock:
+    """A fake clock on which every target call takes what the tests' fixed calibration curve says it does."""
+    from ddtree_mlx.models.registry import adapter_for
+
+    clock = FakeClock().install(monkeypatch)
+    adapter = type(adapter_for(model))
+    step, verify = adapter.step, adapter.verify
+
+    def timed_step(*args, **kwargs):
+        clock.advance(STEP)
+        return step(*args, **kwargs)
+
+    def timed_verify(self, tree, *args, **kwargs):
+        if len(tree) > 1:  # a one-node tree is a step
+            clock.advance(STEP + NODE * (len(tree) - 1))
+        return verify(self, tree, *args, **kwargs)
+
+    monkeypatch.setattr(adapter, "step", timed_step)
+    monkeypatch.setattr(adapter, "verify", timed_verify)
+    return clock
+
+
 def OracleDrafter(truth, block_size=8, seed=0, rank_weights=(0.55, 0.2, 0.1, 0.15)):
     """The scripted drafter with the tests' default ranks: true token 1st, 2nd, 3rd or absent."""
     return ScriptedDrafter(truth, block_size=block_size, rank_weights=rank_weights, seed=seed)
