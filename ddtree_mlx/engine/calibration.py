@@ -11,7 +11,7 @@ linearly past its last point); a tree is verified as the size, at least its own,
 context: padded to a bigger one where that is cheaper (`VerifyCosts.choose`). Then a plain step and two trees again
 after a long context, which says what every context token adds: to a plain step, to a tree, and to a tree per node
 (each node attends over the whole context; on this CPU, at 6K tokens, one more node costs ~20 ms where it cost
-~3 ms after 32; ~40 ms without the split attention of models/base.py). It is cached on disk per (model, dtype and
+~3 ms after 32; ~40 ms without the split attention of models/attention.py). It is cached on disk per (model, dtype and
 quantization, device, MLX version, BLAS, ddtree-mlx version); a cache file that is unreadable or of another format
 is measured again, never an error. What it cannot know (other work on the machine, the drafter) the cycles measure
 online.

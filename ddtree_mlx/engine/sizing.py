@@ -119,7 +119,7 @@ class TreeSizer:
     backoff: int = 1  # 2 ** (probes that failed in a row), up to PROBE_BACKOFF
     probing: bool = False  # this cycle drafts only to check whether drafting pays again
     peeks: list[Peek] = field(default_factory=list)  # peeked trees whose outcome is not known yet
-    group: Any = None  # tensor parallel: every rank decides from rank 0's timings (distributed.py)
+    group: Any = None  # tensor parallel: every rank decides from rank 0's timings (ranks.py)
     context: int = 0  # tokens in the cache: the prompt's length, then the last cycle's
 
     def __post_init__(self) -> None:

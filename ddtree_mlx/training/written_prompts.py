@@ -3,7 +3,7 @@
 A chat model asked for nothing, given only the start of a user turn (the chat template up to where the user's
 words would go), writes a user's request: sampled, such requests cover what the model has seen people ask
 (questions, tasks, code, writing) with no dataset behind them. The drafter then trains on the target's own answers
-to them (drafter_data.regenerate), which is what it must predict.
+to them (training/data.py, regenerate), which is what it must predict.
 
 Requests are sampled in seeded batches and appended to a JSON Lines file (`{"id", "prompt", "batch", "kept"}`),
 so an interrupted run resumes and gives the same file; duplicates, fragments and anything sharing a run of words

@@ -100,7 +100,7 @@ def _as_float32(x: np.ndarray, dtype: str) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Kernel sources (the launch specs live in ddtree_mlx.kernels, shared with the dispatcher).
+# Kernel sources (the launch specs live in ddtree_mlx.kernels.metal, shared with the dispatcher).
 
 
 def kernel_source(name: str) -> str:
@@ -242,7 +242,7 @@ def _launch_cpu(spec, inputs):
 
 def cpu_metal_kernel(*, name, input_names, output_names, source):
     """A stand-in for mx.fast.metal_kernel that runs the body on the CPU harness: put it where
-    ddtree_mlx.kernels.kernel_maker looks, and the engine's dispatch runs the real kernel bodies here."""
+    ddtree_mlx.kernels.dispatch.kernel_maker looks, and the engine's dispatch runs the real kernel bodies here."""
     import mlx.core as mx
 
     names = {mx.float32: "float32", mx.bfloat16: "bfloat16", mx.float16: "float16", mx.int32: "int32",
