@@ -214,24 +214,24 @@ class Session:
     def commit(self, tree: DraftTree, out: VerifyOutput, walk: Walk, target_tokens: mx.array) -> tuple[list[int], int]:
         """Install the accepted path's cache state from what verify captured, built on the device's walk before it
         is read; then read the path and the target's token after it (the bonus) and return both."""
-        scores = self.score(out, walk, target_tokens)
+        scoring = self.score(out, walk, target_tokens)  # arrays to read with the path; None with log-probs off
         if self.config.exact_commit and not out.committed:
-            path, bonus = self.read(walk, target_tokens, scores)
+            path, bonus = self.read(walk, target_tokens, scoring)
             _, hidden = self.target.forward(mx.array([tree.tokens[node] for node in path]), self.cache,
                                             self.capture_layers)
             self.sync(hidden, [entry.state for entry in self.cache])
         elif out.committed:  # a step wrote the cache itself: the next one will wait for it, as in mlx-lm
-            (path, bonus), hidden = self.read(walk, target_tokens, scores), out.hidden
+            (path, bonus), hidden = self.read(walk, target_tokens, scoring), out.hidden
         else:
             for capture, entry in zip(out.captures, self.cache):
                 capture.commit(entry, walk.nodes)
             hidden = None if out.hidden is None else out.hidden[walk.nodes]
             states = [entry.state for entry in self.cache]
-            path, bonus = self.read(walk, target_tokens, hidden, states, scores)  # skips None
+            path, bonus = self.read(walk, target_tokens, hidden, states, scoring)  # skips None
             self.target.trim_attention(self.cache, len(walk.nodes) - len(path))  # the padding's keys and values
             hidden = None if hidden is None else hidden[: len(path)]
         accepted = [tree.tokens[node] for node in path]
-        if scores is not None:
+        if scoring is not None:
             self.scored = self.scores.read(len(path))
         if self.drafter is not None:  # what the drafter has not seen yet (plain steps in between included)
             self.pending_tokens = self.pending_tokens + accepted

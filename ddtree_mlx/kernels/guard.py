@@ -11,8 +11,6 @@ from __future__ import annotations
 import warnings
 from typing import Any, Callable
 
-import mlx.core as mx
-
 from .check import VariantCheck, disagreement
 from .metal import SWITCHES, Variant
 
@@ -62,7 +60,6 @@ class Guard:
             detail = f"its first launch disagreed with the twin ({ratio:.3g}x the tolerance)"
         self.checks[str(variant)] = VariantCheck(str(variant), False, detail)
         self.switch_off(variant.kernel, f"{variant}: {detail}")
-        mx.eval(reference)
         return reference, False
 
 
