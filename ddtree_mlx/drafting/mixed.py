@@ -17,6 +17,8 @@ prompt lookup drafts alone, for free; the DFlash drafter reads the context it mi
 
 from __future__ import annotations
 
+import copy
+
 import mlx.core as mx
 import numpy as np
 
@@ -46,6 +48,10 @@ class LookupDFlashDrafter:
 
     def configure(self, config: DDTreeConfig) -> None:
         self.dflash.configure(config)
+
+    def fork(self) -> "LookupDFlashDrafter":
+        """One more generation's drafter (a batch's row): the same weights, its own context and history."""
+        return LookupDFlashDrafter(copy.copy(self.dflash), copy.copy(self.lookup), self.prior, self.alone_at)
 
     def reset(self, target: TargetAdapter, prompt_tokens: list[int]) -> None:
         self.dflash.reset(target, prompt_tokens)

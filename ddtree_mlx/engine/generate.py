@@ -3,6 +3,7 @@ Session (session.py) and yields the tokens its cycles commit; `generate_ddtree_o
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
@@ -96,14 +97,76 @@ def stream_generate(
     `logprobs` k in 0..20: each step also carries, per token, its exact log-probability under the target (the
     log-softmax of the target's logits given the true prefix, before temperature, top-p and top-k, as mlx-lm's
     generate_step gives them) and the k most likely tokens with theirs; None (the default) computes nothing."""
+    config = resolve_config(config, tree_budget)
+    sampling = SamplingParams(temperature, top_p, top_k, seed)
+    target = adapter_for(target_model)
+    drafter = as_drafter(draft_model) if draft_model is not None and method != "ar" else None
+    generation = open_generation(target, drafter, tokenizer,
+                                 prompt_tokens, max_new_tokens, config, method,
+                                 stop_token_ids=stop_token_ids, sampling=sampling,
+                                 prompt_cache=prompt_cache, prompt_checkpoints=prompt_checkpoints,
+                                 kv=KVQuantization(kv_bits, kv_group_size, quantized_kv_start), logprobs=logprobs)
+    return generation.run()
+
+
+def resolve_config(config: DDTreeConfig | None, tree_budget: int | str | None) -> DDTreeConfig:
+    """The run's configuration: explicit arguments win over `config`, then DDTREE_* env vars (at an entry point)."""
     if config is not None and not isinstance(config, DDTreeConfig):
         raise ValueError(f"config must be a DDTreeConfig (ddtree_mlx.DDTreeConfig(tree_budget=...)), got {type(config).__name__}")
     explicit = {"tree_budget": tree_budget} if tree_budget is not None else {}  # an int or "auto"
-    config = config.replace(**explicit) if config is not None else DDTreeConfig.from_env(**explicit)
-    sampling = SamplingParams(temperature, top_p, top_k, seed)
+    return config.replace(**explicit) if config is not None else DDTreeConfig.from_env(**explicit)
+
+
+@dataclass
+class Generation:
+    """A checked request with its session, ready to prefill: what stream_generate runs, and a batch's row."""
+
+    session: Session
+    prompt: list[int]
+    max_new_tokens: int
+    stops: set[int]
+    checkpoints: Sequence[int]
+    produced: int = 0  # tokens handed out so far
+
+    def run(self) -> Iterator[DecodeStep]:
+        # Sharded, a rank whose peer died would wait forever inside a collective: the watchdog bounds every step's
+        # wait (not the caller's time between steps).
+        session = self.session
+        watch = partial(watched, session.target.group, session.config.rank_timeout)
+        with watch():
+            new = [session.prefill(self.prompt, self.checkpoints)]
+        while True:
+            step = self.step(new)
+            yield step
+            if step.finish_reason:
+                return
+            session.more_steps = self.remaining > 1
+            with watch():
+                new = session.cycle()
+
+    @property
+    def remaining(self) -> int:
+        return self.max_new_tokens - self.produced
+
+    def step(self, new: list[int]) -> DecodeStep:
+        """What the caller gets of tokens a prefill or cycle committed: cut at the first stop token (kept) or at
+        the length limit, which end the generation."""
+        new, finish = _clip(new, self.remaining, self.stops)
+        self.produced += len(new)
+        self.session.stats.committed = self.produced - 1  # kept tokens from cycles: prefill gave the first
+        if finish:
+            self.session.remember()
+        scored = self.session.scored and self.session.scored[: len(new)]  # None when log-probs are off
+        return DecodeStep(new, self.session.stats, finish, scored)
+
+
+def open_generation(target: TargetAdapter, drafter: Drafter | None, tokenizer: Any, prompt_tokens: Any,
+                    max_new_tokens: int, config: DDTreeConfig, method: str, *, stop_token_ids: Sequence[int] | None,
+                    sampling: SamplingParams, prompt_cache: PromptCache | None, prompt_checkpoints: Sequence[int],
+                    kv: KVQuantization, logprobs: int | None) -> Generation:
+    """Check a request before any model work (ValueError naming the fix) and set up its session. `drafter` is
+    reset for this prompt: it must be this generation's own (a batch forks one per row)."""
     logprobs = check_logprobs(logprobs)
-    target = adapter_for(target_model)
-    kv = KVQuantization(kv_bits, kv_group_size, quantized_kv_start)
     kv.check(target.head_dim)
     prompt = _validate(target, prompt_tokens, max_new_tokens, method)
     stops = _stop_ids(tokenizer, stop_token_ids, target.vocab_size)
@@ -111,14 +174,14 @@ def stream_generate(
     if room <= 0:
         raise ValueError(f"the prompt has {len(prompt)} tokens and the model's context is {target.context_length}; "
                          "shorten the prompt")
-    drafter = None
     if method != "ar":
-        if draft_model is None:
+        if drafter is None:
             raise ValueError(f"method {method!r} needs a draft_model; pass one, or use method='ar'")
-        drafter = as_drafter(draft_model)
         if hasattr(drafter, "configure"):
             drafter.configure(config)
         drafter.reset(target, prompt)
+    else:
+        drafter = None
     cache = target.make_cache()
     target.check_cache(cache)
     max_new_tokens = min(max_new_tokens, room)  # generation ends with the context: "length"
@@ -127,7 +190,7 @@ def stream_generate(
     session = Session(target=target, drafter=drafter, config=config, method=method, cache=cache,
                       choose=TokenChooser(sampling), stats=GenerationStats(prompt_tokens=len(prompt), sizer=sizer),
                       prompt_cache=prompt_cache, kv=kv, logprobs=logprobs)
-    return _run(session, prompt, max_new_tokens, stops, prompt_checkpoints)
+    return Generation(session, prompt, max_new_tokens, stops, prompt_checkpoints)
 
 
 def tree_sizer_for(target: TargetAdapter, config: DDTreeConfig, method: str, drafter: Drafter | None,
@@ -149,29 +212,6 @@ def tree_sizer_for(target: TargetAdapter, config: DDTreeConfig, method: str, dra
 
 
 LEARNED: dict[tuple, TreeSizer] = {}  # per target and kind of drafter: the last generation's sizer
-
-
-def _run(session: Session, prompt: list[int], max_new_tokens: int, stops: set[int],
-         checkpoints: Sequence[int]) -> Iterator[DecodeStep]:
-    # Sharded, a rank whose peer died would wait forever inside a collective: the watchdog bounds every step's
-    # wait (not the caller's time between steps).
-    watch = partial(watched, session.target.group, session.config.rank_timeout)
-    with watch():
-        new = [session.prefill(prompt, checkpoints)]
-    produced = 0
-    while True:
-        new, finish = _clip(new, max_new_tokens - produced, stops)
-        produced += len(new)
-        session.stats.committed = produced - 1  # kept tokens from cycles: prefill gave the first
-        if finish:
-            session.remember()
-        scored = session.scored and session.scored[: len(new)]  # None when log-probs are off
-        yield DecodeStep(new, session.stats, finish, scored)
-        if finish:
-            return
-        session.more_steps = max_new_tokens - produced > 1
-        with watch():
-            new = session.cycle()
 
 
 def _clip(tokens: list[int], room: int, stops: set[int]) -> tuple[list[int], str | None]:

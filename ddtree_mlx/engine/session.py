@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Generator, Sequence
 
 import mlx.core as mx
 import numpy as np
@@ -19,7 +19,7 @@ from mlx_lm.models.cache import can_trim_prompt_cache
 
 from ..config import DDTreeConfig
 from ..drafting.protocol import Drafter
-from ..models.adapter import TargetAdapter
+from ..models.adapter import TargetAdapter, to_end
 from ..models.kv_quantization import KVQuantization
 from ..models.verify import VerifyOutput, join_rows
 from ..tree.build import Candidates, build_tree, chain_tree, top_candidates
@@ -91,6 +91,20 @@ class DecodeStep:
 
 
 @dataclass
+class Drafted:
+    """A cycle's tree before its verify, and when its steps ended."""
+
+    method: str
+    candidates: Candidates | None
+    tree: DraftTree
+    context: int  # tokens in the cache before the root
+    start: float
+    built: float
+    prepaid: float = 0.0  # what the last cycle waited for this cycle's queued step
+    batched: bool = False  # verified in a batch's forest: the sizer did not time it alone
+
+
+@dataclass
 class Session:
     """The state of one generation: target, caches, drafter and what the drafter has not seen yet."""
 
@@ -148,7 +162,7 @@ class Session:
             self.sync(candidates.tokens, candidates.log_probs)
         return candidates.to_numpy()
 
-    def build_tree(self, candidates: Candidates | None, method: str, context: int) -> DraftTree:
+    def build_tree(self, candidates: Candidates | None, method: str, context: int, sized: bool = True) -> DraftTree:
         """The tree to verify after the `context` tokens in the cache."""
         room = self.kv.depth_room(self.cache, context) if self.kv.bits else None
         if candidates is None or room == 0:
@@ -159,6 +173,8 @@ class Session:
             return chain_tree(candidates, self.root)
         if self.sizer is None:
             return build_tree(candidates, self.root, self.config.tree_budget)
+        if not sized:  # a batch sizes its rows' trees together, from each one's whole tree
+            return self.sizer.follow(candidates, self.root)
         return self.sizer.choose(candidates, self.root, context)
 
     def verify(self, tree: DraftTree, context: int) -> tuple[VerifyOutput, mx.array]:
@@ -171,6 +187,11 @@ class Session:
             if out.started is not None:  # the rest of the graph was built while the device ran its first layers
                 self.stats.overlap_seconds += time.perf_counter() - out.started
                 self.stats.sync_seconds += out.waited
+        return out, self.verified(tree, out)
+
+    def verified(self, tree: DraftTree, out: VerifyOutput) -> mx.array:
+        """The target's own token at every node of `tree` from its verify `out` (this session's alone, or its row
+        of a batch's), the next plain step queued where one surely follows."""
         padded = out.logits.shape[0] > len(tree)
         tokens = self.choose(out.logits[: len(tree)] if padded else out.logits)  # nothing is drawn for padding
         if self.logprobs is not None and out.committed:  # a lone root's one row: before any step is queued after it
@@ -181,7 +202,7 @@ class Session:
         for part, seconds in out.profile.items():
             self.stats.verify_parts[part] = self.stats.verify_parts.get(part, 0.0) + seconds
         self.stats.kernels |= out.kernels
-        return out, tokens
+        return tokens
 
     def start(self, tokens: mx.array) -> None:
         """Hand the rest of the verify to the device. MLX returns once only a few dozen operations are left in
@@ -268,16 +289,26 @@ class Session:
     # --- the cycle ------------------------------------------------------------------------------------------
 
     def cycle(self) -> list[int]:
-        stats = self.stats
-        method = self.next_method()
+        drafted = self.draft_tree()  # draft -> build tree
+        out, target_tokens = self.verify(drafted.tree, drafted.context)
+        return self.accept(drafted, out, target_tokens)  # walk -> commit
+
+    def draft_tree(self, method: str | None = None, sized: bool = True) -> "Drafted":
+        """Draft and build this cycle's tree. A batch passes the `method` it chose for all rows and, sizing their
+        trees together, takes each one whole (`sized` False)."""
+        method = method or self.next_method()
         prepaid, self.handed_over = self.handed_over, 0.0  # the last cycle waited that long for this one's step
         start, context = time.perf_counter(), self.target.prefix_length(self.cache)
         candidates = self.draft(method)
-        mark = stats.lap("draft", start)
-        tree = self.build_tree(candidates, method, context)
-        built = stats.lap("build", mark)
-        out, target_tokens = self.verify(tree, context)
-        verified = stats.lap("verify", built)
+        mark = self.stats.lap("draft", start)
+        tree = self.build_tree(candidates, method, context, sized)
+        return Drafted(method, candidates, tree, context, start, self.stats.lap("build", mark), prepaid)
+
+    def accept(self, drafted: "Drafted", out: VerifyOutput, target_tokens: mx.array) -> list[int]:
+        """Walk the verified tree and commit its accepted path; the cycle's new tokens (the path's drafts and the
+        bonus)."""
+        stats, tree, candidates = self.stats, drafted.tree, drafted.candidates
+        verified = stats.lap("verify", drafted.built)
         walk = self.walk(tree, target_tokens)
         mark = stats.lap("walk", verified)
         path, bonus = self.commit(tree, out, walk, target_tokens)
@@ -285,15 +316,16 @@ class Session:
         if self.sizer is not None:
             self.sizer.produced(new)  # what earlier peeks would have accepted
             if candidates is None and self.next_step is not None and self.sizer.can_peek():
-                self.peek(context + len(path))
-        seconds = stats.lap("commit", mark) - start
-        if self.sizer is not None:  # each cycle's own time: a drafted cycle that queued a step did not take it
-            own = seconds + prepaid - self.handed_over
-            self.sizer.record(candidates, tree, len(new), own, built - start, context)
+                self.peek(drafted.context + len(path))
+        seconds = stats.lap("commit", mark) - drafted.start
+        if self.sizer is not None and not drafted.batched:
+            # Each cycle's own time: a drafted cycle that queued a step did not take it.
+            own = seconds + drafted.prepaid - self.handed_over
+            self.sizer.record(candidates, tree, len(new), own, drafted.built - drafted.start, drafted.context)
         stats.decode_seconds += seconds
         stats.tree_sizes[len(tree) - 1] = stats.tree_sizes.get(len(tree) - 1, 0) + 1
         stats.cycles += 1
-        stats.method_cycles[method] = stats.method_cycles.get(method, 0) + 1
+        stats.method_cycles[drafted.method] = stats.method_cycles.get(drafted.method, 0) + 1
         stats.fast_path_cycles += all(tree.ranks[node] == 0 for node in path)
         return new
 
@@ -313,12 +345,18 @@ class Session:
     def prefill(self, prompt: list[int], checkpoints: Sequence[int] = ()) -> int:
         """mlx-lm's prefill (see TargetAdapter.prefill), starting after the longest prefix the prompt cache has,
         which then keeps the prompt's body (and, where a recurrent state cannot be rewound, `checkpoints`)."""
+        return to_end(self.prefill_chunks(prompt, checkpoints))
+
+    def prefill_chunks(self, prompt: list[int], checkpoints: Sequence[int] = ()) -> Generator[None, None, int]:
+        """`prefill`, pausing after each chunk (a batch runs other rows' cycles between them); returns the first
+        token."""
         start = time.perf_counter()
         done, reused = self.reuse(prompt)
         marks = [len(prompt) - 1] + ([] if can_trim_prompt_cache(self.cache) else list(checkpoints))
-        logits, hidden = self.target.prefill(prompt[done:], self.cache, self.capture_layers, self.config.prefill_step_size,
-                                             after_chunk=self.after_chunk, snapshots=[n - done for n in marks],
-                                             snapshot=self.snapshot(prompt, done, reused))
+        logits, hidden = yield from self.target.prefill_chunks(
+            prompt[done:], self.cache, self.capture_layers, self.config.prefill_step_size,
+            after_chunk=self.after_chunk, snapshots=[n - done for n in marks],
+            snapshot=self.snapshot(prompt, done, reused))
         first = self.choose(logits)
         hidden = join_rows(reused, hidden)
         scores = Scores(logits, first, self.logprobs) if self.logprobs is not None else None
@@ -326,7 +364,7 @@ class Session:
         self.scored = scores and scores.read(1)
         self.pending_tokens, self.pending_hidden, self.root = list(prompt), hidden, int(first[0])
         self.hold(prompt, hidden)
-        self.stats.prefill_seconds = time.perf_counter() - start
+        self.stats.prefill_seconds += time.perf_counter() - start  # a batch's rows: their chunks' own time
         return self.root
 
     def after_chunk(self, cache: list[Any]) -> None:

@@ -210,10 +210,15 @@ class TreeSizer:
         """The tree a drafted cycle verifies. The whole tree, to the cap, is followed as a peek is (`produced`):
         the tokens the target commits score the nodes verified and those sized out alike, so a draft sized to
         nothing, or to a shallow tree, still teaches what its deeper nodes were worth."""
+        return self.size(self.follow(candidates, root), context)
+
+    def follow(self, candidates: Candidates, root: int) -> DraftTree:
+        """The whole tree to the cap, followed from now on as the target produces tokens (`produced`); a batch sizes
+        its rows' trees together from these (batch_sizing.py)."""
         tree = self.full_tree(candidates, root)
         if len(tree) > 1:
             self.peeks.append(Peek(candidates, tree))
-        return self.size(tree, context)
+        return tree
 
     def can_peek(self) -> bool:
         return self.draft_seconds() < PEEK_SHARE * self.seconds

@@ -9,7 +9,7 @@ the generation loop knows which family or layer type it runs.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Generator, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -21,7 +21,16 @@ from ..tree.draft_tree import DraftTree
 from . import cpu_exp
 from .attention import check_rope, splits
 from .sharding import gather_last_axis, pass_on, pipeline_stage, receive, sharding_group
-from .verify import Capture, EarlyStart, PartClock, TreeInputs, VerifyOutput, join_rows
+from .verify import Capture, EarlyStart, Forest, PartClock, TreeInputs, VerifyOutput, join_rows
+
+
+def to_end(steps: Generator[Any, None, Any]) -> Any:
+    """Run a generator to its end: its return value (a prefill's, without pausing between chunks)."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as end:
+            return end.value
 
 
 class TargetAdapter:
@@ -159,17 +168,23 @@ class TargetAdapter:
         keys and values go straight into the cache, its attention `step_attention`."""
         if lone is None or self.mixer_kind(layer) != "attention":
             return layer(h, mask, entry)
-        return self.tree_layer(layer, h, entry, lone)[0]  # its keys and values are in the cache already
+        return self.tree_layer(layer, h, [entry], Forest([lone]))[0]  # its keys and values are in the cache already
 
-    def tree_layer(self, layer: Any, h: mx.array, entry: Any, inputs: TreeInputs) -> tuple[mx.array, Capture]:
-        """One layer over a tree's rows: the token mixer as the family runs it over a tree, then the layer's MLP."""
-        mixed, capture = self.mixer_tree(layer, layer.input_layernorm(h), entry, inputs)
-        h = inputs.clock.lap(self.mixer_kind(layer), h + mixed)
-        return inputs.clock.lap("mlp", h + layer.mlp(layer.post_attention_layernorm(h))), capture
+    def tree_layer(self, layer: Any, h: mx.array, entries: list[Any], forest: Forest) -> tuple[mx.array, list[Capture]]:
+        """One layer over the forest's nodes: the token mixer as the family runs it over each row's tree (against
+        that row's cache entry), then the layer's MLP over all of them."""
+        mixed, captures = self.mixer_tree(layer, layer.input_layernorm(h), entries, forest)
+        h = forest.clock.lap(self.mixer_kind(layer), h + mixed)
+        return forest.clock.lap("mlp", h + layer.mlp(layer.post_attention_layernorm(h))), captures
 
-    def prefill(self, tokens: list[int], cache: list[Any], capture_layers: list[int], chunk: int,
-                after_chunk: Callable[[list[Any]], None] | None = None, snapshots: Sequence[int] = (),
-                snapshot: Callable[[int, mx.array | None], None] | None = None) -> tuple[mx.array, mx.array | None]:
+    def prefill(self, *args: Any, **kwargs: Any) -> tuple[mx.array, mx.array | None]:
+        """`prefill_chunks` without pauses: the last token's logits and every prompt token's captured states."""
+        return to_end(self.prefill_chunks(*args, **kwargs))
+
+    def prefill_chunks(self, tokens: list[int], cache: list[Any], capture_layers: list[int], chunk: int,
+                       after_chunk: Callable[[list[Any]], None] | None = None, snapshots: Sequence[int] = (),
+                       snapshot: Callable[[int, mx.array | None], None] | None = None
+                       ) -> Generator[None, None, tuple[mx.array, mx.array | None]]:
         """mlx-lm's prefill: all but the last token in chunks of `chunk`, evaluated chunk by chunk with no LM
         head; then the last token alone, whose logits [1, V] are the only ones computed. The rounding is then
         the same as mlx-lm's own (same chunks, same one-token step), and memory is bounded by a chunk.
@@ -191,6 +206,7 @@ class TargetAdapter:
             start = end
             if end in marks and snapshot is not None:
                 snapshot(end, None if hidden is None else mx.concatenate(captured))
+            yield
         body = mx.concatenate(captured) if captured and captured[0] is not None else None
         h, hidden = self.forward(mx.array(tokens[-1:]), cache, capture_layers)
         after_chunk(cache)
@@ -202,21 +218,34 @@ class TargetAdapter:
         no draft this cycle) is always accepted: it runs as the model's own step, straight into the cache."""
         if len(tree) == 1 and not config.profile_verify:
             return self.step(mx.array(tree.tokens), cache, capture_layers, config)
-        inputs = TreeInputs.build(tree, self.prefix_length(cache), config)
-        clock = inputs.clock
-        h = clock.lap("embed", self.embed(mx.array(tree.tokens)[None]))
+        return self.verify_forest([tree], [cache], capture_layers, config)[0]
+
+    def verify_forest(self, trees: list[DraftTree], caches: list[list[Any]], capture_layers: list[int],
+                      config: DDTreeConfig) -> list[VerifyOutput]:
+        """One forward over several rows' trees, each after its own cache (continuous batching): the tokens of
+        all trees packed along one axis through the shared weights, each row's attention and recurrence against its
+        own cache, prefix length and RoPE positions. A VerifyOutput per row, as `verify` gives for that tree alone
+        (lone roots included: they are verified as trees, and their captures commit them)."""
+        if len(trees) > 1 and self.group is not None:
+            raise ValueError("a sharded target verifies one generation at a time; serve it with --max-batch 1")
+        forest = Forest([TreeInputs.build(tree, self.prefix_length(cache), config) for tree, cache in zip(trees, caches)])
+        clock = forest.clock
+        h = clock.lap("embed", self.embed(mx.array([token for tree in trees for token in tree.tokens])[None]))
         captures, captured, early = [], {}, EarlyStart()
         h = receive(self.stage, h)
-        for index, (layer, entry) in enumerate(zip(self.layers, cache), self.first_layer):
-            h, capture = self.tree_layer(layer, h, entry, inputs)
+        for index, (layer, *entries) in enumerate(zip(self.layers, *caches), self.first_layer):
+            h, layer_captures = self.tree_layer(layer, h, entries, forest)
             h = early(index, h, self)
-            captures.append(capture)
+            captures.append(layer_captures)
             if index in capture_layers:
                 captured[index] = h
         h, hidden = pass_on(self.stage, h, captured, capture_layers)
         logits = clock.lap("head", self.logits(h[0]))
-        return VerifyOutput(logits, hidden, captures, clock.seconds, inputs.kernels, started=early.first,
-                            waited=early.waited)
+        kernels = set().union(*(inputs.kernels for inputs in forest.rows))
+        hiddens = [None] * len(trees) if hidden is None else forest.split(hidden, 0)
+        rows = zip(forest.split(logits, 0), hiddens, zip(*captures))
+        return [VerifyOutput(row_logits, row_hidden, list(row_captures), clock.seconds, kernels, started=early.first,
+                             waited=early.waited) for row_logits, row_hidden, row_captures in rows]
 
     def step(self, token: mx.array, cache: list[Any], capture_layers: list[int],
              config: DDTreeConfig | None = None) -> VerifyOutput:
@@ -248,5 +277,7 @@ class TargetAdapter:
         """The Metal kernels' shapes this target uses (kernels.check.Shape): none but for hybrid targets."""
         return ()
 
-    def mixer_tree(self, layer: Any, x: mx.array, cache_entry: Any, inputs: TreeInputs) -> tuple[mx.array, Capture]:
+    def mixer_tree(self, layer: Any, x: mx.array, entries: list[Any], forest: Forest) -> tuple[mx.array, list[Capture]]:
+        """The layer's token mixer over the forest's packed nodes x [1, T, hidden]: its output and a capture per
+        row, each row against its own cache entry."""
         raise NotImplementedError

@@ -16,7 +16,7 @@ from mlx_lm.models.cache import KVCache
 
 from ..config import DDTreeConfig
 from . import cpu_exp
-from .verify import KVCapture, TreeInputs
+from .verify import Forest, KVCapture, TreeInputs
 
 # RoPE modules whose rotation depends only on each token's position, so rotating tree nodes at their own
 # positions is what mlx-lm's step does. Others (dynamic NTK rescales its base by the sequence length) are refused.
@@ -38,6 +38,14 @@ def check_rope(layers: list[Any]) -> None:
 def rope_at(rope: Any, x: mx.array, positions: mx.array) -> mx.array:
     """Rotate each token at its own position: tokens go to the batch axis, where rope accepts an offset array."""
     return rope(x.transpose(2, 1, 0, 3), offset=positions).transpose(2, 1, 0, 3)
+
+
+def forest_attention(attn: Any, queries: mx.array, keys: mx.array, values: mx.array, entries: list[KVCache],
+                     forest: Forest) -> tuple[mx.array, list[KVCapture]]:
+    """tree_attention for each row of a forest (packed along axis 2), each against its own cache: [1, T, H*D]."""
+    rows = zip(forest.split(queries, 2), forest.split(keys, 2), forest.split(values, 2), entries, forest.rows)
+    outs, captures = zip(*(tree_attention(attn, *row) for row in rows))
+    return forest.join(list(outs), 1), list(captures)
 
 
 def tree_attention(attn: Any, queries: mx.array, keys: mx.array, values: mx.array, cache: KVCache,

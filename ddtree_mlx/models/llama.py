@@ -7,8 +7,8 @@ from typing import Any
 import mlx.core as mx
 
 from .adapter import TargetAdapter
-from .attention import tree_attention
-from .verify import Capture, TreeInputs
+from .attention import forest_attention
+from .verify import Capture, Forest
 
 
 class LlamaAdapter(TargetAdapter):
@@ -25,7 +25,7 @@ class LlamaAdapter(TargetAdapter):
         values = attn.v_proj(x).reshape(1, length, attn.n_kv_heads, -1)
         return queries.transpose(0, 2, 1, 3), keys.transpose(0, 2, 1, 3), values.transpose(0, 2, 1, 3)
 
-    def mixer_tree(self, layer: Any, x: mx.array, cache_entry: Any, inputs: TreeInputs) -> tuple[mx.array, Capture]:
+    def mixer_tree(self, layer: Any, x: mx.array, entries: list[Any], forest: Forest) -> tuple[mx.array, list[Capture]]:
         attn = layer.self_attn
-        out, capture = tree_attention(attn, *self.project(attn, x), cache_entry, inputs)
-        return attn.o_proj(out), capture
+        out, captures = forest_attention(attn, *self.project(attn, x), entries, forest)
+        return attn.o_proj(out), captures

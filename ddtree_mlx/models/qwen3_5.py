@@ -18,8 +18,8 @@ from ..kernels import dispatch as kernels
 from ..kernels.check import ConvShape, DeltaShape, Shape
 from ..kernels.dispatch import dtype_name
 from .adapter import TargetAdapter
-from .attention import tree_attention
-from .verify import Capture, TreeInputs
+from .attention import forest_attention
+from .verify import Capture, Forest, TreeInputs
 
 
 @dataclass
@@ -56,25 +56,40 @@ class Qwen3_5Adapter(TargetAdapter):
             return create_ssm_mask(hidden, cache_entry)
         return super().layer_mask(layer, hidden, cache_entry)
 
-    def mixer_tree(self, layer: Any, x: mx.array, cache_entry: Any, inputs: TreeInputs) -> tuple[mx.array, Capture]:
+    def mixer_tree(self, layer: Any, x: mx.array, entries: list[Any], forest: Forest) -> tuple[mx.array, list[Capture]]:
         if layer.is_linear:
-            return self.recurrent_tree(layer.linear_attn, x, cache_entry, inputs)
-        return self.attention_tree(layer.self_attn, x, cache_entry, inputs)
+            return self.recurrent_tree(layer.linear_attn, x, entries, forest)
+        return self.attention_tree(layer.self_attn, x, entries, forest)
 
-    def attention_tree(self, attn: Any, x: mx.array, cache_entry: Any, inputs: TreeInputs) -> tuple[mx.array, Capture]:
+    def attention_tree(self, attn: Any, x: mx.array, entries: list[Any], forest: Forest) -> tuple[mx.array, list[Capture]]:
         length = x.shape[1]
         queries, gate = mx.split(attn.q_proj(x).reshape(1, length, attn.num_attention_heads, -1), 2, axis=-1)
         keys = attn.k_proj(x).reshape(1, length, attn.num_key_value_heads, -1)
         values = attn.v_proj(x).reshape(1, length, attn.num_key_value_heads, -1)
         queries = attn.q_norm(queries).transpose(0, 2, 1, 3)
         keys = attn.k_norm(keys).transpose(0, 2, 1, 3)
-        out, capture = tree_attention(attn, queries, keys, values.transpose(0, 2, 1, 3), cache_entry, inputs)
-        return attn.o_proj(out * mx.sigmoid(gate.reshape(1, length, -1))), capture
+        out, captures = forest_attention(attn, queries, keys, values.transpose(0, 2, 1, 3), entries, forest)
+        return attn.o_proj(out * mx.sigmoid(gate.reshape(1, length, -1))), captures
 
-    def recurrent_tree(self, gdn: Any, x: mx.array, cache_entry: Any, inputs: TreeInputs) -> tuple[mx.array, Capture]:
+    def recurrent_tree(self, gdn: Any, x: mx.array, entries: list[Any], forest: Forest) -> tuple[mx.array, list[Capture]]:
+        """Projections over every row's nodes at once; the conv and the recurrence per row, from its own state."""
         length = x.shape[1]
-        width = gdn.conv_kernel_size
-        qkv = inputs.clock.detail("linear.proj", gdn.in_proj_qkv(x)[0])
+        clock = forest.clock
+        qkv = clock.detail("linear.proj", gdn.in_proj_qkv(x)[0])
+        a, beta = clock.detail("linear.proj", (gdn.in_proj_a(x)[0], mx.sigmoid(gdn.in_proj_b(x)[0])))
+        rows = zip(forest.split(qkv, 0), forest.split(a, 0), forest.split(beta, 0), entries, forest.rows)
+        ys, captures = zip(*(self.recurrent_row(gdn, *row) for row in rows))
+        y = clock.detail("linear.recurrence", forest.join(list(ys), 0))
+        z = gdn.in_proj_z(x).reshape(1, length, gdn.num_v_heads, gdn.head_v_dim)
+        out = gdn.out_proj(gdn.norm(y[None], z).reshape(1, length, -1))
+        if getattr(gdn, "sharding_group", None) is not None:  # tensor parallel: each rank holds some heads' share
+            out = mx.distributed.all_sum(out, group=gdn.sharding_group)
+        return out, list(captures)
+
+    def recurrent_row(self, gdn: Any, qkv: mx.array, a: mx.array, beta: mx.array, cache_entry: Any,
+                      inputs: TreeInputs) -> tuple[mx.array, Capture]:
+        """One row's tree conv and gated-delta recurrence: y [T, Hv, Dv] and the capture that commits its path."""
+        length, width = qkv.shape[0], gdn.conv_kernel_size
         cached = cache_entry[0][0] if cache_entry[0] is not None else mx.zeros((width - 1, gdn.conv_dim), qkv.dtype)
         conv_out, windows = kernels.tree_conv(qkv, cached, gdn.conv1d.weight, inputs)
         conv_out = inputs.clock.detail("linear.conv", conv_out)
@@ -84,14 +99,8 @@ class Qwen3_5Adapter(TargetAdapter):
         v = v.reshape(length, gdn.num_v_heads, gdn.head_v_dim)
         q, k = normalize_qk(q, k, inv_scale=gdn.head_k_dim**-0.5, eps=1e-6)
         state0 = cache_entry[1][0] if cache_entry[1] is not None else self.zero_state(gdn)
-        a, beta = inputs.clock.detail("linear.proj", (gdn.in_proj_a(x)[0], mx.sigmoid(gdn.in_proj_b(x)[0])))
         y, states = kernels.tree_gated_delta(q, k, v, a, beta, gdn.A_log, gdn.dt_bias, state0, inputs)
-        y = inputs.clock.detail("linear.recurrence", y)
-        z = gdn.in_proj_z(x).reshape(1, length, gdn.num_v_heads, gdn.head_v_dim)
-        out = gdn.out_proj(gdn.norm(y[None], z).reshape(1, length, -1))
-        if getattr(gdn, "sharding_group", None) is not None:  # tensor parallel: each rank holds some heads' share
-            out = mx.distributed.all_sum(out, group=gdn.sharding_group)
-        return out, RecurrentCapture(windows, states)
+        return y, RecurrentCapture(windows, states)
 
     @staticmethod
     def zero_state(gdn: Any) -> mx.array:

@@ -1,5 +1,6 @@
-"""What one tree verify carries through the layers: the per-verify tables (TreeInputs), what it returns
-(VerifyOutput, with a capture per layer that commits the accepted path), and the clocks that time or overlap it.
+"""What one tree verify carries through the layers: the per-verify tables (TreeInputs), several rows' trees packed
+into one forward (Forest), what it returns (VerifyOutput, with a capture per layer that commits the accepted path),
+and the clocks that time or overlap it.
 """
 
 from __future__ import annotations
@@ -72,6 +73,34 @@ class TreeInputs:
         if width not in self.conv_windows:
             self.conv_windows[width] = mx.array(self.tree.window_index(width))
         return self.conv_windows[width]
+
+
+@dataclass
+class Forest:
+    """The trees of several rows (generations) verified in one forward: their nodes packed one after another along
+    the token axis, so embedding, projections, MLPs and LM head run once for all of them, while each row's token
+    mixer runs against its own cache with its own tables. One row is the plain tree verify, with no slicing."""
+
+    rows: list[TreeInputs]
+
+    @property
+    def clock(self) -> "PartClock":
+        return self.rows[0].clock
+
+    @property
+    def spans(self) -> list[slice]:
+        ends = np.cumsum([len(inputs.tree) for inputs in self.rows])
+        return [slice(int(end) - len(inputs.tree), int(end)) for inputs, end in zip(self.rows, ends)]
+
+    def split(self, x: mx.array, axis: int) -> list[mx.array]:
+        """Each row's part of packed `x` along `axis`."""
+        if len(self.rows) == 1:
+            return [x]
+        index = (slice(None),) * axis
+        return [x[index + (span,)] for span in self.spans]
+
+    def join(self, parts: list[mx.array], axis: int) -> mx.array:
+        return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=axis)
 
 
 @dataclass

@@ -1,0 +1,247 @@
+"""Continuous batching with draft trees: several generations decoded together, every row's tree verified in one
+target forward (TargetAdapter.verify_forest), each row lossless on its own.
+
+A row is one request's Session: its own caches, drafter state, sampling key, stop rules and length. Each `next()`:
+
+ 1. admits waiting requests while there is room (`max_batch` rows), and runs one prefill chunk of the oldest row
+    still prefilling, so a long prompt holds the others up by one chunk at most; a row whose prefill ends hands out
+    its first token;
+ 2. runs one cycle over the rows that are decoding: each drafts and builds its tree, the target verifies all the
+    trees in one forward, each row walks its own tree and commits its own accepted path (acceptance is never
+    clamped to the batch's shortest); a lone row runs stream_generate's own cycle;
+ 3. returns what each row committed; rows that stopped, reached their length or were cancelled leave at once.
+
+Rows join and leave only between `next()` calls (cycle boundaries). Memory per row is what a lone generation holds:
+its KV cache (up to its prompt and max_new_tokens), a hybrid target's recurrent state per linear layer and its
+drafter's context cache; `max_batch` bounds the rows, waiting requests hold only their tokens.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Generator, Sequence
+
+from ..config import DDTreeConfig, is_int
+from ..drafting.protocol import Drafter, as_drafter
+from ..models.kv_quantization import DEFAULT_QUANTIZED_KV_START, KVQuantization
+from ..models.registry import adapter_for
+from . import calibration
+from .batch_sizing import BatchSizer
+from .generate import METHODS, Generation, open_generation, resolve_config
+from .logprobs import TokenLogprob
+from .prompt_cache import PromptCache
+from .sampling import SamplingParams
+from .session import Drafted, GenerationStats
+
+DEFAULT_MAX_BATCH = 4
+
+
+@dataclass
+class BatchResponse:
+    """What one row committed in one `next()`: its tokens (a prefill's first token, or a cycle's), with
+    finish_reason set ("stop" or "length") on its last."""
+
+    uid: int
+    tokens: list[int]
+    finish_reason: str | None
+    stats: GenerationStats
+    logprobs: list[TokenLogprob] | None = None
+
+
+@dataclass
+class Row:
+    uid: int
+    generation: Generation
+    prefill: Generator[None, None, int] | None = None  # until the row's prompt is in its cache
+
+    @property
+    def session(self):
+        return self.generation.session
+
+
+@dataclass
+class BatchStats:
+    cycles: int = 0  # batch cycles run
+    batched_cycles: int = 0  # of them, cycles verifying more than one row in one forward
+    largest_batch: int = 0  # the most rows one forward verified
+    rows_verified: int = 0  # rows over all cycles (the mean batch is rows_verified / cycles)
+    prefill_chunks: int = 0
+
+
+def fork(drafter: Drafter | None) -> Drafter | None:
+    """A drafter for one row: the same weights, its own state (reset gives it fresh state for its prompt)."""
+    if drafter is None:
+        return None
+    return drafter.fork() if hasattr(drafter, "fork") else copy.copy(drafter)
+
+
+class BatchGenerator:
+    """Decode several requests together, in the spirit of mlx-lm's BatchGenerator: `insert` requests (checked at
+    once, before any model work), call `next()` until `has_work` is false, `cancel` a request any time between
+    calls. max_batch 1 decodes one request at a time, each exactly as stream_generate does. Sharded targets
+    batch nothing (max_batch must be 1)."""
+
+    def __init__(self, target_model: Any, draft_model: Any = None, *, tokenizer: Any = None, method: str = "ddtree",
+                 config: DDTreeConfig | None = None, max_batch: int = DEFAULT_MAX_BATCH,
+                 prompt_cache: PromptCache | None = None, kv_bits: int | None = None, kv_group_size: int = 64,
+                 quantized_kv_start: int = DEFAULT_QUANTIZED_KV_START):
+        if not is_int(max_batch) or max_batch < 1:
+            raise ValueError(f"max_batch must be a positive integer, got {max_batch!r}")
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
+        if method != "ar" and draft_model is None:
+            raise ValueError(f"method {method!r} needs a draft_model; pass one, or use method='ar'")
+        self.config = resolve_config(config, None)
+        self.target = adapter_for(target_model)
+        if max_batch > 1 and self.target.group is not None:
+            raise ValueError("a sharded target decodes one request at a time: use max_batch=1")
+        self.drafter = as_drafter(draft_model) if method != "ar" else None
+        self.tokenizer, self.method, self.max_batch, self.prompt_cache = tokenizer, method, max_batch, prompt_cache
+        self.kv = KVQuantization(kv_bits, kv_group_size, quantized_kv_start)
+        self.kv.check(self.target.head_dim)
+        self.sizer = None
+        if method == "ddtree" and self.config.tree_budget == "auto":  # measured now, not in a request's time
+            self.sizer = BatchSizer(calibration.verify_costs(self.target, self.config))
+        self.waiting: deque[Row] = deque()
+        self.rows: list[Row] = []
+        self.uids = itertools.count()
+        self.stats = BatchStats()
+
+    # --- requests ------------------------------------------------------------------------------------------------
+
+    def insert(self, prompt_tokens: Any, *, max_new_tokens: int = 2048, stop_token_ids: Sequence[int] | None = None,
+               temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
+               logprobs: int | None = None, prompt_checkpoints: Sequence[int] = ()) -> int:
+        """Queue a request (stream_generate's arguments); its uid. Bad arguments raise ValueError here."""
+        generation = open_generation(
+            self.target, fork(self.drafter), self.tokenizer, prompt_tokens, max_new_tokens, self.config, self.method,
+            stop_token_ids=stop_token_ids, sampling=SamplingParams(temperature, top_p, top_k, seed),
+            prompt_cache=self.prompt_cache, prompt_checkpoints=prompt_checkpoints, kv=self.kv, logprobs=logprobs)
+        row = Row(next(self.uids), generation)
+        self.waiting.append(row)
+        return row.uid
+
+    def cancel(self, uid: int) -> None:
+        """The request leaves now, whether waiting or decoding; the other rows are untouched."""
+        self.waiting = deque(row for row in self.waiting if row.uid != uid)
+        self.rows = [row for row in self.rows if row.uid != uid]
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.rows or self.waiting)
+
+    def health(self) -> dict[str, int]:
+        return {"active": len(self.rows), "waiting": len(self.waiting), "max_batch": self.max_batch,
+                "largest_batch": self.stats.largest_batch, "cycles": self.stats.cycles,
+                "batched_cycles": self.stats.batched_cycles, "rows_verified": self.stats.rows_verified}
+
+    # --- the loop ------------------------------------------------------------------------------------------------
+
+    def next(self) -> list[BatchResponse]:
+        """One step of the batch: admissions and one prefill chunk, then one cycle over the decoding rows."""
+        while self.waiting and len(self.rows) < self.max_batch:
+            row = self.waiting.popleft()
+            row.prefill = row.session.prefill_chunks(row.generation.prompt, row.generation.checkpoints)
+            self.rows.append(row)
+        responses = []
+        joining = next((row for row in self.rows if row.prefill is not None), None)
+        if joining is not None:
+            responses += self.prefill_chunk(joining)
+        decoding = [row for row in self.rows if row.prefill is None and row is not joining]
+        if decoding:
+            responses += self.cycle(decoding)
+        self.rows = [row for row in self.rows if row.uid not in {r.uid for r in responses if r.finish_reason}]
+        return responses
+
+    def prefill_chunk(self, row: Row) -> list[BatchResponse]:
+        self.stats.prefill_chunks += 1
+        try:
+            next(row.prefill)
+            return []
+        except StopIteration as end:
+            row.prefill = None
+            return [self.respond(row, [end.value])]
+
+    def cycle(self, rows: list[Row]) -> list[BatchResponse]:
+        """One cycle over `rows`. A row with a plain step queued from when it ran alone takes that step first
+        (it is already in its cache); a lone row runs its own session's cycle, as stream_generate."""
+        queued = [row for row in rows if row.session.next_step is not None]
+        rows = [row for row in rows if row.session.next_step is None]
+        if len(rows) == 1 and not queued:
+            queued, rows = rows, []
+        responses = [self.solo(row, alone=len(self.rows) == 1 and not self.waiting) for row in queued]
+        if len(rows) == 1:
+            responses.append(self.solo(rows[0], alone=False))
+        elif rows:
+            responses += self.forest(rows)
+        return responses
+
+    def solo(self, row: Row, alone: bool) -> BatchResponse:
+        """The row's own cycle. Alone in the batch, it queues its next plain step as stream_generate does; with
+        others, none (the next cycle verifies it in the forest)."""
+        session = row.session
+        session.more_steps = alone and row.generation.remaining > 1
+        self.count(1)
+        return self.respond(row, session.cycle())
+
+    def forest(self, rows: list[Row]) -> list[BatchResponse]:
+        """Draft and build every row's tree, verify all of them in one forward, then walk and commit each."""
+        start = time.perf_counter()
+        method = self.sizer.pick(self.method) if self.sizer is not None else None
+        drafted = [row.session.draft_tree(method, sized=self.sizer is None) for row in rows]
+        drafting = time.perf_counter() - start
+        context = sum(d.context for d in drafted) // len(drafted)
+        if self.sizer is not None and method != "ar":
+            for d, tree in zip(drafted, self.sizer.size([d.tree for d in drafted], context)):
+                d.tree = tree
+        for d in drafted:
+            d.batched = True
+        sessions = [row.session for row in rows]
+        outs = self.target.verify_forest([d.tree for d in drafted], [s.cache for s in sessions],
+                                         sessions[0].capture_layers, self.config)
+        tokens = [session.verified(d.tree, out) for session, d, out in zip(sessions, drafted, outs)]
+        news = [session.accept(d, out, t) for session, d, out, t in zip(sessions, drafted, outs, tokens)]
+        self.count(len(rows))
+        if self.sizer is not None:
+            self.sizer.record(method != "ar", len(rows), sum(len(d.tree) for d in drafted), sum(map(len, news)),
+                              time.perf_counter() - start, drafting, context)
+        return [self.respond(row, new) for row, new in zip(rows, news)]
+
+    def count(self, rows: int) -> None:
+        stats = self.stats
+        stats.cycles += 1
+        stats.batched_cycles += rows > 1
+        stats.rows_verified += rows
+        stats.largest_batch = max(stats.largest_batch, rows)
+
+    @staticmethod
+    def respond(row: Row, new: list[int]) -> BatchResponse:
+        step = row.generation.step(new)
+        return BatchResponse(row.uid, step.tokens, step.finish_reason, step.stats, step.logprobs)
+
+
+def batch_generate(target_model: Any, draft_model: Any = None, *, prompts: Sequence[Any], tokenizer: Any = None,
+                   max_new_tokens: int = 256, method: str = "ddtree", config: DDTreeConfig | None = None,
+                   max_batch: int = DEFAULT_MAX_BATCH, **request: Any) -> list[dict[str, Any]]:
+    """Generate every prompt to completion, `max_batch` at a time (more join as rows finish); per prompt, in
+    order: generated_token_ids, finish_reason and (with logprobs) logprobs. `request`: insert's other arguments,
+    the same for every prompt."""
+    batch = BatchGenerator(target_model, draft_model, tokenizer=tokenizer, method=method, config=config,
+                           max_batch=max_batch)
+    uids = [batch.insert(prompt, max_new_tokens=max_new_tokens, **request) for prompt in prompts]
+    results: dict[int, dict[str, Any]] = {uid: {"generated_token_ids": [], "finish_reason": None} for uid in uids}
+    if request.get("logprobs") is not None:
+        for result in results.values():
+            result["logprobs"] = []
+    while batch.has_work:
+        for response in batch.next():
+            result = results[response.uid]
+            result["generated_token_ids"] += response.tokens
+            result["finish_reason"] = response.finish_reason
+            if response.logprobs is not None:
+                result["logprobs"] += response.logprobs
+    return [results[uid] for uid in uids]

@@ -1,0 +1,93 @@
+"""How big the trees of a batch are (DDTREE_TREE_BUDGET=auto with several rows): one choice for all of them, priced
+on the forest's total rows.
+
+A batch verifies every row's tree in one forward, so what a node costs is what one more row of that forward costs:
+the measured verify curve c(n, L) (calibration.VerifyCosts) at n = all rows' nodes, roots included. Each row's
+tree is built best first to the cap on its own calibrated candidates (TreeSizer.follow, which also keeps learning
+what its drafts are worth), so its nodes' path probabilities p fall as they are popped. Taking the N most probable
+nodes over all rows gives each row a prefix of its own tree, and the batch commits on average
+
+    E(N) = rows + p_(1) + ... + p_(N)
+
+tokens for scale * c(rows + N, L). The sizer picks N maximizing E(N) - rate * scale * c(rows + N, L), where rate
+is the batch's aggregate tokens per second (Dinkelbach's step towards the most tokens per second, as sizing.py
+does for one row): as the batch grows its rate grows, every node is priced higher, and trees shrink. Where even the
+best N does not pay for drafting all rows, cycles are plain batched steps, with a probe (a draft) every
+PROBE_EVERY cycles, twice as far apart after each probe that did not pay. Every choice changes speed only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..tree.draft_tree import DraftTree
+from .calibration import VerifyCosts
+from .sizing import PROBE_BACKOFF, PROBE_EVERY, SMOOTHING, average
+
+
+@dataclass
+class BatchSizer:
+    costs: VerifyCosts
+    tokens: float = 0.0  # moving averages of a batch cycle's committed tokens (all rows) and seconds
+    seconds: float = 0.0
+    scale: float = 1.0  # a forest cycle's seconds (besides drafting) over the calibration's verify of as many rows
+    plain: float = 0.0  # a plain batched step's seconds per row (0: none measured yet)
+    gain: float = 0.0  # moving average of what drafting was worth per cycle over plain steps, in tokens
+    last_gain: float = 0.0  # the newest sizing's expected worth over a plain step, before drafting's cost
+    skipped: int = 0  # plain cycles since the last draft
+    backoff: int = 1  # 2 ** (probes that failed in a row), up to PROBE_BACKOFF
+
+    def rate(self, rows: int, context: int) -> float:
+        """Tokens per second the batch runs at: as measured, or a plain batched step's until a cycle is."""
+        if self.seconds:
+            return self.tokens / self.seconds
+        return rows / float(self.costs.at(rows, context))
+
+    def plain_seconds(self, rows: int, context: int) -> float:
+        return self.plain * rows if self.plain else self.scale * float(self.costs.at(rows, context))
+
+    def pick(self, method: str) -> str:
+        """The method of the batch's next cycle: `method`, or "ar" while drafting does not pay (probing now and
+        then)."""
+        if self.gain >= 0 or self.skipped + 1 >= self.backoff * PROBE_EVERY:
+            self.skipped = 0
+            return method
+        self.skipped += 1
+        return "ar"
+
+    def size(self, trees: list[DraftTree], context: int) -> list[DraftTree]:
+        """The prefixes of the rows' whole best-first trees (scores: calibrated log-acceptance) worth verifying
+        together after about `context` tokens each."""
+        rows = len(trees)
+        probs = np.concatenate([np.exp(np.array(tree.scores[1:])) for tree in trees])
+        owner = np.concatenate([np.full(len(tree) - 1, row) for row, tree in enumerate(trees)])
+        order = np.argsort(-probs, kind="stable")  # each row's nodes keep their pop order: prefixes
+        nodes = np.arange(len(order) + 1)
+        rate = self.rate(rows, context)
+        value = rows + np.r_[0.0, np.cumsum(probs[order])] - rate * self.scale * self.costs.at(rows + nodes, context)
+        best = int(np.argmax(value))
+        self.last_gain = float(value[best] - (rows - rate * self.plain_seconds(rows, context)))
+        counts = np.bincount(owner[order[:best]], minlength=rows)
+        return [tree.prefix(int(count) + 1) for tree, count in zip(trees, counts)]
+
+    def record(self, drafted: bool, rows: int, nodes: int, committed: int, seconds: float, drafting: float,
+               context: int) -> None:
+        """A batch cycle of `rows` rows verifying `nodes` nodes (roots included) committed `committed` tokens in
+        `seconds`, `drafting` of them drafting and building."""
+        self.tokens, self.seconds = average(self.tokens, committed), average(self.seconds, seconds)
+        self.scale += SMOOTHING * ((seconds - drafting) / float(self.costs.at(nodes, context)) - self.scale)
+        if not drafted:
+            self.plain = average(self.plain, seconds / rows)
+            return
+        # What this draft was worth: the tokens past a plain step's one per row, less its time past a plain
+        # step's at the going rate (its expected worth before any plain step is measured).
+        if self.plain:
+            worth = committed - rows - self.rate(rows, context) * (seconds - self.plain_seconds(rows, context))
+        else:
+            worth = self.last_gain - self.rate(rows, context) * drafting
+        probing = self.gain < 0
+        self.gain += (1.0 if probing else SMOOTHING) * (worth - self.gain)
+        if probing:
+            self.backoff = 1 if self.gain >= 0 else min(2 * self.backoff, PROBE_BACKOFF)

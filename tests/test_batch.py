@@ -1,0 +1,272 @@
+"""Continuous batching with trees: one forward verifying several rows' trees gives each row what its tree alone
+gives; every row's output equals mlx-lm's greedy decoding of its prompt (and its solo output), whatever the other
+rows do: very different prompt lengths, stop tokens inside a cycle, rows joining late and leaving early, root-only
+rows beside deep off-first-rank trees, sampling with a seed, a prompt-cache hit."""
+
+import copy
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+from tiny import FakeClock, OracleDrafter, assert_lossless, make_dflash, make_target, mlx_lm_greedy
+
+from ddtree_mlx import DDTreeConfig, generate_ddtree_once
+from ddtree_mlx.drafting.oracle import ScriptedDrafter
+from ddtree_mlx.engine.batch import BatchGenerator, batch_generate
+from ddtree_mlx.engine.prompt_cache import PromptCache
+from ddtree_mlx.models.registry import adapter_for
+from ddtree_mlx.tree.draft_tree import DraftTree
+
+FAMILIES = ["qwen3_5", "qwen3_5_moe", "qwen3", "llama"]
+PROMPTS = [[3, 17, 42, 9, 100, 5, 61, 17, 42], [7, 8], list(range(5, 125)) + [9, 4, 77], [55, 21, 33, 90]]
+NEW_TOKENS = 40
+_targets, _references = {}, {}
+
+
+def target(family, form="f32"):
+    if (family, form) not in _targets:
+        _targets[family, form] = make_target(family, seed=2, form=form)
+    return _targets[family, form]
+
+
+def reference(family, prompt, form="f32"):
+    key = family, form, tuple(prompt)
+    if key not in _references:
+        _references[key] = mlx_lm_greedy(target(family, form), prompt, NEW_TOKENS)
+    return _references[key]
+
+
+class PromptOracle(ScriptedDrafter):
+    """The oracle drafter, scripted per prompt: each row (a fork of it) drafts from its own prompt's true
+    continuation, the true token often off the first rank or absent."""
+
+    def __init__(self, truths: dict, block_size: int = 8, seed: int = 0):
+        super().__init__([], block_size=block_size, rank_weights=(0.55, 0.2, 0.1, 0.15), seed=seed)
+        self.truths = truths
+
+    def reset(self, target, prompt_tokens):
+        self.truth = list(self.truths[tuple(prompt_tokens)])
+        super().reset(target, prompt_tokens)
+
+
+def oracle_for(family, prompts, form="f32"):
+    return PromptOracle({tuple(p): reference(family, p, form).tokens for p in prompts})
+
+
+def branched(results) -> bool:
+    return any(r["stats"].fast_path_cycles < r["stats"].cycles for r in results)
+
+
+def run(batch: BatchGenerator, prompts, **request):
+    """Insert every prompt, run to the end; per prompt its tokens, finish reason and stats, and the batches seen."""
+    uids = [batch.insert(p, **{"max_new_tokens": NEW_TOKENS, "stop_token_ids": [], **request}) for p in prompts]
+    out = {uid: {"tokens": [], "finish": None, "stats": None} for uid in uids}
+    while batch.has_work:
+        for response in batch.next():
+            out[response.uid]["tokens"] += response.tokens
+            out[response.uid]["finish"] = response.finish_reason
+            out[response.uid]["stats"] = response.stats
+    return [out[uid] for uid in uids]
+
+
+# --- one forward over several rows' trees ---------------------------------------------------------------------------
+
+def branching(rng, size, root):
+    tree = DraftTree.root_only(root)
+    while len(tree) < size:
+        tree.add(int(rng.integers(len(tree))), int(rng.integers(1, 120)), 0)
+    return tree
+
+
+@pytest.mark.parametrize("family", ["qwen3_5", "llama"])
+def test_forest_verify_equals_each_tree_alone(family):
+    """Logits, captured hidden states and committed caches (KV and recurrent) of each row equal its tree's verify
+    alone, with rows after different prefixes, a root-only row among them."""
+    model = target(family)
+    adapter = adapter_for(model)
+    rng = np.random.default_rng(0)
+    prompts, sizes = PROMPTS[:3], [6, 1, 9]
+    caches = []
+    for prompt in prompts:
+        cache = adapter.make_cache()
+        adapter.prefill(prompt, cache, [0], chunk=64)
+        caches.append(cache)
+    trees = [branching(rng, size, prompt[-1]) for prompt, size in zip(prompts, sizes)]
+    alone_caches = copy.deepcopy(caches)
+    outs = adapter.verify_forest(trees, caches, [0], DDTreeConfig())
+    for tree, out, cache, alone_cache in zip(trees, outs, caches, alone_caches):
+        alone = adapter.verify_forest([tree], [alone_cache], [0], DDTreeConfig())[0]
+        np.testing.assert_allclose(np.array(out.logits), np.array(alone.logits), rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(np.array(out.hidden), np.array(alone.hidden), rtol=1e-4, atol=1e-4)
+        path = mx.array(tree.path_to(len(tree) - 1))
+        for capture, entry in zip(out.captures, cache):
+            capture.commit(entry, path)
+        for capture, entry in zip(alone.captures, alone_cache):
+            capture.commit(entry, path)
+        for entry, other in zip(cache, alone_cache):
+            for (_, mine), (_, theirs) in zip(tree_flatten(entry.state), tree_flatten(other.state)):
+                assert (mine is None) == (theirs is None)
+                if mine is not None:
+                        np.testing.assert_allclose(np.array(mine), np.array(theirs), rtol=1e-4, atol=1e-5)
+
+
+# --- rows against mlx-lm ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("budget", [4, 12])
+def test_every_row_equals_mlx_lm_greedy(family, budget):
+    """Four rows, prompts of 2 to 123 tokens, oracle trees that branch: each row is mlx-lm's greedy output."""
+    batch = BatchGenerator(target(family), oracle_for(family, PROMPTS), max_batch=4,
+                           config=DDTreeConfig(tree_budget=budget))
+    results = run(batch, PROMPTS)
+    for prompt, result in zip(PROMPTS, results):
+        assert_lossless(result["tokens"], reference(family, prompt), exact=True, label=f"batch {family} {budget}")
+        assert result["finish"] == "length"
+    assert batch.stats.largest_batch == 4 and batch.stats.batched_cycles > 0
+    assert branched(results), "no row ever took a branch off the drafter's first choice"
+
+
+@pytest.mark.parametrize("form", ["bf16", pytest.param("q4", marks=pytest.mark.slow)])
+def test_rows_in_the_models_own_dtype(form):
+    family = "qwen3_5"
+    batch = BatchGenerator(target(family, form), oracle_for(family, PROMPTS, form), max_batch=4,
+                           config=DDTreeConfig(tree_budget=6))
+    for prompt, result in zip(PROMPTS, run(batch, PROMPTS)):
+        assert_lossless(result["tokens"], reference(family, prompt, form), exact=False, label=f"batch {form}")
+
+
+def test_dflash_rows_equal_their_solo_output_and_mlx_lm():
+    """A real (random) DFlash drafter per row, forked from one: each row equals its solo generation too."""
+    family = "qwen3_5"
+    model = target(family)
+    drafter = make_dflash(model)
+    config = DDTreeConfig(tree_budget=6)
+    batch = BatchGenerator(model, drafter, max_batch=3, config=config)
+    for prompt, result in zip(PROMPTS[:3], run(batch, PROMPTS[:3])):
+        solo = generate_ddtree_once(target_model=model, draft_model=drafter, prompt_tokens=prompt,
+                                    max_new_tokens=NEW_TOKENS, stop_token_ids=[], config=config)
+        assert result["tokens"] == solo["generated_token_ids"]
+        assert_lossless(result["tokens"], reference(family, prompt), exact=True, label="batch dflash")
+
+
+def test_stop_inside_a_cycle_and_rows_that_leave_early():
+    """A stop token that a cycle commits mid-path ends that row there; a short max_new_tokens ends another; the
+    rest carry on unchanged."""
+    family = "llama"
+    want = [reference(family, p).tokens for p in PROMPTS]
+    stop = want[0][9]
+    batch = BatchGenerator(target(family), oracle_for(family, PROMPTS), max_batch=4,
+                           config=DDTreeConfig(tree_budget=8))
+    uids = [batch.insert(PROMPTS[0], max_new_tokens=NEW_TOKENS, stop_token_ids=[stop]),
+            batch.insert(PROMPTS[1], max_new_tokens=3, stop_token_ids=[]),
+            batch.insert(PROMPTS[2], max_new_tokens=NEW_TOKENS, stop_token_ids=[])]
+    got = {uid: [] for uid in uids}
+    finish = {}
+    while batch.has_work:
+        for response in batch.next():
+            got[response.uid] += response.tokens
+            if response.finish_reason:
+                finish[response.uid] = response.finish_reason
+    first = want[0].index(stop)
+    assert got[uids[0]] == want[0][: first + 1] and finish[uids[0]] == "stop"
+    assert got[uids[1]] == want[1][:3] and finish[uids[1]] == "length"
+    assert got[uids[2]] == want[2] and finish[uids[2]] == "length"
+
+
+def test_a_row_joining_late_and_a_cancelled_row():
+    """Rows join after other rows' cycles (max_batch 2 with four requests, one inserted mid-run), one is
+    cancelled mid-generation: the others' outputs are their own."""
+    family = "qwen3_5"
+    batch = BatchGenerator(target(family), oracle_for(family, PROMPTS), max_batch=2,
+                           config=DDTreeConfig(tree_budget=6))
+    first = [batch.insert(p, max_new_tokens=NEW_TOKENS, stop_token_ids=[]) for p in PROMPTS[:3]]
+    got = {uid: [] for uid in first}
+    for _ in range(3):
+        for response in batch.next():
+            got[response.uid] += response.tokens
+    late = batch.insert(PROMPTS[3], max_new_tokens=NEW_TOKENS, stop_token_ids=[])
+    got[late] = []
+    batch.cancel(first[1])
+    while batch.has_work:
+        for response in batch.next():
+            assert response.uid != first[1]
+            got[response.uid] += response.tokens
+    for uid, prompt in ((first[0], PROMPTS[0]), (first[2], PROMPTS[2]), (late, PROMPTS[3])):
+        assert got[uid] == reference(family, prompt).tokens
+    assert len(got[first[1]]) < NEW_TOKENS
+    assert batch.stats.largest_batch == 2
+
+
+def test_row_order_does_not_matter():
+    family = "qwen3"
+    config = DDTreeConfig(tree_budget=5)
+    forward = batch_generate(target(family), oracle_for(family, PROMPTS), prompts=PROMPTS, config=config,
+                             max_new_tokens=NEW_TOKENS, stop_token_ids=[])
+    backward = batch_generate(target(family), oracle_for(family, PROMPTS), prompts=PROMPTS[::-1], config=config,
+                              max_new_tokens=NEW_TOKENS, stop_token_ids=[])
+    assert [r["generated_token_ids"] for r in forward] == [r["generated_token_ids"] for r in backward[::-1]]
+
+
+def test_plain_rows_beside_tree_rows():
+    """method="ar" batches plain steps (root-only trees in one forward); a batch of plain rows equals mlx-lm."""
+    family = "qwen3_5"
+    batch = BatchGenerator(target(family), method="ar", max_batch=4)
+    for prompt, result in zip(PROMPTS, run(batch, PROMPTS)):
+        assert result["tokens"] == reference(family, prompt).tokens
+    assert batch.stats.batched_cycles > 0
+
+
+def test_a_sampled_row_reproduces_its_solo_output():
+    """Sampling with a seed: a row's draws use its own key, so beside greedy rows it draws what it draws alone."""
+    family = "llama"
+    model = target(family)
+    config = DDTreeConfig(tree_budget=4)
+    drafter = oracle_for(family, PROMPTS)
+    solo = generate_ddtree_once(target_model=model, draft_model=drafter, prompt_tokens=PROMPTS[0],
+                                max_new_tokens=NEW_TOKENS, stop_token_ids=[], config=config, temperature=0.8, seed=7)
+    batch = BatchGenerator(model, drafter, max_batch=3, config=config)
+    sampled = batch.insert(PROMPTS[0], max_new_tokens=NEW_TOKENS, stop_token_ids=[], temperature=0.8, seed=7)
+    for prompt in PROMPTS[1:3]:
+        batch.insert(prompt, max_new_tokens=NEW_TOKENS, stop_token_ids=[])
+    got = []
+    while batch.has_work:
+        got += [t for r in batch.next() if r.uid == sampled for t in r.tokens]
+    assert got == solo["generated_token_ids"]
+
+
+def test_a_prompt_cache_hit_in_a_batch():
+    family = "qwen3_5"
+    model = target(family)
+    cache = PromptCache(64 << 20)
+    batch = BatchGenerator(model, oracle_for(family, PROMPTS), max_batch=4, prompt_cache=cache,
+                           config=DDTreeConfig(tree_budget=6))
+    run(batch, PROMPTS[:2])
+    again = run(batch, [PROMPTS[0], PROMPTS[2]])
+    assert again[0]["stats"].reused_prompt_tokens > 0
+    assert again[0]["tokens"] == reference(family, PROMPTS[0]).tokens
+    assert again[1]["tokens"] == reference(family, PROMPTS[2]).tokens
+
+
+def test_automatic_sizes_in_a_batch(monkeypatch):
+    """DDTREE_TREE_BUDGET=auto sizes the batch's trees together (on a fake clock): lossless, and trees verified."""
+    FakeClock().install(monkeypatch)
+    family = "qwen3_5"
+    batch = BatchGenerator(target(family), oracle_for(family, PROMPTS), max_batch=4,
+                           config=DDTreeConfig(tree_budget="auto"))
+    results = run(batch, PROMPTS)
+    for prompt, result in zip(PROMPTS, results):
+        assert result["tokens"] == reference(family, prompt).tokens
+    assert batch.stats.batched_cycles > 0
+
+
+def test_bad_requests_fail_before_any_model_work():
+    model = target("llama")
+    with pytest.raises(ValueError, match="max_batch"):
+        BatchGenerator(model, method="ar", max_batch=0)
+    batch = BatchGenerator(model, method="ar", max_batch=2)
+    with pytest.raises(ValueError, match="outside the target vocabulary"):
+        batch.insert([1, 10_000])
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        batch.insert([1, 2], max_new_tokens=0)
+    assert not batch.has_work
