@@ -10,11 +10,13 @@ from .drafting.mixed import LookupDFlashDrafter
 from .drafting.oracle import ScriptedDrafter
 from .drafting.prompt_lookup import PromptLookupDrafter
 from .drafting.protocol import Drafter
+from .engine.batch import BatchGenerator, batch_generate
 from .engine.generate import generate_ddtree_once, stream_generate
 from .engine.prompt_cache import PromptCache
 from .engine.session import DecodeStep
 from .loading.load import load
 
-__all__ = ["DDTreeConfig", "DFlashDrafter", "DecodeStep", "Drafter", "LookupDFlashDrafter", "PromptCache",
-           "PromptLookupDrafter", "ScriptedDrafter", "generate_ddtree_once", "load", "stream_generate"]
+__all__ = ["BatchGenerator", "DDTreeConfig", "DFlashDrafter", "DecodeStep", "Drafter", "LookupDFlashDrafter",
+           "PromptCache", "PromptLookupDrafter", "ScriptedDrafter", "batch_generate", "generate_ddtree_once", "load",
+           "stream_generate"]
 __version__ = "0.1.0"

@@ -270,3 +270,33 @@ def test_bad_requests_fail_before_any_model_work():
     with pytest.raises(ValueError, match="max_new_tokens"):
         batch.insert([1, 2], max_new_tokens=0)
     assert not batch.has_work
+
+
+def test_rows_with_a_quantized_kv_cache():
+    """kv_bits per row as mlx-lm means it (quantized from mid-prompt on): each row is mlx-lm's own decoding with
+    the same quantized cache."""
+    model = make_target("llama", seed=4, head_dim=32)  # kv groups of 32 need a head size they divide
+    options = dict(kv_bits=8, kv_group_size=32, quantized_kv_start=8)
+    wants = {tuple(p): mlx_lm_greedy(model, p, NEW_TOKENS, **options) for p in PROMPTS}
+    drafter = PromptOracle({prompt: want.tokens for prompt, want in wants.items()})
+    batch = BatchGenerator(model, drafter, max_batch=4, config=DDTreeConfig(tree_budget=6), **options)
+    results = run(batch, PROMPTS)
+    for prompt, result in zip(PROMPTS, results):
+        assert_lossless(result["tokens"], wants[tuple(prompt)], exact=True, label="batch kv8")
+    assert branched(results) and batch.stats.batched_cycles > 0
+
+
+def test_one_row_at_a_time_is_stream_generate():
+    """max_batch 1: each request runs alone, its cycles exactly stream_generate's (plain steps queued as mlx-lm)."""
+    family = "qwen3_5"
+    model = target(family)
+    drafter = oracle_for(family, PROMPTS)
+    config = DDTreeConfig(tree_budget=6)
+    batch = BatchGenerator(model, drafter, max_batch=1, config=config)
+    results = run(batch, PROMPTS[:2])
+    for prompt, result in zip(PROMPTS[:2], results):
+        solo = generate_ddtree_once(target_model=model, draft_model=drafter, prompt_tokens=prompt,
+                                    max_new_tokens=NEW_TOKENS, stop_token_ids=[], config=config)
+        assert result["tokens"] == solo["generated_token_ids"]
+        assert result["stats"].cycles == solo["cycles"]
+    assert batch.stats.batched_cycles == 0

@@ -56,7 +56,8 @@ def test_turns_reuse_what_earlier_turns_prefilled(family, drafter_kind):
     for (tokens, hidden), (want_tokens, want_hidden) in zip(seen, drafter.calls):  # the drafter saw the same
         assert tokens == want_tokens
         if want_hidden is not None:
-            np.testing.assert_allclose(hidden, want_hidden, rtol=1e-5, atol=1e-5)
+            # Prefilled in other chunks: float32 sums in another order (1.8e-5 seen on one machine's OpenBLAS).
+            np.testing.assert_allclose(hidden, want_hidden, rtol=1e-5, atol=5e-5)
 
     # Prompts that share only part of the first: attention caches are trimmed to any shared length; a recurrent
     # state cannot be rewound, so a hybrid target resumes from the checkpoint kept at 12 tokens.

@@ -99,6 +99,7 @@ def stream_generate(
     generate_step gives them) and the k most likely tokens with theirs; None (the default) computes nothing."""
     config = resolve_config(config, tree_budget)
     sampling = SamplingParams(temperature, top_p, top_k, seed)
+    logprobs = check_logprobs(logprobs)
     target = adapter_for(target_model)
     drafter = as_drafter(draft_model) if draft_model is not None and method != "ar" else None
     generation = open_generation(target, drafter, tokenizer,
