@@ -95,6 +95,10 @@ class DDTreeConfig:
     prompt_cache_bytes: int = 2 * 2**30
     """DDTREE_PROMPT_CACHE_BYTES: the server's prompt cache bound in bytes (mlx-lm's --prompt-cache-bytes; a K, M
     or G suffix counts binary units); least recently used entries go first; 0 turns it off."""
+    max_batch: int = 4
+    """DDTREE_MAX_BATCH: the most requests decoded together (`serve --max-batch`, BatchGenerator's default): their
+    trees are verified in one target forward, requests joining and leaving between cycles; 1 runs one request at a
+    time. Sharded serving always runs one at a time."""
     rank_timeout: int = 120
     """DDTREE_RANK_TIMEOUT: sharded across processes (mx.distributed), the seconds a rank may go without progress
     (a cycle, a prefill chunk) before it stops with an error: MLX's collectives would wait forever for a rank that
@@ -151,6 +155,8 @@ class DDTreeConfig:
             raise ValueError("api_key must be a string")
         if not isinstance(self.cache_dir, (str, os.PathLike)) or not str(self.cache_dir):
             raise ValueError(f"cache_dir must be a directory path, got {self.cache_dir!r}")
+        if not is_int(self.max_batch) or self.max_batch < 1:
+            raise ValueError(f"max_batch must be an integer >= 1 (1: one request at a time), got {self.max_batch!r}")
         if not is_int(self.rank_timeout) or self.rank_timeout < 1:
             raise ValueError(f"rank_timeout must be a whole number of seconds >= 1, got {self.rank_timeout!r}")
         if not is_int(self.draft_window) or self.draft_window < 0:

@@ -158,11 +158,11 @@ def test_count_tokens(server, client):
     # Answered while the model thread is busy.
     gate = threading.Event()
 
-    def hold():
+    def hold(*_):  # a job's start, on the model thread (alone or joining a batch): holds it until released
         gate.wait(30)
-        yield None
+        raise LookupError("released")
 
-    holder = threading.Thread(target=lambda: list(server.engine.worker.stream(hold)))
+    holder = threading.Thread(target=pytest.raises, args=(LookupError, lambda: list(server.engine.worker.stream(hold))))
     holder.start()
     try:
         assert client.messages.count_tokens(model="m", messages=WEATHER, tools=[TOOL]).input_tokens == count
@@ -209,7 +209,7 @@ def test_limits_and_failures(monkeypatch):
         assert json.loads(raw(busy, "POST", "/v1/messages/count_tokens", body)[1])["input_tokens"] > 0
         too_long = {**body, "system": "x" * 3000}
         assert error_of(busy, "POST", "/v1/messages", too_long)[:2] == (413, "request_too_large")
-    with serving(8) as failing:
+    with serving(8, config={"max_batch": 1}) as failing:  # one at a time (test_batch_server.py: a batch's)
         def broken(job):
             raise RuntimeError("boom")
 

@@ -9,7 +9,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
-from tiny import FakeClock, OracleDrafter, assert_lossless, make_dflash, make_target, mlx_lm_greedy
+from tiny import FakeClock, assert_lossless, make_dflash, make_target, mlx_lm_greedy
 
 from ddtree_mlx import DDTreeConfig, generate_ddtree_once
 from ddtree_mlx.drafting.oracle import ScriptedDrafter

@@ -24,6 +24,7 @@ from ddtree_mlx.serving.text import TextStream
 
 BUDGET = 4
 CONFIG = DDTreeConfig(tree_budget=BUDGET)
+SOLO = CONFIG.replace(max_batch=1)  # the server's one-request-at-a-time path
 CHAT = [{"role": "system", "content": "w8 w9"}, {"role": "user", "content": "w17 w43 w9"}]
 EOS_CHAT = [{"role": "user", "content": "w100 w5"}]  # the tiny model says <eos> 37 tokens into this one
 PROMPT = "w3 w4 w5 w6"
@@ -383,7 +384,8 @@ def generations(monkeypatch):
 
 def test_client_disconnect_frees_the_model(generations):
     body = json.dumps({"messages": CHAT, "max_tokens": 3000, "stream": True}).encode()
-    with serving(TOKENIZER, stop_token_ids=[]) as bound:  # no end-of-sequence: all 3000 tokens unless cancelled
+    # One request at a time (test_batch_server.py has the batch's); no end-of-sequence: all 3000 tokens unless cancelled
+    with serving(TOKENIZER, config=SOLO, stop_token_ids=[]) as bound:
         with socket.create_connection(("127.0.0.1", bound), timeout=60) as sock:
             sock.sendall(POST + b"Content-Length: %d\r\n\r\n" % len(body) + body)
             received = b""
@@ -397,7 +399,8 @@ def test_client_disconnect_frees_the_model(generations):
 
 def test_a_non_streaming_client_that_leaves_frees_the_model(generations):
     body = json.dumps({"messages": CHAT, "max_tokens": 3000}).encode()
-    with serving(TOKENIZER, stop_token_ids=[]) as bound:  # no end-of-sequence: all 3000 tokens unless cancelled
+    # One request at a time (test_batch_server.py has the batch's); no end-of-sequence: all 3000 tokens unless cancelled
+    with serving(TOKENIZER, config=SOLO, stop_token_ids=[]) as bound:
         with socket.create_connection(("127.0.0.1", bound), timeout=60) as sock:
             sock.sendall(POST + b"Content-Length: %d\r\n\r\n" % len(body) + body)
             assert generations.started.wait(timeout=120)  # under way; then the client hangs up without reading

@@ -200,7 +200,7 @@ def test_output_parsing():
 
 
 def test_failure_mid_stream(monkeypatch):
-    with serving(8) as failing:
+    with serving(8, config={"max_batch": 1}) as failing:  # one at a time (test_batch_server.py: a batch's)
         steps = type(failing.engine)._steps
 
         def midway(job):

@@ -85,4 +85,5 @@ def engine_config(args: argparse.Namespace) -> DDTreeConfig:
     """The run's one configuration: these options, then DDTREE_* variables, then defaults (checked now, before any
     model loads, so a typo fails at once)."""
     return DDTreeConfig.from_env(tree_budget=args.tree_budget, prefill_step_size=args.prefill_step_size,
-                                 prompt_cache_bytes=getattr(args, "prompt_cache_bytes", None))
+                                 prompt_cache_bytes=getattr(args, "prompt_cache_bytes", None),
+                                 max_batch=getattr(args, "max_batch", None))

@@ -39,6 +39,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="prompt cache bound in bytes (K, M, G suffixes), 0 off "
                              "(default: DDTREE_PROMPT_CACHE_BYTES or 2G)")
     deprecated(parser, "--prompt-cache-mb", "--prompt-cache-bytes", type=lambda text: cache_size(text + "M"))
+    parser.add_argument("--max-batch", type=positive_int,
+                        help="requests decoded together, their trees verified in one forward; 1: one at a time; "
+                             "sharded serving is always 1 (default: DDTREE_MAX_BATCH or 4)")
     parser.add_argument("--max-queue", type=int, default=MAX_QUEUE,
                         help=f"requests that may wait for the model; more get 503 + Retry-After (default {MAX_QUEUE})")
     parser.add_argument("--read-timeout", type=float, default=READ_TIMEOUT,
@@ -58,6 +61,8 @@ def run_server(args: argparse.Namespace) -> None:
     """Serve on rank 0; sharded (under mlx.launch), the other ranks follow its requests and serve nothing."""
     if args.max_body_bytes < 1 or not args.read_timeout > 0 or args.max_queue < 0:
         raise ValueError("--max-body-bytes and --read-timeout must be positive, --max-queue >= 0")
+    if args.sharding and (args.max_batch or 1) > 1:
+        raise ValueError("--max-batch: a sharded target serves one request at a time; leave it out or use 1")
     logging.getLogger("ddtree_mlx").setLevel(args.log_level)
     config = engine_config(args)
     if args.api_key is not None:  # the option wins over DDTREE_API_KEY

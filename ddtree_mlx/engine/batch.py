@@ -22,7 +22,7 @@ import copy
 import itertools
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Generator, Sequence
 
 from ..config import DDTreeConfig, is_int
@@ -35,7 +35,7 @@ from .generate import METHODS, Generation, open_generation, resolve_config
 from .logprobs import TokenLogprob
 from .prompt_cache import PromptCache
 from .sampling import SamplingParams
-from .session import Drafted, GenerationStats
+from .session import GenerationStats
 
 DEFAULT_MAX_BATCH = 4
 
@@ -86,16 +86,17 @@ class BatchGenerator:
     batch nothing (max_batch must be 1)."""
 
     def __init__(self, target_model: Any, draft_model: Any = None, *, tokenizer: Any = None, method: str = "ddtree",
-                 config: DDTreeConfig | None = None, max_batch: int = DEFAULT_MAX_BATCH,
+                 config: DDTreeConfig | None = None, max_batch: int | None = None,
                  prompt_cache: PromptCache | None = None, kv_bits: int | None = None, kv_group_size: int = 64,
                  quantized_kv_start: int = DEFAULT_QUANTIZED_KV_START):
+        self.config = resolve_config(config, None)
+        max_batch = self.config.max_batch if max_batch is None else max_batch  # None: the config's (DDTREE_MAX_BATCH)
         if not is_int(max_batch) or max_batch < 1:
             raise ValueError(f"max_batch must be a positive integer, got {max_batch!r}")
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
         if method != "ar" and draft_model is None:
             raise ValueError(f"method {method!r} needs a draft_model; pass one, or use method='ar'")
-        self.config = resolve_config(config, None)
         self.target = adapter_for(target_model)
         if max_batch > 1 and self.target.group is not None:
             raise ValueError("a sharded target decodes one request at a time: use max_batch=1")

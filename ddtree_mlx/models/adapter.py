@@ -228,8 +228,10 @@ class TargetAdapter:
         (lone roots included: they are verified as trees, and their captures commit them)."""
         if len(trees) > 1 and self.group is not None:
             raise ValueError("a sharded target verifies one generation at a time; serve it with --max-batch 1")
-        forest = Forest([TreeInputs.build(tree, self.prefix_length(cache), config) for tree, cache in zip(trees, caches)])
-        clock = forest.clock
+        clock = PartClock(config.profile_verify, config.profile_detail)  # one for all rows: a profile adds up
+        forest = Forest([replace(TreeInputs.build(tree, self.prefix_length(cache), config), clock=clock,
+                                 step=len(trees) > 1 and self.steps(tree, cache, config))
+                         for tree, cache in zip(trees, caches)])
         h = clock.lap("embed", self.embed(mx.array([token for tree in trees for token in tree.tokens])[None]))
         captures, captured, early = [], {}, EarlyStart()
         h = receive(self.stage, h)
@@ -246,6 +248,12 @@ class TargetAdapter:
         rows = zip(forest.split(logits, 0), hiddens, zip(*captures))
         return [VerifyOutput(row_logits, row_hidden, list(row_captures), clock.seconds, kernels, started=early.first,
                              waited=early.waited) for row_logits, row_hidden, row_captures in rows]
+
+    @staticmethod
+    def steps(tree: DraftTree, cache: list[Any], config: DDTreeConfig) -> bool:
+        """Whether a batch's row runs its attention layers as a plain step straight into its cache: a lone root
+        (fewer operations per row than a tree's), not with a quantized KV cache."""
+        return len(tree) == 1 and not config.profile_verify and not any(hasattr(entry, "bits") for entry in cache)
 
     def step(self, token: mx.array, cache: list[Any], capture_layers: list[int],
              config: DDTreeConfig | None = None) -> VerifyOutput:

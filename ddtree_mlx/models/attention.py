@@ -53,10 +53,17 @@ def tree_attention(attn: Any, queries: mx.array, keys: mx.array, values: mx.arra
     """queries [1, H, T, D], keys/values [1, Hkv, T, D] before RoPE. Returns attention output [1, T, H*D]."""
     if inputs.step:  # rotated and stored as mlx-lm's step does, then attended to in place
         queries, keys = attn.rope(queries, offset=cache.offset), attn.rope(keys, offset=cache.offset)
-        out = step_attention(queries, cache.update_and_fetch(keys, values), attn.scale)
-        return out.transpose(0, 2, 1, 3).reshape(1, 1, -1), KVCapture(keys, values)  # nothing left to commit
-    queries = rope_at(attn.rope, queries, inputs.positions)
-    keys = inputs.clock.detail("attention.proj_rope", rope_at(attn.rope, keys, inputs.positions))
+        cached = cache.update_and_fetch(keys, values)
+        if splits(inputs.config, cache.offset):
+            out = step_attention(queries, cached, attn.scale)
+        else:
+            out = mx.fast.scaled_dot_product_attention(queries, *cached, scale=attn.scale, mask=None)
+        return out.transpose(0, 2, 1, 3).reshape(1, 1, -1), KVCapture(keys, values, written=True)
+    if inputs.chain:  # positions prefix, prefix + 1, ...: one rotation from an offset, as mlx-lm's forward does
+        queries, keys = attn.rope(queries, offset=inputs.prefix_len), attn.rope(keys, offset=inputs.prefix_len)
+    else:
+        queries, keys = rope_at(attn.rope, queries, inputs.positions), rope_at(attn.rope, keys, inputs.positions)
+    keys = inputs.clock.detail("attention.proj_rope", keys)
     config = inputs.config
     if hasattr(cache, "bits"):  # a quantized KV cache: the nodes attend to keys and values as it stores them
         out = quantized_tree_attention(queries, keys, values, cache, attn.scale, inputs.attention_mask())

@@ -37,7 +37,7 @@ class TreeInputs:
     conv_windows: dict[int, mx.array]  # kernel width -> [T, width] rows of concat(cached, nodes)
     mask: mx.array | None = None
     plan: LevelPlan | None = None
-    step: bool = False  # a plain step (TargetAdapter.lone_root): keys and values go straight into the cache
+    step: bool = False  # a plain step (lone_root, a batch's lone root): keys and values go straight into the cache
     kernels: set[str] = field(default_factory=set)  # what the recurrent layers ran as: "metal" and/or "twin"
 
     @classmethod
@@ -52,6 +52,11 @@ class TreeInputs:
             clock=PartClock(config.profile_verify, config.profile_detail),
             conv_windows={},
         )
+
+    @property
+    def chain(self) -> bool:
+        """Whether the nodes sit at consecutive positions (a lone root, DFlash's single path)."""
+        return self.tree.depths[-1] == len(self.tree) - 1
 
     def attention_mask(self) -> mx.array | None:
         """[T, prefix + T] bool: the prefix fully visible, ancestors inside the tree. Built on the device, once
@@ -120,8 +125,11 @@ class KVCapture:
     keys: mx.array  # [1, Hkv, T, D], already rotated at the node's position
     values: mx.array
 
+    written: bool = False  # a step's: already in the cache (tree_attention's step), nothing to commit
+
     def commit(self, cache_entry: KVCache, path: mx.array) -> None:
-        cache_entry.update_and_fetch(self.keys[:, :, path], self.values[:, :, path])
+        if not self.written:
+            cache_entry.update_and_fetch(self.keys[:, :, path], self.values[:, :, path])
 
 
 class PartClock:

@@ -9,8 +9,8 @@ import json
 from typing import Any, Iterator, Sequence
 
 from ..config import is_int, is_number
-from .generation import Piece
 from .output import Event, Output
+from .pieces import Piece
 from .schema import BadRequest, Request
 
 # Anthropic's error type for each HTTP status this server answers with.

@@ -1,42 +1,32 @@
-"""The engine behind the server: a request in, `Piece`s of text out, each generation run by `stream_generate` on
-the one model thread. Sharded across processes, rank 0's engine tells the others what to run (sharded.py)."""
+"""The engine behind the server: a request in, `Piece`s of text out, on the one model thread: with max_batch 1
+each generation runs alone (`stream_generate`), else requests are decoded together (a BatchGenerator, worker.py).
+Sharded across processes, rank 0's engine tells the others what to run (sharded.py), one request at a time."""
 
 from __future__ import annotations
 
 import os
 import time
 from contextlib import closing
-from dataclasses import dataclass
+from functools import partial
 from typing import Any, Iterator, Mapping, Sequence
 
 from ..blas import blas_name
 from ..config import DDTreeConfig
 from ..engine import calibration
-from ..engine.generate import DecodeStep, GenerationStats, stream_generate
+from ..engine.batch import BatchGenerator
+from ..engine.generate import DecodeStep, stream_generate
 from ..engine.prompt_cache import PromptCache
 from ..engine.sampling import SamplingParams
 from ..kernels import dispatch
 from ..models.kv_quantization import KVQuantization
 from ..models.registry import adapter_for
 from .conversation import Rendered, prepare, render
-from .logprobs import Carried
+from .pieces import Piece, Pieces
 from .schema import BadRequest, Request
 from .sharded import lockstep, share
-from .text import TextStream
-from .worker import MAX_QUEUE, Worker
+from .worker import MAX_QUEUE, BatchWorker, Worker
 
 DEFAULT_MAX_TOKENS = 256
-
-
-@dataclass
-class Piece:
-    """New text from one committed step; the last piece has a finish_reason and the usage and ddtree fields."""
-
-    text: str
-    finish_reason: str | None = None
-    final: dict[str, Any] | None = None
-    stop_string: str | None = None  # on the last piece: the client's stop string that ended the text
-    logprobs: list[dict[str, Any]] | None = None  # with logprobs asked: those of the tokens this text carries
 
 
 class Engine:
@@ -60,11 +50,18 @@ class Engine:
             calibration.verify_costs(self.target, config)  # measured once per model and machine, before any request
         self.group = self.target.group  # sharded: rank 0 serves, the others follow (sharded.py)
         self.created = int(time.time())
-        self.worker = Worker(max_queue, on_stop=self.release)
+        # Sharded, every rank runs rank 0's generations in lockstep, one at a time (sharded.py): never batched.
+        self.batched = config.max_batch > 1 and self.group is None
+        if self.batched:
+            batch = BatchGenerator(target_model, drafter, tokenizer=tokenizer, method=method, config=config,
+                                   prompt_cache=self.prompt_cache, **self.kv)
+            self.worker: Worker = BatchWorker(batch, max_queue)
+        else:
+            self.worker = Worker(max_queue, on_stop=self.release)
 
     def generate(self, request: Request) -> Iterator[Piece]:
         self.render(request)  # here, on the caller's thread: a refused prompt never queues
-        return self.worker.stream(lambda: self._pieces(request))
+        return self.worker.stream(partial(self._join if self.batched else self._pieces, request))
 
     def render(self, request: Request) -> Rendered:
         """The request's prompt with its tools (conversation.py), rendered once; needs no model work."""
@@ -75,11 +72,13 @@ class Engine:
 
     def health(self) -> dict[str, Any]:
         """What a hybrid target's tree recurrence runs as here ("metal" once the kernels passed their self-check,
-        else "twin"; "none" for other targets) and which BLAS the CPU uses."""
+        else "twin"; "none" for other targets), which BLAS the CPU uses, the prompt cache's use, and the batch:
+        rows decoding, requests waiting, max_batch and the largest batch one forward verified."""
         target = self.target
         hybrid = any(target.mixer_kind(layer) == "linear" for layer in target.layers)
         return {"status": "ok", "kernels": dispatch.kernel_path(self.config) if hybrid else "none",
-                "blas": blas_name(), "prompt_cache": self.prompt_cache.stats() if self.prompt_cache else None}
+                "blas": blas_name(), "prompt_cache": self.prompt_cache.stats() if self.prompt_cache else None,
+                "batch": self.worker.health()}
 
     def release(self) -> None:
         """Sharded: the server stopped; the other ranks, waiting for its next job, may stop too."""
@@ -152,32 +151,18 @@ class Engine:
 
     def _pieces(self, request: Request) -> Iterator[Piece]:
         job = self._job(request)
-        text = TextStream(self.tokenizer, request.stop)
-        carried = Carried(text, self.tokenizer) if request.logprobs is not None else None  # None: no log-probs
-        generated = 0
+        pieces = Pieces(self.tokenizer, request, len(job["prompt"]))
         # Closing the steps early (a stop string matched) ends the generation, on every rank when sharded.
         with closing(self._steps(job)) as steps:
             for step in steps:
-                generated += len(step.tokens)
-                # A "stop" step ends with the stop token, which is not part of the text.
-                words = step.tokens[:-1] if step.finish_reason == "stop" else step.tokens
-                piece = text.add(words) if carried is None else carried.add(words, step.logprobs)
-                if step.finish_reason is None and not text.stopped:
-                    yield Piece(piece, logprobs=carried and carried.ready())
-                    continue
-                stop = step.logprobs[-1] if carried and step.finish_reason == "stop" and not text.stopped else None
-                entries = carried and carried.rest(stop)  # the stop token's too: it counts as a completion token
-                piece += text.finish()
-                completion = text.tokens if text.stopped else generated
-                prompt = len(job["prompt"])
-                usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-                final = {"usage": usage, "ddtree": _stats(step.stats, generated)}
-                yield Piece(piece, "stop" if text.stopped else step.finish_reason, final, text.matched, entries)
-                return
+                yield pieces.push(step)
+                if pieces.done:
+                    return
 
-
-def _stats(stats: GenerationStats, generated: int) -> dict[str, Any]:
-    summary = stats.summary(generated)
-    keys = ("tokens_per_second", "cycles", "avg_acceptance", "fast_path_ratio", "prefill_seconds",
-            "reused_prompt_tokens")
-    return {key: summary[key] for key in keys}
+    def _join(self, request: Request, batch: BatchGenerator) -> tuple[int, Pieces]:
+        """The request inserted into the batch (on the model thread, between its steps), and what its responses
+        go through; a bad request raises here, before any model work."""
+        job = self._job(request)
+        uid = batch.insert(job["prompt"], max_new_tokens=job["max_new_tokens"], stop_token_ids=self.stop_token_ids,
+                           prompt_checkpoints=job["checkpoints"], logprobs=job["logprobs"], **job["sampling"])
+        return uid, Pieces(self.tokenizer, request, len(job["prompt"]))

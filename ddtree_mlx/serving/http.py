@@ -6,9 +6,10 @@
     GET  /v1/models, /health
 
 The generating endpoints stream (server-sent events) or answer with the whole object. Every generation runs on
-the engine's one model thread (worker.py), so concurrent requests queue. A client that disconnects cancels its
-generation at the next committed step. With an API key set, every route but /health needs it (`Authorization:
-Bearer KEY` or `x-api-key: KEY`); errors come in the shape of the route's API.
+the engine's one model thread (worker.py): concurrent requests are decoded together, up to max_batch, and the
+rest queue. A client that disconnects cancels its generation at the next committed step. With an API key set,
+every route but /health needs it (`Authorization: Bearer KEY` or `x-api-key: KEY`); errors come in the shape of
+the route's API.
 """
 
 from __future__ import annotations
@@ -118,11 +119,8 @@ class _Handler(BaseHTTPRequestHandler):
                 request = parse_request(kind, self._read_json())
             pieces = engine.generate(request)  # renders the prompt: a refusal comes before the request queues
             first = next(pieces)  # waits for the model and prefill; the engine checks its arguments first
-        except ValueError as error:  # a BadRequest, or the engine refusing an argument
-            return self._refuse(error)
         except Exception as error:
-            log.exception("generation failed")
-            return self._error(500, f"generation failed: {error}", kind="server_error")
+            return self._failed(error)
         output = Output(engine.tokenizer, request, request.rendered) if request.kind == "chat" else None
         with closing(pieces):  # closing cancels the generation if the client left early
             try:
@@ -138,6 +136,14 @@ class _Handler(BaseHTTPRequestHandler):
                     self._send_json(200, shape(request, model, self._collect(first, pieces), output))
             except (ConnectionError, TimeoutError):  # the client is gone or stopped reading
                 self.close_connection = True
+            except Exception as error:  # a whole answer failed midway: nothing was sent yet (streams end in-band)
+                self._failed(error)
+
+    def _failed(self, error: Exception) -> None:
+        if isinstance(error, ValueError):  # a BadRequest, or the engine refusing an argument
+            return self._refuse(error)
+        log.exception("generation failed")
+        self._error(500, f"generation failed: {error}", kind="server_error")
 
     def _refuse(self, error: ValueError) -> None:
         status = getattr(error, "status", 400)

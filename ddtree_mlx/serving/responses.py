@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from typing import Any, Iterator, Sequence
 
-from .generation import Piece
 from .logprobs import shape
 from .output import Event, Output
+from .pieces import Piece
 from .schema import Request
 
 _OBJECTS = {"chat": ("chat.completion", "chat.completion.chunk"), "completion": ("text_completion", "text_completion")}
