@@ -72,6 +72,14 @@ class BatchStats:
     prefill_chunks: int = 0
 
 
+class RowFailed(Exception):
+    """One row failed on its own (its prefill): it has left the batch; the others carry on at the next step."""
+
+    def __init__(self, uid: int):
+        super().__init__(f"request {uid} failed")
+        self.uid = uid
+
+
 def fork(drafter: Drafter | None) -> Drafter | None:
     """A drafter for one row: the same weights, its own state (reset gives it fresh state for its prompt)."""
     if drafter is None:
@@ -159,6 +167,8 @@ class BatchGenerator:
         return responses
 
     def prefill_chunk(self, row: Row) -> list[BatchResponse]:
+        """One chunk of a joining row's prompt; the first token once its prefill ends. A failure there is that
+        row's alone: it leaves, and RowFailed names it (the other rows have not been touched this step)."""
         self.stats.prefill_chunks += 1
         try:
             next(row.prefill)
@@ -166,6 +176,9 @@ class BatchGenerator:
         except StopIteration as end:
             row.prefill = None
             return [self.respond(row, [end.value])]
+        except Exception as error:
+            self.cancel(row.uid)
+            raise RowFailed(row.uid) from error
 
     def cycle(self, rows: list[Row]) -> list[BatchResponse]:
         """One cycle over `rows`. A row with a plain step queued from when it ran alone takes that step first
