@@ -40,29 +40,41 @@ def rope_at(rope: Any, x: mx.array, positions: mx.array) -> mx.array:
     return rope(x.transpose(2, 1, 0, 3), offset=positions).transpose(2, 1, 0, 3)
 
 
+def rotate(rope: Any, queries: mx.array, keys: mx.array, inputs: TreeInputs) -> tuple[mx.array, mx.array]:
+    """Queries and keys rotated at their nodes' positions: a chain's (a lone root, DFlash's single path) are
+    consecutive, one rotation from an offset as mlx-lm's forward does; a tree's, each at its own."""
+    if inputs.chain:
+        return rope(queries, offset=inputs.prefix_len), rope(keys, offset=inputs.prefix_len)
+    return rope_at(rope, queries, inputs.positions), rope_at(rope, keys, inputs.positions)
+
+
 def forest_attention(attn: Any, queries: mx.array, keys: mx.array, values: mx.array, entries: list[KVCache],
                      forest: Forest) -> tuple[mx.array, list[KVCapture]]:
-    """tree_attention for each row of a forest (packed along axis 2), each against its own cache: [1, T, H*D]."""
+    """tree_attention for each row of a forest (packed along axis 2), each against its own cache: [1, T, H*D].
+    Several rows are rotated together first, each node at its own position: per-row operations are what a batch
+    pays for on a CPU (~14 us each), the rotation's work is the same."""
+    rotated = len(forest.rows) > 1
+    if rotated:
+        queries, keys = rope_at(attn.rope, queries, forest.positions), rope_at(attn.rope, keys, forest.positions)
     rows = zip(forest.split(queries, 2), forest.split(keys, 2), forest.split(values, 2), entries, forest.rows)
-    outs, captures = zip(*(tree_attention(attn, *row) for row in rows))
-    return forest.join(list(outs), 1), list(captures)
+    outs, captures = zip(*(tree_attention(attn, *row, rotated=rotated) for row in rows))
+    out = forest.join(list(outs), 2)
+    return out.transpose(0, 2, 1, 3).reshape(1, out.shape[2], -1), list(captures)
 
 
 def tree_attention(attn: Any, queries: mx.array, keys: mx.array, values: mx.array, cache: KVCache,
-                   inputs: TreeInputs) -> tuple[mx.array, KVCapture]:
-    """queries [1, H, T, D], keys/values [1, Hkv, T, D] before RoPE. Returns attention output [1, T, H*D]."""
-    if inputs.step:  # rotated and stored as mlx-lm's step does, then attended to in place
-        queries, keys = attn.rope(queries, offset=cache.offset), attn.rope(keys, offset=cache.offset)
+                   inputs: TreeInputs, rotated: bool = False) -> tuple[mx.array, KVCapture]:
+    """queries [1, H, T, D], keys/values [1, Hkv, T, D] before RoPE (unless `rotated` already, at inputs'
+    positions). Returns the attention output [1, H, T, D] and what commits the keys and values."""
+    if not rotated:
+        queries, keys = rotate(attn.rope, queries, keys, inputs)
+    if inputs.step:  # stored as mlx-lm's step does, then attended to in place
         cached = cache.update_and_fetch(keys, values)
         if splits(inputs.config, cache.offset):
             out = step_attention(queries, cached, attn.scale)
         else:
             out = mx.fast.scaled_dot_product_attention(queries, *cached, scale=attn.scale, mask=None)
-        return out.transpose(0, 2, 1, 3).reshape(1, 1, -1), KVCapture(keys, values, written=True)
-    if inputs.chain:  # positions prefix, prefix + 1, ...: one rotation from an offset, as mlx-lm's forward does
-        queries, keys = attn.rope(queries, offset=inputs.prefix_len), attn.rope(keys, offset=inputs.prefix_len)
-    else:
-        queries, keys = rope_at(attn.rope, queries, inputs.positions), rope_at(attn.rope, keys, inputs.positions)
+        return out, KVCapture(keys, values, written=True)
     keys = inputs.clock.detail("attention.proj_rope", keys)
     config = inputs.config
     if hasattr(cache, "bits"):  # a quantized KV cache: the nodes attend to keys and values as it stores them
@@ -79,7 +91,7 @@ def tree_attention(attn: Any, queries: mx.array, keys: mx.array, values: mx.arra
             queries, all_keys, all_values, scale=attn.scale, mask=inputs.attention_mask()
         )
     out = inputs.clock.detail("attention.sdpa", out)
-    return out.transpose(0, 2, 1, 3).reshape(1, queries.shape[2], -1), KVCapture(keys, values)
+    return out, KVCapture(keys, values)
 
 
 def splits(config: DDTreeConfig, prefix: int) -> bool:

@@ -87,6 +87,7 @@ class Forest:
     mixer runs against its own cache with its own tables. One row is the plain tree verify, with no slicing."""
 
     rows: list[TreeInputs]
+    _positions: mx.array | None = None
 
     @property
     def clock(self) -> "PartClock":
@@ -98,11 +99,18 @@ class Forest:
         return [slice(int(end) - len(inputs.tree), int(end)) for inputs, end in zip(self.rows, ends)]
 
     def split(self, x: mx.array, axis: int) -> list[mx.array]:
-        """Each row's part of packed `x` along `axis`."""
+        """Each row's part of packed `x` along `axis` (one operation, whatever the rows)."""
         if len(self.rows) == 1:
             return [x]
-        index = (slice(None),) * axis
-        return [x[index + (span,)] for span in self.spans]
+        return mx.split(x, [span.stop for span in self.spans[:-1]], axis=axis)
+
+    @property
+    def positions(self) -> mx.array:
+        """[T] every packed node's RoPE position: its row's prefix length + its depth (one rotation for all rows)."""
+        if self._positions is None:
+            self._positions = mx.array(np.concatenate([np.asarray(inputs.tree.depths, dtype=np.int32) + inputs.prefix_len
+                                                       for inputs in self.rows]))
+        return self._positions
 
     def join(self, parts: list[mx.array], axis: int) -> mx.array:
         return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=axis)
