@@ -9,9 +9,11 @@ nodes over all rows gives each row a prefix of its own tree, and the batch commi
 
     E(N) = rows + p_(1) + ... + p_(N)
 
-tokens for scale * c(rows + N, L). The sizer picks N maximizing E(N) - rate * scale * c(rows + N, L), where rate
-is the batch's aggregate tokens per second (Dinkelbach's step towards the most tokens per second, as sizing.py
-does for one row): as the batch grows its rate grows, every node is priced higher, and trees shrink. Where even the
+tokens. What the N nodes add to the cycle is the curve's rise from `rows` to rows + N, scaled as drafted cycles
+measured it (the per-row work of a batch, which a plain step pays too, is not priced into nodes); the rows' own
+part is what plain batched steps measured. The sizer picks N maximizing p_(1) + ... + p_(N) - rate * added(N),
+where rate is the batch's aggregate tokens per second (Dinkelbach's step towards the most tokens per second, as
+sizing.py does for one row): as the batch grows its rate grows, every node is priced higher, and trees shrink. Where even the
 best N does not pay for drafting all rows, cycles are plain batched steps, with a probe (a draft) every
 PROBE_EVERY cycles, twice as far apart after each probe that did not pay. Every choice changes speed only.
 """
@@ -32,10 +34,10 @@ class BatchSizer:
     costs: VerifyCosts
     tokens: float = 0.0  # moving averages of a batch cycle's committed tokens (all rows) and seconds
     seconds: float = 0.0
-    scale: float = 1.0  # a forest cycle's seconds (besides drafting) over the calibration's verify of as many rows
+    scale: float = 1.0  # what draft nodes add to a forest cycle over what the calibration says they add
     plain: float = 0.0  # a plain batched step's seconds per row (0: none measured yet)
     gain: float = 0.0  # moving average of what drafting was worth per cycle over plain steps, in tokens
-    last_gain: float = 0.0  # the newest sizing's expected worth over a plain step, before drafting's cost
+    last_gain: float = 0.0  # the newest sizing's expected tokens past a plain step's, less its nodes' time
     skipped: int = 0  # plain cycles since the last draft
     backoff: int = 1  # 2 ** (probes that failed in a row), up to PROBE_BACKOFF
 
@@ -43,10 +45,16 @@ class BatchSizer:
         """Tokens per second the batch runs at: as measured, or a plain batched step's until a cycle is."""
         if self.seconds:
             return self.tokens / self.seconds
-        return rows / float(self.costs.at(rows, context))
+        return rows / self.plain_seconds(rows, context)
 
     def plain_seconds(self, rows: int, context: int) -> float:
-        return self.plain * rows if self.plain else self.scale * float(self.costs.at(rows, context))
+        """A plain batched step of `rows` rows: as measured per row, or the calibration's one-forward price."""
+        return self.plain * rows if self.plain else float(self.costs.at(rows, context))
+
+    def added(self, rows: int, nodes: np.ndarray | int, context: int) -> np.ndarray:
+        """What `nodes` draft nodes add to a forest of `rows` roots: the calibration's curve from `rows` rows on,
+        scaled as drafted cycles measured it (per-row work, which a plain step pays too, is not a node's)."""
+        return self.scale * (self.costs.at(rows + np.asarray(nodes), context) - self.costs.at(rows, context))
 
     def pick(self, method: str) -> str:
         """The method of the batch's next cycle: `method`, or "ar" while drafting does not pay (probing now and
@@ -66,9 +74,9 @@ class BatchSizer:
         order = np.argsort(-probs, kind="stable")  # each row's nodes keep their pop order: prefixes
         nodes = np.arange(len(order) + 1)
         rate = self.rate(rows, context)
-        value = rows + np.r_[0.0, np.cumsum(probs[order])] - rate * self.scale * self.costs.at(rows + nodes, context)
+        value = np.r_[0.0, np.cumsum(probs[order])] - rate * self.added(rows, nodes, context)
         best = int(np.argmax(value))
-        self.last_gain = float(value[best] - (rows - rate * self.plain_seconds(rows, context)))
+        self.last_gain = float(value[best])  # tokens past a plain step's, less the nodes' time
         counts = np.bincount(owner[order[:best]], minlength=rows)
         return [tree.prefix(int(count) + 1) for tree, count in zip(trees, counts)]
 
@@ -77,16 +85,20 @@ class BatchSizer:
         """A batch cycle of `rows` rows verifying `nodes` nodes (roots included) committed `committed` tokens in
         `seconds`, `drafting` of them drafting and building."""
         self.tokens, self.seconds = average(self.tokens, committed), average(self.seconds, seconds)
-        self.scale += SMOOTHING * ((seconds - drafting) / float(self.costs.at(nodes, context)) - self.scale)
         if not drafted:
             self.plain = average(self.plain, seconds / rows)
             return
+        added = float(self.added(rows, nodes - rows, context)) / self.scale
+        if self.plain and added > 0:  # the nodes' own time, past what a plain step of these rows takes
+            ratio = (seconds - drafting - self.plain_seconds(rows, context)) / added
+            self.scale += SMOOTHING * (min(max(ratio, 0.5), 4.0) - self.scale)
         # What this draft was worth: the tokens past a plain step's one per row, less its time past a plain
-        # step's at the going rate (its expected worth before any plain step is measured).
+        # step's at the going rate (its expected worth, less drafting, before any plain step is measured).
+        rate = self.rate(rows, context)
         if self.plain:
-            worth = committed - rows - self.rate(rows, context) * (seconds - self.plain_seconds(rows, context))
+            worth = committed - rows - rate * (seconds - self.plain_seconds(rows, context))
         else:
-            worth = self.last_gain - self.rate(rows, context) * drafting
+            worth = self.last_gain - rate * drafting
         probing = self.gain < 0
         self.gain += (1.0 if probing else SMOOTHING) * (worth - self.gain)
         if probing:
