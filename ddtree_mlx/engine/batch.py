@@ -37,9 +37,6 @@ from .prompt_cache import PromptCache
 from .sampling import SamplingParams
 from .session import GenerationStats
 
-DEFAULT_MAX_BATCH = 4
-
-
 @dataclass
 class BatchResponse:
     """What one row committed in one `next()`: its tokens (a prefill's first token, or a cycle's), with
@@ -240,10 +237,10 @@ class BatchGenerator:
 
 def batch_generate(target_model: Any, draft_model: Any = None, *, prompts: Sequence[Any], tokenizer: Any = None,
                    max_new_tokens: int = 256, method: str = "ddtree", config: DDTreeConfig | None = None,
-                   max_batch: int = DEFAULT_MAX_BATCH, **request: Any) -> list[dict[str, Any]]:
-    """Generate every prompt to completion, `max_batch` at a time (more join as rows finish); per prompt, in
-    order: generated_token_ids, finish_reason and (with logprobs) logprobs. `request`: insert's other arguments,
-    the same for every prompt."""
+                   max_batch: int | None = None, **request: Any) -> list[dict[str, Any]]:
+    """Generate every prompt to completion, `max_batch` at a time (None: the config's; more join as rows finish);
+    per prompt, in order: generated_token_ids, finish_reason and (with logprobs) logprobs. `request`: insert's
+    other arguments, the same for every prompt."""
     batch = BatchGenerator(target_model, draft_model, tokenizer=tokenizer, method=method, config=config,
                            max_batch=max_batch)
     uids = [batch.insert(prompt, max_new_tokens=max_new_tokens, **request) for prompt in prompts]
