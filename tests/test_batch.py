@@ -185,6 +185,7 @@ def test_a_row_joining_late_and_a_cancelled_row():
     for _ in range(3):
         for response in batch.next():
             got[response.uid] += response.tokens
+    assert batch.health()["rows_bytes"] > 0  # two rows' caches (KV, recurrent, drafter context)
     late = batch.insert(PROMPTS[3], max_new_tokens=NEW_TOKENS, stop_token_ids=[])
     got[late] = []
     batch.cancel(first[1])

@@ -25,6 +25,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Generator, Sequence
 
+import mlx.core as mx
+
 from ..config import DDTreeConfig, is_int
 from ..drafting.protocol import Drafter, as_drafter
 from ..models.kv_quantization import DEFAULT_QUANTIZED_KV_START, KVQuantization
@@ -75,6 +77,15 @@ class RowFailed(Exception):
     def __init__(self, uid: int):
         super().__init__(f"request {uid} failed")
         self.uid = uid
+
+
+def row_bytes(session: Any) -> int:
+    """What a row holds on the device: its target cache (KV, a hybrid's conv and recurrent states), the hidden
+    states its drafter has not read yet and the drafter's own context cache."""
+    drafter_cache = getattr(session.drafter, "cache", None) or []
+    arrays = [value for entry in drafter_cache for value in vars(entry).values() if isinstance(value, mx.array)]
+    pending = session.pending_hidden.nbytes if session.pending_hidden is not None else 0
+    return sum(entry.nbytes for entry in session.cache) + pending + sum(a.nbytes for a in arrays)
 
 
 def fork(drafter: Drafter | None) -> Drafter | None:
@@ -143,7 +154,8 @@ class BatchGenerator:
     def health(self) -> dict[str, int]:
         return {"active": len(self.rows), "waiting": len(self.waiting), "max_batch": self.max_batch,
                 "largest_batch": self.stats.largest_batch, "cycles": self.stats.cycles,
-                "batched_cycles": self.stats.batched_cycles, "rows_verified": self.stats.rows_verified}
+                "batched_cycles": self.stats.batched_cycles, "rows_verified": self.stats.rows_verified,
+                "rows_bytes": sum(row_bytes(row.session) for row in self.rows)}
 
     # --- the loop ------------------------------------------------------------------------------------------------
 
