@@ -72,35 +72,39 @@ class Qwen3_5Adapter(TargetAdapter):
         return attn.o_proj(out * mx.sigmoid(gate.reshape(1, length, -1))), captures
 
     def recurrent_tree(self, gdn: Any, x: mx.array, entries: list[Any], forest: Forest) -> tuple[mx.array, list[Capture]]:
-        """Projections over every row's nodes at once; the conv and the recurrence per row, from its own state."""
+        """Projections, q/k normalization and the output over every row's nodes at once; the conv and the
+        recurrence per row, each from its own cached window and state."""
         length = x.shape[1]
         clock = forest.clock
         qkv = clock.detail("linear.proj", gdn.in_proj_qkv(x)[0])
         a, beta = clock.detail("linear.proj", (gdn.in_proj_a(x)[0], mx.sigmoid(gdn.in_proj_b(x)[0])))
-        rows = zip(forest.split(qkv, 0), forest.split(a, 0), forest.split(beta, 0), entries, forest.rows)
-        ys, captures = zip(*(self.recurrent_row(gdn, *row) for row in rows))
-        y = clock.detail("linear.recurrence", forest.join(list(ys), 0))
-        z = gdn.in_proj_z(x).reshape(1, length, gdn.num_v_heads, gdn.head_v_dim)
-        out = gdn.out_proj(gdn.norm(y[None], z).reshape(1, length, -1))
-        if getattr(gdn, "sharding_group", None) is not None:  # tensor parallel: each rank holds some heads' share
-            out = mx.distributed.all_sum(out, group=gdn.sharding_group)
-        return out, list(captures)
-
-    def recurrent_row(self, gdn: Any, qkv: mx.array, a: mx.array, beta: mx.array, cache_entry: Any,
-                      inputs: TreeInputs) -> tuple[mx.array, Capture]:
-        """One row's tree conv and gated-delta recurrence: y [T, Hv, Dv] and the capture that commits its path."""
-        length, width = qkv.shape[0], gdn.conv_kernel_size
-        cached = cache_entry[0][0] if cache_entry[0] is not None else mx.zeros((width - 1, gdn.conv_dim), qkv.dtype)
-        conv_out, windows = kernels.tree_conv(qkv, cached, gdn.conv1d.weight, inputs)
-        conv_out = inputs.clock.detail("linear.conv", conv_out)
+        convs = [self.conv_row(gdn, part, entry, inputs) for part, entry, inputs in
+                 zip(forest.split(qkv, 0), entries, forest.rows)]
+        conv_out = clock.detail("linear.conv", forest.join([out for out, _ in convs], 0))
         q, k, v = mx.split(conv_out, [gdn.key_dim, 2 * gdn.key_dim], axis=-1)
         q = q.reshape(length, gdn.num_k_heads, gdn.head_k_dim)
         k = k.reshape(length, gdn.num_k_heads, gdn.head_k_dim)
         v = v.reshape(length, gdn.num_v_heads, gdn.head_v_dim)
         q, k = normalize_qk(q, k, inv_scale=gdn.head_k_dim**-0.5, eps=1e-6)
-        state0 = cache_entry[1][0] if cache_entry[1] is not None else self.zero_state(gdn)
-        y, states = kernels.tree_gated_delta(q, k, v, a, beta, gdn.A_log, gdn.dt_bias, state0, inputs)
-        return y, RecurrentCapture(windows, states)
+        rows = zip(*(forest.split(part, 0) for part in (q, k, v, a, beta)), entries, forest.rows)
+        ys, states = zip(*(kernels.tree_gated_delta(*parts, gdn.A_log, gdn.dt_bias, self.state_of(gdn, entry), inputs)
+                           for *parts, entry, inputs in rows))
+        y = clock.detail("linear.recurrence", forest.join(list(ys), 0))
+        z = gdn.in_proj_z(x).reshape(1, length, gdn.num_v_heads, gdn.head_v_dim)
+        out = gdn.out_proj(gdn.norm(y[None], z).reshape(1, length, -1))
+        if getattr(gdn, "sharding_group", None) is not None:  # tensor parallel: each rank holds some heads' share
+            out = mx.distributed.all_sum(out, group=gdn.sharding_group)
+        return out, [RecurrentCapture(windows, row_states) for (_, windows), row_states in zip(convs, states)]
+
+    @staticmethod
+    def conv_row(gdn: Any, qkv: mx.array, cache_entry: Any, inputs: TreeInputs) -> tuple[mx.array, Any]:
+        """One row's tree conv from its cached window: SiLU(conv) [T, C] and what commits its window."""
+        cached = cache_entry[0][0] if cache_entry[0] is not None else mx.zeros((gdn.conv_kernel_size - 1, gdn.conv_dim),
+                                                                                qkv.dtype)
+        return kernels.tree_conv(qkv, cached, gdn.conv1d.weight, inputs)
+
+    def state_of(self, gdn: Any, cache_entry: Any) -> mx.array:
+        return cache_entry[1][0] if cache_entry[1] is not None else self.zero_state(gdn)
 
     @staticmethod
     def zero_state(gdn: Any) -> mx.array:
