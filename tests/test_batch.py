@@ -13,7 +13,7 @@ from tiny import FakeClock, assert_lossless, make_dflash, make_target, mlx_lm_gr
 
 from ddtree_mlx import DDTreeConfig, generate_ddtree_once
 from ddtree_mlx.drafting.oracle import ScriptedDrafter
-from ddtree_mlx.engine.batch import BatchGenerator, RowFailed, batch_generate
+from ddtree_mlx.engine.batch import BatchGenerator, batch_generate
 from ddtree_mlx.engine.prompt_cache import PromptCache
 from ddtree_mlx.models.registry import adapter_for
 from ddtree_mlx.tree.draft_tree import DraftTree
@@ -304,7 +304,8 @@ def test_one_row_at_a_time_is_stream_generate():
 
 
 def test_a_failed_prefill_fails_its_row_alone(monkeypatch):
-    """A joining row whose prefill raises leaves the batch, named by RowFailed; the other rows finish unchanged."""
+    """A joining row whose prefill raises leaves the batch with finish_reason "error" and the exception; rows
+    joining beside it and rows decoding finish unchanged."""
     family = "llama"
     batch = BatchGenerator(target(family), method="ar", max_batch=4)
     real = batch.target.prefill_chunks
@@ -316,16 +317,13 @@ def test_a_failed_prefill_fails_its_row_alone(monkeypatch):
 
     monkeypatch.setattr(batch.target, "prefill_chunks", failing)
     uids = [batch.insert(p, max_new_tokens=NEW_TOKENS, stop_token_ids=[]) for p in PROMPTS[:3]]
-    got, failed = {uid: [] for uid in uids}, []
+    got, errors = {uid: [] for uid in uids}, {}
     while batch.has_work:
-        try:
-            responses = batch.next()
-        except RowFailed as error:
-            failed.append(error.uid)
-            continue
-        for response in responses:
+        for response in batch.next():
             got[response.uid] += response.tokens
-    assert failed == [uids[1]] and got[uids[1]] == []
+            if response.error is not None:
+                errors[response.uid] = (response.finish_reason, str(response.error))
+    assert errors == {uids[1]: ("error", "boom")} and got[uids[1]] == []
     assert got[uids[0]] == reference(family, PROMPTS[0]).tokens and got[uids[2]] == reference(family, PROMPTS[2]).tokens
 
 

@@ -3,9 +3,9 @@ target forward (TargetAdapter.verify_forest), each row lossless on its own.
 
 A row is one request's Session: its own caches, drafter state, sampling key, stop rules and length. Each `next()`:
 
- 1. admits waiting requests while there is room (`max_batch` rows), and runs one prefill chunk of the oldest row
-    still prefilling, so a long prompt holds the others up by one chunk at most; a row whose prefill ends hands out
-    its first token;
+ 1. admits waiting requests while there is room (`max_batch` rows), and prefills joining rows, oldest first, up
+    to a chunk's worth of prompt tokens (several short prompts, or one chunk of a long one), so a long prompt holds
+    the others up by one chunk at most; a row whose prefill ends hands out its first token;
  2. runs one cycle over the rows that are decoding: each drafts and builds its tree, the target verifies all the
     trees in one forward, each row walks its own tree and commits its own accepted path (acceptance is never
     clamped to the batch's shortest); a lone row runs stream_generate's own cycle;
@@ -42,20 +42,23 @@ from .session import GenerationStats
 @dataclass
 class BatchResponse:
     """What one row committed in one `next()`: its tokens (a prefill's first token, or a cycle's), with
-    finish_reason set ("stop" or "length") on its last."""
+    finish_reason set ("stop" or "length") on its last; "error" and the exception if its prefill failed (that row
+    alone: an error in a cycle over several rows raises from `next()`)."""
 
     uid: int
     tokens: list[int]
     finish_reason: str | None
     stats: GenerationStats
     logprobs: list[TokenLogprob] | None = None
+    error: Exception | None = None
 
 
 @dataclass
 class Row:
     uid: int
     generation: Generation
-    prefill: Generator[None, None, int] | None = None  # until the row's prompt is in its cache
+    prefill: Generator[int, None, int] | None = None  # until the row's prompt is in its cache
+    prefilled: int = 0  # prompt tokens its prefill ran so far
 
     @property
     def session(self):
@@ -69,14 +72,6 @@ class BatchStats:
     largest_batch: int = 0  # the most rows one forward verified
     rows_verified: int = 0  # rows over all cycles (the mean batch is rows_verified / cycles)
     prefill_chunks: int = 0
-
-
-class RowFailed(Exception):
-    """One row failed on its own (its prefill): it has left the batch; the others carry on at the next step."""
-
-    def __init__(self, uid: int):
-        super().__init__(f"request {uid} failed")
-        self.uid = uid
 
 
 def row_bytes(session: Any) -> int:
@@ -134,10 +129,14 @@ class BatchGenerator:
                temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
                logprobs: int | None = None, prompt_checkpoints: Sequence[int] = ()) -> int:
         """Queue a request (stream_generate's arguments); its uid. Bad arguments raise ValueError here."""
+        drafter = fork(self.drafter)
         generation = open_generation(
-            self.target, fork(self.drafter), self.tokenizer, prompt_tokens, max_new_tokens, self.config, self.method,
+            self.target, drafter, self.tokenizer, prompt_tokens, max_new_tokens, self.config, self.method,
             stop_token_ids=stop_token_ids, sampling=SamplingParams(temperature, top_p, top_k, seed),
             prompt_cache=self.prompt_cache, prompt_checkpoints=prompt_checkpoints, kv=self.kv, logprobs=logprobs)
+        # Later rows fork this one's drafter: reset already, it holds what every row shares (a DFlash drafter's
+        # LM-head rows for its vocabulary, 23 MB for SmolLM2's), which a fork of the unused original would redo.
+        self.drafter = drafter
         row = Row(next(self.uids), generation)
         self.waiting.append(row)
         return row.uid
@@ -160,34 +159,46 @@ class BatchGenerator:
     # --- the loop ------------------------------------------------------------------------------------------------
 
     def next(self) -> list[BatchResponse]:
-        """One step of the batch: admissions and one prefill chunk, then one cycle over the decoding rows."""
+        """One step of the batch: admissions and up to one chunk of prompt tokens, then one cycle over the rows that
+        were decoding already."""
         while self.waiting and len(self.rows) < self.max_batch:
             row = self.waiting.popleft()
             row.prefill = row.session.prefill_chunks(row.generation.prompt, row.generation.checkpoints)
             self.rows.append(row)
-        responses = []
-        joining = next((row for row in self.rows if row.prefill is not None), None)
-        if joining is not None:
-            responses += self.prefill_chunk(joining)
-        decoding = [row for row in self.rows if row.prefill is None and row is not joining]
+        decoding = [row for row in self.rows if row.prefill is None]
+        responses = self.prefill()
         if decoding:
             responses += self.cycle(decoding)
         self.rows = [row for row in self.rows if row.uid not in {r.uid for r in responses if r.finish_reason}]
         return responses
 
-    def prefill_chunk(self, row: Row) -> list[BatchResponse]:
-        """One chunk of a joining row's prompt; the first token once its prefill ends. A failure there is that
-        row's alone: it leaves, and RowFailed names it (the other rows have not been touched this step)."""
+    def prefill(self) -> list[BatchResponse]:
+        """Prefill joining rows, oldest first, until a chunk's worth of prompt tokens ran (prefill_step_size): short
+        prompts join several at a time, a long one runs one chunk per step."""
+        responses, budget = [], self.config.prefill_step_size
+        for row in [row for row in self.rows if row.prefill is not None]:
+            if budget <= 0:
+                break
+            ran, first = self.prefill_chunk(row)
+            budget -= ran
+            responses += first
+        return responses
+
+    def prefill_chunk(self, row: Row) -> tuple[int, list[BatchResponse]]:
+        """One chunk of a joining row's prompt: the tokens it ran, and the row's first token once its prefill
+        ended. A failure there is that row's alone: it leaves with finish_reason "error" (no other row has been
+        touched this step)."""
         self.stats.prefill_chunks += 1
         try:
-            next(row.prefill)
-            return []
+            ran = next(row.prefill)
+            row.prefilled += ran
+            return ran, []
         except StopIteration as end:
             row.prefill = None
-            return [self.respond(row, [end.value])]
+            return len(row.generation.prompt) - row.prefilled, [self.respond(row, [end.value])]
         except Exception as error:
             self.cancel(row.uid)
-            raise RowFailed(row.uid) from error
+            return 0, [BatchResponse(row.uid, [], "error", row.session.stats, error=error)]
 
     def cycle(self, rows: list[Row]) -> list[BatchResponse]:
         """One cycle over `rows`. A row with a plain step queued from when it ran alone takes that step first
@@ -262,6 +273,8 @@ def batch_generate(target_model: Any, draft_model: Any = None, *, prompts: Seque
             result["logprobs"] = []
     while batch.has_work:
         for response in batch.next():
+            if response.error is not None:
+                raise response.error
             result = results[response.uid]
             result["generated_token_ids"] += response.tokens
             result["finish_reason"] = response.finish_reason

@@ -18,7 +18,7 @@ import numpy as np
 from mlx_lm.models.cache import can_trim_prompt_cache
 
 from ..config import DDTreeConfig
-from ..drafting.protocol import Drafter
+from ..drafting.protocol import Drafter, depth_keyword
 from ..models.adapter import TargetAdapter, to_end
 from ..models.kv_quantization import KVQuantization
 from ..models.verify import VerifyOutput, join_rows
@@ -152,12 +152,14 @@ class Session:
         if method == "ar":
             return None
         width = 1 if method == "dflash" else self.config.tree_cap
+        # A tree of n draft nodes is at most n deep: positions past the cap would be drafted for nothing.
+        depth = self.drafter.block_size - 1 if method == "dflash" else min(self.drafter.block_size - 1, width)
         context = self.root, self.pending_tokens, self.pending_hidden
         self.pending_tokens, self.pending_hidden = [], None  # the drafter will have seen them
         if hasattr(self.drafter, "candidates"):  # it picks its own top tokens (sparse, or a part of the vocabulary)
-            candidates = self.drafter.candidates(*context, width)
+            candidates = self.drafter.candidates(*context, width, **depth_keyword(self.drafter.candidates, depth))
         else:
-            candidates = top_candidates(self.drafter.draft(*context), width)
+            candidates = top_candidates(self.drafter.draft(*context, **depth_keyword(self.drafter.draft, depth)), width)
         if isinstance(candidates.tokens, mx.array):
             self.sync(candidates.tokens, candidates.log_probs)
         return candidates.to_numpy()
@@ -347,9 +349,9 @@ class Session:
         which then keeps the prompt's body (and, where a recurrent state cannot be rewound, `checkpoints`)."""
         return to_end(self.prefill_chunks(prompt, checkpoints))
 
-    def prefill_chunks(self, prompt: list[int], checkpoints: Sequence[int] = ()) -> Generator[None, None, int]:
-        """`prefill`, pausing after each chunk (a batch runs other rows' cycles between them); returns the first
-        token."""
+    def prefill_chunks(self, prompt: list[int], checkpoints: Sequence[int] = ()) -> Generator[int, None, int]:
+        """`prefill`, pausing between chunks with the tokens each ran (a batch runs other rows' cycles between
+        them); returns the first token."""
         start = time.perf_counter()
         done, reused = self.reuse(prompt)
         marks = [len(prompt) - 1] + ([] if can_trim_prompt_cache(self.cache) else list(checkpoints))

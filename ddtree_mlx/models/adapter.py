@@ -184,14 +184,15 @@ class TargetAdapter:
     def prefill_chunks(self, tokens: list[int], cache: list[Any], capture_layers: list[int], chunk: int,
                        after_chunk: Callable[[list[Any]], None] | None = None, snapshots: Sequence[int] = (),
                        snapshot: Callable[[int, mx.array | None], None] | None = None
-                       ) -> Generator[None, None, tuple[mx.array, mx.array | None]]:
+                       ) -> Generator[int, None, tuple[mx.array, mx.array | None]]:
         """mlx-lm's prefill: all but the last token in chunks of `chunk`, evaluated chunk by chunk with no LM
         head; then the last token alone, whose logits [1, V] are the only ones computed. The rounding is then
         the same as mlx-lm's own (same chunks, same one-token step), and memory is bounded by a chunk.
         Returns those logits and the captured hidden states of every prompt token [n, F] (None if none).
         `after_chunk` sees the cache after every model call (mlx-lm quantizes its KV cache there); `snapshot(n,
         hidden)` is called once the first n tokens are in, for each n in `snapshots` below the last token (a chunk
-        ends there too), with their captured states."""
+        ends there too), with their captured states. It pauses between chunks, yielding the tokens each ran: a
+        batch runs other rows' cycles in between, so a long prompt holds them up for one chunk at most."""
         after_chunk = after_chunk or (lambda cache: None)
         body = len(tokens) - 1
         marks = {n for n in snapshots if 0 < n <= body}
@@ -203,10 +204,11 @@ class TargetAdapter:
             mx.eval(hidden, [entry.state for entry in cache])
             captured.append(hidden)
             mx.clear_cache()
-            start = end
             if end in marks and snapshot is not None:
                 snapshot(end, None if hidden is None else mx.concatenate(captured))
-            yield
+            if end < body:  # the tokens this chunk ran; the last chunk runs on into the last token, unpaused
+                yield end - start
+            start = end
         body = mx.concatenate(captured) if captured and captured[0] is not None else None
         h, hidden = self.forward(mx.array(tokens[-1:]), cache, capture_layers)
         after_chunk(cache)

@@ -10,7 +10,7 @@ from contextlib import closing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
-from ..engine.batch import BatchGenerator, RowFailed
+from ..engine.batch import BatchGenerator
 from .schema import BadRequest
 
 MAX_QUEUE = 32  # requests waiting for the model beyond the ones it runs; more get 503
@@ -146,9 +146,6 @@ class BatchWorker(Worker):
     def _step(self) -> None:
         try:
             responses = self.batch.next()
-        except RowFailed as failed:  # a joining row's prefill: that request alone fails
-            self._end(failed.uid, ("error", failed.__cause__))
-            return
         except Exception as error:  # the rows it took in may be left mid-cycle: they fail, the waiting ones go on
             waiting = {row.uid for row in self.batch.waiting}
             for uid in [uid for uid in self.active if uid not in waiting]:
@@ -158,6 +155,9 @@ class BatchWorker(Worker):
                 self._end(uid, ("error", failure))
             return
         for response in responses:
+            if response.error is not None:  # its prefill failed: that request alone
+                self._end(response.uid, ("error", response.error))
+                continue
             job = self.active[response.uid]
             try:
                 item = job.pieces.push(response)
