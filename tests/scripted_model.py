@@ -119,6 +119,13 @@ def serving(budget: int = 8, tokenizer=None, config=None, **kwargs):
     """A server on the scripted target at this tree budget (make_server's `kwargs`); yields it, serving."""
     server = make_server(TARGET, tokenizer or make_tokenizer(), BigramDrafter(),
                          config=DDTreeConfig(tree_budget=budget, **config or {}), **{"max_tokens": 64, **kwargs})
+    with running(server):
+        yield server
+
+
+@contextmanager
+def running(server):
+    """`server` serving on its own thread while the block runs; shut down after it."""
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:

@@ -13,6 +13,7 @@ import anthropic
 import pytest
 import scripted_model
 from openai import APIError, InternalServerError, OpenAI
+from scripted_model import running
 from tiny import make_dflash, make_target, make_tokenizer
 
 from ddtree_mlx import DDTreeConfig
@@ -32,15 +33,8 @@ LONG_CHAT = [{"role": "user", "content": "w3 w4"}]  # hundreds of tokens before 
 @contextmanager
 def serving(config=CONFIG, **kwargs):
     """A server on the tiny hybrid target with its own drafter (the same weights for every server)."""
-    server = make_server(TARGET, TOKENIZER, make_dflash(TARGET), config=config, **kwargs)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with running(make_server(TARGET, TOKENIZER, make_dflash(TARGET), config=config, **kwargs)) as server:
         yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
 
 
 def openai_client(server):
