@@ -95,13 +95,22 @@ class DFlashDrafter:
         if self.model.fc.weight.dtype != dtype:
             self.model.set_dtype(dtype)
 
-    def log_probs(self, root_token: int, context_hidden: mx.array) -> mx.array:
-        """[block_size - 1, V or len(vocab)]: over the draft vocabulary when there is one."""
-        block = mx.array([root_token] + [self.model.mask_token_id] * (self.block_size - 1))
+    def positions(self, depth: int | None) -> int:
+        """The draft positions to fill: the whole block, or the `depth` a tree can reach (at least 1)."""
+        return self.block_size - 1 if depth is None else max(1, min(depth, self.block_size - 1))
+
+    def log_probs(self, root_token: int, context_hidden: mx.array, depth: int | None = None) -> mx.array:
+        """[positions(depth), V or len(vocab)]: over the draft vocabulary when there is one. A shorter block costs
+        less (each of its rows is a row of every projection, MLP and the head) and reads the context the same way;
+        its positions see fewer mask positions after them than in training (whole blocks), which may change what
+        they propose (measured: no fewer tokens per cycle). Padding the block to a multiple of 8 rows, as BLAS
+        likes, measured slower than the exact block (BENCHMARKS.md, "Drafting only as deep as the tree")."""
+        block = mx.array([root_token] + [self.model.mask_token_id] * self.positions(depth))
         noise = self.target.embed(block[None])
         context_hidden = self.within_window(context_hidden)
         # The head runs over the whole block and the anchor's row is dropped after: BLAS multiplies a block of 8
-        # rows faster than 7 (measured here: 2.3 vs 3.1 ms for the shipped drafter's 9,883-token head).
+        # rows faster than 7 (measured here: 2.3 vs 3.1 ms for the shipped drafter's 9,883-token head); at shorter
+        # blocks dropping it first measured no different.
         hidden = self.model(noise_embedding=noise, target_hidden=context_hidden[None], cache=self.cache)[0]
         if self.rows is not None:
             logits = hidden @ self.rows.T
@@ -126,8 +135,9 @@ class DFlashDrafter:
             layer_cache.offset += count - sink - self.window  # the positions of the rows it drops
         return hidden[-self.window :]
 
-    def draft(self, root_token: int, context_tokens: list[int], context_hidden: mx.array | None) -> mx.array:
-        log_probs = self.log_probs(root_token, context_hidden)
+    def draft(self, root_token: int, context_tokens: list[int], context_hidden: mx.array | None,
+              depth: int | None = None) -> mx.array:
+        log_probs = self.log_probs(root_token, context_hidden, depth)
         if self.vocab is None:
             return log_probs
         dense = mx.full((log_probs.shape[0], self.target.vocab_size), -mx.inf)
@@ -135,7 +145,7 @@ class DFlashDrafter:
         return dense
 
     def candidates(self, root_token: int, context_tokens: list[int], context_hidden: mx.array | None,
-                   width: int) -> Candidates:
+                   width: int, depth: int | None = None) -> Candidates:
         """The top `width` per depth, still lazy (the session evaluates them), ids in the target's vocabulary."""
-        top = top_candidates(self.log_probs(root_token, context_hidden), width)
+        top = top_candidates(self.log_probs(root_token, context_hidden, depth), width)
         return top if self.vocab is None else Candidates(self.vocab[top.tokens], top.log_probs)

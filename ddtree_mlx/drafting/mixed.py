@@ -62,26 +62,27 @@ class LookupDFlashDrafter:
             self.column = np.full(target.vocab_size, -1)
             self.column[self.ids] = np.arange(len(self.ids))
 
-    def draft(self, root_token: int, context_tokens: list[int], context_hidden: mx.array | None) -> mx.array:
-        """The protocol's dense form, [block_size - 1, vocab] log-probs (the reference `candidates` is tested
-        against)."""
-        total, rows, tokens, weight = evidence = self.lookup.weights(root_token, context_tokens)
+    def draft(self, root_token: int, context_tokens: list[int], context_hidden: mx.array | None,
+              depth: int | None = None) -> mx.array:
+        """The protocol's dense form, [block_size - 1 (or depth), vocab] log-probs (the reference `candidates` is
+        tested against)."""
+        total, rows, tokens, weight = evidence = self.lookup.weights(root_token, context_tokens, depth)
         if self.sure(evidence, context_hidden):
             return self.lookup.dense(self.lookup.smoothed(*evidence))
-        q = mx.exp(self.dflash.draft(root_token, context_tokens, self.read_unseen()))  # 0 outside its vocabulary
+        q = mx.exp(self.dflash.draft(root_token, context_tokens, self.read_unseen(), depth))  # 0 outside its vocabulary
         matched = np.zeros(q.shape, dtype=np.float32)
         matched[rows, tokens] = weight
         prior = self.prior
         return mx.log(mx.array(matched) + prior * q) - mx.log(mx.array(total + prior, dtype=mx.float32))[:, None]
 
     def candidates(self, root_token: int, context_tokens: list[int], context_hidden: mx.array | None,
-                   width: int) -> Candidates:
+                   width: int, depth: int | None = None) -> Candidates:
         """The top `width` tokens per depth of the same mixture, over the DFlash drafter's vocabulary and the
         matched tokens outside it; still lazy, so the session evaluates them with the draft (device time)."""
-        total, rows, tokens, weight = evidence = self.lookup.weights(root_token, context_tokens)
+        total, rows, tokens, weight = evidence = self.lookup.weights(root_token, context_tokens, depth)
         if self.sure(evidence, context_hidden):
             return self.lookup.top(self.lookup.smoothed(*evidence), width)
-        log_q = self.dflash.log_probs(root_token, self.read_unseen())  # [depths, its vocabulary]
+        log_q = self.dflash.log_probs(root_token, self.read_unseen(), depth)  # [depths, its vocabulary]
         depths, size = log_q.shape
         columns = tokens if self.column is None else self.column[tokens]
         outside = columns < 0  # a matched token outside the drafter's vocabulary (q = 0) gets a column of its own

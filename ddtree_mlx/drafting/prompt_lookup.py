@@ -42,19 +42,20 @@ class PromptLookupDrafter:
         self.vocab_size = target.vocab_size
         self.history = History()
 
-    def draft(self, root_token: int, context_tokens: list[int], context_hidden: mx.array | None) -> mx.array:
-        """The protocol's dense form: [block_size - 1, vocab] log-probs."""
-        return self.dense(self.smoothed(*self.weights(root_token, context_tokens)))
+    def draft(self, root_token: int, context_tokens: list[int], context_hidden: mx.array | None,
+              depth: int | None = None) -> mx.array:
+        """The protocol's dense form: [block_size - 1 (or depth), vocab] log-probs."""
+        return self.dense(self.smoothed(*self.weights(root_token, context_tokens, depth)))
 
     def candidates(self, root_token: int, context_tokens: list[int], context_hidden: mx.array | None,
-                   width: int) -> Candidates:
+                   width: int, depth: int | None = None) -> Candidates:
         """The same distributions' top `width` tokens per depth, without building the dense rows: the session
         asks for these when a drafter has them, so drafting costs microseconds, not a vocabulary-wide top-k."""
-        return self.top(self.smoothed(*self.weights(root_token, context_tokens)), width)
+        return self.top(self.smoothed(*self.weights(root_token, context_tokens, depth)), width)
 
     def dense(self, evidence: tuple[np.ndarray, ...]) -> mx.array:
         floor, rows, tokens, log_probs = evidence
-        out = np.empty((self.block_size - 1, self.vocab_size), dtype=np.float32)
+        out = np.empty((len(floor), self.vocab_size), dtype=np.float32)
         out[:] = floor[:, None]
         out[rows, tokens] = log_probs
         return mx.array(out)
@@ -63,7 +64,7 @@ class PromptLookupDrafter:
         """The top `width` per depth of `smoothed` evidence. Depths with fewer evidenced tokens are filled with
         floor tokens (the lowest ids with no evidence)."""
         floor, rows, tokens, log_probs = evidence
-        depths, width = self.block_size - 1, min(width, self.vocab_size)
+        depths, width = len(floor), min(width, self.vocab_size)
         out_tokens = np.empty((depths, width), dtype=np.int64)
         out_log_probs = np.empty((depths, width))
         order = np.lexsort((tokens, -log_probs, rows))  # by depth, then best first
@@ -84,13 +85,13 @@ class PromptLookupDrafter:
         scale = np.log(total + self.prior)
         return np.log(smooth) - scale, rows, tokens, np.log(weight + smooth) - scale[rows]
 
-    def weights(self, root_token: int, context_tokens: list[int]) -> tuple[np.ndarray, ...]:
-        """The matches' total weight per depth, and the distinct (depth, token) pairs their continuations reach,
-        with each pair's summed weight: the evidence before any prior is mixed in."""
+    def weights(self, root_token: int, context_tokens: list[int], depth: int | None = None) -> tuple[np.ndarray, ...]:
+        """The matches' total weight per depth (the block's, or the first `depth`), and the distinct (depth, token)
+        pairs their continuations reach, with each pair's summed weight: the evidence before any prior is mixed in."""
         self.history.extend(context_tokens)
         sequence = np.append(self.history.tokens, root_token)
         starts, weights = self.matches(sequence)
-        depths = self.block_size - 1
+        depths = self.block_size - 1 if depth is None else max(1, min(depth, self.block_size - 1))
         offsets = starts[:, None] + np.arange(depths)[None, :]  # [matches, depths] positions in `sequence`
         reaches = offsets < len(sequence)
         rows = np.broadcast_to(np.arange(depths), offsets.shape)[reaches]

@@ -6,8 +6,8 @@ The protocol (duck-typed; a test or a user may pass any object with these member
     target_layer_ids: list[int]     # target layers whose outputs it conditions on ([] for none)
     configure(config)               # optional: the generation's DDTreeConfig, before reset
     reset(target, prompt_tokens)    # a new generation starts
-    draft(root_token, context_tokens, context_hidden) -> mx.array [block_size - 1, vocab] log-probs
-    candidates(root_token, context_tokens, context_hidden, width) -> tree.Candidates   # optional
+    draft(root_token, context_tokens, context_hidden[, depth]) -> mx.array [block_size - 1, vocab] log-probs
+    candidates(root_token, context_tokens, context_hidden, width[, depth]) -> tree.Candidates   # optional
 
 `context_tokens` are the tokens the target processed since the last call (the prompt on the first call, then
 the root and the accepted nodes of each cycle), and `context_hidden` [len(context_tokens), F] their outputs at
@@ -15,12 +15,17 @@ the root and the accepted nodes of each cycle), and `context_hidden` [len(contex
 distribution for the token d + 1 places after the root. A drafter may also offer `candidates`: the top `width`
 tokens per depth, best first (numpy arrays, or lazy MLX ones the session evaluates), which the session then uses
 instead of a top-k over the dense rows: prompt lookup's are sparse, a DFlash drafter's may span part of the
-vocabulary.
+vocabulary. Either method may also take a keyword `depth`: the session then passes the depth the cycle's tree can
+reach, min(block_size - 1, the tree budget or, with DDTREE_TREE_BUDGET=auto, its cap), block_size - 1 on the single
+path, and the drafter returns that many rows (a DFlash drafter's forward costs less over a shorter block). A drafter
+without it drafts its whole block, and the tree uses the rows it reaches.
 """
 
 from __future__ import annotations
 
-from typing import Any, Protocol, Sequence
+import functools
+import inspect
+from typing import Any, Callable, Protocol, Sequence
 
 import mlx.core as mx
 from dflash_mlx.model import DFlashDraftModel
@@ -49,3 +54,15 @@ def as_drafter(draft_model: Any) -> Drafter:
             "DFlashDraftModel or an object following the drafter protocol in ddtree_mlx.drafting.protocol"
         )
     return draft_model
+
+
+def depth_keyword(method: Callable, depth: int) -> dict[str, int]:
+    """The `depth` keyword for a drafter's draft or candidates if it takes one ({} otherwise: a drafter written
+    without it keeps working, drafting its whole block)."""
+    return {"depth": depth} if takes_depth(getattr(method, "__func__", method)) else {}
+
+
+@functools.lru_cache(maxsize=64)
+def takes_depth(function: Callable) -> bool:
+    """Per function, not per call: reading a signature costs ~0.1 ms, on every cycle otherwise."""
+    return "depth" in inspect.signature(function).parameters
