@@ -37,18 +37,17 @@ WARM_TOKENS = 16  # a warm-up wave's length: enough to build every path a varian
 
 @dataclass
 class Trace:
-    """One request as its client sees it: each delivery's time (seconds after its wave arrived) and size."""
+    """One request as its client sees it: its tokens, and when each delivery of them came (seconds after its wave
+    arrived)."""
 
     prompt: list[int]
     tokens: list[int] = field(default_factory=list)
     times: list[float] = field(default_factory=list)
-    counts: list[int] = field(default_factory=list)
 
     def deliver(self, tokens: list[int], at: float) -> None:
         if tokens:
             self.tokens += tokens
             self.times.append(at)
-            self.counts.append(len(tokens))
 
 
 @dataclass
