@@ -77,7 +77,8 @@ class BatchStats:
 def row_bytes(session: Any) -> int:
     """What a row holds on the device: its target cache (KV, a hybrid's conv and recurrent states), the hidden
     states its drafter has not read yet and the drafter's own context cache."""
-    drafter_cache = getattr(session.drafter, "cache", None) or []
+    drafter = getattr(session.drafter, "dflash", session.drafter)  # the mixed drafter's context is its DFlash part's
+    drafter_cache = getattr(drafter, "cache", None) or []
     arrays = [value for entry in drafter_cache for value in vars(entry).values() if isinstance(value, mx.array)]
     pending = session.pending_hidden.nbytes if session.pending_hidden is not None else 0
     return sum(entry.nbytes for entry in session.cache) + pending + sum(a.nbytes for a in arrays)
@@ -207,7 +208,8 @@ class BatchGenerator:
         rows = [row for row in rows if row.session.next_step is None]
         if len(rows) == 1 and not queued:
             queued, rows = rows, []
-        responses = [self.solo(row, alone=len(self.rows) == 1 and not self.waiting) for row in queued]
+        # Waiting requests with one row decoding means max_batch 1: nobody can join, so it queues its steps.
+        responses = [self.solo(row, alone=len(self.rows) == 1) for row in queued]
         if len(rows) == 1:
             responses.append(self.solo(rows[0], alone=False))
         elif rows:
