@@ -37,7 +37,7 @@ def test_measuring_a_real_target(monkeypatch):
 @pytest.mark.parametrize("family", ["qwen3_5", "llama"])
 def test_the_long_context_measures_what_each_context_token_adds(monkeypatch, family):
     """Verify timings that grow with the context as (step, tree, per node) seconds per token: the calibration
-    recovers them after growing the caches to the long context."""
+    recovers them after growing the caches to the long context (from one tree size: all per node)."""
     target = adapter_for(make_target(family))
     seen = set()
 
@@ -57,6 +57,11 @@ def test_the_long_context_measures_what_each_context_token_adds(monkeypatch, fam
     assert seen == {32, 600}
     assert costs.per_token == pytest.approx((2e-6, 3e-6, 1e-6))
     assert costs.at(5, 2032) == pytest.approx(0.015 + 2000 * 8e-6)
+    # A slow machine's grid stops at two sizes (the reference BLAS): one tree size at the long context, whose
+    # per-token cost is then all per node (each attends over the context), so bigger trees pay more of it.
+    monkeypatch.setattr(calibration, "TIME_BUDGET", 0.0)
+    slow = calibration.measure(target)
+    assert slow.sizes == (1, 2) and slow.per_token == pytest.approx((2e-6, 0.0, (3e-6 + 2e-6) / 2))
     cheap_trees = VerifyCosts((1, 2), (0.01, 0.01), (1e-5, 0.0, 1e-6))
     assert cheap_trees.at(2, 1032) == pytest.approx(0.01 + 1000 * 1e-5)  # a tree costs at least its root's step
 

@@ -49,7 +49,8 @@ LONG_CONTEXT = 4096  # or half the model's context window, if smaller
 REPEATS = 4
 TIME_BUDGET = 5.5  # seconds of measuring the grid, about: a slow machine measures fewer sizes (always two)
 LONG_BUDGET = 1.0  # seconds of rounds after the long context, about (always one)
-FORMAT = 6  # 5: verify attention split on the CPU by default; 6: and a plain step's (other per-token costs)
+FORMAT = 7  # 5: verify attention split on the CPU by default; 6: and a plain step's (other per-token costs);
+# 7: a lone tree size's per-token cost counted per node (`per_token`)
 # A tree verify does all of a plain step's work and more: a curve with a tree this much cheaper than the plain step
 # was measured on a busy machine (seen here: 3 nodes at 100 ms, 1 at 125 ms, with two other jobs on two cores).
 STEADY = 0.9
@@ -160,9 +161,14 @@ def measure(target: TargetAdapter, config: DDTreeConfig = DDTreeConfig(), sizes:
 def per_token(sizes: tuple[int, int, int], extra: np.ndarray) -> tuple[float, float, float]:
     """(plain step, tree, tree node) seconds per context token from the extra seconds per token of `sizes` (1 and
     two trees): the plain step's directly, the tree's two parts from the line through its two sizes (none below
-    zero: noise)."""
+    zero: noise). Where only one tree size was measured (a slow machine's grid stops at 2 rows), all of it is per
+    node, as each node attends over the whole context: counted per tree, a 33-node tree after 4K tokens cost
+    what a 2-node one's context adds, and next to a plain step (which pays its own) looked cheaper at every
+    context token, as if drafting could pay there on the reference BLAS."""
     (_, small, big), (step, low, high) = sizes, extra
-    node = max((high - low) / (big - small), 0.0) if big > small else 0.0
+    if big == small:
+        return max(float(step), 0.0), 0.0, max(float(low) / small, 0.0)
+    node = max((high - low) / (big - small), 0.0)
     return max(float(step), 0.0), max(float(low - node * small), 0.0), float(node)
 
 
