@@ -16,6 +16,7 @@ from mlx import nn
 
 from ddtree_mlx import BatchGenerator
 from ddtree_mlx.models.adapter import TargetAdapter
+from ddtree_mlx.models.batch_kv import RowKV
 from ddtree_mlx.models.registry import adapter_for
 
 from .presets import Setup, Variant
@@ -104,8 +105,7 @@ def row_memory(setup: Setup, args: argparse.Namespace, drafter: Any, variant: Va
     active, reported = (0, 1), 0.0
     while batch.has_work:
         batch.next()
-        held = {row.uid: {part: {id(a): a.nbytes for a in arrays}
-                          for part, arrays in row_arrays(row.session, target).items()} for row in batch.rows}
+        held = {row.uid: row_arrays(row.session, target) for row in batch.rows}
         owners: dict[int, int] = {}
         for parts in held.values():
             for key, nbytes in {k: b for arrays in parts.values() for k, b in arrays.items()}.items():
@@ -130,13 +130,17 @@ def row_memory(setup: Setup, args: argparse.Namespace, drafter: Any, variant: Va
     return [row]
 
 
-def row_arrays(session: Any, target: TargetAdapter) -> dict[str, list[Any]]:
-    """A row's arrays (MLX's and numpy's) by what holds them; the target's and drafter's weights are not the
-    row's (nn.Module), nor is the target."""
+def row_arrays(session: Any, target: TargetAdapter) -> dict[str, dict[int, int]]:
+    """A row's arrays (MLX's and numpy's) by what holds them, {id: bytes}; the target's and drafter's weights are
+    not the row's (nn.Module), nor is the target. A batch's padded KV buffers count as each row's share of them."""
     kv = [entry for entry in session.cache if target.is_attention_cache(entry)]
     recurrent = [entry for entry in session.cache if not target.is_attention_cache(entry)]
-    return {"kv": arrays_in(kv), "recurrent": arrays_in(recurrent), "drafter": arrays_in(session.drafter),
-            "pending": arrays_in([session.pending_hidden, session.next_step])}
+    padded = {id(entry): entry.nbytes for entry in kv if isinstance(entry, RowKV)}
+    parts = {"kv": [entry for entry in kv if not isinstance(entry, RowKV)], "recurrent": recurrent,
+             "drafter": session.drafter, "pending": [session.pending_hidden, session.next_step]}
+    held = {part: {id(a): a.nbytes for a in arrays_in(root)} for part, root in parts.items()}
+    held["kv"].update(padded)
+    return held
 
 
 def arrays_in(root: Any) -> list[Any]:

@@ -17,6 +17,7 @@ from dflash_mlx.model import (
 from ..config import DDTreeConfig
 from ..models.adapter import TargetAdapter
 from ..tree.build import Candidates, top_candidates
+from .dflash_rows import can_draft_together, log_probs_together
 
 SINK = 64  # a drafter reading a window of the context keeps its first tokens too (attention sinks), as dflash-mlx does
 
@@ -111,13 +112,16 @@ class DFlashDrafter:
         # The head runs over the whole block and the anchor's row is dropped after: BLAS multiplies a block of 8
         # rows faster than 7 (measured here: 2.3 vs 3.1 ms for the shipped drafter's 9,883-token head); at shorter
         # blocks dropping it first measured no different.
-        hidden = self.model(noise_embedding=noise, target_hidden=context_hidden[None], cache=self.cache)[0]
+        return self.head(self.model(noise_embedding=noise, target_hidden=context_hidden[None], cache=self.cache)[0])
+
+    def head(self, hidden: mx.array) -> mx.array:
+        """Log-probs at every position of blocks' final hidden states [..., block, hidden] but the anchor's."""
         if self.rows is not None:
             logits = hidden @ self.rows.T
         else:
             logits = self.target.lm_head(hidden)
-            logits = logits if self.vocab is None else logits[:, self.vocab]
-        logits = logits[1:].astype(mx.float32)
+            logits = logits if self.vocab is None else logits[..., self.vocab]
+        logits = logits[..., 1:, :].astype(mx.float32)
         return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
 
     def within_window(self, hidden: mx.array) -> mx.array:
@@ -147,5 +151,25 @@ class DFlashDrafter:
     def candidates(self, root_token: int, context_tokens: list[int], context_hidden: mx.array | None,
                    width: int, depth: int | None = None) -> Candidates:
         """The top `width` per depth, still lazy (the session evaluates them), ids in the target's vocabulary."""
-        top = top_candidates(self.log_probs(root_token, context_hidden, depth), width)
+        return self.top(self.log_probs(root_token, context_hidden, depth), width)
+
+    def top(self, log_probs: mx.array, width: int) -> Candidates:
+        top = top_candidates(log_probs, width)
         return top if self.vocab is None else Candidates(self.vocab[top.tokens], top.log_probs)
+
+    @staticmethod
+    def candidates_together(drafters: Sequence["DFlashDrafter"], contexts: Sequence[tuple], width: int,
+                            depth: int | None = None) -> list[Candidates]:
+        """Several rows' `candidates`, contexts[b] = (root_token, context_tokens, context_hidden) for drafters[b]."""
+        log_probs = DFlashDrafter.log_probs_rows(drafters, [root for root, _, _ in contexts],
+                                                 [hidden for _, _, hidden in contexts], depth)
+        return [drafter.top(rows, width) for drafter, rows in zip(drafters, log_probs)]
+
+    @staticmethod
+    def log_probs_rows(drafters: Sequence["DFlashDrafter"], roots: Sequence[int], hiddens: Sequence[mx.array | None],
+                       depth: int | None = None) -> list[mx.array]:
+        """Several rows' `log_probs`, from one forward where they can share it (dflash_rows); still lazy."""
+        if len(drafters) == 1 or not can_draft_together(drafters) or any(hidden is None for hidden in hiddens):
+            return [drafter.log_probs(root, hidden, depth) for drafter, root, hidden in zip(drafters, roots, hiddens)]
+        return list(log_probs_together(drafters, roots, hiddens, depth))
+

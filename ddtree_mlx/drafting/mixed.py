@@ -18,6 +18,7 @@ prompt lookup drafts alone, for free; the DFlash drafter reads the context it mi
 from __future__ import annotations
 
 import copy
+from typing import Sequence
 
 import mlx.core as mx
 import numpy as np
@@ -79,10 +80,24 @@ class LookupDFlashDrafter:
                    width: int, depth: int | None = None) -> Candidates:
         """The top `width` tokens per depth of the same mixture, over the DFlash drafter's vocabulary and the
         matched tokens outside it; still lazy, so the session evaluates them with the draft (device time)."""
-        total, rows, tokens, weight = evidence = self.lookup.weights(root_token, context_tokens, depth)
-        if self.sure(evidence, context_hidden):
-            return self.lookup.top(self.lookup.smoothed(*evidence), width)
-        log_q = self.dflash.log_probs(root_token, self.read_unseen(), depth)  # [depths, its vocabulary]
+        return self.candidates_together([self], [(root_token, context_tokens, context_hidden)], width, depth)[0]
+
+    @staticmethod
+    def candidates_together(drafters: Sequence["LookupDFlashDrafter"], contexts: Sequence[tuple], width: int,
+                            depth: int | None = None) -> list[Candidates]:
+        """Several rows' `candidates` (contexts[b] for drafters[b]): the rows prompt lookup does not draft alone
+        share one DFlash forward (DFlashDrafter.log_probs_rows)."""
+        evidence = [d.lookup.weights(root, tokens, depth) for d, (root, tokens, _) in zip(drafters, contexts)]
+        alone = [d.sure(e, hidden) for d, e, (_, _, hidden) in zip(drafters, evidence, contexts)]
+        mixing = [(d, root) for d, (root, _, _), a in zip(drafters, contexts, alone) if not a]
+        log_q = iter(DFlashDrafter.log_probs_rows([d.dflash for d, _ in mixing], [root for _, root in mixing],
+                                                  [d.read_unseen() for d, _ in mixing], depth) if mixing else [])
+        return [d.lookup.top(d.lookup.smoothed(*e), width) if a else d.mix(next(log_q), e, width)
+                for d, e, a in zip(drafters, evidence, alone)]
+
+    def mix(self, log_q: mx.array, evidence: tuple[np.ndarray, ...], width: int) -> Candidates:
+        """The mixture's top `width` per depth from the DFlash drafter's log-probs [depths, its vocabulary]."""
+        total, rows, tokens, weight = evidence
         depths, size = log_q.shape
         columns = tokens if self.column is None else self.column[tokens]
         outside = columns < 0  # a matched token outside the drafter's vocabulary (q = 0) gets a column of its own

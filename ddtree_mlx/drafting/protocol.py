@@ -19,18 +19,23 @@ vocabulary. Either method may also take a keyword `depth`: the session then pass
 reach, min(block_size - 1, the tree budget or, with DDTREE_TREE_BUDGET=auto, its cap), block_size - 1 on the single
 path, and the drafter returns that many rows (a DFlash drafter's forward costs less over a shorter block). A drafter
 without it drafts its whole block, and the tree uses the rows it reaches.
+
+A drafter class may also offer a static `candidates_together(drafters, contexts, width, depth)`: several rows'
+candidates at once (a batch's rows, each with its own drafter of that class; contexts[b] = (root_token,
+context_tokens, context_hidden) for drafters[b]), one forward shared where the drafters' weights are.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, NamedTuple, Protocol, Sequence
 
 import mlx.core as mx
 from dflash_mlx.model import DFlashDraftModel
 
 from ..models.adapter import TargetAdapter
+from ..tree.build import Candidates, top_candidates
 from .dflash import DFlashDrafter
 
 
@@ -66,3 +71,30 @@ def depth_keyword(method: Callable, depth: int) -> dict[str, int]:
 def takes_depth(function: Callable) -> bool:
     """Per function, not per call: reading a signature costs ~0.1 ms, on every cycle otherwise."""
     return "depth" in inspect.signature(function).parameters
+
+
+class DraftRequest(NamedTuple):
+    """What one generation's drafter reads this cycle: (root_token, context_tokens, context_hidden), and the top
+    `width` per position it is asked for, `depth` positions deep."""
+
+    context: tuple[int, list[int], mx.array | None]
+    width: int
+    depth: int
+
+
+def propose(drafter: Drafter, request: DraftRequest) -> Candidates:
+    """The drafter's top candidates for one generation (lazy where it drafts with MLX)."""
+    if hasattr(drafter, "candidates"):  # it picks its own top tokens (sparse, or a part of the vocabulary)
+        keyword = depth_keyword(drafter.candidates, request.depth)
+        return drafter.candidates(*request.context, request.width, **keyword)
+    return top_candidates(drafter.draft(*request.context, **depth_keyword(drafter.draft, request.depth)),
+                          request.width)
+
+
+def propose_rows(drafters: Sequence[Drafter], requests: Sequence[DraftRequest]) -> list[Candidates]:
+    """`propose` for several generations (a batch's rows, asked alike), together where their drafters' class can."""
+    kind = type(drafters[0])
+    together = getattr(kind, "candidates_together", None)
+    if len(drafters) > 1 and together is not None and all(type(drafter) is kind for drafter in drafters):
+        return together(drafters, [request.context for request in requests], requests[0].width, requests[0].depth)
+    return [propose(drafter, request) for drafter, request in zip(drafters, requests)]

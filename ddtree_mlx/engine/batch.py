@@ -28,16 +28,19 @@ from typing import Any, Generator, Sequence
 import mlx.core as mx
 
 from ..config import DDTreeConfig, is_int
-from ..drafting.protocol import Drafter, as_drafter
+from ..drafting.protocol import Drafter, as_drafter, propose_rows
+from ..models.batch_kv import BatchKV
 from ..models.kv_quantization import DEFAULT_QUANTIZED_KV_START, KVQuantization
 from ..models.registry import adapter_for
+from ..tree.build import Candidates
 from . import calibration
 from .batch_sizing import BatchSizer
 from .generate import METHODS, Generation, open_generation, resolve_config
 from .logprobs import TokenLogprob
 from .prompt_cache import PromptCache
 from .sampling import SamplingParams
-from .session import GenerationStats
+from .session import GenerationStats, Session
+
 
 @dataclass
 class BatchResponse:
@@ -119,6 +122,9 @@ class BatchGenerator:
         self.sizer = None
         if method == "ddtree" and self.config.tree_budget == "auto":  # measured now, not in a request's time
             self.sizer = BatchSizer(calibration.verify_costs(self.target, self.config))
+        # Rows verified together share padded attention caches (models.batch_kv); a quantized KV cache, or
+        # re-running the target at commit (exact_commit), keeps each row's own.
+        self.shared = BatchKV() if self.kv.bits is None and not self.config.exact_commit else None
         self.waiting: deque[Row] = deque()
         self.rows: list[Row] = []
         self.uids = itertools.count()
@@ -145,7 +151,7 @@ class BatchGenerator:
     def cancel(self, uid: int) -> None:
         """The request leaves now, whether waiting or decoding; the other rows are untouched."""
         self.waiting = deque(row for row in self.waiting if row.uid != uid)
-        self.rows = [row for row in self.rows if row.uid != uid]
+        self.leave([row for row in self.rows if row.uid == uid])
 
     @property
     def has_work(self) -> bool:
@@ -170,8 +176,15 @@ class BatchGenerator:
         responses = self.prefill()
         if decoding:
             responses += self.cycle(decoding)
-        self.rows = [row for row in self.rows if row.uid not in {r.uid for r in responses if r.finish_reason}]
+        finished = {response.uid for response in responses if response.finish_reason}
+        self.leave([row for row in self.rows if row.uid in finished])
         return responses
+
+    def leave(self, rows: list[Row]) -> None:
+        for row in rows:
+            if self.shared is not None:
+                self.shared.drop(row.session.cache)
+            self.rows.remove(row)
 
     def prefill(self) -> list[BatchResponse]:
         """Prefill joining rows, oldest first, until a chunk's worth of prompt tokens ran (prefill_step_size): short
@@ -220,6 +233,8 @@ class BatchGenerator:
         """The row's own cycle. Alone in the batch, it queues its next plain step as stream_generate does; with
         others, none (the next cycle verifies it in the forest)."""
         session = row.session
+        if self.shared is not None and self.shared.joined(session.cache):  # its own cycle reads its own caches
+            session.cache = self.shared.leave(session.cache)
         session.more_steps = alone and row.generation.remaining > 1
         self.count(1)
         return self.respond(row, session.cycle())
@@ -227,8 +242,13 @@ class BatchGenerator:
     def forest(self, rows: list[Row]) -> list[BatchResponse]:
         """Draft and build every row's tree, verify all of them in one forward, then walk and commit each."""
         start = time.perf_counter()
-        method = self.sizer.pick(self.method) if self.sizer is not None else None
-        drafted = [row.session.draft_tree(method, sized=self.sizer is None) for row in rows]
+        method = self.sizer.pick(self.method) if self.sizer is not None else self.method
+        sessions = [row.session for row in rows]
+        for session in sessions:
+            if self.shared is not None and not self.shared.joined(session.cache):
+                session.cache = self.shared.join(session.cache)
+        drafted = [session.tree_from(method, candidates, start, sized=self.sizer is None)
+                   for session, candidates in zip(sessions, self.draft(sessions, method))]
         drafting = time.perf_counter() - start
         context = sum(d.context for d in drafted) // len(drafted)
         if self.sizer is not None and method != "ar":
@@ -236,7 +256,6 @@ class BatchGenerator:
                 d.tree = tree
         for d in drafted:
             d.batched = True
-        sessions = [row.session for row in rows]
         outs = self.target.verify_forest([d.tree for d in drafted], [s.cache for s in sessions],
                                          sessions[0].capture_layers, self.config)
         tokens = [session.verified(d.tree, out) for session, d, out in zip(sessions, drafted, outs)]
@@ -246,6 +265,16 @@ class BatchGenerator:
             self.sizer.record(method != "ar", len(rows), sum(len(d.tree) for d in drafted), sum(map(len, news)),
                               time.perf_counter() - start, drafting, context)
         return [self.respond(row, new) for row, new in zip(rows, news)]
+
+    @staticmethod
+    def draft(sessions: list[Session], method: str) -> list[Candidates | None]:
+        """Every row's candidates, drafted together where their drafters can share a forward (propose_rows)."""
+        requests = [session.draft_request(method) for session in sessions]
+        if requests[0] is None:
+            return [None] * len(sessions)
+        proposals = propose_rows([session.drafter for session in sessions], requests)
+        mx.eval([(c.tokens, c.log_probs) for c in proposals if isinstance(c.tokens, mx.array)])
+        return [c.to_numpy() for c in proposals]
 
     def count(self, rows: int) -> None:
         stats = self.stats

@@ -18,11 +18,11 @@ import numpy as np
 from mlx_lm.models.cache import can_trim_prompt_cache
 
 from ..config import DDTreeConfig
-from ..drafting.protocol import Drafter, depth_keyword
+from ..drafting.protocol import Drafter, DraftRequest, propose
 from ..models.adapter import TargetAdapter, to_end
 from ..models.kv_quantization import KVQuantization
 from ..models.verify import VerifyOutput, join_rows
-from ..tree.build import Candidates, build_tree, chain_tree, top_candidates
+from ..tree.build import Candidates, build_tree, chain_tree
 from ..tree.draft_tree import DraftTree, Walk
 from .logprobs import Scores, TokenLogprob
 from .prompt_cache import PromptCache
@@ -149,17 +149,22 @@ class Session:
 
     def draft(self, method: str) -> Candidates | None:
         """The drafter's top candidates per depth for the block after the root (None for plain decoding)."""
+        request = self.draft_request(method)
+        return None if request is None else self.drafted(propose(self.drafter, request))
+
+    def draft_request(self, method: str) -> DraftRequest | None:
+        """What the drafter reads this cycle (None for plain decoding); from here it has seen it."""
         if method == "ar":
             return None
         width = 1 if method == "dflash" else self.config.tree_cap
         # A tree of n draft nodes is at most n deep: positions past the cap would be drafted for nothing.
         depth = self.drafter.block_size - 1 if method == "dflash" else min(self.drafter.block_size - 1, width)
-        context = self.root, self.pending_tokens, self.pending_hidden
-        self.pending_tokens, self.pending_hidden = [], None  # the drafter will have seen them
-        if hasattr(self.drafter, "candidates"):  # it picks its own top tokens (sparse, or a part of the vocabulary)
-            candidates = self.drafter.candidates(*context, width, **depth_keyword(self.drafter.candidates, depth))
-        else:
-            candidates = top_candidates(self.drafter.draft(*context, **depth_keyword(self.drafter.draft, depth)), width)
+        request = DraftRequest((self.root, self.pending_tokens, self.pending_hidden), width, depth)
+        self.pending_tokens, self.pending_hidden = [], None
+        return request
+
+    def drafted(self, candidates: Candidates) -> Candidates:
+        """Candidates on the host: evaluated first where the drafter left them lazy (the draft's device time)."""
         if isinstance(candidates.tokens, mx.array):
             self.sync(candidates.tokens, candidates.log_probs)
         return candidates.to_numpy()
@@ -295,13 +300,17 @@ class Session:
         out, target_tokens = self.verify(drafted.tree, drafted.context)
         return self.accept(drafted, out, target_tokens)  # walk -> commit
 
-    def draft_tree(self, method: str | None = None, sized: bool = True) -> "Drafted":
-        """Draft and build this cycle's tree. A batch passes the `method` it chose for all rows and, sizing their
-        trees together, takes each one whole (`sized` False)."""
+    def draft_tree(self, method: str | None = None) -> "Drafted":
+        """Draft and build this cycle's tree."""
         method = method or self.next_method()
+        start = time.perf_counter()
+        return self.tree_from(method, self.draft(method), start)
+
+    def tree_from(self, method: str, candidates: Candidates | None, start: float, sized: bool = True) -> "Drafted":
+        """This cycle's tree from the `candidates` drafted since `start`. A batch drafts all its rows at once with
+        the `method` it chose for them and, sizing their trees together, takes each one whole (`sized` False)."""
         prepaid, self.handed_over = self.handed_over, 0.0  # the last cycle waited that long for this one's step
-        start, context = time.perf_counter(), self.target.prefix_length(self.cache)
-        candidates = self.draft(method)
+        context = self.target.prefix_length(self.cache)
         mark = self.stats.lap("draft", start)
         tree = self.build_tree(candidates, method, context, sized)
         return Drafted(method, candidates, tree, context, start, self.stats.lap("build", mark), prepaid)

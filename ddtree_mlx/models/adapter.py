@@ -20,6 +20,7 @@ from ..config import DDTreeConfig
 from ..tree.draft_tree import DraftTree
 from . import cpu_exp
 from .attention import check_rope, splits
+from .batch_kv import RowKV
 from .sharding import gather_last_axis, pass_on, pipeline_stage, receive, sharding_group
 from .verify import Capture, EarlyStart, Forest, PartClock, TreeInputs, VerifyOutput, join_rows
 
@@ -126,7 +127,7 @@ class TargetAdapter:
 
     @staticmethod
     def is_attention_cache(entry: Any) -> bool:
-        return hasattr(entry, "offset") and hasattr(entry, "keys")
+        return isinstance(entry, RowKV) or (hasattr(entry, "offset") and hasattr(entry, "keys"))
 
     def trim_attention(self, cache: list[Any], count: int) -> None:
         """Drop the newest `count` positions of every attention cache (a commit along a padded path, tree.Walk,
@@ -254,8 +255,9 @@ class TargetAdapter:
     @staticmethod
     def steps(tree: DraftTree, cache: list[Any], config: DDTreeConfig) -> bool:
         """Whether a batch's row runs its attention layers as a plain step straight into its cache: a lone root
-        (fewer operations per row than a tree's), not with a quantized KV cache."""
-        return len(tree) == 1 and not config.profile_verify and not any(hasattr(entry, "bits") for entry in cache)
+        (fewer operations per row than a tree's) with plain KV caches (not quantized, nor a padded batch's)."""
+        plain = all(type(entry) is KVCache for entry in cache if TargetAdapter.is_attention_cache(entry))
+        return len(tree) == 1 and not config.profile_verify and plain
 
     def step(self, token: mx.array, cache: list[Any], capture_layers: list[int],
              config: DDTreeConfig | None = None) -> VerifyOutput:

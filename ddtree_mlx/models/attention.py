@@ -16,6 +16,7 @@ from mlx_lm.models.cache import KVCache
 
 from ..config import DDTreeConfig
 from . import cpu_exp
+from .batch_kv import Padding, RowKV, RowsCapture
 from .verify import Forest, KVCapture, TreeInputs
 
 # RoPE modules whose rotation depends only on each token's position, so rotating tree nodes at their own
@@ -56,10 +57,25 @@ def forest_attention(attn: Any, queries: mx.array, keys: mx.array, values: mx.ar
     rotated = len(forest.rows) > 1
     if rotated:
         queries, keys = rope_at(attn.rope, queries, forest.positions), rope_at(attn.rope, keys, forest.positions)
+    if isinstance(entries[0], RowKV):
+        return padded_attention(attn, queries, keys, values, entries, forest)
     rows = zip(forest.split(queries, 2), forest.split(keys, 2), forest.split(values, 2), entries, forest.rows)
     outs, captures = zip(*(tree_attention(attn, *row, rotated=rotated) for row in rows))
     out = forest.join(list(outs), 2)
     return out.transpose(0, 2, 1, 3).reshape(1, out.shape[2], -1), list(captures)
+
+
+def padded_attention(attn: Any, queries: mx.array, keys: mx.array, values: mx.array, entries: list[RowKV],
+                     forest: Forest) -> tuple[mx.array, list[RowsCapture]]:
+    """The forest's rows (already rotated) against a batch's padded buffer (batch_kv): one attention for all."""
+    layer = entries[0].layer
+    if forest.padding is None:
+        forest.padding = Padding.of(forest, [entry.slot.index for entry in entries], layer.rows)
+    padding = forest.padding
+    all_keys, all_values, start = layer.with_tree(padding.rows(keys), padding.rows(values))
+    out = mx.fast.scaled_dot_product_attention(padding.rows(queries), all_keys, all_values, scale=attn.scale,
+                                               mask=padding.mask(layer.offsets, start))
+    return padding.packed(out), [RowsCapture(layer, entry.slot, start) for entry in entries]
 
 
 def tree_attention(attn: Any, queries: mx.array, keys: mx.array, values: mx.array, cache: KVCache,

@@ -88,6 +88,7 @@ class Forest:
 
     rows: list[TreeInputs]
     _positions: mx.array | None = None
+    padding: Any = None  # the rows' padded layout, for a batch's padded attention (batch_kv.Padding)
 
     @property
     def clock(self) -> "PartClock":

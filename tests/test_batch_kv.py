@@ -1,0 +1,80 @@
+"""A batch's padded attention caches (models.batch_kv) against each row's own KVCache: a forest verify over the
+padded buffers gives each row what its tree alone gives, and commits of paths of different lengths (padded as the
+walk pads them, then trimmed) leave each row's keys, values and recurrent states as its own cache's, over rounds,
+with a copy taken between two rows' commits and rows leaving."""
+
+import copy
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+from test_batch import PROMPTS, branching, target
+
+from ddtree_mlx.config import DDTreeConfig
+from ddtree_mlx.models.batch_kv import BatchKV, RowKV
+from ddtree_mlx.models.registry import adapter_for
+
+
+def walk_path(tree, node: int) -> tuple[mx.array, int]:
+    """The root-to-`node` path as the walk hands it to a commit (padded to the tree's depth + 1 by repeating its
+    last node) and how many of its entries are padding."""
+    path = tree.path_to(node)
+    padded = path + [path[-1]] * (max(tree.depths) + 1 - len(path))
+    return mx.array(padded), len(padded) - len(path)
+
+
+def states(adapter, cache) -> list[np.ndarray]:
+    """Every entry's state as arrays: an attention entry's keys and values up to its offset (a padded row's own)."""
+    arrays = []
+    for entry in cache:
+        if adapter.is_attention_cache(entry):
+            entry = copy.deepcopy(entry) if isinstance(entry, RowKV) else entry
+            arrays += [np.array(entry.keys[..., : entry.offset, :]), np.array(entry.values[..., : entry.offset, :])]
+        else:
+            arrays += [np.array(part) for _, part in tree_flatten(entry.state) if part is not None]
+    return arrays
+
+
+def assert_same(adapter, caches, own_caches):
+    for row, (cache, own) in enumerate(zip(caches, own_caches)):
+        assert adapter.prefix_length(cache) == adapter.prefix_length(own)
+        for mine, theirs in zip(states(adapter, cache), states(adapter, own)):
+            np.testing.assert_allclose(mine, theirs, rtol=1e-4, atol=1e-5, err_msg=f"row {row}")
+
+
+@pytest.mark.parametrize("family", ["qwen3_5", "llama"])
+def test_padded_rows_equal_their_own_caches(family):
+    adapter = adapter_for(target(family))
+    rng = np.random.default_rng(1)
+    own_caches = []
+    for prompt in PROMPTS:  # 9, 2, 123 and 4 tokens
+        cache = adapter.make_cache()
+        adapter.prefill(prompt, cache, [0], chunk=64)
+        own_caches.append(cache)
+    shared = BatchKV()
+    caches = [shared.join(copy.deepcopy(cache)) for cache in own_caches]
+    roots = [prompt[-1] for prompt in PROMPTS]
+    for round_, sizes in enumerate([(6, 1, 9, 3), (2, 7, 1, 5), (4, 4, 8, 1)]):
+        trees = [branching(rng, size, root) for size, root in zip(sizes, roots)]
+        outs = adapter.verify_forest(trees, caches, [0], DDTreeConfig())
+        for row, (tree, out, cache, own) in enumerate(zip(trees, outs, caches, own_caches)):
+            alone = adapter.verify_forest([tree], [own], [0], DDTreeConfig())[0]
+            np.testing.assert_allclose(np.array(out.logits), np.array(alone.logits), rtol=1e-4, atol=1e-4)
+            np.testing.assert_allclose(np.array(out.hidden), np.array(alone.hidden), rtol=1e-4, atol=1e-4)
+            path, padding = walk_path(tree, int(rng.integers(len(tree))))
+            for result, entries in ((out, cache), (alone, own)):
+                for capture, entry in zip(result.captures, entries):
+                    capture.commit(entry, path)
+                adapter.trim_attention(entries, padding)
+            if round_ == 1 and row == 0:
+                copy.deepcopy(cache)  # the prompt cache's copy of a row, between two rows' commits
+            roots[row] = tree.tokens[int(path[-1])]
+        assert_same(adapter, caches, own_caches)
+    shared.drop(caches.pop(1))  # a row leaves: the rows after it move up
+    own_caches.pop(1)
+    assert [slot.index for slot in shared.slots] == [0, 1, 2]
+    assert_same(adapter, caches, own_caches)
+    plain = shared.leave(caches.pop(0))  # and one goes back to a cache of its own
+    assert not BatchKV.joined(plain)
+    assert_same(adapter, [plain, *caches], [own_caches[0], *own_caches[1:]])
