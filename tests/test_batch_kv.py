@@ -12,6 +12,7 @@ from mlx.utils import tree_flatten
 from test_batch import PROMPTS, branching, target
 
 from ddtree_mlx.config import DDTreeConfig
+from ddtree_mlx.models import batch_kv
 from ddtree_mlx.models.batch_kv import BatchKV, RowKV
 from ddtree_mlx.models.registry import adapter_for
 
@@ -43,18 +44,23 @@ def assert_same(adapter, caches, own_caches):
             np.testing.assert_allclose(mine, theirs, rtol=1e-4, atol=1e-5, err_msg=f"row {row}")
 
 
+@pytest.mark.parametrize("attention", ["padded", "apart"])
 @pytest.mark.parametrize("family", ["qwen3_5", "llama"])
-def test_padded_rows_equal_their_own_caches(family):
+def test_padded_rows_equal_their_own_caches(family, attention, monkeypatch):
+    """`padded`: one attention over every row's padded tree; `apart`: each row over its own columns (uneven trees).
+    The longest prompt joins first, so the buffers start exactly as long as it and must grow for its commits."""
+    monkeypatch.setattr(batch_kv, "PADDING_PER_ROW", 10**6 if attention == "padded" else -1)
     adapter = adapter_for(target(family))
     rng = np.random.default_rng(1)
     own_caches = []
-    for prompt in PROMPTS:  # 9, 2, 123 and 4 tokens
+    prompts = [PROMPTS[2], PROMPTS[0], PROMPTS[1], PROMPTS[3]]  # 123, 9, 2 and 4 tokens
+    for prompt in prompts:
         cache = adapter.make_cache()
         adapter.prefill(prompt, cache, [0], chunk=64)
         own_caches.append(cache)
     shared = BatchKV()
     caches = [shared.join(copy.deepcopy(cache)) for cache in own_caches]
-    roots = [prompt[-1] for prompt in PROMPTS]
+    roots = [prompt[-1] for prompt in prompts]
     for round_, sizes in enumerate([(6, 1, 9, 3), (2, 7, 1, 5), (4, 4, 8, 1)]):
         trees = [branching(rng, size, root) for size, root in zip(sizes, roots)]
         outs = adapter.verify_forest(trees, caches, [0], DDTreeConfig())

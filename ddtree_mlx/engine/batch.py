@@ -266,10 +266,11 @@ class BatchGenerator:
                               time.perf_counter() - start, drafting, context)
         return [self.respond(row, new) for row, new in zip(rows, news)]
 
-    @staticmethod
-    def draft(sessions: list[Session], method: str) -> list[Candidates | None]:
-        """Every row's candidates, drafted together where their drafters can share a forward (propose_rows)."""
-        requests = [session.draft_request(method) for session in sessions]
+    def draft(self, sessions: list[Session], method: str) -> list[Candidates | None]:
+        """Every row's candidates, drafted together where their drafters can share a forward (propose_rows), as
+        deep as the batch's sizer lets trees reach."""
+        depth = self.sizer.draft_depth() if self.sizer is not None else None
+        requests = [session.draft_request(method, depth) for session in sessions]
         if requests[0] is None:
             return [None] * len(sessions)
         proposals = propose_rows([session.drafter for session in sessions], requests)

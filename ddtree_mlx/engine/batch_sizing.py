@@ -28,6 +28,8 @@ from ..tree.draft_tree import DraftTree
 from .calibration import VerifyCosts
 from .sizing import PROBE_BACKOFF, PROBE_EVERY, SMOOTHING, average
 
+DEPTH_MARGIN = 2
+
 
 @dataclass
 class BatchSizer:
@@ -40,12 +42,20 @@ class BatchSizer:
     last_gain: float = 0.0  # the newest sizing's expected tokens past a plain step's, less its nodes' time
     skipped: int = 0  # plain cycles since the last draft
     backoff: int = 1  # 2 ** (probes that failed in a row), up to PROBE_BACKOFF
+    kept_depth: int | None = None  # the deepest node the last sizing kept (None: none sized yet)
+
+    def draft_depth(self) -> int | None:
+        """How deep the rows' next drafts go: DEPTH_MARGIN levels past the deepest node the last sizing kept, so
+        trees can grow a level a cycle while no row drafts positions no tree reaches (a batch's trees are shallow:
+        each draft position is a row of the drafter's forward for every row). None: as deep as the session asks."""
+        return None if self.kept_depth is None else self.kept_depth + DEPTH_MARGIN
 
     def rate(self, rows: int, context: int) -> float:
-        """Tokens per second the batch runs at: as measured, or a plain batched step's until a cycle is."""
-        if self.seconds:
-            return self.tokens / self.seconds
-        return rows / self.plain_seconds(rows, context)
+        """Tokens per second a drafted cycle must beat: plain batched steps' (one token a row), or the batch's
+        measured rate where that is higher. Not the batch's rate alone: with drafted cycles slower than plain
+        steps in it, that rate is low enough for them to look worth it."""
+        plain = rows / self.plain_seconds(rows, context)
+        return max(plain, self.tokens / self.seconds) if self.seconds else plain
 
     def plain_seconds(self, rows: int, context: int) -> float:
         """A plain batched step of `rows` rows: as measured per row, or the calibration's one-forward price."""
@@ -78,7 +88,9 @@ class BatchSizer:
         best = int(np.argmax(value))
         self.last_gain = float(value[best])  # tokens past a plain step's, less the nodes' time
         counts = np.bincount(owner[order[:best]], minlength=rows)
-        return [tree.prefix(int(count) + 1) for tree, count in zip(trees, counts)]
+        kept = [tree.prefix(int(count) + 1) for tree, count in zip(trees, counts)]
+        self.kept_depth = max(max(tree.depths) for tree in kept)
+        return kept
 
     def record(self, drafted: bool, rows: int, nodes: int, committed: int, seconds: float, drafting: float,
                context: int) -> None:

@@ -152,13 +152,15 @@ class Session:
         request = self.draft_request(method)
         return None if request is None else self.drafted(propose(self.drafter, request))
 
-    def draft_request(self, method: str) -> DraftRequest | None:
-        """What the drafter reads this cycle (None for plain decoding); from here it has seen it."""
+    def draft_request(self, method: str, depth: int | None = None) -> DraftRequest | None:
+        """What the drafter reads this cycle (None for plain decoding), at most `depth` positions deep; from here it
+        has seen it."""
         if method == "ar":
             return None
         width = 1 if method == "dflash" else self.config.tree_cap
         # A tree of n draft nodes is at most n deep: positions past the cap would be drafted for nothing.
-        depth = self.drafter.block_size - 1 if method == "dflash" else min(self.drafter.block_size - 1, width)
+        reach = self.drafter.block_size - 1 if method == "dflash" else min(self.drafter.block_size - 1, width)
+        depth = reach if depth is None else min(reach, depth)
         request = DraftRequest((self.root, self.pending_tokens, self.pending_hidden), width, depth)
         self.pending_tokens, self.pending_hidden = [], None
         return request

@@ -67,15 +67,33 @@ def forest_attention(attn: Any, queries: mx.array, keys: mx.array, values: mx.ar
 
 def padded_attention(attn: Any, queries: mx.array, keys: mx.array, values: mx.array, entries: list[RowKV],
                      forest: Forest) -> tuple[mx.array, list[RowsCapture]]:
-    """The forest's rows (already rotated) against a batch's padded buffer (batch_kv): one attention for all."""
+    """The forest's rows (already rotated) against a batch's padded buffers (batch_kv): one attention for all of
+    them; or, where padding every row's tree to the biggest would waste more than it saves (Padding.dense), one per
+    row against its own columns of the buffers."""
     layer = entries[0].layer
     if forest.padding is None:
         forest.padding = Padding.of(forest, [entry.slot.index for entry in entries], layer.rows)
     padding = forest.padding
-    all_keys, all_values, start = layer.with_tree(padding.rows(keys), padding.rows(values))
+    captures = [RowsCapture(layer, entry.slot) for entry in entries]
+    if not padding.dense:
+        layer.with_tree(padding.rows(keys), padding.rows(values), write=False)
+        rows = zip(forest.split(queries, 2), forest.split(keys, 2), forest.split(values, 2), entries, forest.rows)
+        out = forest.join([row_attention(attn, *row) for row in rows], 2)
+        return out.transpose(0, 2, 1, 3).reshape(1, out.shape[2], -1), captures
+    mask = padding.mask(layer.offsets)
+    all_keys, all_values = layer.with_tree(padding.rows(keys), padding.rows(values))
     out = mx.fast.scaled_dot_product_attention(padding.rows(queries), all_keys, all_values, scale=attn.scale,
-                                               mask=padding.mask(layer.offsets, start))
-    return padding.packed(out), [RowsCapture(layer, entry.slot, start) for entry in entries]
+                                               mask=mask)
+    return padding.packed(out), captures
+
+
+def row_attention(attn: Any, queries: mx.array, keys: mx.array, values: mx.array, entry: RowKV,
+                  inputs: TreeInputs) -> mx.array:
+    """One row of a batch's buffers: its tree [1, H, T, D] (rotated) over its own columns, then its tree."""
+    cached_keys, cached_values = entry.layer.columns(entry.slot.index)
+    return mx.fast.scaled_dot_product_attention(queries, mx.concatenate([cached_keys, keys], axis=2),
+                                                mx.concatenate([cached_values, values], axis=2), scale=attn.scale,
+                                                mask=inputs.attention_mask())
 
 
 def tree_attention(attn: Any, queries: mx.array, keys: mx.array, values: mx.array, cache: KVCache,
