@@ -218,6 +218,48 @@ def test_plain_rows_beside_tree_rows():
     assert batch.stats.batched_cycles > 0
 
 
+@pytest.mark.parametrize("family", ["qwen3_5", "llama"])
+def test_queued_plain_steps(family, monkeypatch):
+    """Plain batched steps are queued a step ahead (mlx-lm's batch loop): a row that stops with its next step
+    queued, one cancelled then, one inserted then, one with log-probs and a prompt cache keeping a finished row's
+    conversation (its queued step's token included) all stay mlx-lm's own decoding; the queue really ran."""
+    model = target(family)
+    queued = []
+    real_queue = BatchGenerator.queue
+    monkeypatch.setattr(BatchGenerator, "queue", lambda self, *a: queued.append(len(a[0])) or real_queue(self, *a))
+    want = [reference(family, p).tokens for p in PROMPTS]
+    stop = want[0][6]
+    cache = PromptCache(64 << 20)
+    batch = BatchGenerator(model, method="ar", max_batch=4, prompt_cache=cache)
+    uids = [batch.insert(PROMPTS[0], max_new_tokens=NEW_TOKENS, stop_token_ids=[stop]),
+            batch.insert(PROMPTS[1], max_new_tokens=NEW_TOKENS, stop_token_ids=[]),
+            batch.insert(PROMPTS[2], max_new_tokens=NEW_TOKENS, stop_token_ids=[], logprobs=2)]
+    got, logprobs = {uid: [] for uid in uids}, []
+    for step in range(NEW_TOKENS + 8):
+        if step == 3:
+            assert queued, "no plain step was queued"
+            batch.cancel(uids[1])
+            uids.append(batch.insert(PROMPTS[3], max_new_tokens=NEW_TOKENS, stop_token_ids=[]))
+            got[uids[-1]] = []
+        for response in batch.next():
+            got[response.uid] += response.tokens
+            logprobs += response.logprobs or []
+        if not batch.has_work:
+            break
+    assert got[uids[0]] == want[0][: want[0].index(stop) + 1]
+    assert len(got[uids[1]]) < NEW_TOKENS and got[uids[1]] == want[1][: len(got[uids[1]])]
+    assert got[uids[2]] == want[2] and got[uids[3]] == want[3]
+    assert [entry.token for entry in logprobs] == want[2] and max(queued) >= 2
+    solo = generate_ddtree_once(target_model=model, prompt_tokens=PROMPTS[2], method="ar",
+                                max_new_tokens=NEW_TOKENS, stop_token_ids=[], logprobs=2)
+    np.testing.assert_allclose([entry.logprob for entry in logprobs], [e.logprob for e in solo["logprobs"]],
+                               rtol=1e-4, atol=1e-4)
+    resumed = PROMPTS[0] + got[uids[0]] + [5]  # the next turn of the stopped row's conversation hits the cache
+    again = run(BatchGenerator(model, method="ar", max_batch=2, prompt_cache=cache), [resumed, PROMPTS[1]])
+    assert again[0]["stats"].reused_prompt_tokens >= len(resumed) - 2
+    assert again[0]["tokens"] == mlx_lm_greedy(model, resumed, NEW_TOKENS).tokens
+
+
 def test_a_sampled_row_reproduces_its_solo_output():
     """Sampling with a seed: a row's draws use its own key, so beside greedy rows it draws what it draws alone."""
     family = "llama"

@@ -32,7 +32,9 @@ from ..drafting.protocol import Drafter, as_drafter, propose_rows
 from ..models.batch_kv import BatchKV
 from ..models.kv_quantization import DEFAULT_QUANTIZED_KV_START, KVQuantization
 from ..models.registry import adapter_for
+from ..models.verify import VerifyOutput
 from ..tree.build import Candidates
+from ..tree.draft_tree import DraftTree
 from . import calibration
 from .batch_sizing import BatchSizer
 from .generate import METHODS, Generation, open_generation, resolve_config
@@ -125,6 +127,7 @@ class BatchGenerator:
         # Rows verified together share padded attention caches (models.batch_kv); a quantized KV cache, or
         # re-running the target at commit (exact_commit), keeps each row's own.
         self.shared = BatchKV() if self.kv.bits is None and not self.config.exact_commit else None
+        self.planned: str | None = None  # the next cycle's method, where a cycle chose it already (queue)
         self.waiting: deque[Row] = deque()
         self.rows: list[Row] = []
         self.uids = itertools.count()
@@ -217,6 +220,8 @@ class BatchGenerator:
     def cycle(self, rows: list[Row]) -> list[BatchResponse]:
         """One cycle over `rows`. A row with a plain step queued from when it ran alone takes that step first
         (it is already in its cache); a lone row runs its own session's cycle, as stream_generate."""
+        if any(self.batch_queued(row) for row in rows):  # every row's step was queued together last cycle
+            return self.forest(rows)
         queued = [row for row in rows if row.session.next_step is not None]
         rows = [row for row in rows if row.session.next_step is None]
         if len(rows) == 1 and not queued:
@@ -239,11 +244,16 @@ class BatchGenerator:
         self.count(1)
         return self.respond(row, session.cycle())
 
+    def batch_queued(self, row: Row) -> bool:
+        return row.session.next_step is not None and self.shared is not None and self.shared.joined(row.session.cache)
+
     def forest(self, rows: list[Row]) -> list[BatchResponse]:
-        """Draft and build every row's tree, verify all of them in one forward, then walk and commit each."""
+        """Draft and build every row's tree, verify all of them in one forward (or take the plain step queued for
+        them last cycle), then walk and commit each."""
         start = time.perf_counter()
-        method = self.sizer.pick(self.method) if self.sizer is not None else self.method
         sessions = [row.session for row in rows]
+        queued = [session.next_step for session in sessions]
+        method = "ar" if queued[0] is not None else self.plan()
         for session in sessions:
             if self.shared is not None and not self.shared.joined(session.cache):
                 session.cache = self.shared.join(session.cache)
@@ -256,15 +266,50 @@ class BatchGenerator:
                 d.tree = tree
         for d in drafted:
             d.batched = True
-        outs = self.target.verify_forest([d.tree for d in drafted], [s.cache for s in sessions],
-                                         sessions[0].capture_layers, self.config)
+        outs = queued if queued[0] is not None else self.target.verify_forest(
+            [d.tree for d in drafted], [s.cache for s in sessions], sessions[0].capture_layers, self.config)
+        for session in sessions:
+            session.next_step, session.more_steps = None, False  # a batch queues its rows' steps itself
         tokens = [session.verified(d.tree, out) for session, d, out in zip(sessions, drafted, outs)]
+        if method == "ar" and self.may_queue(rows):
+            upcoming = self.plan()
+            if upcoming == "ar":
+                self.queue(sessions, outs, tokens)
+            else:
+                self.planned = upcoming
         news = [session.accept(d, out, t) for session, d, out, t in zip(sessions, drafted, outs, tokens)]
         self.count(len(rows))
         if self.sizer is not None:
             self.sizer.record(method != "ar", len(rows), sum(len(d.tree) for d in drafted), sum(map(len, news)),
                               time.perf_counter() - start, drafting, context)
         return [self.respond(row, new) for row, new in zip(rows, news)]
+
+    def plan(self) -> str:
+        """The method of the next forest cycle: the sizer's pick (or the batch's method), made once per cycle."""
+        planned, self.planned = self.planned, None
+        if planned is None:
+            planned = self.sizer.pick(self.method) if self.sizer is not None else self.method
+        return planned
+
+    def may_queue(self, rows: list[Row]) -> bool:
+        """Whether this plain cycle's rows surely decode together again: two or more, sharing padded caches, each
+        with more than a token to go, and nobody waiting to join (whoever arrives meanwhile joins a cycle later)."""
+        return (len(rows) > 1 and self.shared is not None and not self.waiting and len(rows) == len(self.rows)
+                and all(row.generation.remaining > 1 for row in rows))
+
+    def queue(self, sessions: list[Session], outs: list[VerifyOutput], tokens: list[mx.array]) -> None:
+        """mlx-lm's batch loop: the next plain step of every row, built on this step's still-lazy tokens and handed
+        to the device before this one is read, so the host's work overlaps the device's. This step's roots are
+        committed first (a lone root is always accepted), then the next forward reads them."""
+        for session, out, token in zip(sessions, outs, tokens):
+            session.commit_root(out)
+            session.step_scored(out, token)
+        roots = [DraftTree.root_only(0) for _ in sessions]  # tokens still on the device: `tokens` below
+        steps = self.target.verify_forest(roots, [session.cache for session in sessions], sessions[0].capture_layers,
+                                          self.config, tokens=mx.concatenate(tokens))
+        mx.async_eval([step.logits for step in steps])
+        for session, step in zip(sessions, steps):
+            session.next_step = step
 
     def draft(self, sessions: list[Session], method: str) -> list[Candidates | None]:
         """Every row's candidates, drafted together where their drafters can share a forward (propose_rows), as

@@ -66,10 +66,13 @@ class BatchSizer:
         scaled as drafted cycles measured it (per-row work, which a plain step pays too, is not a node's)."""
         return self.scale * (self.costs.at(rows + np.asarray(nodes), context) - self.costs.at(rows, context))
 
+    def will_draft(self) -> bool:
+        return self.gain >= 0 or self.skipped + 1 >= self.backoff * PROBE_EVERY
+
     def pick(self, method: str) -> str:
         """The method of the batch's next cycle: `method`, or "ar" while drafting does not pay (probing now and
         then)."""
-        if self.gain >= 0 or self.skipped + 1 >= self.backoff * PROBE_EVERY:
+        if self.will_draft():
             self.skipped = 0
             return method
         self.skipped += 1

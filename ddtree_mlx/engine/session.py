@@ -31,6 +31,7 @@ from .sampling import TokenChooser
 from .sizing import TreeSizer
 
 PHASES = ("draft", "build", "verify", "walk", "commit")
+ROOT = mx.array([0], mx.int32)  # the path a lone root commits
 
 
 @dataclass
@@ -203,8 +204,8 @@ class Session:
         of a batch's), the next plain step queued where one surely follows."""
         padded = out.logits.shape[0] > len(tree)
         tokens = self.choose(out.logits[: len(tree)] if padded else out.logits)  # nothing is drawn for padding
-        if self.logprobs is not None and out.committed:  # a lone root's one row: before any step is queued after it
-            self.scores = Scores(out.logits, tokens, self.logprobs)
+        if out.committed:
+            self.step_scored(out, tokens)
         self.queue_next_step(out, tokens)
         if not out.committed:
             self.start(tokens)
@@ -212,6 +213,19 @@ class Session:
             self.stats.verify_parts[part] = self.stats.verify_parts.get(part, 0.0) + seconds
         self.stats.kernels |= out.kernels
         return tokens
+
+    def commit_root(self, out: VerifyOutput) -> None:
+        """Commit a plain verify's lone root (always accepted) before its output is read: a batch queues its rows'
+        next steps on their roots."""
+        for capture, entry in zip(out.captures, self.cache):
+            capture.commit(entry, ROOT)
+        out.committed = True
+
+    def step_scored(self, out: VerifyOutput, tokens: mx.array) -> None:
+        """A plain step's log-probs (with log-probs on), from its one row: issued before any step is queued after
+        it, as that step may convert the cache."""
+        if self.logprobs is not None:
+            self.scores = Scores(out.logits, tokens, self.logprobs)
 
     def start(self, tokens: mx.array) -> None:
         """Hand the rest of the verify to the device. MLX returns once only a few dozen operations are left in
@@ -416,6 +430,8 @@ class Session:
         """At the end of a generation: the conversation so far, for its next turn."""
         if self.prompt_cache is not None:
             if self.next_step is not None:  # a stop token came while the step after it was queued: it is cached
+                if not self.next_step.committed:  # a batch's queued step: its root goes in now
+                    self.commit_root(self.next_step)
                 self.hold([self.root], self.next_step.hidden)
             hidden = mx.concatenate(self.held_hidden) if self.held_hidden else None
             self.prompt_cache.store(self.held, self.cache, self.variant, hidden)

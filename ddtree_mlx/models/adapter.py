@@ -224,18 +224,20 @@ class TargetAdapter:
         return self.verify_forest([tree], [cache], capture_layers, config)[0]
 
     def verify_forest(self, trees: list[DraftTree], caches: list[list[Any]], capture_layers: list[int],
-                      config: DDTreeConfig) -> list[VerifyOutput]:
+                      config: DDTreeConfig, tokens: mx.array | None = None) -> list[VerifyOutput]:
         """One forward over several rows' trees, each after its own cache (continuous batching): the tokens of
         all trees packed along one axis through the shared weights, each row's attention and recurrence against its
         own cache, prefix length and RoPE positions. A VerifyOutput per row, as `verify` gives for that tree alone
-        (lone roots included: they are verified as trees, and their captures commit them)."""
+        (lone roots included: they are verified as trees, and their captures commit them). `tokens`: the packed
+        token ids, where they are still on the device (a batch's queued plain step), instead of the trees'."""
         if len(trees) > 1 and self.group is not None:
             raise ValueError("a sharded target verifies one generation at a time; serve it with --max-batch 1")
         clock = PartClock(config.profile_verify, config.profile_detail)  # one for all rows: a profile adds up
         forest = Forest([replace(TreeInputs.build(tree, self.prefix_length(cache), config), clock=clock,
                                  step=len(trees) > 1 and self.steps(tree, cache, config))
                          for tree, cache in zip(trees, caches)])
-        h = clock.lap("embed", self.embed(mx.array([token for tree in trees for token in tree.tokens])[None]))
+        tokens = mx.array([token for tree in trees for token in tree.tokens]) if tokens is None else tokens
+        h = clock.lap("embed", self.embed(tokens[None]))
         captures, captured, early = [], {}, EarlyStart()
         h = receive(self.stage, h)
         for index, (layer, *entries) in enumerate(zip(self.layers, *caches), self.first_layer):

@@ -67,6 +67,8 @@ class RowsKV:
         self.offsets.pop(row)
         keep = mx.array([index for index in range(self.rows + 1) if index != row])
         self.keys, self.values = (None, None) if not self.offsets else (self.keys[keep], self.values[keep])
+        if self.tree is not None:  # a queued step's tree: the other rows commit from it later
+            self.tree = (None, None) if not self.offsets else (self.tree[0][keep], self.tree[1][keep])
 
     def entry(self, row: int) -> KVCache:
         """A plain KVCache of the row's tokens."""
