@@ -91,7 +91,8 @@ def row_memory(setup: Setup, args: argparse.Namespace, drafter: Any, variant: Va
     """At the largest c, rows decoding to --max-tokens (no stop tokens): the bytes of each row's state at its
     longest, read from its arrays (KV cache as allocated, recurrent state, drafter state, hidden states waiting
     for the drafter), arrays two rows held at once counted apart as shared; MLX's active memory above what it was
-    before the batch, per row, at its highest between cycles; and what the batch's health() reports per row."""
+    before the batch, per row, at its highest between cycles of the full batch; and what the batch's health()
+    reports per row."""
     c = max(args.concurrency)
     target = adapter_for(setup.target)
     gc.collect()
@@ -113,7 +114,7 @@ def row_memory(setup: Setup, args: argparse.Namespace, drafter: Any, variant: Va
                 if owners[key] > 1:
                     shared[key] = nbytes
         latest.update(held)
-        if batch.rows:
+        if len(batch.rows) == c:  # per row of a full batch: fewer rows would share what all of them share
             active = max(active, (mx.get_active_memory() - base, len(batch.rows)), key=lambda a: a[0] / a[1])
             reported = max(reported, batch.health()["rows_bytes"] / len(batch.rows))
     mib = {part: statistics.mean(sum(b for k, b in parts[part].items() if k not in shared)

@@ -397,3 +397,6 @@ def test_batch_sizer_picks_the_best_prefixes_of_every_row():
 
         best = max(itertools.product(*[range(len(tree)) for tree in trees]), key=value)
         assert value(chosen) == pytest.approx(value(best)), (trial, chosen, best)
+        # The next drafts reach two levels past the deepest node kept (a margin for trees to grow), no further.
+        deepest = max(max(tree.depths[: n + 1]) for tree, n in zip(trees, chosen))
+        assert sizer.draft_depth() == deepest + 2

@@ -6,14 +6,17 @@ A row is one request's Session: its own caches, drafter state, sampling key, sto
  1. admits waiting requests while there is room (`max_batch` rows), and prefills joining rows, oldest first, up
     to a chunk's worth of prompt tokens (several short prompts, or one chunk of a long one), so a long prompt holds
     the others up by one chunk at most; a row whose prefill ends hands out its first token;
- 2. runs one cycle over the rows that are decoding: each drafts and builds its tree, the target verifies all the
-    trees in one forward, each row walks its own tree and commits its own accepted path (acceptance is never
-    clamped to the batch's shortest); a lone row runs stream_generate's own cycle;
+ 2. runs one cycle over the rows that are decoding: their drafters draft together (one DFlash forward for all
+    rows' blocks), each row builds its tree, the target verifies all the trees in one forward (one attention per
+    layer over the rows' padded KV buffers, models.batch_kv), each row walks its own tree and commits its own
+    accepted path (acceptance is never clamped to the batch's shortest); plain cycles queue the next plain step
+    before reading this one, as mlx-lm's batch loop does; a lone row runs stream_generate's own cycle;
  3. returns what each row committed; rows that stopped, reached their length or were cancelled leave at once.
 
-Rows join and leave only between `next()` calls (cycle boundaries). Memory per row is what a lone generation holds:
-its KV cache (up to its prompt and max_new_tokens), a hybrid target's recurrent state per linear layer and its
-drafter's context cache; `max_batch` bounds the rows, waiting requests hold only their tokens.
+Rows join and leave only between `next()` calls (cycle boundaries). Memory per row is what a lone generation holds
+(a hybrid target's recurrent state per linear layer, its drafter's context cache), but for its KV cache: the
+batch's buffers are as long as its longest row, so each row holds up to the longest prompt and max_new_tokens;
+`max_batch` bounds the rows, waiting requests hold only their tokens.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from .generate import METHODS, Generation, open_generation, resolve_config
 from .logprobs import TokenLogprob
 from .prompt_cache import PromptCache
 from .sampling import SamplingParams
-from .session import GenerationStats, Session
+from .session import Drafted, GenerationStats, Session
 
 
 @dataclass
@@ -218,8 +221,9 @@ class BatchGenerator:
             return 0, [BatchResponse(row.uid, [], "error", row.session.stats, error=error)]
 
     def cycle(self, rows: list[Row]) -> list[BatchResponse]:
-        """One cycle over `rows`. A row with a plain step queued from when it ran alone takes that step first
-        (it is already in its cache); a lone row runs its own session's cycle, as stream_generate."""
+        """One cycle over `rows`. Rows whose plain steps the last cycle queued together take them (`queue`); a
+        row with a plain step queued from when it ran alone takes that step first (it is already in its cache); a
+        lone row runs its own session's cycle, as stream_generate."""
         if any(self.batch_queued(row) for row in rows):  # every row's step was queued together last cycle
             return self.forest(rows)
         queued = [row for row in rows if row.session.next_step is not None]
@@ -254,35 +258,43 @@ class BatchGenerator:
         sessions = [row.session for row in rows]
         queued = [session.next_step for session in sessions]
         method = "ar" if queued[0] is not None else self.plan()
-        for session in sessions:
+        for session in sessions:  # rows verified together share padded attention caches
             if self.shared is not None and not self.shared.joined(session.cache):
                 session.cache = self.shared.join(session.cache)
+        drafted, context = self.draft_trees(sessions, method, start)
+        outs = queued if queued[0] is not None else self.target.verify_forest(
+            [d.tree for d in drafted], [s.cache for s in sessions], sessions[0].capture_layers, self.config)
+        for session in sessions:
+            session.next_step, session.more_steps = None, False  # a batch queues its rows' steps itself
+        tokens = [session.verified(d.tree, out) for session, d, out in zip(sessions, drafted, outs)]
+        queues = method == "ar" and self.may_queue(rows)
+        if queues:
+            self.planned = self.plan()
+            queues = self.planned == "ar"
+            if queues:
+                self.planned = None
+                self.queue(sessions, outs, tokens)
+        news = [session.accept(d, out, t) for session, d, out, t in zip(sessions, drafted, outs, tokens)]
+        self.count(len(rows))
+        # A cycle that queued the next step without having taken one queued for it paid for two forwards, one that
+        # took its step without queuing the next for none: only the others' times are one cycle's.
+        if self.sizer is not None and queues == (queued[0] is not None):
+            self.sizer.record(method != "ar", len(rows), sum(len(d.tree) for d in drafted), sum(map(len, news)),
+                              time.perf_counter() - start, drafted[-1].built - start, context)
+        return [self.respond(row, new) for row, new in zip(rows, news)]
+
+    def draft_trees(self, sessions: list[Session], method: str, start: float) -> tuple[list[Drafted], int]:
+        """The rows' trees (drafted together, each built whole, then sized together with auto sizes), and the
+        rows' mean context."""
         drafted = [session.tree_from(method, candidates, start, sized=self.sizer is None)
                    for session, candidates in zip(sessions, self.draft(sessions, method))]
-        drafting = time.perf_counter() - start
         context = sum(d.context for d in drafted) // len(drafted)
         if self.sizer is not None and method != "ar":
             for d, tree in zip(drafted, self.sizer.size([d.tree for d in drafted], context)):
                 d.tree = tree
         for d in drafted:
             d.batched = True
-        outs = queued if queued[0] is not None else self.target.verify_forest(
-            [d.tree for d in drafted], [s.cache for s in sessions], sessions[0].capture_layers, self.config)
-        for session in sessions:
-            session.next_step, session.more_steps = None, False  # a batch queues its rows' steps itself
-        tokens = [session.verified(d.tree, out) for session, d, out in zip(sessions, drafted, outs)]
-        if method == "ar" and self.may_queue(rows):
-            upcoming = self.plan()
-            if upcoming == "ar":
-                self.queue(sessions, outs, tokens)
-            else:
-                self.planned = upcoming
-        news = [session.accept(d, out, t) for session, d, out, t in zip(sessions, drafted, outs, tokens)]
-        self.count(len(rows))
-        if self.sizer is not None:
-            self.sizer.record(method != "ar", len(rows), sum(len(d.tree) for d in drafted), sum(map(len, news)),
-                              time.perf_counter() - start, drafting, context)
-        return [self.respond(row, new) for row, new in zip(rows, news)]
+        return drafted, context
 
     def plan(self) -> str:
         """The method of the next forest cycle: the sizer's pick (or the batch's method), made once per cycle."""

@@ -39,7 +39,6 @@ class BatchSizer:
     scale: float = 1.0  # what draft nodes add to a forest cycle over what the calibration says they add
     plain: float = 0.0  # a plain batched step's seconds per row (0: none measured yet)
     gain: float = 0.0  # moving average of what drafting was worth per cycle over plain steps, in tokens
-    last_gain: float = 0.0  # the newest sizing's expected tokens past a plain step's, less its nodes' time
     skipped: int = 0  # plain cycles since the last draft
     backoff: int = 1  # 2 ** (probes that failed in a row), up to PROBE_BACKOFF
     kept_depth: int | None = None  # the deepest node the last sizing kept (None: none sized yet)
@@ -89,7 +88,6 @@ class BatchSizer:
         rate = self.rate(rows, context)
         value = np.r_[0.0, np.cumsum(probs[order])] - rate * self.added(rows, nodes, context)
         best = int(np.argmax(value))
-        self.last_gain = float(value[best])  # tokens past a plain step's, less the nodes' time
         counts = np.bincount(owner[order[:best]], minlength=rows)
         kept = [tree.prefix(int(count) + 1) for tree, count in zip(trees, counts)]
         self.kept_depth = max(max(tree.depths) for tree in kept)
@@ -108,13 +106,13 @@ class BatchSizer:
             ratio = (seconds - drafting - self.plain_seconds(rows, context)) / added
             self.scale += SMOOTHING * (min(max(ratio, 0.5), 4.0) - self.scale)
         # What this draft was worth: the tokens past a plain step's one per row, less its time past a plain
-        # step's at the going rate (its expected worth, less drafting, before any plain step is measured).
+        # step's at the going rate (a plain step as the calibration prices it until one is measured: judged by
+        # its own expectation instead, a batch whose drafts never pay would draft on and never measure one).
         rate = self.rate(rows, context)
-        if self.plain:
-            worth = committed - rows - rate * (seconds - self.plain_seconds(rows, context))
-        else:
-            worth = self.last_gain - rate * drafting
+        worth = committed - rows - rate * (seconds - self.plain_seconds(rows, context))
+        # A batch cycle is every row's draft at once: more evidence than a lone generation's, so it weighs more (a
+        # lucky probe at 8 rows otherwise kept losing drafts on for eight cycles here).
         probing = self.gain < 0
-        self.gain += (1.0 if probing else SMOOTHING) * (worth - self.gain)
+        self.gain += (1.0 if probing else min(SMOOTHING * rows, 0.5)) * (worth - self.gain)
         if probing:
             self.backoff = 1 if self.gain >= 0 else min(2 * self.backoff, PROBE_BACKOFF)

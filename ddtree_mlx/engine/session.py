@@ -342,7 +342,7 @@ class Session:
         new = [tree.tokens[node] for node in path[1:]] + [bonus]
         if self.sizer is not None:
             self.sizer.produced(new)  # what earlier peeks would have accepted
-            if candidates is None and self.next_step is not None and self.sizer.can_peek():
+            if candidates is None and self.next_step is not None and not drafted.batched and self.sizer.can_peek():
                 self.peek(drafted.context + len(path))
         seconds = stats.lap("commit", mark) - drafted.start
         if self.sizer is not None and not drafted.batched:

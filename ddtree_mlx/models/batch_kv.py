@@ -71,9 +71,9 @@ class RowsKV:
             self.tree = (None, None) if not self.offsets else (self.tree[0][keep], self.tree[1][keep])
 
     def entry(self, row: int) -> KVCache:
-        """A plain KVCache of the row's tokens."""
+        """A plain KVCache of the row's tokens, in arrays of its own (a view would keep every row's buffer)."""
         entry = KVCache()
-        entry.state = (*self.columns(row), self.offsets[row])
+        entry.state = (*map(mx.contiguous, self.columns(row)), self.offsets[row])
         return entry
 
     def columns(self, row: int) -> tuple[mx.array, mx.array]:
