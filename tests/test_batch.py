@@ -387,7 +387,7 @@ def test_batch_sizer_picks_the_best_prefixes_of_every_row():
             for p in probs:  # best first: each node's path probability no higher than the one before
                 tree.add(int(rng.integers(len(tree))), int(rng.integers(100)), 0, float(np.log(p)))
             trees.append(tree)
-        sizer = BatchSizer(costs, tokens=3.0, seconds=float(rng.uniform(0.01, 0.2)), plain=0.004)
+        sizer = BatchSizer(costs, plain={3: float(rng.uniform(0.01, 0.2))})
         chosen = [len(tree) - 1 for tree in sizer.size(trees, 32)]
         rate = sizer.rate(3, 32)
 

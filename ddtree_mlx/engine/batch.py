@@ -257,7 +257,7 @@ class BatchGenerator:
         start = time.perf_counter()
         sessions = [row.session for row in rows]
         queued = [session.next_step for session in sessions]
-        method = "ar" if queued[0] is not None else self.plan()
+        method = "ar" if queued[0] is not None else self.plan(len(rows))
         for session in sessions:  # rows verified together share padded attention caches
             if self.shared is not None and not self.shared.joined(session.cache):
                 session.cache = self.shared.join(session.cache)
@@ -269,7 +269,7 @@ class BatchGenerator:
         tokens = [session.verified(d.tree, out) for session, d, out in zip(sessions, drafted, outs)]
         queues = method == "ar" and self.may_queue(rows)
         if queues:
-            self.planned = self.plan()
+            self.planned = self.plan(len(rows))
             queues = self.planned == "ar"
             if queues:
                 self.planned = None
@@ -296,11 +296,12 @@ class BatchGenerator:
             d.batched = True
         return drafted, context
 
-    def plan(self) -> str:
-        """The method of the next forest cycle: the sizer's pick (or the batch's method), made once per cycle."""
+    def plan(self, rows: int) -> str:
+        """The method of the next forest cycle of `rows` rows: the sizer's pick (or the batch's method), made once
+        per cycle."""
         planned, self.planned = self.planned, None
         if planned is None:
-            planned = self.sizer.pick(self.method) if self.sizer is not None else self.method
+            planned = self.sizer.pick(self.method, rows) if self.sizer is not None else self.method
         return planned
 
     def may_queue(self, rows: list[Row]) -> bool:

@@ -12,21 +12,22 @@ nodes over all rows gives each row a prefix of its own tree, and the batch commi
 tokens. What the N nodes add to the cycle is the curve's rise from `rows` to rows + N, scaled as drafted cycles
 measured it (the per-row work of a batch, which a plain step pays too, is not priced into nodes); the rows' own
 part is what plain batched steps measured. The sizer picks N maximizing p_(1) + ... + p_(N) - rate * added(N),
-where rate is the batch's aggregate tokens per second (Dinkelbach's step towards the most tokens per second, as
-sizing.py does for one row): as the batch grows its rate grows, every node is priced higher, and trees shrink. Where even the
-best N does not pay for drafting all rows, cycles are plain batched steps, with a probe (a draft) every
-PROBE_EVERY cycles, twice as far apart after each probe that did not pay. Every choice changes speed only.
+where rate is what plain batched steps of as many rows decode per second, the alternative a draft must beat: as
+the batch grows that rate grows, every node is priced higher, and trees shrink. Where drafting did not pay at
+this many rows (its measured worth, per number of rows), cycles are plain batched steps, with a probe (a draft)
+every PROBE_EVERY cycles or as far apart as keeps probes to PROBE_SHARE of the time, twice as far apart after
+each probe that did not pay. Every choice changes speed only.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from ..tree.draft_tree import DraftTree
 from .calibration import VerifyCosts
-from .sizing import PROBE_BACKOFF, PROBE_EVERY, SMOOTHING, average
+from .sizing import PROBE_BACKOFF, PROBE_EVERY, PROBE_SHARE, SMOOTHING, average
 
 DEPTH_MARGIN = 2
 
@@ -34,13 +35,13 @@ DEPTH_MARGIN = 2
 @dataclass
 class BatchSizer:
     costs: VerifyCosts
-    tokens: float = 0.0  # moving averages of a batch cycle's committed tokens (all rows) and seconds
-    seconds: float = 0.0
     scale: float = 1.0  # what draft nodes add to a forest cycle over what the calibration says they add
-    plain: float = 0.0  # a plain batched step's seconds per row (0: none measured yet)
-    gain: float = 0.0  # moving average of what drafting was worth per cycle over plain steps, in tokens
+    # Per number of rows (whether drafting pays at 2 rows says nothing of 8, whose plain steps are dearer):
+    plain: dict[int, float] = field(default_factory=dict)  # a plain batched step's seconds, as measured
+    gain: dict[int, float] = field(default_factory=dict)  # what drafting was worth over plain steps, in tokens
+    backoff: dict[int, int] = field(default_factory=dict)  # 2 ** (probes that failed in a row), to PROBE_BACKOFF
     skipped: int = 0  # plain cycles since the last draft
-    backoff: int = 1  # 2 ** (probes that failed in a row), up to PROBE_BACKOFF
+    probe_cost: float = 0.0  # seconds a drafted cycle takes past a plain step of as many rows (moving average)
     kept_depth: int | None = None  # the deepest node the last sizing kept (None: none sized yet)
 
     def draft_depth(self) -> int | None:
@@ -50,28 +51,40 @@ class BatchSizer:
         return None if self.kept_depth is None else self.kept_depth + DEPTH_MARGIN
 
     def rate(self, rows: int, context: int) -> float:
-        """Tokens per second a drafted cycle must beat: plain batched steps' (one token a row), or the batch's
-        measured rate where that is higher. Not the batch's rate alone: with drafted cycles slower than plain
-        steps in it, that rate is low enough for them to look worth it."""
-        plain = rows / self.plain_seconds(rows, context)
-        return max(plain, self.tokens / self.seconds) if self.seconds else plain
+        """Tokens per second a drafted cycle must beat: plain batched steps' of as many rows (one token a row)."""
+        return rows / self.plain_seconds(rows, context)
 
     def plain_seconds(self, rows: int, context: int) -> float:
-        """A plain batched step of `rows` rows: as measured per row, or the calibration's one-forward price."""
-        return self.plain * rows if self.plain else float(self.costs.at(rows, context))
+        """A plain batched step of `rows` rows: as measured, or the calibration's one-forward price."""
+        return self.plain.get(rows) or float(self.costs.at(rows, context))
 
     def added(self, rows: int, nodes: np.ndarray | int, context: int) -> np.ndarray:
         """What `nodes` draft nodes add to a forest of `rows` roots: the calibration's curve from `rows` rows on,
         scaled as drafted cycles measured it (per-row work, which a plain step pays too, is not a node's)."""
         return self.scale * (self.costs.at(rows + np.asarray(nodes), context) - self.costs.at(rows, context))
 
-    def will_draft(self) -> bool:
-        return self.gain >= 0 or self.skipped + 1 >= self.backoff * PROBE_EVERY
+    def will_draft(self, rows: int) -> bool:
+        return self.worth(rows) >= 0 or self.skipped + 1 >= self.backoff.get(self.nearest(rows), 1) * self.every(rows)
 
-    def pick(self, method: str) -> str:
+    def every(self, rows: int) -> float:
+        """Plain cycles between probes: PROBE_EVERY, or further apart where a probe costs more than PROBE_SHARE of
+        that many plain steps (at 8 rows here a drafted cycle costs 2-3 plain steps: probing every 8 cycles took a
+        fifth of the time)."""
+        plain = self.plain.get(rows)
+        return max(PROBE_EVERY, self.probe_cost / (PROBE_SHARE * plain)) if plain else PROBE_EVERY
+
+    def worth(self, rows: int) -> float:
+        """What drafting was worth at `rows` rows, or at the nearest number of rows measured (as rows leave, a
+        batch that just found drafting does not pay at 8 would otherwise try again at 7, 6, ...); 0 before any."""
+        return self.gain.get(self.nearest(rows), 0.0)
+
+    def nearest(self, rows: int) -> int:
+        return min(self.gain, key=lambda known: (abs(known - rows), -known), default=rows)
+
+    def pick(self, method: str, rows: int) -> str:
         """The method of the batch's next cycle: `method`, or "ar" while drafting does not pay (probing now and
         then)."""
-        if self.will_draft():
+        if self.will_draft(rows):
             self.skipped = 0
             return method
         self.skipped += 1
@@ -97,22 +110,22 @@ class BatchSizer:
                context: int) -> None:
         """A batch cycle of `rows` rows verifying `nodes` nodes (roots included) committed `committed` tokens in
         `seconds`, `drafting` of them drafting and building."""
-        self.tokens, self.seconds = average(self.tokens, committed), average(self.seconds, seconds)
         if not drafted:
-            self.plain = average(self.plain, seconds / rows)
+            self.plain[rows] = average(self.plain.get(rows, 0.0), seconds)
             return
         added = float(self.added(rows, nodes - rows, context)) / self.scale
-        if self.plain and added > 0:  # the nodes' own time, past what a plain step of these rows takes
+        if rows in self.plain and added > 0:  # the nodes' own time, past what a plain step of these rows takes
             ratio = (seconds - drafting - self.plain_seconds(rows, context)) / added
             self.scale += SMOOTHING * (min(max(ratio, 0.5), 4.0) - self.scale)
         # What this draft was worth: the tokens past a plain step's one per row, less its time past a plain
-        # step's at the going rate (a plain step as the calibration prices it until one is measured: judged by
+        # step's at that step's rate (a plain step as the calibration prices it until one is measured: judged by
         # its own expectation instead, a batch whose drafts never pay would draft on and never measure one).
-        rate = self.rate(rows, context)
-        worth = committed - rows - rate * (seconds - self.plain_seconds(rows, context))
+        worth = committed - rows - self.rate(rows, context) * (seconds - self.plain_seconds(rows, context))
+        self.probe_cost = average(self.probe_cost, max(seconds - self.plain_seconds(rows, context), 0.0))
         # A batch cycle is every row's draft at once: more evidence than a lone generation's, so it weighs more (a
         # lucky probe at 8 rows otherwise kept losing drafts on for eight cycles here).
-        probing = self.gain < 0
-        self.gain += (1.0 if probing else min(SMOOTHING * rows, 0.5)) * (worth - self.gain)
+        gain, backoff = self.worth(rows), self.backoff.get(self.nearest(rows), 1)
+        probing = gain < 0
+        self.gain[rows] = gain + (1.0 if probing else min(SMOOTHING * rows, 0.5)) * (worth - gain)
         if probing:
-            self.backoff = 1 if self.gain >= 0 else min(2 * self.backoff, PROBE_BACKOFF)
+            self.backoff[rows] = 1 if self.gain[rows] >= 0 else min(2 * backoff, PROBE_BACKOFF)
