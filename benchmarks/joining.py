@@ -16,7 +16,7 @@ from mlx import nn
 
 from ddtree_mlx import BatchGenerator
 from ddtree_mlx.models.adapter import TargetAdapter
-from ddtree_mlx.models.batch_kv import RowKV
+from ddtree_mlx.models.batch_kv import RowKV, RowsKV
 from ddtree_mlx.models.registry import adapter_for
 
 from .presets import Setup, Variant
@@ -148,7 +148,7 @@ def arrays_in(root: Any) -> list[Any]:
     found, seen, todo = [], set(), deque([root])
     while todo:
         obj = todo.popleft()
-        if id(obj) in seen or isinstance(obj, (nn.Module, TargetAdapter)):
+        if id(obj) in seen or isinstance(obj, (nn.Module, TargetAdapter, RowsKV)):  # RowsKV: counted per row
             continue
         seen.add(id(obj))
         if isinstance(obj, (mx.array, np.ndarray)):
