@@ -59,10 +59,22 @@ def forest_attention(attn: Any, queries: mx.array, keys: mx.array, values: mx.ar
         queries, keys = rope_at(attn.rope, queries, forest.positions), rope_at(attn.rope, keys, forest.positions)
     if isinstance(entries[0], RowKV):
         return padded_attention(attn, queries, keys, values, entries, forest)
+    captures = []
+
+    def attend(*row: Any) -> mx.array:
+        out, capture = tree_attention(attn, *row, rotated=rotated)
+        captures.append(capture)
+        return out
+
+    return each_row(attend, queries, keys, values, entries, forest), captures
+
+
+def each_row(attend: Any, queries: mx.array, keys: mx.array, values: mx.array, entries: list[Any],
+             forest: Forest) -> mx.array:
+    """`attend(queries, keys, values, entry, inputs)` for each row of the forest apart: packed [1, T, H*D]."""
     rows = zip(forest.split(queries, 2), forest.split(keys, 2), forest.split(values, 2), entries, forest.rows)
-    outs, captures = zip(*(tree_attention(attn, *row, rotated=rotated) for row in rows))
-    out = forest.join(list(outs), 2)
-    return out.transpose(0, 2, 1, 3).reshape(1, out.shape[2], -1), list(captures)
+    out = forest.join([attend(*row) for row in rows], 2)
+    return out.transpose(0, 2, 1, 3).reshape(1, out.shape[2], -1)
 
 
 def padded_attention(attn: Any, queries: mx.array, keys: mx.array, values: mx.array, entries: list[RowKV],
@@ -77,9 +89,7 @@ def padded_attention(attn: Any, queries: mx.array, keys: mx.array, values: mx.ar
     captures = [RowsCapture(layer, entry.slot) for entry in entries]
     if not padding.dense:
         layer.with_tree(padding.rows(keys), padding.rows(values), write=False)
-        rows = zip(forest.split(queries, 2), forest.split(keys, 2), forest.split(values, 2), entries, forest.rows)
-        out = forest.join([row_attention(attn, *row) for row in rows], 2)
-        return out.transpose(0, 2, 1, 3).reshape(1, out.shape[2], -1), captures
+        return each_row(lambda *row: row_attention(attn, *row), queries, keys, values, entries, forest), captures
     mask = padding.mask(layer.offsets)
     all_keys, all_values = layer.with_tree(padding.rows(keys), padding.rows(values))
     out = mx.fast.scaled_dot_product_attention(padding.rows(queries), all_keys, all_values, scale=attn.scale,

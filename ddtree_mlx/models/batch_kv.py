@@ -219,7 +219,7 @@ class Padding:
     nodes: int
     trees: list[np.ndarray]  # per buffer row: the ancestor mask of its tree, padding seeing only itself
     dense: bool  # padding wastes little: one attention for all rows (else one per row)
-    masks: dict[tuple, mx.array] = field(default_factory=dict)
+    cached_mask: mx.array | None = None
 
     @classmethod
     def of(cls, forest: Forest, slots: list[int], rows: int) -> "Padding":
@@ -247,13 +247,12 @@ class Padding:
 
     def mask(self, offsets: list[int]) -> mx.array:
         """[rows, 1, nodes, start + nodes]: each row's own cached columns, then (from start, after the longest row)
-        its tree's ancestors. The same for every layer of the forest (their rows' offsets are alike)."""
-        key = tuple(offsets)
-        if key not in self.masks:
+        its tree's ancestors. Built once: every layer of the forest has the same rows' offsets."""
+        if self.cached_mask is None:
             start = max(offsets)
             mask = np.zeros((len(offsets), 1, self.nodes, start + self.nodes), bool)
             for row, (offset, tree) in enumerate(zip(offsets, self.trees)):
                 mask[row, 0, :, :offset] = True
                 mask[row, 0, :, start:] = tree
-            self.masks[key] = mx.array(mask)
-        return self.masks[key]
+            self.cached_mask = mx.array(mask)
+        return self.cached_mask
