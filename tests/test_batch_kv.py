@@ -48,7 +48,8 @@ def assert_same(adapter, caches, own_caches):
 @pytest.mark.parametrize("family", ["qwen3_5", "llama"])
 def test_padded_rows_equal_their_own_caches(family, attention, monkeypatch):
     """`padded`: one attention over every row's padded tree; `apart`: each row over its own columns (uneven trees).
-    The longest prompt joins first, so the buffers start exactly as long as it and must grow for its commits."""
+    The longest prompt joins first and the others join its buffers; the buffers grow 4 columns at a time, so the
+    commits grow them. Two rows leave at once (again: nothing happens), one more goes back to a cache of its own."""
     monkeypatch.setattr(batch_kv, "PADDING_PER_ROW", 10**6 if attention == "padded" else -1)
     adapter = adapter_for(target(family))
     rng = np.random.default_rng(1)
@@ -58,8 +59,10 @@ def test_padded_rows_equal_their_own_caches(family, attention, monkeypatch):
         cache = adapter.make_cache()
         adapter.prefill(prompt, cache, [0], chunk=64)
         own_caches.append(cache)
+    monkeypatch.setattr(batch_kv, "STEP", 4)  # the rows' commits grow the buffers
     shared = BatchKV()
-    caches = [shared.join(copy.deepcopy(cache)) for cache in own_caches]
+    caches = shared.join([copy.deepcopy(cache) for cache in own_caches[:1]])
+    caches += shared.join([copy.deepcopy(cache) for cache in own_caches[1:]])  # rows joining a batch's buffers
     roots = [prompt[-1] for prompt in prompts]
     for round_, sizes in enumerate([(6, 1, 9, 3), (2, 7, 1, 5), (4, 4, 8, 1)]):
         trees = [branching(rng, size, root) for size, root in zip(sizes, roots)]
@@ -77,9 +80,11 @@ def test_padded_rows_equal_their_own_caches(family, attention, monkeypatch):
                 copy.deepcopy(cache)  # the prompt cache's copy of a row, between two rows' commits
             roots[row] = tree.tokens[int(path[-1])]
         assert_same(adapter, caches, own_caches)
-    shared.drop(caches.pop(1))  # a row leaves: the rows after it move up
-    own_caches.pop(1)
-    assert [slot.index for slot in shared.slots] == [0, 1, 2]
+    gone = [caches[1], caches[3]]  # two rows leave: the rows after them move up
+    caches, own_caches = [caches[0], caches[2]], [own_caches[0], own_caches[2]]
+    shared.drop(gone)
+    shared.drop(gone)  # their slots are gone: no row of the others is taken for them
+    assert [slot.index for slot in shared.slots] == [0, 1]
     assert_same(adapter, caches, own_caches)
     plain = shared.leave(caches.pop(0))  # and one goes back to a cache of its own
     assert not BatchKV.joined(plain)

@@ -131,6 +131,7 @@ class BatchGenerator:
         # re-running the target at commit (exact_commit), keeps each row's own.
         self.shared = BatchKV() if self.kv.bits is None and not self.config.exact_commit else None
         self.planned: str | None = None  # the next cycle's method, where a cycle chose it already (queue)
+        self.last_drafted: list[int] = []  # the rows (uids) of the last cycle, if it was a drafted forest cycle
         self.waiting: deque[Row] = deque()
         self.rows: list[Row] = []
         self.uids = itertools.count()
@@ -187,9 +188,9 @@ class BatchGenerator:
         return responses
 
     def leave(self, rows: list[Row]) -> None:
+        if self.shared is not None:
+            self.shared.drop([row.session.cache for row in rows])
         for row in rows:
-            if self.shared is not None:
-                self.shared.drop(row.session.cache)
             self.rows.remove(row)
 
     def prefill(self) -> list[BatchResponse]:
@@ -246,6 +247,7 @@ class BatchGenerator:
             session.cache = self.shared.leave(session.cache)
         session.more_steps = alone and row.generation.remaining > 1
         self.count(1)
+        self.last_drafted = []
         return self.respond(row, session.cycle())
 
     def batch_queued(self, row: Row) -> bool:
@@ -258,9 +260,10 @@ class BatchGenerator:
         sessions = [row.session for row in rows]
         queued = [session.next_step for session in sessions]
         method = "ar" if queued[0] is not None else self.plan(len(rows))
-        for session in sessions:  # rows verified together share padded attention caches
-            if self.shared is not None and not self.shared.joined(session.cache):
-                session.cache = self.shared.join(session.cache)
+        joining = [session for session in sessions if self.shared is not None and not self.shared.joined(session.cache)]
+        if joining:  # rows verified together share padded attention caches
+            for session, cache in zip(joining, self.shared.join([session.cache for session in joining])):
+                session.cache = cache
         drafted, context = self.draft_trees(sessions, method, start)
         outs = queued if queued[0] is not None else self.target.verify_forest(
             [d.tree for d in drafted], [s.cache for s in sessions], sessions[0].capture_layers, self.config)
@@ -278,9 +281,11 @@ class BatchGenerator:
         self.count(len(rows))
         # A cycle that queued the next step without having taken one queued for it paid for two forwards, one that
         # took its step without queuing the next for none: only the others' times are one cycle's.
+        uids, steady = [row.uid for row in rows], self.last_drafted
+        self.last_drafted = uids if method != "ar" else []
         if self.sizer is not None and queues == (queued[0] is not None):
             self.sizer.record(method != "ar", len(rows), sum(len(d.tree) for d in drafted), sum(map(len, news)),
-                              time.perf_counter() - start, drafted[-1].built - start, context)
+                              time.perf_counter() - start, drafted[-1].built - start, context, steady == uids)
         return [self.respond(row, new) for row, new in zip(rows, news)]
 
     def draft_trees(self, sessions: list[Session], method: str, start: float) -> tuple[list[Drafted], int]:
