@@ -131,7 +131,7 @@ class BatchGenerator:
         # re-running the target at commit (exact_commit), keeps each row's own.
         self.shared = BatchKV() if self.kv.bits is None and not self.config.exact_commit else None
         self.planned: str | None = None  # the next cycle's method, where a cycle chose it already (queue)
-        self.last_drafted: list[int] = []  # the rows (uids) of the last cycle, if it was a drafted forest cycle
+        self.last_drafted: set[int] = set()  # the rows (uids) of the last cycle, if it was a drafted forest cycle
         self.waiting: deque[Row] = deque()
         self.rows: list[Row] = []
         self.uids = itertools.count()
@@ -247,7 +247,7 @@ class BatchGenerator:
             session.cache = self.shared.leave(session.cache)
         session.more_steps = alone and row.generation.remaining > 1
         self.count(1)
-        self.last_drafted = []
+        self.last_drafted = set()
         return self.respond(row, session.cycle())
 
     def batch_queued(self, row: Row) -> bool:
@@ -281,11 +281,12 @@ class BatchGenerator:
         self.count(len(rows))
         # A cycle that queued the next step without having taken one queued for it paid for two forwards, one that
         # took its step without queuing the next for none: only the others' times are one cycle's.
-        uids, steady = [row.uid for row in rows], self.last_drafted
-        self.last_drafted = uids if method != "ar" else []
+        uids = {row.uid for row in rows}
+        steady = uids <= self.last_drafted  # every row drafted last cycle: its drafter read only that cycle's tokens
+        self.last_drafted = uids if method != "ar" else set()
         if self.sizer is not None and queues == (queued[0] is not None):
             self.sizer.record(method != "ar", len(rows), sum(len(d.tree) for d in drafted), sum(map(len, news)),
-                              time.perf_counter() - start, drafted[-1].built - start, context, steady == uids)
+                              time.perf_counter() - start, drafted[-1].built - start, context, steady)
         return [self.respond(row, new) for row, new in zip(rows, news)]
 
     def draft_trees(self, sessions: list[Session], method: str, start: float) -> tuple[list[Drafted], int]:

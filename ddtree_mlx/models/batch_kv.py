@@ -278,7 +278,7 @@ class Padding:
 
     def rows(self, x: mx.array) -> mx.array:
         """Packed [1, H, T, D] -> padded [rows, H, nodes, D]."""
-        if self.identity:  # a take per tensor and layer is ~4% of a plain step at 8 rows here
+        if self.identity:  # no take per tensor and layer (measured 1-2% of a plain step at 8 rows here)
             return x.transpose(2, 1, 0, 3)
         heads, dim = x.shape[1], x.shape[3]
         return mx.take(x, self.pad, axis=2).reshape(heads, -1, self.nodes, dim).transpose(1, 0, 2, 3)
