@@ -369,26 +369,6 @@ def test_a_failed_prefill_fails_its_row_alone(monkeypatch):
     assert got[uids[0]] == reference(family, PROMPTS[0]).tokens and got[uids[2]] == reference(family, PROMPTS[2]).tokens
 
 
-def test_batch_sizer_judges_a_catch_up_draft_as_a_steady_one():
-    """A draft that caught up on what plain steps or prompts left the drafters to read is judged with a steady
-    draft's time of as many rows in place of its own; with none measured yet it is not judged, and the next cycle
-    drafts again (and is)."""
-    from ddtree_mlx.engine.batch_sizing import BatchSizer
-    from ddtree_mlx.engine.calibration import VerifyCosts
-
-    sizer = BatchSizer(VerifyCosts((1, 2, 4, 8, 16, 32), (0.010, 0.011, 0.012, 0.016, 0.024, 0.040)))
-    sizer.record(False, 4, 4, 4, 0.100, 0.0, 32)  # plain steps of 4 rows: 40 tokens a second
-    sizer.gain[4] = -1.0  # drafting did not pay so far
-    assert sizer.pick("ddtree", 4) == "ar"
-    sizer.record(True, 4, 12, 9, 0.400, 0.250, 32, steady=False)  # a probe reading every prompt: no verdict yet
-    assert sizer.gain[4] == -1.0 and sizer.pick("ddtree", 4) == "ddtree"  # the next cycle drafts, steadily
-    assert sizer.pick("ddtree", 4) == "ar"  # once
-    sizer.record(True, 4, 12, 9, 0.170, 0.020, 32, steady=True)  # 5 tokens past a plain step's, 0.07 s past it
-    assert sizer.gain[4] == pytest.approx(5 - 40 * 0.07)  # a probe's verdict stands alone
-    sizer.record(True, 4, 12, 9, 0.400, 0.250, 32, steady=False)  # charged as a 0.02 s draft: 0.17 s in all
-    assert sizer.gain[4] == pytest.approx(5 - 40 * 0.07)  # (charged in full: 5 - 40 * 0.3 = -7, drafting stopped)
-
-
 def test_batch_sizer_picks_the_best_prefixes_of_every_row():
     """The sizer's choice over the merged best-first orders equals the brute-force best over every combination of
     per-row prefix sizes, for the value it maximizes (expected tokens less the nodes' time at the going rate)."""

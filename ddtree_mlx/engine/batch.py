@@ -131,7 +131,6 @@ class BatchGenerator:
         # re-running the target at commit (exact_commit), keeps each row's own.
         self.shared = BatchKV() if self.kv.bits is None and not self.config.exact_commit else None
         self.planned: str | None = None  # the next cycle's method, where a cycle chose it already (queue)
-        self.last_drafted: set[int] = set()  # the rows (uids) of the last cycle, if it was a drafted forest cycle
         self.waiting: deque[Row] = deque()
         self.rows: list[Row] = []
         self.uids = itertools.count()
@@ -247,7 +246,6 @@ class BatchGenerator:
             session.cache = self.shared.leave(session.cache)
         session.more_steps = alone and row.generation.remaining > 1
         self.count(1)
-        self.last_drafted = set()
         return self.respond(row, session.cycle())
 
     def batch_queued(self, row: Row) -> bool:
@@ -259,35 +257,36 @@ class BatchGenerator:
         start = time.perf_counter()
         sessions = [row.session for row in rows]
         queued = [session.next_step for session in sessions]
-        method = "ar" if queued[0] is not None else self.plan(len(rows))
-        joining = [session for session in sessions if self.shared is not None and not self.shared.joined(session.cache)]
-        if joining:  # rows verified together share padded attention caches
-            for session, cache in zip(joining, self.shared.join([session.cache for session in joining])):
-                session.cache = cache
+        took_step = queued[0] is not None
+        method = "ar" if took_step else self.plan(len(rows))
+        self.join(sessions)
         drafted, context = self.draft_trees(sessions, method, start)
-        outs = queued if queued[0] is not None else self.target.verify_forest(
+        outs = queued if took_step else self.target.verify_forest(
             [d.tree for d in drafted], [s.cache for s in sessions], sessions[0].capture_layers, self.config)
         for session in sessions:
             session.next_step, session.more_steps = None, False  # a batch queues its rows' steps itself
         tokens = [session.verified(d.tree, out) for session, d, out in zip(sessions, drafted, outs)]
-        queues = method == "ar" and self.may_queue(rows)
-        if queues:
-            self.planned = self.plan(len(rows))
-            queues = self.planned == "ar"
-            if queues:
-                self.planned = None
-                self.queue(sessions, outs, tokens)
+        queues = method == "ar" and self.queue_next(rows, outs, tokens)
         news = [session.accept(d, out, t) for session, d, out, t in zip(sessions, drafted, outs, tokens)]
         self.count(len(rows))
         # A cycle that queued the next step without having taken one queued for it paid for two forwards, one that
         # took its step without queuing the next for none: only the others' times are one cycle's.
-        uids = {row.uid for row in rows}
-        steady = uids <= self.last_drafted  # every row drafted last cycle: its drafter read only that cycle's tokens
-        self.last_drafted = uids if method != "ar" else set()
-        if self.sizer is not None and queues == (queued[0] is not None):
-            self.sizer.record(method != "ar", len(rows), sum(len(d.tree) for d in drafted), sum(map(len, news)),
-                              time.perf_counter() - start, drafted[-1].built - start, context, steady)
+        self.learn(rows, method, drafted, news, start, context, timed=queues == took_step)
         return [self.respond(row, new) for row, new in zip(rows, news)]
+
+    def join(self, sessions: list[Session]) -> None:
+        """Rows verified together share padded attention caches: those not in them yet join, all at once."""
+        joining = [session for session in sessions if self.shared is not None and not self.shared.joined(session.cache)]
+        if joining:
+            for session, cache in zip(joining, self.shared.join([session.cache for session in joining])):
+                session.cache = cache
+
+    def learn(self, rows: list[Row], method: str, drafted: list[Drafted], news: list[list[int]], start: float,
+              context: int, timed: bool) -> None:
+        """Tell the sizer what a `timed` cycle cost and committed."""
+        if self.sizer is not None and timed:
+            self.sizer.record(method != "ar", len(rows), sum(len(d.tree) for d in drafted), sum(map(len, news)),
+                              time.perf_counter() - start, drafted[-1].built - start, context)
 
     def draft_trees(self, sessions: list[Session], method: str, start: float) -> tuple[list[Drafted], int]:
         """The rows' trees (drafted together, each built whole, then sized together with auto sizes), and the
@@ -309,6 +308,18 @@ class BatchGenerator:
         if planned is None:
             planned = self.sizer.pick(self.method, rows) if self.sizer is not None else self.method
         return planned
+
+    def queue_next(self, rows: list[Row], outs: list[VerifyOutput], tokens: list[mx.array]) -> bool:
+        """After a plain cycle: queue the next one now (`queue`) where these rows surely decode together again and
+        the sizer picks another plain step for them; whether it did."""
+        if not self.may_queue(rows):
+            return False
+        self.planned = self.plan(len(rows))
+        if self.planned != "ar":
+            return False
+        self.planned = None
+        self.queue([row.session for row in rows], outs, tokens)
+        return True
 
     def may_queue(self, rows: list[Row]) -> bool:
         """Whether this plain cycle's rows surely decode together again: two or more, sharing padded caches, each

@@ -40,8 +40,6 @@ class BatchSizer:
     plain: dict[int, float] = field(default_factory=dict)  # a plain batched step's seconds, as measured
     gain: dict[int, float] = field(default_factory=dict)  # what drafting was worth over plain steps, in tokens
     backoff: dict[int, int] = field(default_factory=dict)  # 2 ** (probes that failed in a row), to PROBE_BACKOFF
-    drafts: dict[int, float] = field(default_factory=dict)  # a steady draft's seconds (drafting and building)
-    again: bool = False  # the last draft caught up with no steady draft of its rows to judge it by: draft again
     skipped: int = 0  # plain cycles since the last draft
     probe_cost: float = 0.0  # seconds a drafted cycle takes past a plain step of as many rows (moving average)
     kept_depth: int | None = None  # the deepest node the last sizing kept (None: none sized yet)
@@ -66,8 +64,7 @@ class BatchSizer:
         return self.scale * (self.costs.at(rows + np.asarray(nodes), context) - self.costs.at(rows, context))
 
     def will_draft(self, rows: int) -> bool:
-        return self.again or self.worth(rows) >= 0 or (
-            self.skipped + 1 >= self.backoff.get(self.nearest(rows), 1) * self.every(rows))
+        return self.worth(rows) >= 0 or self.skipped + 1 >= self.backoff.get(self.nearest(rows), 1) * self.every(rows)
 
     def every(self, rows: int) -> float:
         """Plain cycles between probes: PROBE_EVERY, or further apart where a probe costs more than PROBE_SHARE of
@@ -88,7 +85,7 @@ class BatchSizer:
         """The method of the batch's next cycle: `method`, or "ar" while drafting does not pay (probing now and
         then)."""
         if self.will_draft(rows):
-            self.skipped, self.again = 0, False
+            self.skipped = 0
             return method
         self.skipped += 1
         return "ar"
@@ -110,24 +107,11 @@ class BatchSizer:
         return kept
 
     def record(self, drafted: bool, rows: int, nodes: int, committed: int, seconds: float, drafting: float,
-               context: int, steady: bool = True) -> None:
+               context: int) -> None:
         """A batch cycle of `rows` rows verifying `nodes` nodes (roots included) committed `committed` tokens in
-        `seconds`, `drafting` of them drafting and building; `steady`: every row drafted the cycle before too (else
-        the draft caught up on what plain steps or a prompt left the drafters to read)."""
+        `seconds`, `drafting` of them drafting and building."""
         if not drafted:
             self.plain[rows] = average(self.plain.get(rows, 0.0), seconds)
-            return
-        self.probe_cost = average(self.probe_cost, max(seconds - self.plain_seconds(rows, context), 0.0))
-        if steady:
-            self.drafts[rows] = average(self.drafts.get(rows, 0.0), drafting)
-        elif rows in self.drafts:
-            # A catch-up is paid once, whether drafts go on or not: judged as drafting in its steady state, at what
-            # a steady draft of these rows costs (charged in full, a batch's first draft, which reads every prompt,
-            # stopped drafting at 4 rows here where drafts then paid).
-            seconds += self.drafts[rows] - drafting
-            drafting = self.drafts[rows]
-        else:  # no steady draft of these rows measured yet: the next cycle drafts again, and is judged
-            self.again = True
             return
         added = float(self.added(rows, nodes - rows, context)) / self.scale
         if rows in self.plain and added > 0:  # the nodes' own time, past what a plain step of these rows takes
@@ -137,6 +121,7 @@ class BatchSizer:
         # step's at that step's rate (a plain step as the calibration prices it until one is measured: judged by
         # its own expectation instead, a batch whose drafts never pay would draft on and never measure one).
         worth = committed - rows - self.rate(rows, context) * (seconds - self.plain_seconds(rows, context))
+        self.probe_cost = average(self.probe_cost, max(seconds - self.plain_seconds(rows, context), 0.0))
         # A batch cycle is every row's draft at once: more evidence than a lone generation's, so it weighs more (a
         # lucky probe at 8 rows otherwise kept losing drafts on for eight cycles here).
         gain, backoff = self.worth(rows), self.backoff.get(self.nearest(rows), 1)
