@@ -127,6 +127,19 @@ def test_every_row_equals_mlx_lm_greedy(family, budget):
     assert branched(results), "no row ever took a branch off the drafter's first choice"
 
 
+@pytest.mark.parametrize("family", ["qwen3_5", "llama"])
+@pytest.mark.parametrize("method", ["ar", "ddtree"])
+def test_rows_whose_commits_rerun_the_target(family, method):
+    """config.exact_commit (each commit re-runs the target over the accepted path): a batch's lone roots are
+    verified, not written into the caches as plain steps (they were then written twice: every row left mlx-lm's
+    tokens at once)."""
+    batch = BatchGenerator(target(family), oracle_for(family, PROMPTS) if method == "ddtree" else None, method=method,
+                           max_batch=4, config=DDTreeConfig(tree_budget=4, exact_commit=True))
+    for prompt, result in zip(PROMPTS, run(batch, PROMPTS)):
+        assert_lossless(result["tokens"], reference(family, prompt), exact=True, label=f"exact commit {method}")
+    assert batch.stats.largest_batch == 4
+
+
 @pytest.mark.parametrize("form", ["bf16", pytest.param("q4", marks=pytest.mark.slow)])
 def test_rows_in_the_models_own_dtype(form):
     family = "qwen3_5"

@@ -108,3 +108,24 @@ def test_plain_decoding_queues_steps_and_caches_the_last_one(family):
                                   stop_token_ids=[], prompt_cache=cache)
     assert second["reused_prompt_tokens"] == len(FIRST) + len(cut)  # the stop token's step was queued and kept
     assert second["generated_token_ids"] == greedy_reference(model, second_prompt, 8)
+
+
+def test_a_stored_recurrent_state_holds_only_its_own_row():
+    """A batch row's recurrent window and state are slices of the batch's stacked arrays: the stored copy owns its
+    data, so it keeps none of the other rows' alive (measured by MLX's active memory, which counts live buffers)."""
+    import gc
+
+    from mlx_lm.models.cache import ArraysCache
+
+    stacked = [mx.zeros((8, 3, 1000)), mx.zeros((8, 4, 250, 250))]  # 8 rows' windows and states: 96 KB, 8 MB
+    mx.eval(stacked)
+    row = ArraysCache(2)
+    row[0], row[1] = stacked[0][2:3], stacked[1][2:3]
+    cache = PromptCache(max_bytes=2**30)
+    cache.store([1, 2, 3], [row], None, None)
+    gc.collect()
+    before = mx.get_active_memory()
+    del stacked, row
+    gc.collect()
+    freed = before - mx.get_active_memory()
+    assert freed == 8 * (3 * 1000 + 4 * 250 * 250) * 4  # every row's stacked arrays went: the copy owns its own

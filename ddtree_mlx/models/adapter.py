@@ -257,9 +257,10 @@ class TargetAdapter:
     @staticmethod
     def steps(tree: DraftTree, cache: list[Any], config: DDTreeConfig) -> bool:
         """Whether a batch's row runs its attention layers as a plain step straight into its cache: a lone root
-        (fewer operations per row than a tree's) with plain KV caches (not quantized, nor a padded batch's)."""
+        (fewer operations per row than a tree's) with plain KV caches (not quantized, nor a padded batch's), unless
+        its commit re-runs the target (config.exact_commit: the step would be written twice)."""
         plain = all(type(entry) is KVCache for entry in cache if TargetAdapter.is_attention_cache(entry))
-        return len(tree) == 1 and not config.profile_verify and plain
+        return len(tree) == 1 and not config.profile_verify and not config.exact_commit and plain
 
     def step(self, token: mx.array, cache: list[Any], capture_layers: list[int],
              config: DDTreeConfig | None = None) -> VerifyOutput:

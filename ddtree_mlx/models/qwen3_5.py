@@ -33,6 +33,14 @@ class RecurrentCapture:
         cache_entry[1] = self.states.state_at(last)
 
 
+class StepWritten:
+    """A plain batched step's recurrent layer: its lone root's window and state are in the row's cache already (a
+    lone root is always accepted)."""
+
+    def commit(self, cache_entry: ArraysCache, path: mx.array) -> None:
+        pass
+
+
 class Qwen3_5Adapter(TargetAdapter):
     @staticmethod
     def text_model(model: Any) -> Any:
@@ -74,6 +82,8 @@ class Qwen3_5Adapter(TargetAdapter):
     def recurrent_tree(self, gdn: Any, x: mx.array, entries: list[Any], forest: Forest) -> tuple[mx.array, list[Capture]]:
         """Projections, q/k normalization and the output over every row's nodes at once; the conv and the
         recurrence per row, each from its own cached window and state."""
+        if forest.steps and all(entry[0] is not None and entry[1] is not None for entry in entries):
+            return self.recurrent_step(gdn, x, entries)
         length = x.shape[1]
         clock = forest.clock
         qkv = clock.detail("linear.proj", gdn.in_proj_qkv(x)[0])
@@ -95,6 +105,19 @@ class Qwen3_5Adapter(TargetAdapter):
         if getattr(gdn, "sharding_group", None) is not None:  # tensor parallel: each rank holds some heads' share
             out = mx.distributed.all_sum(out, group=gdn.sharding_group)
         return out, [RecurrentCapture(windows, row_states) for (_, windows), row_states in zip(convs, states)]
+
+    @staticmethod
+    def recurrent_step(gdn: Any, x: mx.array, entries: list[Any]) -> tuple[mx.array, list[Capture]]:
+        """A plain batched step ([1, rows, hidden], one token a row): mlx-lm's own GatedDeltaNet over the rows'
+        stacked windows and states, as its batch step runs it, each row's new window and state (a slice of the
+        stacked ones) written into its cache. One conv and one recurrence for all rows: per row, the synthetic
+        hybrid's plain batched steps at 8 rows ran at 0.70x mlx-lm's batch here, stacked at 1.13x."""
+        stacked = ArraysCache(2)
+        stacked[0], stacked[1] = (mx.concatenate([entry[part] for entry in entries]) for part in (0, 1))
+        out = gdn(x.reshape(-1, 1, x.shape[-1]), cache=stacked)
+        for row, entry in enumerate(entries):
+            entry[0], entry[1] = stacked[0][row : row + 1], stacked[1][row : row + 1]
+        return out.reshape(1, -1, out.shape[-1]), [StepWritten() for _ in entries]
 
     @staticmethod
     def conv_row(gdn: Any, qkv: mx.array, cache_entry: Any, inputs: TreeInputs) -> tuple[mx.array, Any]:

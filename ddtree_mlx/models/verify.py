@@ -91,6 +91,14 @@ class Forest:
     padding: Any = None  # the rows' padded layout, for a batch's padded attention (batch_kv.Padding)
 
     @property
+    def steps(self) -> bool:
+        """Every row is a lone root run as a plain step, its state written straight into its cache (a batch's plain
+        step; not where the commit re-runs the target, config.exact_commit, nor when profiling)."""
+        config = self.rows[0].config
+        return (len(self.rows) > 1 and all(len(inputs.tree) == 1 for inputs in self.rows)
+                and not config.exact_commit and not config.profile_verify)
+
+    @property
     def clock(self) -> "PartClock":
         return self.rows[0].clock
 
