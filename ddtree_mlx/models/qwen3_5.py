@@ -80,10 +80,23 @@ class Qwen3_5Adapter(TargetAdapter):
         return attn.o_proj(out * mx.sigmoid(gate.reshape(1, length, -1))), captures
 
     def recurrent_tree(self, gdn: Any, x: mx.array, entries: list[Any], forest: Forest) -> tuple[mx.array, list[Capture]]:
+        """A batch's lone roots as one plain step (recurrent_step), the trees' rows as recurrent_rows."""
+        steps = [row for row in forest.steps if entries[row][0] is not None and entries[row][1] is not None]
+        if len(steps) == len(entries):
+            return self.recurrent_step(gdn, x, entries)
+        if not steps:
+            return self.recurrent_rows(gdn, x, entries, forest)
+        trees = [row for row in range(len(entries)) if row not in steps]
+        stepped, step_captures = self.recurrent_step(gdn, x[:, forest.nodes_of(steps)], [entries[r] for r in steps])
+        grown, tree_captures = self.recurrent_rows(gdn, x[:, forest.nodes_of(trees)], [entries[r] for r in trees],
+                                                   Forest([forest.rows[r] for r in trees]))
+        back = mx.argsort(forest.nodes_of(steps + trees))  # the packed order again
+        captures = dict(zip(steps + trees, step_captures + tree_captures))
+        return mx.concatenate([stepped, grown], axis=1)[:, back], [captures[row] for row in range(len(entries))]
+
+    def recurrent_rows(self, gdn: Any, x: mx.array, entries: list[Any], forest: Forest) -> tuple[mx.array, list[Capture]]:
         """Projections, q/k normalization and the output over every row's nodes at once; the conv and the
         recurrence per row, each from its own cached window and state."""
-        if forest.steps and all(entry[0] is not None and entry[1] is not None for entry in entries):
-            return self.recurrent_step(gdn, x, entries)
         length = x.shape[1]
         clock = forest.clock
         qkv = clock.detail("linear.proj", gdn.in_proj_qkv(x)[0])

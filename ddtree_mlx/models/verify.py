@@ -91,12 +91,19 @@ class Forest:
     padding: Any = None  # the rows' padded layout, for a batch's padded attention (batch_kv.Padding)
 
     @property
-    def steps(self) -> bool:
-        """Every row is a lone root run as a plain step, its state written straight into its cache (a batch's plain
-        step; not where the commit re-runs the target, config.exact_commit, nor when profiling)."""
+    def steps(self) -> list[int]:
+        """The rows that are lone roots, run as plain steps with their state written straight into their caches (a
+        lone root is always accepted): in a batch only, and not where the commit re-runs the target
+        (config.exact_commit) nor when profiling."""
         config = self.rows[0].config
-        return (len(self.rows) > 1 and all(len(inputs.tree) == 1 for inputs in self.rows)
-                and not config.exact_commit and not config.profile_verify)
+        if len(self.rows) == 1 or config.exact_commit or config.profile_verify:
+            return []
+        return [row for row, inputs in enumerate(self.rows) if len(inputs.tree) == 1]
+
+    def nodes_of(self, rows: list[int]) -> mx.array:
+        """The packed positions of `rows`' nodes, in that order."""
+        spans = self.spans
+        return mx.array(np.concatenate([np.arange(spans[row].start, spans[row].stop) for row in rows]).astype(np.int32))
 
     @property
     def clock(self) -> "PartClock":
