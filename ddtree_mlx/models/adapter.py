@@ -233,8 +233,11 @@ class TargetAdapter:
         if len(trees) > 1 and self.group is not None:
             raise ValueError("a sharded target verifies one generation at a time; serve it with --max-batch 1")
         clock = PartClock(config.profile_verify, config.profile_detail)  # one for all rows: a profile adds up
+        # A batch's lone roots (always accepted) run as plain steps, straight into their caches: not where the
+        # commit re-runs the target (exact_commit: written twice), nor when profiling.
+        steps = len(trees) > 1 and not config.exact_commit and not config.profile_verify
         forest = Forest([replace(TreeInputs.build(tree, self.prefix_length(cache), config), clock=clock,
-                                 step=len(trees) > 1 and self.steps(tree, cache, config))
+                                 step=steps and len(tree) == 1)
                          for tree, cache in zip(trees, caches)])
         tokens = mx.array([token for tree in trees for token in tree.tokens]) if tokens is None else tokens
         h = clock.lap("embed", self.embed(tokens[None]))
@@ -253,14 +256,6 @@ class TargetAdapter:
         rows = zip(forest.split(logits, 0), hiddens, zip(*captures))
         return [VerifyOutput(row_logits, row_hidden, list(row_captures), clock.seconds, kernels, started=early.first,
                              waited=early.waited) for row_logits, row_hidden, row_captures in rows]
-
-    @staticmethod
-    def steps(tree: DraftTree, cache: list[Any], config: DDTreeConfig) -> bool:
-        """Whether a batch's row runs its attention layers as a plain step straight into its cache: a lone root
-        (fewer operations per row than a tree's) with plain KV caches (not quantized, nor a padded batch's), unless
-        its commit re-runs the target (config.exact_commit: the step would be written twice)."""
-        plain = all(type(entry) is KVCache for entry in cache if TargetAdapter.is_attention_cache(entry))
-        return len(tree) == 1 and not config.profile_verify and not config.exact_commit and plain
 
     def step(self, token: mx.array, cache: list[Any], capture_layers: list[int],
              config: DDTreeConfig | None = None) -> VerifyOutput:

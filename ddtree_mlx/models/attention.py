@@ -112,7 +112,7 @@ def tree_attention(attn: Any, queries: mx.array, keys: mx.array, values: mx.arra
     positions). Returns the attention output [1, H, T, D] and what commits the keys and values."""
     if not rotated:
         queries, keys = rotate(attn.rope, queries, keys, inputs)
-    if inputs.step:  # stored as mlx-lm's step does, then attended to in place
+    if inputs.step and type(cache) is KVCache:  # stored as mlx-lm's step does, then attended to in place
         cached = cache.update_and_fetch(keys, values)
         if splits(inputs.config, cache.offset):
             out = step_attention(queries, cached, attn.scale)

@@ -89,21 +89,15 @@ class Forest:
     rows: list[TreeInputs]
     _positions: mx.array | None = None
     padding: Any = None  # the rows' padded layout, for a batch's padded attention (batch_kv.Padding)
+    _stepped: Any = None  # stepped()'s, once built (False: no lone root steps)
 
-    @property
-    def steps(self) -> list[int]:
-        """The rows that are lone roots, run as plain steps with their state written straight into their caches (a
-        lone root is always accepted): in a batch only, and not where the commit re-runs the target
-        (config.exact_commit) nor when profiling."""
-        config = self.rows[0].config
-        if len(self.rows) == 1 or config.exact_commit or config.profile_verify:
-            return []
-        return [row for row, inputs in enumerate(self.rows) if len(inputs.tree) == 1]
-
-    def nodes_of(self, rows: list[int]) -> mx.array:
-        """The packed positions of `rows`' nodes, in that order."""
-        spans = self.spans
-        return mx.array(np.concatenate([np.arange(spans[row].start, spans[row].stop) for row in rows]).astype(np.int32))
+    def stepped(self) -> "Stepped | None":
+        """A batch's lone roots, run as one plain step beside its trees' rows (None: no lone root steps); built
+        once per forward, not once per layer."""
+        if self._stepped is None:
+            steps = [row for row, inputs in enumerate(self.rows) if inputs.step]
+            self._stepped = Stepped.of(self, steps) if steps else False
+        return self._stepped or None
 
     @property
     def clock(self) -> "PartClock":
@@ -130,6 +124,29 @@ class Forest:
 
     def join(self, parts: list[mx.array], axis: int) -> mx.array:
         return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=axis)
+
+
+@dataclass
+class Stepped:
+    """A batch forest split into its lone roots (`steps`, run as one plain step) and its trees' rows (`trees`, a
+    forest of their own), with the packed positions of each part's nodes and the order that packs them back."""
+
+    steps: list[int]
+    trees: list[int]
+    step_nodes: mx.array
+    tree_nodes: mx.array
+    back: mx.array  # [T]: the concatenation [step part, tree part] in the packed order
+    tree_forest: Forest
+
+    @classmethod
+    def of(cls, forest: Forest, steps: list[int]) -> "Stepped":
+        trees = [row for row in range(len(forest.rows)) if row not in steps]
+        spans = forest.spans
+        step_nodes, tree_nodes = (np.array([node for row in rows for node in range(spans[row].start, spans[row].stop)],
+                                           np.int32) for rows in (steps, trees))
+        back = np.argsort(np.concatenate([step_nodes, tree_nodes]))
+        return cls(steps, trees, mx.array(step_nodes), mx.array(tree_nodes), mx.array(back.astype(np.int32)),
+                   Forest([forest.rows[row] for row in trees]))
 
 
 @dataclass
