@@ -16,7 +16,7 @@ from mlx import nn
 
 from ddtree_mlx import BatchGenerator
 from ddtree_mlx.models.adapter import TargetAdapter
-from ddtree_mlx.models.batch_kv import RowKV, RowsKV
+from ddtree_mlx.models.batch_kv import RowArrays, RowKV, RowsArrays, RowsKV
 from ddtree_mlx.models.registry import adapter_for
 
 from .presets import Setup, Variant
@@ -133,14 +133,17 @@ def row_memory(setup: Setup, args: argparse.Namespace, drafter: Any, variant: Va
 
 def row_arrays(session: Any, target: TargetAdapter) -> dict[str, dict[int, int]]:
     """A row's arrays (MLX's and numpy's) by what holds them, {id: bytes}; the target's and drafter's weights are
-    not the row's (nn.Module), nor is the target. A batch's padded KV buffers count as each row's share of them."""
+    not the row's (nn.Module), nor is the target. A batch's padded KV buffers and stacked recurrent states count as
+    each row's share of them."""
     kv = [entry for entry in session.cache if target.is_attention_cache(entry)]
     recurrent = [entry for entry in session.cache if not target.is_attention_cache(entry)]
-    padded = {id(entry): entry.nbytes for entry in kv if isinstance(entry, RowKV)}
-    parts = {"kv": [entry for entry in kv if not isinstance(entry, RowKV)], "recurrent": recurrent,
-             "drafter": session.drafter, "pending": [session.pending_hidden, session.next_step]}
-    held = {part: {id(a): a.nbytes for a in arrays_in(root)} for part, root in parts.items()}
-    held["kv"].update(padded)
+    parts = {"kv": kv, "recurrent": recurrent, "drafter": session.drafter,
+             "pending": [session.pending_hidden, session.next_step]}
+    held = {}
+    for part, root in parts.items():
+        held[part] = {id(a): a.nbytes for a in arrays_in(root)}
+        if part in ("kv", "recurrent"):
+            held[part].update({id(entry): entry.nbytes for entry in root if isinstance(entry, (RowKV, RowArrays))})
     return held
 
 
@@ -148,7 +151,7 @@ def arrays_in(root: Any) -> list[Any]:
     found, seen, todo = [], set(), deque([root])
     while todo:
         obj = todo.popleft()
-        if id(obj) in seen or isinstance(obj, (nn.Module, TargetAdapter, RowsKV)):  # RowsKV: counted per row
+        if id(obj) in seen or isinstance(obj, (nn.Module, TargetAdapter, RowsKV, RowsArrays)):  # counted per row
             continue
         seen.add(id(obj))
         if isinstance(obj, (mx.array, np.ndarray)):

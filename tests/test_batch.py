@@ -328,10 +328,11 @@ def test_bad_requests_fail_before_any_model_work():
     assert not batch.has_work
 
 
-def test_rows_with_a_quantized_kv_cache():
+@pytest.mark.parametrize("family", ["llama", "qwen3_5"])
+def test_rows_with_a_quantized_kv_cache(family):
     """kv_bits per row as mlx-lm means it (quantized from mid-prompt on): each row is mlx-lm's own decoding with
-    the same quantized cache."""
-    model = make_target("llama", seed=4, head_dim=32)  # kv groups of 32 need a head size they divide
+    the same quantized cache (a hybrid's recurrent states still held together, its attention caches apart)."""
+    model = make_target(family, seed=4, head_dim=32)  # kv groups of 32 need a head size they divide
     options = dict(kv_bits=8, kv_group_size=32, quantized_kv_start=8)
     wants = {tuple(p): mlx_lm_greedy(model, p, NEW_TOKENS, **options) for p in PROMPTS}
     drafter = PromptOracle({prompt: want.tokens for prompt, want in wants.items()})

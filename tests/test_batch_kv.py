@@ -13,7 +13,7 @@ from test_batch import PROMPTS, branching, target
 
 from ddtree_mlx.config import DDTreeConfig
 from ddtree_mlx.models import batch_kv
-from ddtree_mlx.models.batch_kv import BatchKV, RowKV
+from ddtree_mlx.models.batch_kv import BatchKV, RowArrays, RowKV
 from ddtree_mlx.models.registry import adapter_for
 
 
@@ -29,8 +29,8 @@ def states(adapter, cache) -> list[np.ndarray]:
     """Every entry's state as arrays: an attention entry's keys and values up to its offset (a padded row's own)."""
     arrays = []
     for entry in cache:
+        entry = copy.deepcopy(entry) if isinstance(entry, (RowKV, RowArrays)) else entry  # the row's own copy
         if adapter.is_attention_cache(entry):
-            entry = copy.deepcopy(entry) if isinstance(entry, RowKV) else entry
             arrays += [np.array(entry.keys[..., : entry.offset, :]), np.array(entry.values[..., : entry.offset, :])]
         else:
             arrays += [np.array(part) for _, part in tree_flatten(entry.state) if part is not None]

@@ -111,21 +111,27 @@ def test_plain_decoding_queues_steps_and_caches_the_last_one(family):
 
 
 def test_a_stored_recurrent_state_holds_only_its_own_row():
-    """A batch row's recurrent window and state are slices of the batch's stacked arrays: the stored copy owns its
-    data, so it keeps none of the other rows' alive (measured by MLX's active memory, which counts live buffers)."""
+    """A batch row's recurrent window and state live in the batch's stacked arrays (models.batch_kv): the stored
+    copy owns its data, so it keeps none of the other rows' alive (measured by MLX's active memory, which counts
+    live buffers)."""
     import gc
 
     from mlx_lm.models.cache import ArraysCache
 
-    stacked = [mx.zeros((8, 3, 1000)), mx.zeros((8, 4, 250, 250))]  # 8 rows' windows and states: 96 KB, 8 MB
-    mx.eval(stacked)
-    row = ArraysCache(2)
-    row[0], row[1] = stacked[0][2:3], stacked[1][2:3]
+    from ddtree_mlx.models.batch_kv import BatchKV
+
+    rows = [ArraysCache(2) for _ in range(8)]
+    for entry in rows:
+        entry[0], entry[1] = mx.ones((1, 3, 1000)), mx.ones((1, 4, 250, 250))  # a window and a state: 12 KB, 1 MB
+    shared = BatchKV()
+    joined = shared.join([[entry] for entry in rows])
+    mx.eval([layer.cache for layer in shared.layers.values()])
+    del rows
     cache = PromptCache(max_bytes=2**30)
-    cache.store([1, 2, 3], [row], None, None)
+    cache.store([1, 2, 3], joined[2], None, None)
     gc.collect()
     before = mx.get_active_memory()
-    del stacked, row
+    del shared, joined
     gc.collect()
     freed = before - mx.get_active_memory()
     assert freed == 8 * (3 * 1000 + 4 * 250 * 250) * 4  # every row's stacked arrays went: the copy owns its own

@@ -127,9 +127,10 @@ class BatchGenerator:
         self.sizer = None
         if method == "ddtree" and self.config.tree_budget == "auto":  # measured now, not in a request's time
             self.sizer = BatchSizer(calibration.verify_costs(self.target, self.config))
-        # Rows verified together share padded attention caches (models.batch_kv); a quantized KV cache, or
-        # re-running the target at commit (exact_commit), keeps each row's own.
-        self.shared = BatchKV() if self.kv.bits is None and not self.config.exact_commit else None
+        # Rows verified together hold their caches together (models.batch_kv): padded attention buffers (not a
+        # quantized KV cache: each row's own) and stacked recurrent states; re-running the target at commit
+        # (exact_commit) keeps each row's own caches.
+        self.shared = None if self.config.exact_commit else BatchKV(attention=self.kv.bits is None)
         self.planned: str | None = None  # the next cycle's method, where a cycle chose it already (queue)
         self.waiting: deque[Row] = deque()
         self.rows: list[Row] = []
@@ -324,8 +325,8 @@ class BatchGenerator:
     def may_queue(self, rows: list[Row]) -> bool:
         """Whether this plain cycle's rows surely decode together again: two or more, sharing padded caches, each
         with more than a token to go, and nobody waiting to join (whoever arrives meanwhile joins a cycle later)."""
-        return (len(rows) > 1 and self.shared is not None and not self.waiting and len(rows) == len(self.rows)
-                and all(row.generation.remaining > 1 for row in rows))
+        return (len(rows) > 1 and self.shared is not None and self.shared.attention and not self.waiting
+                and len(rows) == len(self.rows) and all(row.generation.remaining > 1 for row in rows))
 
     def queue(self, sessions: list[Session], outs: list[VerifyOutput], tokens: list[mx.array]) -> None:
         """mlx-lm's batch loop: the next plain step of every row, built on this step's still-lazy tokens and handed

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Hashable
 
 import mlx.core as mx
-from mlx_lm.models.cache import ArraysCache, can_trim_prompt_cache, trim_prompt_cache
+from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 
 
 @dataclass
@@ -87,7 +87,7 @@ class PromptCache:
         nbytes = _nbytes(cache, hidden)
         if not tokens or nbytes > self.max_bytes:
             return
-        snapshot = Snapshot(tuple(tokens), variant, [owned(entry) for entry in copy.deepcopy(cache)], hidden, nbytes)
+        snapshot = Snapshot(tuple(tokens), variant, copy.deepcopy(cache), hidden, nbytes)
         with self.lock:
             self.entries.pop(snapshot.tokens, None)
             self.entries[snapshot.tokens] = snapshot
@@ -98,15 +98,6 @@ class PromptCache:
         with self.lock:
             return {"entries": len(self.entries), "bytes": self.nbytes, "max_bytes": self.max_bytes,
                     "hits": self.hits, "misses": self.misses, "reused_tokens": self.reused_tokens}
-
-
-def owned(entry: Any) -> Any:
-    """A copied cache entry whose arrays are its own: a batch row's recurrent window and state are slices of the
-    batch's stacked ones (qwen3_5.recurrent_step), which a deepcopy shares, keeping every row's alive."""
-    if isinstance(entry, ArraysCache):
-        entry.cache = [None if part is None else mx.contiguous(part) for part in entry.cache]
-        mx.eval([part for part in entry.cache if part is not None])  # until then the copy's graph holds the slice
-    return entry
 
 
 def _shared(a: tuple[int, ...], b: tuple[int, ...]) -> int:

@@ -1,5 +1,7 @@
-"""A batch's attention caches in one padded buffer per layer, so a forest verify runs one attention per layer for
-all its rows (as mlx-lm's BatchKVCache lets its batch step do) instead of one per row.
+"""A batch's caches held together: attention in one padded buffer per layer, so a forest verify runs one attention
+per layer for all its rows (as mlx-lm's BatchKVCache lets its batch step do) instead of one per row; a hybrid's
+recurrent layers (conv window, gated-delta state) stacked [rows, ...] per layer, as mlx-lm's batch holds them, so
+a plain batched step runs mlx-lm's own layer over them in place.
 
 Rows accept paths of different lengths, so their ends drift apart: row r's tokens are the first offsets[r]
 columns of its buffer row. A verify writes every row's tree keys after the longest row (columns start.. start +
@@ -9,7 +11,8 @@ lazily before the buffer is next read. Measured on this CPU (8 rows, SmolLM2's 3
 attention and commits cost ~14 us an operation, a row's share of the padded one a fraction of that.
 
 A session's cache holds a RowKV per attention layer: its row of the layer's RowsKV, with KVCache's offset, trim and
-state; a copy of it (the prompt cache's) is a plain KVCache of that row.
+state; a copy of it (the prompt cache's) is a plain KVCache of that row. Likewise a RowArrays per recurrent layer,
+whose copy is an ArraysCache of arrays of its own (a slice would keep every row's stacked arrays alive).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from typing import Any
 
 import mlx.core as mx
 import numpy as np
-from mlx_lm.models.cache import KVCache
+from mlx_lm.models.cache import ArraysCache, KVCache
 
 from .verify import Forest
 
@@ -201,43 +204,110 @@ class RowsCapture:
         self.layer.commit(self.slot.index, path)
 
 
-class BatchKV:
-    """The attention caches of a batch's rows, one RowsKV per attention layer. A row joins with its session's cache
-    (its KVCache entries move into the buffers; others, a hybrid's recurrent states, stay its own) and leaves with a
-    plain one again."""
+class RowsArrays(ArraysCache):
+    """One recurrent layer's arrays of every row, [rows, ...] each (mlx-lm's batch ArraysCache): a plain batched
+    step of all rows hands it to mlx-lm's layer as it is. Rows join after their prefill, so every part is set."""
 
-    def __init__(self) -> None:
-        self.layers: dict[int, RowsKV] = {}
+    def __init__(self, size: int):
+        super().__init__(size)
+        self.rows = 0
+
+    def add(self, entries: list[ArraysCache]) -> None:
+        joining = ArraysCache.merge(entries).cache  # mlx-lm's stacking of rows' caches
+        self.cache = joining if not self.rows else [mx.concatenate(parts) for parts in zip(self.cache, joining)]
+        self.rows += len(entries)
+
+    def remove(self, rows: list[int]) -> None:
+        keep = [index for index in range(self.rows) if index not in rows]
+        self.rows = len(keep)
+        self.cache = [None] * len(self.cache) if not keep else [part[mx.array(keep)] for part in self.cache]
+
+    def entry(self, row: int) -> ArraysCache:
+        """An ArraysCache of the row, in arrays of its own."""
+        entry = ArraysCache(len(self.cache))
+        entry.cache = [mx.contiguous(part[row : row + 1]) for part in self.cache]
+        mx.eval(entry.cache)  # until then the copy's graph holds the stacked arrays
+        return entry
+
+
+class RowArrays:
+    """A row's entry in one recurrent layer of a session's cache: what the session, the tree verify and mlx-lm's
+    layer read and write of an ArraysCache, kept in its row of the layer's RowsArrays (a write updates that row
+    in place)."""
+
+    lengths = left_padding = None  # mlx-lm's padding of a batch's rows: a row has none
+
+    def __init__(self, layer: RowsArrays, slot: Slot):
+        self.layer, self.slot = layer, slot
+
+    def __getitem__(self, part: int) -> mx.array:
+        return self.layer[part][self.slot.index : self.slot.index + 1]
+
+    def __setitem__(self, part: int, value: mx.array) -> None:
+        self.layer[part][self.slot.index : self.slot.index + 1] = value
+
+    @property
+    def state(self) -> list[mx.array]:
+        return self.layer.cache
+
+    @property
+    def nbytes(self) -> int:
+        return sum(part.nbytes for part in self.layer.cache) // self.layer.rows
+
+    def __deepcopy__(self, memo: dict) -> ArraysCache:
+        return self.layer.entry(self.slot.index)
+
+
+class BatchKV:
+    """The caches of a batch's rows held together: one RowsKV per attention layer (unless `attention` is off: a
+    quantized KV cache stays each row's own), one RowsArrays per recurrent layer. A row joins with its session's
+    cache (those entries move into the layers' arrays) and leaves with a plain one again."""
+
+    def __init__(self, attention: bool = True) -> None:
+        self.attention = attention
+        self.layers: dict[int, RowsKV | RowsArrays] = {}
         self.slots: list[Slot] = []
         self.indices = CommitIndices()
 
     @staticmethod
     def joined(cache: list[Any]) -> bool:
-        return any(isinstance(entry, RowKV) for entry in cache)
+        return any(isinstance(entry, (RowKV, RowArrays)) for entry in cache)
 
     def join(self, caches: list[list[Any]]) -> list[list[Any]]:
-        """Rows joining together: each session's cache with its KVCache entries moved into the buffers."""
+        """Rows joining together: each session's cache with its entries moved into the layers' arrays."""
         slots = [Slot(len(self.slots) + row) for row in range(len(caches))]
         self.slots += slots
         joined = [list(cache) for cache in caches]
         for index, entry in enumerate(caches[0]):
-            if type(entry) is KVCache:
-                layer = self.layers.setdefault(index, RowsKV(indices=self.indices))
-                layer.add([cache[index] for cache in caches])
-                for cache, slot in zip(joined, slots):
-                    cache[index] = RowKV(layer, slot)
+            layer = self.layer(index, entry)
+            if layer is None:
+                continue
+            layer.add([cache[index] for cache in caches])
+            row_entry = RowKV if isinstance(layer, RowsKV) else RowArrays
+            for cache, slot in zip(joined, slots):
+                cache[index] = row_entry(layer, slot)
         return joined
 
+    def layer(self, index: int, entry: Any) -> RowsKV | RowsArrays | None:
+        """The batch's layer that holds entries like `entry` at `index` (None: rows keep their own)."""
+        if type(entry) is KVCache and self.attention:
+            return self.layers.setdefault(index, RowsKV(indices=self.indices))
+        if type(entry) is ArraysCache:
+            return self.layers.setdefault(index, RowsArrays(len(entry.cache)))
+        return None
+
     def leave(self, cache: list[Any]) -> list[Any]:
-        """The row's cache as plain entries; its row leaves the buffers."""
-        plain = [entry.layer.entry(entry.slot.index) if isinstance(entry, RowKV) else entry for entry in cache]
+        """The row's cache as plain entries; its row leaves the layers."""
+        plain = [entry.layer.entry(entry.slot.index) if isinstance(entry, (RowKV, RowArrays)) else entry
+                 for entry in cache]
         self.drop([cache])
         return plain
 
     def drop(self, caches: list[list[Any]]) -> None:
-        """Rows leave the buffers (finished or cancelled generations: nothing is copied out); the rows after them
+        """Rows leave the layers (finished or cancelled generations: nothing is copied out); the rows after them
         move up."""
-        slots = [next((entry.slot for entry in cache if isinstance(entry, RowKV)), None) for cache in caches]
+        slots = [next((entry.slot for entry in cache if isinstance(entry, (RowKV, RowArrays))), None)
+                 for cache in caches]
         gone = sorted(slot.index for slot in slots if slot is not None and slot in self.slots)
         if not gone:
             return

@@ -19,6 +19,7 @@ from ..kernels.check import ConvShape, DeltaShape, Shape
 from ..kernels.dispatch import dtype_name
 from .adapter import TargetAdapter
 from .attention import forest_attention
+from .batch_kv import RowArrays
 from .verify import Capture, Forest, TreeInputs
 
 
@@ -80,9 +81,10 @@ class Qwen3_5Adapter(TargetAdapter):
         return attn.o_proj(out * mx.sigmoid(gate.reshape(1, length, -1))), captures
 
     def recurrent_tree(self, gdn: Any, x: mx.array, entries: list[Any], forest: Forest) -> tuple[mx.array, list[Capture]]:
-        """A batch's lone roots as one plain step (recurrent_step), the trees' rows as recurrent_rows."""
+        """A batch's lone roots as one plain step over its stacked arrays (recurrent_step), the trees' rows as
+        recurrent_rows; rows not held in a batch's arrays all as recurrent_rows."""
         stepped = forest.stepped()
-        if stepped is None:
+        if stepped is None or not all(isinstance(entry, RowArrays) for entry in entries):
             return self.recurrent_rows(gdn, x, entries, forest)
         if not stepped.trees:
             return self.recurrent_step(gdn, x, entries)
@@ -117,17 +119,21 @@ class Qwen3_5Adapter(TargetAdapter):
             out = mx.distributed.all_sum(out, group=gdn.sharding_group)
         return out, [RecurrentCapture(windows, row_states) for (_, windows), row_states in zip(convs, states)]
 
-    def recurrent_step(self, gdn: Any, x: mx.array, entries: list[Any]) -> tuple[mx.array, list[Capture]]:
+    def recurrent_step(self, gdn: Any, x: mx.array, entries: list[RowArrays]) -> tuple[mx.array, list[Capture]]:
         """A plain batched step ([1, rows, hidden], one token a row): mlx-lm's own GatedDeltaNet over the rows'
-        stacked windows and states, as its batch step runs it, each row's new window and state (a slice of the
-        stacked ones) written into its cache. One conv and one recurrence for all rows: per row, the synthetic
-        hybrid's plain batched steps at 8 rows ran at 0.70x mlx-lm's batch here, stacked at 1.13x."""
-        stacked = ArraysCache(2)
-        stacked[0] = mx.stack([self.window_of(gdn, entry, x.dtype) for entry in entries])
-        stacked[1] = mx.stack([self.state_of(gdn, entry) for entry in entries])
+        stacked windows and states, as its batch step runs it, written back in place. All the batch's rows in
+        order run on the layer's arrays themselves; some of them, on their rows taken out and put back. Per row,
+        the synthetic hybrid's plain batched steps at 8 rows ran at 0.70x mlx-lm's batch here, stacked at 1.13x."""
+        layer, rows = entries[0].layer, [entry.slot.index for entry in entries]
+        whole = rows == list(range(layer.rows))
+        stacked = layer if whole else ArraysCache(len(layer.cache))
+        if not whole:
+            taken = mx.array(rows)
+            stacked.cache = [part[taken] for part in layer.cache]
         out = gdn(x.reshape(-1, 1, x.shape[-1]), cache=stacked)
-        for row, entry in enumerate(entries):
-            entry[0], entry[1] = stacked[0][row : row + 1], stacked[1][row : row + 1]
+        if not whole:
+            for part, new in zip(layer.cache, stacked.cache):
+                part[taken] = new
         return out.reshape(1, -1, out.shape[-1]), [StepWritten() for _ in entries]
 
     @staticmethod
