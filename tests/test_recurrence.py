@@ -108,3 +108,36 @@ def test_bfloat16_pieces_round_exactly_as_mlx_lm():
     A_log = mx.array(rng.normal(size=(4,))).astype(mx.bfloat16)
     dt_bias = mx.array(rng.normal(size=(4,))).astype(mx.bfloat16)
     assert mx.array_equal(mx.exp(log_decay(a, A_log, dt_bias)), compute_g(A_log, a, dt_bias)).item()
+
+
+def test_a_forest_matches_each_rows_paths():
+    """A batch's trees in one conv and one solve (the twin's forest path), each row from its own window and state:
+    every node's output, new window and state equal mlx-lm's sequential conv and recurrence along its row's path."""
+    from ddtree_mlx.config import DDTreeConfig
+    from ddtree_mlx.kernels import dispatch
+    from ddtree_mlx.models.verify import Forest, TreeInputs
+
+    rng = np.random.default_rng(7)
+    trees = [make_tree("random", 7, rng), make_tree("chain", 1, rng), make_tree("fan", 5, rng)]
+    rows = [inputs(rng, len(tree)) for tree in trees]
+    q, k, v, log_g, beta = (mx.concatenate([row[part] for row in rows]) for part in range(5))
+    states0 = [row[5] for row in rows]
+    forest = Forest([TreeInputs.build(tree, 10, DDTreeConfig()) for tree in trees])
+    a, zero = mx.log(mx.exp(-log_g) - 1), mx.zeros(4)  # log_decay(a, A_log = 0, dt_bias = 0) is log_g again
+    y, records = dispatch.forest_gated_delta(q, k, v, a, beta, zero, zero, states0, forest)
+    channels, width = 24, 4
+    x = mx.array(rng.normal(size=(len(y), channels)).astype(np.float32))
+    cached = [mx.array(rng.normal(size=(width - 1, channels)).astype(np.float32)) for _ in trees]
+    conv = nn.Conv1d(channels, channels, kernel_size=width, groups=channels, bias=False)
+    out, windows = dispatch.forest_conv(x, cached, conv.weight, forest)
+    assert all(inputs.kernels == {"twin"} for inputs in forest.rows)
+    for tree, span, state0, record, window, row_windows in zip(trees, forest.spans, states0, records, cached, windows):
+        states = record.state_at(mx.arange(len(tree)))
+        for node in range(len(tree)):
+            path = [span.start + n for n in tree.path_to(node)]
+            want_y, want_state = sequential(q, k, v, log_g, beta, state0, path)
+            assert_close(y[span.start + node], want_y)
+            assert_close(states[node], want_state)
+            sequence = mx.concatenate([window, x[mx.array(path)]], axis=0)[None]
+            assert_close(out[span.start + node], nn.silu(conv(sequence))[0, -1])
+            assert_close(row_windows.window_at(node), sequence[0, -(width - 1):])

@@ -98,3 +98,34 @@ def tree_gated_delta(q, k, v, a, beta, A_log, dt_bias, state0, inputs: Any):
                                    dtype_name(v))
     inputs.kernels.add("metal" if used else "twin")
     return out
+
+
+def forest_conv(x: mx.array, cached: list[mx.array], weight: mx.array,
+                forest: Any) -> tuple[mx.array, list[ConvWindows]]:
+    """Every row's tree conv (x [T, C] the forest's packed nodes, cached[r] row r's window [K-1, C]): per row where
+    a kernel runs, else the twin's for all rows at once, as one conv over every node's window."""
+    if len(forest.rows) == 1 or checked_maker("ddtree_tree_conv1d", forest.rows[0].config) is not None:
+        convs = [tree_conv(part, window, weight, inputs)
+                 for part, window, inputs in zip(forest.split(x, 0), cached, forest.rows)]
+        return forest.join([out for out, _ in convs], 0), [windows for _, windows in convs]
+    for inputs in forest.rows:
+        inputs.kernels.add("twin")
+    index = forest.window_index(weight.shape[1])
+    out, rows = recurrence.tree_conv(x, mx.concatenate(cached), weight, index)
+    return out, [ConvWindows(rows, index[span, 1:]) for span in forest.spans]
+
+
+def forest_gated_delta(q, k, v, a, beta, A_log, dt_bias, states0: list[mx.array], forest: Any):
+    """Every row's tree recurrence, each from its own state (tree_gated_delta's inputs for the forest's packed
+    nodes): per row where a kernel runs or the recurrence is not tree-aware, else the twin's for all rows in one
+    solve. y [T, Hv, Dv] and each row's commit record."""
+    config = forest.rows[0].config
+    if len(forest.rows) == 1 or not config.tree_aware_linear or checked_maker("ddtree_tree_gated_delta", config):
+        rows = zip(*(forest.split(part, 0) for part in (q, k, v, a, beta)), states0, forest.rows)
+        ys, records = zip(*(tree_gated_delta(*parts, A_log, dt_bias, state0, inputs)
+                            for *parts, state0, inputs in rows))
+        return forest.join(list(ys), 0), list(records)
+    for inputs in forest.rows:
+        inputs.kernels.add("twin")
+    log_g = recurrence.log_decay(a, A_log, dt_bias)
+    return recurrence.forest_gated_delta(q, k, v, log_g, beta, mx.stack(states0), forest.layout)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx_lm.models.gated_delta import gated_delta_kernel, gated_delta_ops
 
 from ..tree.draft_tree import DraftTree
@@ -43,10 +44,10 @@ def log_decay(a: mx.array, A_log: mx.array, dt_bias: mx.array) -> mx.array:
 
 
 def _heads_first(x: mx.array, heads: int) -> mx.array:
-    """[T, H, D] -> [heads, T, D] float32, repeating key heads for GQA as mlx-lm does (hv -> hv // (Hv/Hk))."""
-    if x.shape[1] != heads:
-        x = mx.repeat(x, heads // x.shape[1], axis=1)
-    return x.astype(mx.float32).transpose(1, 0, 2)
+    """[.., T, H, D] -> [.., heads, T, D] float32, repeating key heads for GQA as mlx-lm does (hv -> hv // (Hv/Hk))."""
+    if x.shape[-2] != heads:
+        x = mx.repeat(x, heads // x.shape[-2], axis=-2)
+    return x.astype(mx.float32).swapaxes(-3, -2)
 
 
 def _unit_lower_solve(strict: mx.array, rhs: mx.array) -> mx.array:
@@ -65,7 +66,7 @@ def _unit_lower_solve(strict: mx.array, rhs: mx.array) -> mx.array:
 
 def _path_decay(log_gamma_rows: mx.array, log_gamma: mx.array, mask: mx.array) -> mx.array:
     """Gamma_t / Gamma_s where mask[t, s], else 0. Exponents are <= 0 on the mask (decays only shrink)."""
-    diff = log_gamma_rows[:, :, None] - log_gamma[:, None, :]
+    diff = log_gamma_rows[..., :, None] - log_gamma[..., None, :]
     return mx.where(mask, mx.exp(mx.where(mask, diff, 0.0)), 0.0)
 
 
@@ -79,8 +80,8 @@ def _states(u: mx.array, k: mx.array, log_gamma: mx.array, state0: mx.array, row
 
 
 def _log_gamma(ancestors: mx.array, log_g: mx.array) -> mx.array:
-    """log Gamma [Hv, T]: the summed log decays along each node's root path."""
-    return (ancestors.astype(mx.float32) @ log_g.astype(mx.float32)).T
+    """log Gamma [.., Hv, T]: the summed log decays along each node's root path (log_g [.., T, Hv])."""
+    return (ancestors.astype(mx.float32) @ log_g.astype(mx.float32)).swapaxes(-1, -2)
 
 
 @dataclass
@@ -100,18 +101,61 @@ class TreeRecurrence:
 
 @mx.compile
 def _solve(q, k, v, log_g, beta, state0, ancestors):
-    """Fused (one graph per tree size): see the module docstring for the math."""
-    heads = v.shape[1]
+    """Fused (one graph per tree size, or per forest's rows and padded size): see the module docstring for the
+    math. One tree: q, k [T, Hk, Dk], v [T, Hv, Dv], log_g and beta [T, Hv], state0 [Hv, Dv, Dk], ancestors [T, T];
+    a forest's rows add a leading axis to each."""
+    heads = v.shape[-2]
     q, k, vh = _heads_first(q, heads), _heads_first(k, heads), _heads_first(v, heads)
-    beta = beta.astype(mx.float32).T[..., None]  # [Hv, T, 1]
+    beta = beta.astype(mx.float32).swapaxes(-1, -2)[..., None]  # [.., Hv, T, 1]
     log_gamma = _log_gamma(ancestors, log_g)
-    decay = _path_decay(log_gamma, log_gamma, ancestors)  # [Hv, T, T], ancestor-or-self
+    decay = _path_decay(log_gamma, log_gamma, mx.expand_dims(ancestors, -3))  # [.., Hv, T, T], ancestor-or-self
     strict = decay * (1.0 - mx.eye(decay.shape[-1]))
-    carried = mx.exp(log_gamma)[..., None]  # [Hv, T, 1]
-    state_t = state0.swapaxes(1, 2)  # [Hv, Dk, Dv]
-    u = _unit_lower_solve(beta * strict * (k @ k.swapaxes(1, 2)), beta * (vh - carried * (k @ state_t)))
-    y = carried * (q @ state_t) + (decay * (q @ k.swapaxes(1, 2))) @ u
-    return y.transpose(1, 0, 2).astype(v.dtype), u, k, log_gamma
+    carried = mx.exp(log_gamma)[..., None]  # [.., Hv, T, 1]
+    state_t = state0.swapaxes(-1, -2)  # [.., Hv, Dk, Dv]
+    u = _unit_lower_solve(beta * strict * (k @ k.swapaxes(-1, -2)), beta * (vh - carried * (k @ state_t)))
+    y = carried * (q @ state_t) + (decay * (q @ k.swapaxes(-1, -2))) @ u
+    return y.swapaxes(-3, -2).astype(v.dtype), u, k, log_gamma
+
+
+@dataclass
+class RowLayout:
+    """A forest's packed nodes laid out [rows, nodes] and back, so each row's tree is solved from its own state in
+    one batched solve (its cost grows with the rows, not with the square of all their nodes)."""
+
+    pad: mx.array  # [rows * nodes]: the packed node at each place (a short row repeats its last node)
+    unpad: mx.array  # [T]: each packed node's place
+    ancestors: mx.array  # [rows, nodes, nodes] bool: each row's tree's; a padding node sees only itself
+    nodes: int
+
+    @classmethod
+    def of(cls, trees: list[DraftTree]) -> "RowLayout":
+        sizes = [len(tree) for tree in trees]
+        nodes, starts = max(sizes), np.cumsum([0, *sizes[:-1]])
+        pad = np.array([start + min(i, size - 1) for start, size in zip(starts, sizes) for i in range(nodes)])
+        unpad = np.concatenate([row * nodes + np.arange(size) for row, size in enumerate(sizes)])
+        ancestors = np.stack([np.eye(nodes, dtype=bool)] * len(trees))
+        for mask, tree in zip(ancestors, trees):
+            mask[: len(tree), : len(tree)] = tree.ancestor_mask()
+        return cls(mx.array(pad.astype(np.int32)), mx.array(unpad.astype(np.int32)), mx.array(ancestors), nodes)
+
+    def rows(self, x: mx.array) -> mx.array:
+        """Packed [T, ...] -> [rows, nodes, ...]."""
+        return x[self.pad].reshape(-1, self.nodes, *x.shape[1:])
+
+    def packed(self, x: mx.array) -> mx.array:
+        """[rows, nodes, ...] -> packed [T, ...]."""
+        return x.reshape(-1, *x.shape[2:])[self.unpad]
+
+
+def forest_gated_delta(q: mx.array, k: mx.array, v: mx.array, log_g: mx.array, beta: mx.array, states0: mx.array,
+                       layout: RowLayout) -> tuple[mx.array, list[TreeRecurrence]]:
+    """Several rows' trees at once, each from its own state: tree_gated_delta's inputs for a forest's packed nodes
+    and states0 [rows, Hv, Dv, Dk]. Returns y [T, Hv, Dv] and each row's commit record (its own tree's, as
+    tree_gated_delta would give it)."""
+    states0 = states0.astype(mx.float32)
+    y, u, k, log_gamma = _solve(*map(layout.rows, (q, k, v, log_g, beta)), states0, layout.ancestors)
+    return layout.packed(y), [TreeRecurrence(*row, ancestors) for *row, ancestors in
+                              zip(u, k, log_gamma, states0, layout.ancestors)]
 
 
 def tree_gated_delta(q: mx.array, k: mx.array, v: mx.array, log_g: mx.array, beta: mx.array, state0: mx.array,

@@ -20,7 +20,7 @@ from ..kernels.dispatch import dtype_name
 from .adapter import TargetAdapter
 from .attention import forest_attention
 from .batch_kv import RowArrays
-from .verify import Capture, Forest, TreeInputs
+from .verify import Capture, Forest
 
 
 @dataclass
@@ -96,28 +96,26 @@ class Qwen3_5Adapter(TargetAdapter):
 
     def recurrent_rows(self, gdn: Any, x: mx.array, entries: list[Any], forest: Forest) -> tuple[mx.array, list[Capture]]:
         """Projections, q/k normalization and the output over every row's nodes at once; the conv and the
-        recurrence per row, each from its own cached window and state."""
+        recurrence of each row from its own cached window and state (the twin: all rows in one; kernels: per row)."""
         length = x.shape[1]
         clock = forest.clock
         qkv = clock.detail("linear.proj", gdn.in_proj_qkv(x)[0])
         a, beta = clock.detail("linear.proj", (gdn.in_proj_a(x)[0], mx.sigmoid(gdn.in_proj_b(x)[0])))
-        convs = [self.conv_row(gdn, part, entry, inputs) for part, entry, inputs in
-                 zip(forest.split(qkv, 0), entries, forest.rows)]
-        conv_out = clock.detail("linear.conv", forest.join([out for out, _ in convs], 0))
+        windows = [self.window_of(gdn, entry, qkv.dtype) for entry in entries]
+        conv_out, conv_windows = clock.detail("linear.conv", kernels.forest_conv(qkv, windows, gdn.conv1d.weight, forest))
         q, k, v = mx.split(conv_out, [gdn.key_dim, 2 * gdn.key_dim], axis=-1)
         q = q.reshape(length, gdn.num_k_heads, gdn.head_k_dim)
         k = k.reshape(length, gdn.num_k_heads, gdn.head_k_dim)
         v = v.reshape(length, gdn.num_v_heads, gdn.head_v_dim)
         q, k = normalize_qk(q, k, inv_scale=gdn.head_k_dim**-0.5, eps=1e-6)
-        rows = zip(*(forest.split(part, 0) for part in (q, k, v, a, beta)), entries, forest.rows)
-        ys, states = zip(*(kernels.tree_gated_delta(*parts, gdn.A_log, gdn.dt_bias, self.state_of(gdn, entry), inputs)
-                           for *parts, entry, inputs in rows))
-        y = clock.detail("linear.recurrence", forest.join(list(ys), 0))
+        states0 = [self.state_of(gdn, entry) for entry in entries]
+        y, states = kernels.forest_gated_delta(q, k, v, a, beta, gdn.A_log, gdn.dt_bias, states0, forest)
+        y = clock.detail("linear.recurrence", y)
         z = gdn.in_proj_z(x).reshape(1, length, gdn.num_v_heads, gdn.head_v_dim)
         out = gdn.out_proj(gdn.norm(y[None], z).reshape(1, length, -1))
         if getattr(gdn, "sharding_group", None) is not None:  # tensor parallel: each rank holds some heads' share
             out = mx.distributed.all_sum(out, group=gdn.sharding_group)
-        return out, [RecurrentCapture(windows, row_states) for (_, windows), row_states in zip(convs, states)]
+        return out, [RecurrentCapture(row_windows, row_states) for row_windows, row_states in zip(conv_windows, states)]
 
     def recurrent_step(self, gdn: Any, x: mx.array, entries: list[RowArrays]) -> tuple[mx.array, list[Capture]]:
         """A plain batched step ([1, rows, hidden], one token a row): mlx-lm's own GatedDeltaNet over the rows'
@@ -135,11 +133,6 @@ class Qwen3_5Adapter(TargetAdapter):
             for part, new in zip(layer.cache, stacked.cache):
                 part[taken] = new
         return out.reshape(1, -1, out.shape[-1]), [StepWritten() for _ in entries]
-
-    @staticmethod
-    def conv_row(gdn: Any, qkv: mx.array, cache_entry: Any, inputs: TreeInputs) -> tuple[mx.array, Any]:
-        """One row's tree conv from its cached window: SiLU(conv) [T, C] and what commits its window."""
-        return kernels.tree_conv(qkv, Qwen3_5Adapter.window_of(gdn, cache_entry, qkv.dtype), gdn.conv1d.weight, inputs)
 
     @staticmethod
     def window_of(gdn: Any, cache_entry: Any, dtype: mx.Dtype) -> mx.array:

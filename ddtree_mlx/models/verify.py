@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Protocol
 
 import mlx.core as mx
@@ -15,6 +16,7 @@ from mlx_lm.models.cache import KVCache
 
 from ..config import DDTreeConfig
 from ..kernels.metal import LevelPlan
+from ..kernels.recurrence import RowLayout
 from ..tree.draft_tree import DraftTree
 
 
@@ -90,6 +92,7 @@ class Forest:
     _positions: mx.array | None = None
     padding: Any = None  # the rows' padded layout, for a batch's padded attention (batch_kv.Padding)
     _stepped: Any = None  # stepped()'s, once built (False: no lone root steps)
+    _windows: dict[int, mx.array] = field(default_factory=dict)  # window_index's, per kernel width
 
     def stepped(self) -> "Stepped | None":
         """A batch's lone roots, run as one plain step beside its trees' rows (None: no lone root steps); built
@@ -124,6 +127,21 @@ class Forest:
 
     def join(self, parts: list[mx.array], axis: int) -> mx.array:
         return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=axis)
+
+    @cached_property
+    def layout(self) -> RowLayout:
+        return RowLayout.of([inputs.tree for inputs in self.rows])
+
+    def window_index(self, width: int) -> mx.array:
+        """[T, width] rows of concat(every row's cached window [width-1] in row order, the packed nodes): each
+        node's tree window (DraftTree.window_index) within its row's. Built once per forward and width."""
+        if width not in self._windows:
+            cached, rows, tables = width - 1, len(self.rows), []
+            for row, (inputs, span) in enumerate(zip(self.rows, self.spans)):
+                own = inputs.tree.window_index(width)
+                tables.append(np.where(own < cached, row * cached + own, rows * cached + span.start + own - cached))
+            self._windows[width] = mx.array(np.concatenate(tables).astype(np.int32))
+        return self._windows[width]
 
 
 @dataclass
