@@ -129,6 +129,19 @@ def test_every_row_equals_mlx_lm_greedy(family, budget):
 
 @pytest.mark.parametrize("family", ["qwen3_5", "llama"])
 @pytest.mark.parametrize("method", ["ar", "ddtree"])
+def test_rows_past_the_split_attention_threshold(family, method):
+    """Long contexts on the CPU attend split (the buffers' columns in place, each row's masked to its own; the
+    trees apart): a threshold of 16 tokens puts rows on both sides of it, some crossing it while they decode."""
+    config = DDTreeConfig(tree_budget=6, exact_tree_attention=True, exact_tree_attention_min_prefix=16)
+    batch = BatchGenerator(target(family), oracle_for(family, PROMPTS), method=method, max_batch=4, config=config)
+    results = run(batch, PROMPTS)
+    for prompt, result in zip(PROMPTS, results):
+        assert_lossless(result["tokens"], reference(family, prompt), exact=True, label=f"split {family} {method}")
+    assert batch.stats.batched_cycles > 0 and (method == "ar" or branched(results))
+
+
+@pytest.mark.parametrize("family", ["qwen3_5", "llama"])
+@pytest.mark.parametrize("method", ["ar", "ddtree"])
 def test_rows_whose_commits_rerun_the_target(family, method):
     """config.exact_commit (each commit re-runs the target over the accepted path): a batch's lone roots are
     verified, not written into the caches as plain steps (they were then written twice: every row left mlx-lm's

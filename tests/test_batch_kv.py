@@ -44,13 +44,16 @@ def assert_same(adapter, caches, own_caches):
             np.testing.assert_allclose(mine, theirs, rtol=1e-4, atol=1e-5, err_msg=f"row {row}")
 
 
-@pytest.mark.parametrize("attention", ["padded", "apart"])
+@pytest.mark.parametrize("attention", ["padded", "apart", "padded split", "apart split"])
 @pytest.mark.parametrize("family", ["qwen3_5", "llama"])
 def test_padded_rows_equal_their_own_caches(family, attention, monkeypatch):
-    """`padded`: one attention over every row's padded tree; `apart`: each row over its own columns (uneven trees).
+    """`padded`: one attention over every row's padded tree; `apart`: each row over its own columns (uneven trees);
+    `split`: either as split_attention (the CPU's form at long contexts: the buffers' columns in place, each row's
+    masked to its own, the trees apart), against each row alone unsplit.
     The longest prompt joins first and the others join its buffers; the buffers grow 4 columns at a time, so the
     commits grow them. Two rows leave at once (again: nothing happens), one more goes back to a cache of its own."""
-    monkeypatch.setattr(batch_kv, "PADDING_PER_ROW", 10**6 if attention == "padded" else -1)
+    monkeypatch.setattr(batch_kv, "PADDING_PER_ROW", 10**6 if attention.startswith("padded") else -1)
+    config = DDTreeConfig(exact_tree_attention="split" in attention, exact_tree_attention_min_prefix=0)
     adapter = adapter_for(target(family))
     rng = np.random.default_rng(1)
     own_caches = []
@@ -66,7 +69,7 @@ def test_padded_rows_equal_their_own_caches(family, attention, monkeypatch):
     roots = [prompt[-1] for prompt in prompts]
     for round_, sizes in enumerate([(6, 1, 9, 3), (2, 7, 1, 5), (4, 4, 8, 1)]):
         trees = [branching(rng, size, root) for size, root in zip(sizes, roots)]
-        outs = adapter.verify_forest(trees, caches, [0], DDTreeConfig())
+        outs = adapter.verify_forest(trees, caches, [0], config)
         for row, (tree, out, cache, own) in enumerate(zip(trees, outs, caches, own_caches)):
             alone = adapter.verify_forest([tree], [own], [0], DDTreeConfig())[0]
             np.testing.assert_allclose(np.array(out.logits), np.array(alone.logits), rtol=1e-4, atol=1e-4)

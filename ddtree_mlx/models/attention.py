@@ -87,9 +87,17 @@ def padded_attention(attn: Any, queries: mx.array, keys: mx.array, values: mx.ar
         forest.padding = Padding.of(forest, [entry.slot.index for entry in entries], layer.rows)
     padding = forest.padding
     captures = [RowsCapture(layer, entry.slot) for entry in entries]
+    start = max(layer.offsets)
     if not padding.dense:
         layer.with_tree(padding.rows(keys), padding.rows(values), write=False)
         return each_row(lambda *row: row_attention(attn, *row), queries, keys, values, entries, forest), captures
+    if splits(forest.rows[0].config, start):  # the buffers' columns in place, the trees apart (split_attention)
+        tree = padding.rows(keys), padding.rows(values)
+        layer.with_tree(*tree, write=False)
+        prefix = layer.keys[..., :start, :], layer.values[..., :start, :]
+        out = split_attention(padding.rows(queries), prefix, tree, attn.scale, padding.tree_masks(),
+                              padding.columns(layer.offsets))
+        return padding.packed(out), captures
     mask = padding.mask(layer.offsets)
     all_keys, all_values = layer.with_tree(padding.rows(keys), padding.rows(values))
     out = mx.fast.scaled_dot_product_attention(padding.rows(queries), all_keys, all_values, scale=attn.scale,
@@ -101,6 +109,8 @@ def row_attention(attn: Any, queries: mx.array, keys: mx.array, values: mx.array
                   inputs: TreeInputs) -> mx.array:
     """One row of a batch's buffers: its tree [1, H, T, D] (rotated) over its own columns, then its tree."""
     cached_keys, cached_values = entry.layer.columns(entry.slot.index)
+    if splits(inputs.config, entry.offset):
+        return split_attention(queries, (cached_keys, cached_values), (keys, values), attn.scale, inputs.ancestors)
     return mx.fast.scaled_dot_product_attention(queries, mx.concatenate([cached_keys, keys], axis=2),
                                                 mx.concatenate([cached_values, values], axis=2), scale=attn.scale,
                                                 mask=inputs.attention_mask())
@@ -158,15 +168,18 @@ def quantized_tree_attention(queries: mx.array, keys: mx.array, values: mx.array
 
 
 def split_attention(queries: mx.array, prefix: tuple[mx.array, mx.array], tree: tuple[mx.array, mx.array],
-                    scale: float, ancestors: mx.array) -> mx.array:
+                    scale: float, ancestors: mx.array, columns: mx.array | None = None) -> mx.array:
     """Attention over [prefix, tree] as two parts merged exactly by their log-sum-exp (DDTREE_EXACT_TREE_ATTENTION).
 
-    The prefix part needs no mask and reads the cache in place, so a long context is neither copied next to the
-    tree's keys nor masked element by element; the tree part is a small T x T ancestor-masked block.
-    queries [1, H, T, D]; prefix and tree (keys, values) [1, Hkv, *, D]. Softmax in float32, as MLX's own."""
-    _, heads, length, dim = queries.shape
+    The prefix part reads the cache in place, so a long context is not copied next to the tree's keys; the tree
+    part is a small T x T ancestor-masked block. queries [B, H, T, D]; prefix and tree (keys, values) [B, Hkv, *, D];
+    ancestors [T, T] (or each row's, [B, 1, 1, T, T]); `columns` [B, 1, 1, P]: the prefix columns each row sees
+    (a batch's buffer rows end apart), all of them if None. Softmax in float32, as MLX's own."""
+    rows, heads, length, dim = queries.shape
     q = grouped(queries, prefix[0].shape[1], scale)
-    prefix_scores = q @ prefix[0].astype(mx.float32).swapaxes(-1, -2)  # [1, Hkv, rep*T, P]
+    prefix_scores = q @ prefix[0].astype(mx.float32).swapaxes(-1, -2)  # [B, Hkv, rep*T, P]
+    if columns is not None:
+        prefix_scores = mx.where(columns, prefix_scores, -mx.inf)
     tree_scores = (q @ tree[0].astype(mx.float32).swapaxes(-1, -2)).reshape(*q.shape[:2], -1, length, length)
     tree_scores = mx.where(ancestors, tree_scores, -mx.inf).reshape(*q.shape[:2], -1, length)
     peak = mx.maximum(prefix_scores.max(-1, keepdims=True), tree_scores.max(-1, keepdims=True))
@@ -174,7 +187,7 @@ def split_attention(queries: mx.array, prefix: tuple[mx.array, mx.array], tree: 
     prefix_weights, tree_weights = exp(prefix_scores, peak), exp(tree_scores, peak)
     total = prefix_weights.sum(-1, keepdims=True) + tree_weights.sum(-1, keepdims=True)
     out = (prefix_weights @ prefix[1].astype(mx.float32) + tree_weights @ tree[1].astype(mx.float32)) / total
-    return out.reshape(1, heads, length, -1).astype(queries.dtype)
+    return out.reshape(rows, heads, length, -1).astype(queries.dtype)
 
 
 def step_attention(queries: mx.array, cached: tuple[mx.array, mx.array], scale: float) -> mx.array:
@@ -190,7 +203,7 @@ def step_attention(queries: mx.array, cached: tuple[mx.array, mx.array], scale: 
 
 
 def grouped(queries: mx.array, kv_heads: int, scale: float) -> mx.array:
-    """Scaled float32 queries [1, H, T, D] as [1, Hkv, H / Hkv * T, D]: each key/value head's queries in one
+    """Scaled float32 queries [B, H, T, D] as [B, Hkv, H / Hkv * T, D]: each key/value head's queries in one
     product with its keys."""
-    _, heads, length, dim = queries.shape
-    return (queries.astype(mx.float32) * scale).reshape(1, kv_heads, heads // kv_heads * length, dim)
+    rows, heads, length, dim = queries.shape
+    return (queries.astype(mx.float32) * scale).reshape(rows, kv_heads, heads // kv_heads * length, dim)

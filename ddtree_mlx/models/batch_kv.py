@@ -330,6 +330,8 @@ class Padding:
     dense: bool  # padding wastes little: one attention for all rows (else one per row)
     identity: bool = False  # every buffer row's lone root, in order (a plain batched step): nothing to move
     cached_mask: mx.array | None = None
+    cached_trees: mx.array | None = None
+    cached_columns: mx.array | None = None
 
     @classmethod
     def of(cls, forest: Forest, slots: list[int], rows: int) -> "Padding":
@@ -370,3 +372,15 @@ class Padding:
                 mask[row, 0, :, start:] = tree
             self.cached_mask = mx.array(mask)
         return self.cached_mask
+
+    def tree_masks(self) -> mx.array:
+        """[rows, 1, 1, nodes, nodes]: each buffer row's tree's ancestor mask (split attention's tree part)."""
+        if self.cached_trees is None:
+            self.cached_trees = mx.array(np.stack(self.trees)[:, None, None])
+        return self.cached_trees
+
+    def columns(self, offsets: list[int]) -> mx.array:
+        """[rows, 1, 1, start]: each row's own cached columns (split attention's prefix part)."""
+        if self.cached_columns is None:
+            self.cached_columns = mx.array(np.arange(max(offsets)) < np.array(offsets)[:, None])[:, None, None]
+        return self.cached_columns
