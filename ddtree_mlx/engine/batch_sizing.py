@@ -113,18 +113,20 @@ class BatchSizer:
         if not drafted:
             self.plain[rows] = average(self.plain.get(rows, 0.0), seconds)
             return
+        plain = self.plain_seconds(rows, context)
         added = float(self.added(rows, nodes - rows, context)) / self.scale
         if rows in self.plain and added > 0:  # the nodes' own time, past what a plain step of these rows takes
-            ratio = (seconds - drafting - self.plain_seconds(rows, context)) / added
+            ratio = (seconds - drafting - plain) / added
             self.scale += SMOOTHING * (min(max(ratio, 0.5), 4.0) - self.scale)
         # What this draft was worth: the tokens past a plain step's one per row, less its time past a plain
         # step's at that step's rate (a plain step as the calibration prices it until one is measured: judged by
         # its own expectation instead, a batch whose drafts never pay would draft on and never measure one).
-        worth = committed - rows - self.rate(rows, context) * (seconds - self.plain_seconds(rows, context))
-        self.probe_cost = average(self.probe_cost, max(seconds - self.plain_seconds(rows, context), 0.0))
+        worth = committed - rows - rows / plain * (seconds - plain)
+        self.probe_cost = average(self.probe_cost, max(seconds - plain, 0.0))
         # A batch cycle is every row's draft at once: more evidence than a lone generation's, so it weighs more (a
         # lucky probe at 8 rows otherwise kept losing drafts on for eight cycles here).
-        gain, backoff = self.worth(rows), self.backoff.get(self.nearest(rows), 1)
+        nearest = self.nearest(rows)
+        gain, backoff = self.gain.get(nearest, 0.0), self.backoff.get(nearest, 1)
         probing = gain < 0
         self.gain[rows] = gain + (1.0 if probing else min(SMOOTHING * rows, 0.5)) * (worth - gain)
         if probing:
