@@ -16,7 +16,7 @@ from mlx import nn
 
 from ddtree_mlx import BatchGenerator
 from ddtree_mlx.models.adapter import TargetAdapter
-from ddtree_mlx.models.batch_kv import RowArrays, RowKV, RowsArrays, RowsKV
+from ddtree_mlx.models.batch_cache import RowArrays, RowKV, RowsArrays, RowsKV
 from ddtree_mlx.models.registry import adapter_for
 
 from .presets import Setup, Variant

@@ -111,19 +111,19 @@ def test_plain_decoding_queues_steps_and_caches_the_last_one(family):
 
 
 def test_a_stored_recurrent_state_holds_only_its_own_row():
-    """A batch row's recurrent window and state live in the batch's stacked arrays (models.batch_kv): the stored
+    """A batch row's recurrent window and state live in the batch's stacked arrays (models.batch_cache): the stored
     copy owns its data, so it keeps none of the other rows' alive (measured by MLX's active memory, which counts
     live buffers)."""
     import gc
 
     from mlx_lm.models.cache import ArraysCache
 
-    from ddtree_mlx.models.batch_kv import BatchKV
+    from ddtree_mlx.models.batch_cache import BatchCaches
 
     rows = [ArraysCache(2) for _ in range(8)]
     for entry in rows:
         entry[0], entry[1] = mx.ones((1, 3, 1000)), mx.ones((1, 4, 250, 250))  # a window and a state: 12 KB, 1 MB
-    shared = BatchKV()
+    shared = BatchCaches()
     joined = shared.join([[entry] for entry in rows])
     mx.eval([layer.cache for layer in shared.layers.values()])
     del rows

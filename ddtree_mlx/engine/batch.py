@@ -8,7 +8,7 @@ A row is one request's Session: its own caches, drafter state, sampling key, sto
     the others up by one chunk at most; a row whose prefill ends hands out its first token;
  2. runs one cycle over the rows that are decoding: their drafters draft together (one DFlash forward for all
     rows' blocks), each row builds its tree, the target verifies all the trees in one forward (one attention per
-    layer over the rows' padded KV buffers, models.batch_kv), each row walks its own tree and commits its own
+    layer over the rows' padded KV buffers, models.batch_cache), each row walks its own tree and commits its own
     accepted path (acceptance is never clamped to the batch's shortest); plain cycles queue the next plain step
     before reading this one, as mlx-lm's batch loop does; a lone row runs stream_generate's own cycle;
  3. returns what each row committed; rows that stopped, reached their length or were cancelled leave at once.
@@ -32,7 +32,7 @@ import mlx.core as mx
 
 from ..config import DDTreeConfig, is_int
 from ..drafting.protocol import Drafter, as_drafter, propose_rows
-from ..models.batch_kv import BatchKV
+from ..models.batch_cache import BatchCaches
 from ..models.kv_quantization import DEFAULT_QUANTIZED_KV_START, KVQuantization
 from ..models.registry import adapter_for
 from ..models.verify import VerifyOutput
@@ -127,10 +127,10 @@ class BatchGenerator:
         self.sizer = None
         if method == "ddtree" and self.config.tree_budget == "auto":  # measured now, not in a request's time
             self.sizer = BatchSizer(calibration.verify_costs(self.target, self.config))
-        # Rows verified together hold their caches together (models.batch_kv): padded attention buffers (not a
+        # Rows verified together hold their caches together (models.batch_cache): padded attention buffers (not a
         # quantized KV cache: each row's own) and stacked recurrent states; re-running the target at commit
         # (exact_commit) keeps each row's own caches.
-        self.shared = None if self.config.exact_commit else BatchKV(attention=self.kv.bits is None)
+        self.shared = None if self.config.exact_commit else BatchCaches(attention=self.kv.bits is None)
         self.planned: str | None = None  # the next cycle's method, where a cycle chose it already (queue)
         self.waiting: deque[Row] = deque()
         self.rows: list[Row] = []

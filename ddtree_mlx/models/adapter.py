@@ -20,7 +20,7 @@ from ..config import DDTreeConfig
 from ..tree.draft_tree import DraftTree
 from . import cpu_exp
 from .attention import check_rope, splits
-from .batch_kv import RowKV
+from .batch_cache import RowKV
 from .sharding import gather_last_axis, pass_on, pipeline_stage, receive, sharding_group
 from .verify import Capture, EarlyStart, Forest, PartClock, TreeInputs, VerifyOutput, join_rows
 

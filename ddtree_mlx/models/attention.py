@@ -16,7 +16,7 @@ from mlx_lm.models.cache import KVCache
 
 from ..config import DDTreeConfig
 from . import cpu_exp
-from .batch_kv import Padding, RowKV, RowsCapture
+from .batch_cache import Padding, RowKV, RowsCapture
 from .verify import Forest, KVCapture, TreeInputs
 
 # RoPE modules whose rotation depends only on each token's position, so rotating tree nodes at their own
@@ -79,7 +79,7 @@ def each_row(attend: Any, queries: mx.array, keys: mx.array, values: mx.array, e
 
 def padded_attention(attn: Any, queries: mx.array, keys: mx.array, values: mx.array, entries: list[RowKV],
                      forest: Forest) -> tuple[mx.array, list[RowsCapture]]:
-    """The forest's rows (already rotated) against a batch's padded buffers (batch_kv): one attention for all of
+    """The forest's rows (already rotated) against a batch's padded buffers (batch_cache): one attention for all of
     them; or, where padding every row's tree to the biggest would waste more than it saves (Padding.dense), one per
     row against its own columns of the buffers."""
     layer = entries[0].layer

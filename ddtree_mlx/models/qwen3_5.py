@@ -19,7 +19,7 @@ from ..kernels.check import ConvShape, DeltaShape, Shape
 from ..kernels.dispatch import dtype_name
 from .adapter import TargetAdapter
 from .attention import forest_attention
-from .batch_kv import RowArrays
+from .batch_cache import RowArrays
 from .verify import Capture, Forest
 
 

@@ -90,7 +90,7 @@ class Forest:
 
     rows: list[TreeInputs]
     _positions: mx.array | None = None
-    padding: Any = None  # the rows' padded layout, for a batch's padded attention (batch_kv.Padding)
+    padding: Any = None  # the rows' padded layout, for a batch's padded attention (batch_cache.Padding)
     _stepped: Any = None  # stepped()'s, once built (False: no lone root steps)
     _windows: dict[int, mx.array] = field(default_factory=dict)  # window_index's, per kernel width
 

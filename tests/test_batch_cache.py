@@ -1,4 +1,4 @@
-"""A batch's padded attention caches (models.batch_kv) against each row's own KVCache: a forest verify over the
+"""A batch's caches held together (models.batch_cache) against each row's own: a forest verify over the
 padded buffers gives each row what its tree alone gives, and commits of paths of different lengths (padded as the
 walk pads them, then trimmed) leave each row's keys, values and recurrent states as its own cache's, over rounds,
 with a copy taken between two rows' commits and rows leaving."""
@@ -12,8 +12,8 @@ from mlx.utils import tree_flatten
 from test_batch import PROMPTS, branching, target
 
 from ddtree_mlx.config import DDTreeConfig
-from ddtree_mlx.models import batch_kv
-from ddtree_mlx.models.batch_kv import BatchKV, RowArrays, RowKV
+from ddtree_mlx.models import batch_cache
+from ddtree_mlx.models.batch_cache import BatchCaches, RowArrays, RowKV
 from ddtree_mlx.models.registry import adapter_for
 
 
@@ -52,7 +52,7 @@ def test_padded_rows_equal_their_own_caches(family, attention, monkeypatch):
     masked to its own, the trees apart), against each row alone unsplit.
     The longest prompt joins first and the others join its buffers; the buffers grow 4 columns at a time, so the
     commits grow them. Two rows leave at once (again: nothing happens), one more goes back to a cache of its own."""
-    monkeypatch.setattr(batch_kv, "PADDING_PER_ROW", 10**6 if attention.startswith("padded") else -1)
+    monkeypatch.setattr(batch_cache, "PADDING_PER_ROW", 10**6 if attention.startswith("padded") else -1)
     config = DDTreeConfig(exact_tree_attention="split" in attention, exact_tree_attention_min_prefix=0)
     adapter = adapter_for(target(family))
     rng = np.random.default_rng(1)
@@ -62,8 +62,8 @@ def test_padded_rows_equal_their_own_caches(family, attention, monkeypatch):
         cache = adapter.make_cache()
         adapter.prefill(prompt, cache, [0], chunk=64)
         own_caches.append(cache)
-    monkeypatch.setattr(batch_kv, "STEP", 4)  # the rows' commits grow the buffers
-    shared = BatchKV()
+    monkeypatch.setattr(batch_cache, "STEP", 4)  # the rows' commits grow the buffers
+    shared = BatchCaches()
     caches = shared.join([copy.deepcopy(cache) for cache in own_caches[:1]])
     caches += shared.join([copy.deepcopy(cache) for cache in own_caches[1:]])  # rows joining a batch's buffers
     roots = [prompt[-1] for prompt in prompts]
@@ -90,5 +90,5 @@ def test_padded_rows_equal_their_own_caches(family, attention, monkeypatch):
     assert [slot.index for slot in shared.slots] == [0, 1]
     assert_same(adapter, caches, own_caches)
     plain = shared.leave(caches.pop(0))  # and one goes back to a cache of its own
-    assert not BatchKV.joined(plain)
+    assert not BatchCaches.joined(plain)
     assert_same(adapter, [plain, *caches], [own_caches[0], *own_caches[1:]])

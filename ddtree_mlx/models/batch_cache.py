@@ -258,7 +258,7 @@ class RowArrays:
         return self.layer.entry(self.slot.index)
 
 
-class BatchKV:
+class BatchCaches:
     """The caches of a batch's rows held together: one RowsKV per attention layer (unless `attention` is off: a
     quantized KV cache stays each row's own), one RowsArrays per recurrent layer. A row joins with its session's
     cache (those entries move into the layers' arrays) and leaves with a plain one again."""
