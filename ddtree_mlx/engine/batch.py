@@ -8,9 +8,10 @@ A row is one request's Session: its own caches, drafter state, sampling key, sto
     the others up by one chunk at most; a row whose prefill ends hands out its first token;
  2. runs one cycle over the rows that are decoding: their drafters draft together (one DFlash forward for all
     rows' blocks), each row builds its tree, the target verifies all the trees in one forward (one attention per
-    layer over the rows' padded KV buffers, models.batch_cache), each row walks its own tree and commits its own
-    accepted path (acceptance is never clamped to the batch's shortest); plain cycles queue the next plain step
-    before reading this one, as mlx-lm's batch loop does; a lone row runs stream_generate's own cycle;
+    layer over the rows' padded KV buffers, a hybrid's recurrences over their stacked states: models.batch_cache),
+    each row walks its own tree and commits its own accepted path (acceptance is never clamped to the batch's
+    shortest); plain cycles queue the next plain step before reading this one, as mlx-lm's batch loop does; a lone
+    row runs stream_generate's own cycle;
  3. returns what each row committed; rows that stopped, reached their length or were cancelled leave at once.
 
 Rows join and leave only between `next()` calls (cycle boundaries). Memory per row is what a lone generation holds
