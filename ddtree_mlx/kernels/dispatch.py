@@ -120,7 +120,8 @@ def forest_gated_delta(q, k, v, a, beta, A_log, dt_bias, states0: list[mx.array]
     nodes): per row where a kernel runs or the recurrence is not tree-aware, else the twin's for all rows in one
     solve. y [T, Hv, Dv] and each row's commit record."""
     config = forest.rows[0].config
-    if len(forest.rows) == 1 or not config.tree_aware_linear or checked_maker("ddtree_tree_gated_delta", config):
+    kernel = checked_maker("ddtree_tree_gated_delta", config) is not None
+    if len(forest.rows) == 1 or not config.tree_aware_linear or kernel:
         rows = zip(*(forest.split(part, 0) for part in (q, k, v, a, beta)), states0, forest.rows)
         ys, records = zip(*(tree_gated_delta(*parts, A_log, dt_bias, state0, inputs)
                             for *parts, state0, inputs in rows))
