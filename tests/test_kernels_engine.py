@@ -126,3 +126,30 @@ def test_a_kernel_with_wrong_numbers_leaves_the_twin_running(fresh_kernels, targ
         result = _generate(target, fresh_kernels)
     assert runs and result["kernels"] == "metal+twin"
     assert set(kernels.GUARD.off) == {kernel}  # only that kernel is dropped
+
+
+def test_a_batch_with_harness_kernels_matches_greedy(launches, fresh_kernels, target, monkeypatch):
+    """A batch's trees where the kernels run (each launch takes one tree from its own state, so per row, not the
+    twin's one solve for all rows): every row is mlx-lm's greedy output."""
+    from test_batch import PromptOracle
+
+    from ddtree_mlx import BatchGenerator
+    from ddtree_mlx.kernels import recurrence
+
+    config = fresh_kernels.replace(tree_budget=6)
+    kernels.prepare(adapter_for(target).kernel_shapes(), config)
+    forests = []
+    monkeypatch.setattr(kernels, "forest_gated_delta",
+                        lambda *args, call=kernels.forest_gated_delta: forests.append(len(args[-1].rows)) or call(*args))
+    monkeypatch.setattr(recurrence, "forest_gated_delta", None)  # the twin's forest solve must not run
+    prompts = [PROMPT, [55, 21, 33, 90], [7, 8]]
+    wants = {tuple(prompt): greedy_reference(target, prompt, 16) for prompt in prompts}
+    batch = BatchGenerator(target, PromptOracle(wants), max_batch=3, config=config)
+    uids = [batch.insert(prompt, max_new_tokens=16, stop_token_ids=[]) for prompt in prompts]
+    got, ran = {uid: [] for uid in uids}, set()
+    while batch.has_work:
+        for response in batch.next():
+            got[response.uid] += response.tokens
+            ran |= response.stats.kernels
+    assert [got[uid] for uid in uids] == [wants[tuple(prompt)] for prompt in prompts]
+    assert max(forests) > 1 and ran == {"metal"}
