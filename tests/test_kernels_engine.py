@@ -72,7 +72,8 @@ def test_kernel_verify_equals_twin_verify(launches, fresh_kernels, target):
         out = adapter.verify(tree, cache, [1], config)
         for capture, entry in zip(out.captures, cache):
             capture.commit(entry, mx.array([0, 1, 3, 4]))
-        outputs.append([out.logits, out.hidden] + [a for entry in cache if not hasattr(entry, "offset") for a in entry.cache])
+        states = [a for entry in cache if not hasattr(entry, "offset") for a in entry.cache]
+        outputs.append([out.logits, out.hidden] + states)
     for with_kernel, with_twin in zip(*outputs):
         assert mx.allclose(with_kernel, with_twin, rtol=1e-5, atol=1e-5).item()
 
@@ -139,8 +140,8 @@ def test_a_batch_with_harness_kernels_matches_greedy(launches, fresh_kernels, ta
     config = fresh_kernels.replace(tree_budget=6)
     kernels.prepare(adapter_for(target).kernel_shapes(), config)
     forests = []
-    monkeypatch.setattr(kernels, "forest_gated_delta",
-                        lambda *args, call=kernels.forest_gated_delta: forests.append(len(args[-1].rows)) or call(*args))
+    kernel = kernels.forest_gated_delta  # wrapped below to count the rows of each forest it runs
+    monkeypatch.setattr(kernels, "forest_gated_delta", lambda *a: forests.append(len(a[-1].rows)) or kernel(*a))
     monkeypatch.setattr(recurrence, "forest_gated_delta", None)  # the twin's forest solve must not run
     prompts = [PROMPT, [55, 21, 33, 90], [7, 8]]
     wants = {tuple(prompt): greedy_reference(target, prompt, 16) for prompt in prompts}
