@@ -16,7 +16,7 @@ os.environ.setdefault("DDTREE_CACHE_DIR", os.path.join(os.path.dirname(__file__)
 
 def pytest_configure(config):
     """Run on Debian's OpenBLAS where it is installed, as `ddtree-mlx` and benchmark.py do (blas.use_openblas
-    re-runs the command with it preloaded, OPENBLAS_NUM_THREADS=1): MLX's Linux CPU wheel multiplies on a
+    re-runs the command with it preloaded, a thread per core): MLX's Linux CPU wheel multiplies on a
     reference BLAS ~25x slower, minutes of the real-model tests. DDTREE_OPENBLAS=0 keeps MLX's own BLAS. Only a
     pytest command line is re-run, never pytest.main() inside another program."""
     import platform

@@ -75,7 +75,16 @@ def test_openblas_is_preloaded_by_rerunning_the_command(linux_with_openblas, mon
     blas.use_openblas(True)
     [(path, argv, env)] = linux_with_openblas
     assert path == sys.executable and argv == [sys.executable, *sys.orig_argv[1:]]
-    assert env["LD_PRELOAD"] == f"{__file__}:/lib/other.so" and env["OPENBLAS_NUM_THREADS"] == "1"
+    assert env["LD_PRELOAD"] == f"{__file__}:/lib/other.so" and env["OPENBLAS_NUM_THREADS"] == str(blas.cores())
+
+
+def test_a_chosen_openblas_thread_count_is_kept(linux_with_openblas, monkeypatch):
+    monkeypatch.setenv("LD_PRELOAD", "")
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "1")  # benchmarks measured on one thread reproduce with it
+    monkeypatch.setattr(blas.os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    blas.use_openblas(True)
+    [(_, _, env)] = linux_with_openblas
+    assert env["OPENBLAS_NUM_THREADS"] == "1" and blas.cores() == 3
 
 
 @pytest.mark.parametrize("case", ["switched off", "already preloaded", "not installed", "not Linux"])
