@@ -270,13 +270,18 @@ def test_time_blocked_handing_the_graph_over_is_the_devices(monkeypatch):
     assert result["host_overhead_share"] < 0.1
 
 
-def test_a_tree_cycle_waits_for_the_device_once_after_its_draft(monkeypatch):
+@pytest.mark.parametrize("settled", [False, True])
+def test_a_tree_cycle_waits_for_the_device_once_after_its_draft(monkeypatch, settled):
     """The walk runs on the device and the commit is built on its padded path before anything is read, so after
-    the draft a tree cycle evaluates once: the verify with the walk and the commit (twice before)."""
+    the draft a tree cycle evaluates once: the verify with the walk and the commit (twice before). Where greedy
+    settles its tokens first (sampling.settled_greedy, on a CPU), once more: the verify's tokens, then the rest."""
     from tiny import OracleDrafter, greedy_reference, make_target
 
     from ddtree_mlx import generate_ddtree_once
+    from ddtree_mlx.engine import sampling
     from ddtree_mlx.engine.session import Session
+
+    monkeypatch.setattr(sampling, "on_cpu", lambda: settled)
 
     model, prompt = make_target("qwen3_5"), [3, 17, 42, 9]
     truth = prompt + greedy_reference(model, prompt, 16)
@@ -303,7 +308,7 @@ def test_a_tree_cycle_waits_for_the_device_once_after_its_draft(monkeypatch):
     result = generate_ddtree_once(target_model=model, draft_model=OracleDrafter(truth), prompt_tokens=prompt,
                                   max_new_tokens=16, stop_token_ids=[], tree_budget=4)
     assert result["generated_token_ids"] == truth[len(prompt):] and result["avg_acceptance"] > 2
-    assert per_cycle == [1] * result["cycles"]
+    assert per_cycle == [1 + settled] * result["cycles"]
 
 
 def test_concurrency_serves_each_wave_four_ways_and_stays_lossless(tmp_path):

@@ -144,8 +144,8 @@ def test_a_deliberate_non_tie_error_fails_the_check(monkeypatch, form):
     class RunnerUp(generate_module.TokenChooser):
         calls = 0
 
-        def __call__(self, logits):
-            tokens = super().__call__(logits)
+        def __call__(self, logits, now=False):
+            tokens = super().__call__(logits, now)
             RunnerUp.calls += 1
             if RunnerUp.calls == clear + 1:  # plain decoding: call i chooses token i (prefill is call 0)
                 tokens = mx.argsort(logits, axis=-1)[:, -2]

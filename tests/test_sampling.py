@@ -10,6 +10,7 @@ from mlx_lm.sample_utils import apply_top_p
 from tiny import OracleDrafter, greedy_reference, make_target
 
 from ddtree_mlx import generate_ddtree_once
+from ddtree_mlx.engine.sampling import settled_greedy
 from ddtree_mlx.engine.session import Session
 from ddtree_mlx.tree.draft_tree import Walk
 
@@ -151,3 +152,34 @@ def test_invalid_sampling_values(kwargs, message):
     with pytest.raises(ValueError, match=message):
         generate_ddtree_once(target_model=make_target("qwen3"), draft_model=None, method="ar",
                              prompt_tokens=PROMPT, max_new_tokens=2, **kwargs)
+
+
+def mlx_lm_greedy(logits):
+    """mlx-lm's greedy choice, written out: the argmax of logits - logsumexp(logits) in the logits' dtype."""
+    return mx.argmax(logits - mx.logsumexp(logits, axis=-1, keepdims=True), axis=-1)
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16, mx.float16])
+def test_settled_greedy_is_mlx_lms_greedy(dtype):
+    rng = np.random.default_rng(0)
+    for scale in (0.5, 4.0, 30.0):
+        logits = mx.array(rng.normal(size=(16, 5000)) * scale).astype(dtype)
+        assert settled_greedy(logits).tolist() == mlx_lm_greedy(logits).tolist()
+
+
+def test_settled_greedy_defers_to_mlx_lm_at_a_tie_its_rounding_makes():
+    # Two bf16 logits one ulp apart after ~1,000 zeros: less the logsumexp (~6.9) they round to one log-prob, so
+    # mlx-lm takes the first of them where the raw argmax takes the larger.
+    logits = mx.zeros((2, 1000), dtype=mx.bfloat16)
+    logits[0, 3], logits[0, 7] = 0.5, 0.5 + 2**-8
+    logits[1, 9] = 3.0  # a clear row beside it
+    want = mlx_lm_greedy(logits).tolist()
+    assert want == [3, 9] and mx.argmax(logits, axis=-1).tolist() == [7, 9]  # the case is a real merge
+    assert settled_greedy(logits).tolist() == want
+
+
+@pytest.mark.parametrize("special", [math.inf, -math.inf, math.nan])
+def test_settled_greedy_with_infinities_and_nans(special):
+    logits = mx.array(np.random.default_rng(1).normal(size=(3, 300)).astype(np.float32))
+    logits[1, 5] = special
+    assert settled_greedy(logits).tolist() == mlx_lm_greedy(logits).tolist()

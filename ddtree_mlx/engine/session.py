@@ -203,7 +203,11 @@ class Session:
         """The target's own token at every node of `tree` from its verify `out` (this session's alone, or its row
         of a batch's), the next plain step queued where one surely follows."""
         padded = out.logits.shape[0] > len(tree)
-        tokens = self.choose(out.logits[: len(tree)] if padded else out.logits)  # nothing is drawn for padding
+        now = len(tree) > 1  # a tree's tokens are read next (walk); a plain step's may be queued on: lazy
+        start = time.perf_counter()
+        tokens = self.choose(out.logits[: len(tree)] if padded else out.logits, now)  # nothing drawn for padding
+        if now:  # what choosing waited for is the verify's time
+            self.stats.sync_seconds += time.perf_counter() - start
         if out.committed:
             self.step_scored(out, tokens)
         self.queue_next_step(out, tokens)
