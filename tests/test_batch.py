@@ -329,6 +329,54 @@ def test_automatic_sizes_in_a_batch(monkeypatch):
     assert batch.stats.batched_cycles > 0
 
 
+
+def test_a_rows_first_draft_is_no_verdict_on_drafting(monkeypatch):
+    """A row's first draft catches its drafter up on the whole prompt: the batch sizer does not judge drafting by
+    that cycle (its time, scale or worth), and judges the ones after it."""
+    from ddtree_mlx.engine.batch_sizing import BatchSizer
+
+    FakeClock().install(monkeypatch)
+    family = "llama"
+    batch = BatchGenerator(target(family), oracle_for(family, PROMPTS), max_batch=4,
+                           config=DDTreeConfig(tree_budget="auto"))
+    judged, cycles = [], []
+    record, forest = BatchSizer.record, BatchGenerator.forest
+
+    def recording(self, drafted, *args):
+        judged.append(drafted)
+        return record(self, drafted, *args)
+
+    def cycle(self, rows):
+        first, before = any(row.session.drafts == 0 for row in rows), len(judged)
+        drafts = sum(row.session.drafts for row in rows)
+        responses = forest(self, rows)
+        cycles.append((first, sum(row.session.drafts for row in rows) > drafts, judged[before:]))
+        return responses
+
+    monkeypatch.setattr(BatchSizer, "record", recording)
+    monkeypatch.setattr(BatchGenerator, "forest", cycle)
+    results = run(batch, PROMPTS)
+    assert [r["tokens"] for r in results] == [reference(family, p).tokens for p in PROMPTS]
+    catching_up = [verdicts for first, drafted, verdicts in cycles if first and drafted]
+    later = [verdicts for first, drafted, verdicts in cycles if not first and drafted]
+    assert catching_up and all(verdicts == [] for verdicts in catching_up)
+    assert later and any(verdicts == [True] for verdicts in later)
+
+
+def test_the_batch_sizers_first_node_cost_stands_alone():
+    """The first drafted cycle sets what nodes cost over the calibration's word at once (later ones average in):
+    trees sized on the calibration's word alone at a batch's start measured nearly twice it."""
+    from ddtree_mlx.engine.batch_sizing import BatchSizer
+    from ddtree_mlx.engine.calibration import VerifyCosts
+
+    costs = VerifyCosts((1, 2, 4, 8, 16, 32), (0.010, 0.011, 0.012, 0.016, 0.024, 0.040))
+    sizer = BatchSizer(costs, plain={4: 0.012})
+    assert sizer.added(4, 4, 32) == pytest.approx(0.004)  # the calibration's word before any cycle
+    sizer.record(True, 4, 8, 6, seconds=0.012 + 0.002 + 2 * 0.004, drafting=0.002, context=32)
+    assert sizer.scale == pytest.approx(2.0) and sizer.added(4, 4, 32) == pytest.approx(0.008)
+    sizer.record(True, 4, 8, 6, seconds=0.012 + 0.002 + 0.004, drafting=0.002, context=32)
+    assert 1.0 < sizer.scale < 2.0
+
 def test_bad_requests_fail_before_any_model_work():
     model = target("llama")
     with pytest.raises(ValueError, match="max_batch"):

@@ -35,7 +35,7 @@ DEPTH_MARGIN = 2
 @dataclass
 class BatchSizer:
     costs: VerifyCosts
-    scale: float = 1.0  # what draft nodes add to a forest cycle over what the calibration says they add
+    scale: float = 0.0  # what draft nodes add to a forest cycle over what the calibration says (0: none measured)
     # Per number of rows (whether drafting pays at 2 rows says nothing of 8, whose plain steps are dearer):
     plain: dict[int, float] = field(default_factory=dict)  # a plain batched step's seconds, as measured
     gain: dict[int, float] = field(default_factory=dict)  # what drafting was worth over plain steps, in tokens
@@ -61,7 +61,10 @@ class BatchSizer:
     def added(self, rows: int, nodes: np.ndarray | int, context: int) -> np.ndarray:
         """What `nodes` draft nodes add to a forest of `rows` roots: the calibration's curve from `rows` rows on,
         scaled as drafted cycles measured it (per-row work, which a plain step pays too, is not a node's)."""
-        return self.scale * (self.costs.at(rows + np.asarray(nodes), context) - self.costs.at(rows, context))
+        return (self.scale or 1.0) * self.calibrated(rows, nodes, context)
+
+    def calibrated(self, rows: int, nodes: np.ndarray | int, context: int) -> np.ndarray:
+        return self.costs.at(rows + np.asarray(nodes), context) - self.costs.at(rows, context)
 
     def will_draft(self, rows: int) -> bool:
         return self.worth(rows) >= 0 or self.skipped + 1 >= self.backoff.get(self.nearest(rows), 1) * self.every(rows)
@@ -114,10 +117,11 @@ class BatchSizer:
             self.plain[rows] = average(self.plain.get(rows, 0.0), seconds)
             return
         plain = self.plain_seconds(rows, context)
-        added = float(self.added(rows, nodes - rows, context)) / self.scale
-        if rows in self.plain and added > 0:  # the nodes' own time, past what a plain step of these rows takes
-            ratio = (seconds - drafting - plain) / added
-            self.scale += SMOOTHING * (min(max(ratio, 0.5), 4.0) - self.scale)
+        added = float(self.calibrated(rows, nodes - rows, context))
+        if added > 0:  # the nodes' own time, past what a plain step of these rows takes (or is priced at)
+            # The first measurement stands alone: a batch's first trees, sized on the calibration's word, measured
+            # 1.8x it at 4 rows here, and at 10% a cycle auto stopped drafting before its trees shrank.
+            self.scale = average(self.scale, min(max((seconds - drafting - plain) / added, 0.5), 4.0))
         # What this draft was worth: the tokens past a plain step's one per row, less its time past a plain
         # step's at that step's rate (a plain step as the calibration prices it until one is measured: judged by
         # its own expectation instead, a batch whose drafts never pay would draft on and never measure one).
