@@ -329,7 +329,6 @@ def test_automatic_sizes_in_a_batch(monkeypatch):
     assert batch.stats.batched_cycles > 0
 
 
-
 def test_a_rows_first_draft_is_no_verdict_on_drafting(monkeypatch):
     """A row's first draft catches its drafter up on the whole prompt: the batch sizer does not judge drafting by
     that cycle (its time, scale or worth), and judges the ones after it."""
@@ -347,10 +346,12 @@ def test_a_rows_first_draft_is_no_verdict_on_drafting(monkeypatch):
         return record(self, drafted, *args)
 
     def cycle(self, rows):
-        first, before = any(row.session.drafts == 0 for row in rows), len(judged)
-        drafts = sum(row.session.drafts for row in rows)
+        def drafts():
+            return sum(row.session.stats.method_cycles.get("ddtree", 0) for row in rows)
+
+        first, before, drafted = not all(row.session.caught_up for row in rows), len(judged), drafts()
         responses = forest(self, rows)
-        cycles.append((first, sum(row.session.drafts for row in rows) > drafts, judged[before:]))
+        cycles.append((first, drafts() > drafted, judged[before:]))
         return responses
 
     monkeypatch.setattr(BatchSizer, "record", recording)
@@ -376,6 +377,7 @@ def test_the_batch_sizers_first_node_cost_stands_alone():
     assert sizer.scale == pytest.approx(2.0) and sizer.added(4, 4, 32) == pytest.approx(0.008)
     sizer.record(True, 4, 8, 6, seconds=0.012 + 0.002 + 0.004, drafting=0.002, context=32)
     assert 1.0 < sizer.scale < 2.0
+
 
 def test_bad_requests_fail_before_any_model_work():
     model = target("llama")

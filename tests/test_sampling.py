@@ -154,7 +154,7 @@ def test_invalid_sampling_values(kwargs, message):
                              prompt_tokens=PROMPT, max_new_tokens=2, **kwargs)
 
 
-def mlx_lm_greedy(logits):
+def greedy_of_log_probs(logits):
     """mlx-lm's greedy choice, written out: the argmax of logits - logsumexp(logits) in the logits' dtype."""
     return mx.argmax(logits - mx.logsumexp(logits, axis=-1, keepdims=True), axis=-1)
 
@@ -164,7 +164,7 @@ def test_settled_greedy_is_mlx_lms_greedy(dtype):
     rng = np.random.default_rng(0)
     for scale in (0.5, 4.0, 30.0):
         logits = mx.array(rng.normal(size=(16, 5000)) * scale).astype(dtype)
-        assert settled_greedy(logits).tolist() == mlx_lm_greedy(logits).tolist()
+        assert settled_greedy(logits).tolist() == greedy_of_log_probs(logits).tolist()
 
 
 def test_settled_greedy_defers_to_mlx_lm_at_a_tie_its_rounding_makes():
@@ -173,7 +173,7 @@ def test_settled_greedy_defers_to_mlx_lm_at_a_tie_its_rounding_makes():
     logits = mx.zeros((2, 1000), dtype=mx.bfloat16)
     logits[0, 3], logits[0, 7] = 0.5, 0.5 + 2**-8
     logits[1, 9] = 3.0  # a clear row beside it
-    want = mlx_lm_greedy(logits).tolist()
+    want = greedy_of_log_probs(logits).tolist()
     assert want == [3, 9] and mx.argmax(logits, axis=-1).tolist() == [7, 9]  # the case is a real merge
     assert settled_greedy(logits).tolist() == want
 
@@ -182,4 +182,4 @@ def test_settled_greedy_defers_to_mlx_lm_at_a_tie_its_rounding_makes():
 def test_settled_greedy_with_infinities_and_nans(special):
     logits = mx.array(np.random.default_rng(1).normal(size=(3, 300)).astype(np.float32))
     logits[1, 5] = special
-    assert settled_greedy(logits).tolist() == mlx_lm_greedy(logits).tolist()
+    assert settled_greedy(logits).tolist() == greedy_of_log_probs(logits).tolist()

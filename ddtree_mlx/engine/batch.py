@@ -262,7 +262,7 @@ class BatchGenerator:
         took_step = queued[0] is not None
         method = "ar" if took_step else self.plan(len(rows))
         self.join(sessions)
-        catching_up = any(session.drafts == 0 for session in sessions)  # read before this cycle's drafts count
+        catching_up = method != "ar" and not all(session.caught_up for session in sessions)
         drafted, context = self.draft_trees(sessions, method, start)
         outs = queued if took_step else self.target.verify_forest(
             [d.tree for d in drafted], [s.cache for s in sessions], sessions[0].capture_layers, self.config)
@@ -278,7 +278,7 @@ class BatchGenerator:
         # generation's cost, paid once, no verdict on drafting (the lone sizer's rule too; judged by it, auto at 4
         # rows stopped drafting where one-node trees paid).
         self.learn(rows, method, drafted, news, start, context,
-                   timed=queues == took_step and not (method != "ar" and catching_up))
+                   timed=queues == took_step and not catching_up)
         return [self.respond(row, new) for row, new in zip(rows, news)]
 
     def join(self, sessions: list[Session]) -> None:

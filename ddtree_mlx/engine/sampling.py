@@ -55,11 +55,9 @@ class TokenChooser:
     def __call__(self, logits: mx.array, now: bool = False) -> mx.array:
         """logits [T, V] -> tokens [T]; rows are independent draws. `now`: the caller reads the tokens next anyway,
         so greedy may wait for the logits here (on a CPU: `settled_greedy`)."""
-        if self.params.greedy and now and on_cpu():
-            return settled_greedy(logits)
-        log_probs = log_probs_of(logits)
         if self.params.greedy:
-            return mx.argmax(log_probs, axis=-1)
+            return settled_greedy(logits) if now and on_cpu() else greedy(logits)
+        log_probs = log_probs_of(logits)
         if self.params.top_p < 1:
             log_probs = apply_top_p(log_probs, self.params.top_p)
         if 0 < self.params.top_k < log_probs.shape[-1]:
@@ -74,6 +72,10 @@ def log_probs_of(logits: mx.array) -> mx.array:
     return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
 
 
+def greedy(logits: mx.array) -> mx.array:
+    return mx.argmax(log_probs_of(logits), axis=-1)
+
+
 def settled_greedy(logits: mx.array) -> mx.array:
     """mlx-lm's greedy tokens, argmax(logits - logsumexp(logits)), evaluated now, without the logsumexp where it
     cannot change them: MLX's CPU exp costs ~12 ns an element, 0.6 ms a row of SmolLM2's 49,152 logits (a 16-node
@@ -86,14 +88,11 @@ def settled_greedy(logits: mx.array) -> mx.array:
     is nearer a tie than that (or holds inf or NaN), all rows take mlx-lm's own computation."""
     vocab = logits.shape[-1]
     if vocab >= 2**22:
-        return mx.argmax(log_probs_of(logits), axis=-1)
+        return greedy(logits)
     top = mx.argmax(logits, axis=-1)
     best = mx.take_along_axis(logits, top[:, None], axis=-1)
     runner_up = mx.max(mx.where(mx.arange(vocab) == top[:, None], -mx.inf, logits), axis=-1, keepdims=True)
     gap = best.astype(mx.float32) - runner_up.astype(mx.float32)
     clear = mx.all(gap > TIE_EPS * mx.finfo(logits.dtype).eps) & mx.all(mx.isfinite(best)) & ~mx.any(mx.isnan(logits))
     mx.eval(top, clear)
-    if clear.item():
-        return top
-    return mx.argmax(log_probs_of(logits), axis=-1)
-
+    return top if clear.item() else greedy(logits)

@@ -128,7 +128,6 @@ class Session:
     held: list[int] = field(default_factory=list)  # with a prompt cache: the tokens the cache holds,
     held_hidden: list[mx.array] = field(default_factory=list)  # and their captured hidden states
     logprobs: int | None = None  # None: off (nothing computed); k: log-probs of committed tokens and their top k
-    drafts: int = 0  # drafts asked for: the first catches the drafter up on the whole prompt
     scored: list[TokenLogprob] | None = None  # those of the tokens the last prefill or cycle committed
     scores: Scores | None = None  # this cycle's, lazy (a plain step's issued before the step after it is queued)
 
@@ -165,8 +164,12 @@ class Session:
         depth = reach if depth is None else min(reach, depth)
         request = DraftRequest((self.root, self.pending_tokens, self.pending_hidden), width, depth)
         self.pending_tokens, self.pending_hidden = [], None
-        self.drafts += 1
         return request
+
+    @property
+    def caught_up(self) -> bool:
+        """Whether a cycle of this generation drafted already: its first draft reads the whole prompt."""
+        return any(method != "ar" for method in self.stats.method_cycles)
 
     def drafted(self, candidates: Candidates) -> Candidates:
         """Candidates on the host: evaluated first where the drafter left them lazy (the draft's device time)."""
