@@ -329,39 +329,61 @@ def test_automatic_sizes_in_a_batch(monkeypatch):
     assert batch.stats.batched_cycles > 0
 
 
-def test_a_rows_first_draft_is_no_verdict_on_drafting(monkeypatch):
-    """A row's first draft catches its drafter up on the whole prompt: the batch sizer does not judge drafting by
-    that cycle (its time, scale or worth), and judges the ones after it."""
+def test_a_batch_tells_its_sizer_which_drafts_catch_up(monkeypatch):
+    """A row's first draft catches its drafter up on the whole prompt: the batch says so to the sizer for exactly
+    the cycles where some row had not drafted yet, and every drafted cycle reaches the sizer."""
     from ddtree_mlx.engine.batch_sizing import BatchSizer
 
     FakeClock().install(monkeypatch)
     family = "llama"
     batch = BatchGenerator(target(family), oracle_for(family, PROMPTS), max_batch=4,
                            config=DDTreeConfig(tree_budget="auto"))
-    judged, cycles = [], []
+    told, cycles = [], []
     record, forest = BatchSizer.record, BatchGenerator.forest
 
     def recording(self, drafted, *args):
-        judged.append(drafted)
+        told.append((drafted, args[-1]))
         return record(self, drafted, *args)
 
     def cycle(self, rows):
         def drafts():
             return sum(row.session.stats.method_cycles.get("ddtree", 0) for row in rows)
 
-        first, before, drafted = not all(row.session.caught_up for row in rows), len(judged), drafts()
+        first, before, drafted = not all(row.session.caught_up for row in rows), len(told), drafts()
         responses = forest(self, rows)
-        cycles.append((first, drafts() > drafted, judged[before:]))
+        if drafts() > drafted:
+            cycles.append((first, told[before:]))
         return responses
 
     monkeypatch.setattr(BatchSizer, "record", recording)
     monkeypatch.setattr(BatchGenerator, "forest", cycle)
     results = run(batch, PROMPTS)
     assert [r["tokens"] for r in results] == [reference(family, p).tokens for p in PROMPTS]
-    catching_up = [verdicts for first, drafted, verdicts in cycles if first and drafted]
-    later = [verdicts for first, drafted, verdicts in cycles if not first and drafted]
-    assert catching_up and all(verdicts == [] for verdicts in catching_up)
-    assert later and any(verdicts == [True] for verdicts in later)
+    assert any(first for first, _ in cycles) and any(not first for first, _ in cycles)
+    assert all(sizer_heard == [(True, first)] for first, sizer_heard in cycles)
+
+
+def test_a_catch_up_draft_is_judged_at_what_drafts_cost_and_only_if_it_paid():
+    """A draft that caught the rows' drafters up on their prompts is judged with its drafting at what the batch's
+    other drafts cost (its verify as measured), and only if it paid; before any other draft, not at all."""
+    from ddtree_mlx.engine.batch_sizing import BatchSizer
+    from ddtree_mlx.engine.calibration import VerifyCosts
+
+    costs = VerifyCosts((1, 2, 4, 8, 16, 32), (0.010, 0.011, 0.012, 0.016, 0.024, 0.040))
+    rate = 4 / 0.012
+    sizer = BatchSizer(costs, plain={4: 0.012})
+    catch_up, verify = 0.2, 0.012 + 0.004
+    sizer.record(True, 4, 8, 7, seconds=catch_up + verify, drafting=catch_up, context=32, catching_up=True)
+    assert sizer.gain == {} and sizer.scale == 0.0  # nothing to price its draft by yet
+    sizer.record(True, 4, 8, 7, seconds=0.002 + verify, drafting=0.002, context=32)
+    gain = sizer.gain[4]
+    assert gain == pytest.approx(0.4 * (3 - rate * 0.006))
+    sizer.record(True, 4, 8, 8, seconds=catch_up + verify, drafting=catch_up, context=32, catching_up=True)
+    assert sizer.gain[4] == pytest.approx(gain + 0.4 * (4 - rate * 0.006 - gain))
+    before = dict(sizer.gain)
+    sizer.record(True, 4, 8, 4, seconds=catch_up + verify, drafting=catch_up, context=32, catching_up=True)
+    assert sizer.gain == before  # it lost: no verdict
+    assert sizer.drafts == {4: 0.002}  # catch-ups are not what drafts cost
 
 
 def test_the_batch_sizers_first_node_cost_stands_alone():

@@ -275,10 +275,9 @@ class BatchGenerator:
         # A cycle that queued the next step without having taken one queued for it paid for two forwards, one that
         # took its step without queuing the next for none: only the others' times are one cycle's.
         # A row's first draft catches its drafter up on the whole prompt (SmolLM2's: 60-200 ms at 4 rows): the
-        # generation's cost, paid once, no verdict on drafting (the lone sizer's rule too; judged by it, auto at 4
-        # rows stopped drafting where one-node trees paid).
-        self.learn(rows, method, drafted, news, start, context,
-                   timed=queues == took_step and not catching_up)
+        # generation's cost, paid once, not drafting's (judged with it, auto at 4 rows stopped drafting where
+        # one-node trees paid).
+        self.learn(rows, method, drafted, news, start, context, timed=queues == took_step, catching_up=catching_up)
         return [self.respond(row, new) for row, new in zip(rows, news)]
 
     def join(self, sessions: list[Session]) -> None:
@@ -289,11 +288,11 @@ class BatchGenerator:
                 session.cache = cache
 
     def learn(self, rows: list[Row], method: str, drafted: list[Drafted], news: list[list[int]], start: float,
-              context: int, timed: bool) -> None:
+              context: int, timed: bool, catching_up: bool) -> None:
         """Tell the sizer what a `timed` cycle cost and committed."""
         if self.sizer is not None and timed:
             self.sizer.record(method != "ar", len(rows), sum(len(d.tree) for d in drafted), sum(map(len, news)),
-                              time.perf_counter() - start, drafted[-1].built - start, context)
+                              time.perf_counter() - start, drafted[-1].built - start, context, catching_up)
 
     def draft_trees(self, sessions: list[Session], method: str, start: float) -> tuple[list[Drafted], int]:
         """The rows' trees (drafted together, each built whole, then sized together with auto sizes), and the

@@ -16,7 +16,10 @@ where rate is what plain batched steps of as many rows decode per second, the al
 the batch grows that rate grows, every node is priced higher, and trees shrink. Where drafting did not pay at
 this many rows (its measured worth, per number of rows), cycles are plain batched steps, with a probe (a draft)
 every PROBE_EVERY cycles or as far apart as keeps probes to PROBE_SHARE of the time, twice as far apart after
-each probe that did not pay. Every choice changes speed only.
+each probe that did not pay. A cycle whose rows' drafters catch up on what they have not seen (a generation's
+first draft reads the whole prompt) is judged at what the batch's drafts cost otherwise, and only if it paid, as a
+lone generation's first draft is: rows that have only stepped plain catch up at every first probe, and unjudged,
+that probe was wasted. Every choice changes speed only.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ class BatchSizer:
     # Per number of rows (whether drafting pays at 2 rows says nothing of 8, whose plain steps are dearer):
     plain: dict[int, float] = field(default_factory=dict)  # a plain batched step's seconds, as measured
     gain: dict[int, float] = field(default_factory=dict)  # what drafting was worth over plain steps, in tokens
+    drafts: dict[int, float] = field(default_factory=dict)  # seconds drafting and building, past catch-ups
     backoff: dict[int, int] = field(default_factory=dict)  # 2 ** (probes that failed in a row), to PROBE_BACKOFF
     skipped: int = 0  # plain cycles since the last draft
     probe_cost: float = 0.0  # seconds a drafted cycle takes past a plain step of as many rows (moving average)
@@ -82,7 +86,7 @@ class BatchSizer:
         return self.gain.get(self.nearest(rows), 0.0)
 
     def nearest(self, rows: int) -> int:
-        return min(self.gain, key=lambda known: (abs(known - rows), -known), default=rows)
+        return nearest(self.gain, rows)
 
     def pick(self, method: str, rows: int) -> str:
         """The method of the batch's next cycle: `method`, or "ar" while drafting does not pay (probing now and
@@ -110,12 +114,19 @@ class BatchSizer:
         return kept
 
     def record(self, drafted: bool, rows: int, nodes: int, committed: int, seconds: float, drafting: float,
-               context: int) -> None:
+               context: int, catching_up: bool = False) -> None:
         """A batch cycle of `rows` rows verifying `nodes` nodes (roots included) committed `committed` tokens in
-        `seconds`, `drafting` of them drafting and building."""
+        `seconds`, `drafting` of them drafting and building (`catching_up`: some row's drafter on the prompt)."""
         if not drafted:
             self.plain[rows] = average(self.plain.get(rows, 0.0), seconds)
             return
+        if catching_up:  # its verify as measured, its draft at what drafts cost without a catch-up
+            if not self.drafts:
+                return
+            steady = self.drafts[nearest(self.drafts, rows)]
+            seconds, drafting = seconds - drafting + steady, steady
+        else:
+            self.drafts[rows] = average(self.drafts.get(rows, 0.0), drafting)
         plain = self.plain_seconds(rows, context)
         added = float(self.calibrated(rows, nodes - rows, context))
         if added > 0:  # the nodes' own time, past what a plain step of these rows takes (or is priced at)
@@ -127,11 +138,18 @@ class BatchSizer:
         # its own expectation instead, a batch whose drafts never pay would draft on and never measure one).
         worth = committed - rows - rows / plain * (seconds - plain)
         self.probe_cost = average(self.probe_cost, max(seconds - plain, 0.0))
+        if catching_up and worth < 0:  # no verdict: the rows guessed where their drafters had seen least
+            return
         # A batch cycle is every row's draft at once: more evidence than a lone generation's, so it weighs more (a
         # lucky probe at 8 rows otherwise kept losing drafts on for eight cycles here).
-        nearest = self.nearest(rows)
-        gain, backoff = self.gain.get(nearest, 0.0), self.backoff.get(nearest, 1)
+        known = self.nearest(rows)
+        gain, backoff = self.gain.get(known, 0.0), self.backoff.get(known, 1)
         probing = gain < 0
         self.gain[rows] = gain + (1.0 if probing else min(SMOOTHING * rows, 0.5)) * (worth - gain)
         if probing:
             self.backoff[rows] = 1 if self.gain[rows] >= 0 else min(2 * backoff, PROBE_BACKOFF)
+
+
+def nearest(known: dict[int, float], rows: int) -> int:
+    """The number of rows in `known` closest to `rows` (the larger on a tie), or `rows` itself."""
+    return min(known, key=lambda measured: (abs(measured - rows), -measured), default=rows)
