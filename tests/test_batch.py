@@ -383,7 +383,7 @@ def test_a_catch_up_draft_is_judged_at_what_drafts_cost_and_only_if_it_paid():
     before = dict(sizer.gain)
     sizer.record(True, 4, 8, 4, seconds=catch_up + verify, drafting=catch_up, context=32, catching_up=True)
     assert sizer.gain == before  # it lost: no verdict
-    assert sizer.drafts == {4: 0.002}  # catch-ups are not what drafts cost
+    assert sizer.drafting == {4: 0.002}  # catch-ups are not what drafts cost
 
 
 def test_the_batch_sizers_first_node_cost_stands_alone():

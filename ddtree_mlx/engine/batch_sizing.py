@@ -42,7 +42,7 @@ class BatchSizer:
     # Per number of rows (whether drafting pays at 2 rows says nothing of 8, whose plain steps are dearer):
     plain: dict[int, float] = field(default_factory=dict)  # a plain batched step's seconds, as measured
     gain: dict[int, float] = field(default_factory=dict)  # what drafting was worth over plain steps, in tokens
-    drafts: dict[int, float] = field(default_factory=dict)  # seconds drafting and building, past catch-ups
+    drafting: dict[int, float] = field(default_factory=dict)  # seconds drafting and building, past catch-ups
     backoff: dict[int, int] = field(default_factory=dict)  # 2 ** (probes that failed in a row), to PROBE_BACKOFF
     skipped: int = 0  # plain cycles since the last draft
     probe_cost: float = 0.0  # seconds a drafted cycle takes past a plain step of as many rows (moving average)
@@ -121,12 +121,12 @@ class BatchSizer:
             self.plain[rows] = average(self.plain.get(rows, 0.0), seconds)
             return
         if catching_up:  # its verify as measured, its draft at what drafts cost without a catch-up
-            if not self.drafts:
+            if not self.drafting:
                 return
-            steady = self.drafts[nearest(self.drafts, rows)]
+            steady = self.drafting[nearest(self.drafting, rows)]
             seconds, drafting = seconds - drafting + steady, steady
         else:
-            self.drafts[rows] = average(self.drafts.get(rows, 0.0), drafting)
+            self.drafting[rows] = average(self.drafting.get(rows, 0.0), drafting)
         plain = self.plain_seconds(rows, context)
         added = float(self.calibrated(rows, nodes - rows, context))
         if added > 0:  # the nodes' own time, past what a plain step of these rows takes (or is priced at)
