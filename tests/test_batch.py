@@ -4,9 +4,11 @@ rows do: very different prompt lengths, stop tokens inside a cycle, rows joining
 rows beside deep off-first-rank trees, sampling with a seed, a prompt-cache hit."""
 
 import copy
+import itertools
 
 import mlx.core as mx
 import numpy as np
+
 import pytest
 from mlx.utils import tree_flatten
 from tiny import FakeClock, assert_lossless, make_dflash, make_target, mlx_lm_greedy
@@ -330,42 +332,55 @@ def test_automatic_sizes_in_a_batch(monkeypatch):
 
 
 def test_a_batch_tells_its_sizer_which_drafts_catch_up(monkeypatch):
-    """A row's first draft catches its drafter up on the whole prompt: the batch says so to the sizer for exactly
-    the cycles where some row had not drafted yet, and every drafted cycle reaches the sizer."""
+    """A drafter catches up on what it has not read: its prompt at a row's first draft, the plain steps' tokens at
+    a draft after them. The batch tells the sizer so for exactly the drafted cycles where some row had not drafted
+    yet (`first`) or had not drafted in its last cycle (`behind`), and every drafted cycle reaches the sizer."""
     from ddtree_mlx.engine.batch_sizing import BatchSizer
+    from ddtree_mlx.engine.session import Session
 
     FakeClock().install(monkeypatch)
     family = "llama"
     batch = BatchGenerator(target(family), oracle_for(family, PROMPTS), max_batch=4,
                            config=DDTreeConfig(tree_budget="auto"))
-    told, cycles = [], []
-    record, forest = BatchSizer.record, BatchGenerator.forest
+    told, cycles, last = [], [], {}
+    record, forest, accept = BatchSizer.record, BatchGenerator.forest, Session.accept
+    picks = itertools.count()
 
-    def recording(self, drafted, *args):
-        told.append((drafted, args[-1]))
-        return record(self, drafted, *args)
+    def recording(self, drafted, *args, **kwargs):
+        told.append((drafted, kwargs["first"], kwargs["behind"]))
+        return record(self, drafted, *args, **kwargs)
+
+    def accepting(self, drafted, *args):
+        last[id(self)] = drafted.method
+        return accept(self, drafted, *args)
 
     def cycle(self, rows):
         def drafts():
             return sum(row.session.stats.method_cycles.get("ddtree", 0) for row in rows)
 
-        first, before, drafted = not all(row.session.caught_up for row in rows), len(told), drafts()
+        first = not all(row.session.caught_up for row in rows)
+        behind = any(last.get(id(row.session)) != "ddtree" for row in rows)
+        before, drafted = len(told), drafts()
         responses = forest(self, rows)
         if drafts() > drafted:
-            cycles.append((first, told[before:]))
+            cycles.append(((True, first, behind), told[before:]))
         return responses
 
     monkeypatch.setattr(BatchSizer, "record", recording)
+    monkeypatch.setattr(BatchSizer, "pick", lambda self, method, rows: "ar" if next(picks) % 3 == 1 else method)
+    monkeypatch.setattr(Session, "accept", accepting)
     monkeypatch.setattr(BatchGenerator, "forest", cycle)
     results = run(batch, PROMPTS)
     assert [r["tokens"] for r in results] == [reference(family, p).tokens for p in PROMPTS]
-    assert any(first for first, _ in cycles) and any(not first for first, _ in cycles)
-    assert all(sizer_heard == [(True, first)] for first, sizer_heard in cycles)
+    kinds = {flags[1:] for flags, _ in cycles}
+    assert {(True, True), (False, True), (False, False)} <= kinds  # first drafts, drafts after a plain step, steady
+    assert all(sizer_heard == [flags] for flags, sizer_heard in cycles)
 
 
 def test_a_catch_up_draft_is_judged_at_what_drafts_cost_and_only_if_it_paid():
-    """A draft that caught the rows' drafters up on their prompts is judged with its drafting at what the batch's
-    other drafts cost (its verify as measured), and only if it paid; before any other draft, not at all."""
+    """A draft that caught the rows' drafters up is judged with its drafting at what the batch's other drafts cost
+    (its verify as measured); on the prompts, only if it paid; before any other draft, not at all (but what its
+    nodes cost is measured: that does not depend on drafting)."""
     from ddtree_mlx.engine.batch_sizing import BatchSizer
     from ddtree_mlx.engine.calibration import VerifyCosts
 
@@ -373,17 +388,36 @@ def test_a_catch_up_draft_is_judged_at_what_drafts_cost_and_only_if_it_paid():
     rate = 4 / 0.012
     sizer = BatchSizer(costs, plain={4: 0.012})
     catch_up, verify = 0.2, 0.012 + 0.004
-    sizer.record(True, 4, 8, 7, seconds=catch_up + verify, drafting=catch_up, context=32, catching_up=True)
-    assert sizer.gain == {} and sizer.scale == 0.0  # nothing to price its draft by yet
+    sizer.record(True, 4, 8, 7, seconds=catch_up + verify, drafting=catch_up, context=32, behind=True, first=True)
+    assert sizer.gain == {} and sizer.scale == pytest.approx(1.0)  # its nodes' cost measured, its draft not
     sizer.record(True, 4, 8, 7, seconds=0.002 + verify, drafting=0.002, context=32)
     gain = sizer.gain[4]
     assert gain == pytest.approx(0.4 * (3 - rate * 0.006))
-    sizer.record(True, 4, 8, 8, seconds=catch_up + verify, drafting=catch_up, context=32, catching_up=True)
+    sizer.record(True, 4, 8, 8, seconds=catch_up + verify, drafting=catch_up, context=32, behind=True, first=True)
     assert sizer.gain[4] == pytest.approx(gain + 0.4 * (4 - rate * 0.006 - gain))
     before = dict(sizer.gain)
-    sizer.record(True, 4, 8, 4, seconds=catch_up + verify, drafting=catch_up, context=32, catching_up=True)
+    sizer.record(True, 4, 8, 4, seconds=catch_up + verify, drafting=catch_up, context=32, behind=True, first=True)
     assert sizer.gain == before  # it lost: no verdict
-    assert sizer.drafting == {4: 0.002}  # catch-ups are not what drafts cost
+    # A draft after plain steps reads their tokens: priced the same, but its loss is a verdict.
+    sizer.record(True, 4, 8, 4, seconds=catch_up + verify, drafting=catch_up, context=32, behind=True)
+    assert sizer.gain[4] == pytest.approx(before[4] + 0.4 * (0 - rate * 0.006 - before[4]))
+    assert list(sizer.draft_costs) == [4] and sizer.draft_costs[4].seconds == 0.002  # catch-ups are not drafts' cost
+
+
+def test_a_stalled_drafted_cycle_is_judged_at_twice_the_usual():
+    """A drafted cycle whose time past a plain step is more than STALL times the usual (one stalled verify) is
+    judged at STALL times it: one stall at 4 rows otherwise sent a batch to plain steps for a whole wave."""
+    from ddtree_mlx.engine.batch_sizing import STALL, BatchSizer
+    from ddtree_mlx.engine.calibration import VerifyCosts
+
+    costs = VerifyCosts((1, 2, 4, 8, 16, 32), (0.010, 0.011, 0.012, 0.016, 0.024, 0.040))
+    rate = 4 / 0.012
+    sizer = BatchSizer(costs, plain={4: 0.012})
+    sizer.record(True, 4, 8, 7, seconds=0.012 + 0.004 + 0.002, drafting=0.002, context=32)
+    gain, usual = sizer.gain[4], sizer.probe_cost
+    assert usual == pytest.approx(0.006)
+    sizer.record(True, 4, 8, 7, seconds=0.1 + 0.002, drafting=0.002, context=32)
+    assert sizer.gain[4] == pytest.approx(gain + 0.4 * (3 - rate * STALL * usual - gain))
 
 
 def test_the_batch_sizers_first_node_cost_stands_alone():
@@ -468,34 +502,86 @@ def test_a_failed_prefill_fails_its_row_alone(monkeypatch):
     assert got[uids[0]] == reference(family, PROMPTS[0]).tokens and got[uids[2]] == reference(family, PROMPTS[2]).tokens
 
 
-def test_batch_sizer_picks_the_best_prefixes_of_every_row():
-    """The sizer's choice over the merged best-first orders equals the brute-force best over every combination of
-    per-row prefix sizes, for the value it maximizes (expected tokens less the nodes' time at the going rate)."""
-    import itertools
+def test_a_draft_level_is_priced_by_a_line_through_recent_drafts():
+    """DraftCost's running fit equals the decaying-weight least-squares line computed directly (its slope pulled
+    towards the prior by PRIOR_SPREAD); with one depth drafted, a level costs the prior; the slope of drafts that
+    do grow with depth is found; a stalled draft counts at STALL times the line's word."""
+    from ddtree_mlx.engine.batch_sizing import PRIOR_SPREAD, STALL, DraftCost
+    from ddtree_mlx.engine.sizing import SMOOTHING
 
-    from ddtree_mlx.engine.batch_sizing import BatchSizer
+    rng = np.random.default_rng(5)
+    depths = rng.integers(1, 9, size=40)
+    seconds = 0.008 + 0.003 * depths + rng.normal(0, 0.001, size=40)
+    cost = DraftCost.first(int(depths[0]), float(seconds[0]))
+    for depth, took in zip(depths[1:], seconds[1:]):
+        cost.add(int(depth), float(took))
+    weights = (1 - SMOOTHING) ** np.arange(len(depths))[::-1]
+    mean_depth, mean_seconds = np.average(depths, weights=weights), np.average(seconds, weights=weights)
+    covariance = np.sum(weights * (depths - mean_depth) * (seconds - mean_seconds))
+    spread = np.sum(weights * (depths - mean_depth) ** 2)
+    assert cost.prior == pytest.approx(seconds[0] / (2 * depths[0]))
+    assert cost.level == pytest.approx((covariance + PRIOR_SPREAD * cost.prior) / (spread + PRIOR_SPREAD))
+    assert cost.level == pytest.approx(0.003, rel=0.2)
+    assert cost.at(6) == pytest.approx(mean_seconds + cost.level * (6 - mean_depth))
+    flat = DraftCost.first(6, 0.024)
+    flat.add(6, 0.020)
+    assert flat.level == pytest.approx(0.002) and flat.at(3) == pytest.approx(flat.seconds - 0.006)
+    stalled = DraftCost.first(6, 0.020)
+    stalled.add(6, 0.180)  # counted at STALL times the line's word
+    assert stalled.seconds == pytest.approx(0.020 + (STALL * 0.020 - 0.020) / (2 - SMOOTHING))
+
+
+def test_batch_sizer_picks_the_best_trees_of_every_row():
+    """The sizer's choice equals the brute-force best over every combination of rows' trees (ancestor-closed
+    subsets of each row's best-first tree), for the value it maximizes: expected tokens less the nodes' time and
+    the drafting of the levels they reach, at the going rate. A level's price matters: it cuts some deep trees."""
+    from ddtree_mlx.engine.batch_sizing import BatchSizer, DraftCost
     from ddtree_mlx.engine.calibration import VerifyCosts
 
     rng = np.random.default_rng(3)
     costs = VerifyCosts((1, 2, 4, 8, 16, 32), (0.010, 0.011, 0.012, 0.016, 0.024, 0.040))
-    for trial in range(20):
-        trees = []
-        for _ in range(3):
-            tree = DraftTree.root_only(1)
-            probs = np.sort(rng.uniform(0.05, 0.95, size=int(rng.integers(0, 6))))[::-1]
-            for p in probs:  # best first: each node's path probability no higher than the one before
-                tree.add(int(rng.integers(len(tree))), int(rng.integers(100)), 0, float(np.log(p)))
-            trees.append(tree)
-        sizer = BatchSizer(costs, plain={3: float(rng.uniform(0.01, 0.2))})
-        chosen = [len(tree) - 1 for tree in sizer.size(trees, 32)]
+    cut = 0
+    for trial in range(30):
+        trees = [random_best_first_tree(rng, int(rng.integers(0, 6))) for _ in range(3)]
+        sizer = BatchSizer(costs, plain={3: float(rng.uniform(0.01, 0.1))})
+        level = float(rng.choice([0.0, 0.002, 0.01]))
+        sizer.draft_costs[3] = DraftCost(prior=level)
+        kept = sizer.size(trees, 32)
         rate = sizer.rate(3, 32)
 
-        def value(counts):
-            gained = sum(np.exp(tree.scores[1 : n + 1]).sum() for tree, n in zip(trees, counts))
-            return gained - rate * float(sizer.added(3, sum(counts), 32))
+        def value(choice):  # a subset of nodes per row
+            nodes = [node for subset in choice for node in subset]
+            gained = sum(np.exp(tree.scores[n]) for tree, subset in zip(trees, choice) for n in subset)
+            depth = max((tree.depths[n] for tree, subset in zip(trees, choice) for n in subset), default=0)
+            return gained - rate * (float(sizer.added(3, len(nodes), 32)) + level * depth)
 
-        best = max(itertools.product(*[range(len(tree)) for tree in trees]), key=value)
+        best = max(itertools.product(*[closed_subsets(tree) for tree in trees]), key=value)
+        chosen = [kept_nodes(tree, k) for tree, k in zip(trees, kept)]
         assert value(chosen) == pytest.approx(value(best)), (trial, chosen, best)
-        # The next drafts reach two levels past the deepest node kept (a margin for trees to grow), no further.
-        deepest = max(max(tree.depths[: n + 1]) for tree, n in zip(trees, chosen))
-        assert sizer.draft_depth() == deepest + 2
+        unpriced = BatchSizer(costs, plain=sizer.plain)
+        cut += max(max(k.depths) for k in kept) < max(max(k.depths) for k in unpriced.size(trees, 32))
+        # The next drafts reach a level past the deepest node kept, two where the trees used every level drafted.
+        deepest, whole = max(max(k.depths) for k in kept), max(max(tree.depths) for tree in trees)
+        assert sizer.draft_depth() == deepest + (2 if deepest == whole else 1)
+    assert cut > 0
+
+
+def random_best_first_tree(rng: np.random.Generator, size: int) -> DraftTree:
+    tree = DraftTree.root_only(1)
+    probs = np.sort(rng.uniform(0.05, 0.95, size=size))[::-1]
+    for p in probs:  # best first: each node's path probability no higher than the one before
+        tree.add(int(rng.integers(len(tree))), len(tree), 0, float(np.log(p)))  # tokens name their nodes
+    return tree
+
+
+def closed_subsets(tree: DraftTree) -> list[tuple[int, ...]]:
+    """Every set of draft nodes that holds each member's parent (or the root)."""
+    nodes = range(1, len(tree))
+    subsets = itertools.chain.from_iterable(itertools.combinations(nodes, k) for k in range(len(tree)))
+    return [s for s in subsets if all(tree.parents[n] == 0 or tree.parents[n] in s for n in s)]
+
+
+def kept_nodes(tree: DraftTree, kept: DraftTree) -> tuple[int, ...]:
+    """The nodes of `tree` that `kept` holds, found by their root paths' tokens."""
+    spelled = {tuple(tree.tokens[m] for m in tree.path_to(n)): n for n in range(1, len(tree))}
+    return tuple(sorted(spelled[tuple(kept.tokens[m] for m in kept.path_to(n))] for n in range(1, len(kept))))

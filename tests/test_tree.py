@@ -90,7 +90,8 @@ def test_ancestor_mask_and_window_index(seed):
 
 @pytest.mark.parametrize("seed", range(10))
 def test_every_prefix_of_the_pop_order_is_the_best_tree_of_its_size(seed):
-    """What auto sizing rests on: cutting the full best-first tree after n nodes gives the heap's tree of n."""
+    """What auto sizing rests on: cutting the full best-first tree after n nodes (no deeper than d) gives the
+    heap's tree of n (on the candidates of depths up to d)."""
     rng = np.random.default_rng(seed)
     candidates = random_candidates(rng, 4, 3)
     full = build_tree(candidates, 0, budget=20)
@@ -98,6 +99,11 @@ def test_every_prefix_of_the_pop_order_is_the_best_tree_of_its_size(seed):
         cut, direct = full.prefix(nodes + 1), build_tree(candidates, 0, budget=nodes)
         assert (cut.tokens, cut.parents, cut.ranks) == (direct.tokens, direct.parents, direct.ranks)
         assert cut.children == direct.children
+        for depth in range(1, 4):  # no deeper than `depth`: the heap's tree on the candidates of those depths
+            cut, direct = full.prefix(nodes + 1, depth), build_tree(candidates.first(depth), 0, budget=nodes)
+            if len(direct) <= len(cut):  # the full tree holds them all
+                assert (cut.tokens, cut.parents, cut.depths, cut.children) == (
+                    direct.tokens, direct.parents, direct.depths, direct.children)
     assert full.scores == sorted(full.scores, reverse=True)  # path scores fall along the pop order
     for node in range(1, len(full)):
         path = full.path_to(node)[1:]

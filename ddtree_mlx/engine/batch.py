@@ -262,7 +262,9 @@ class BatchGenerator:
         took_step = queued[0] is not None
         method = "ar" if took_step else self.plan(len(rows))
         self.join(sessions)
-        catching_up = method != "ar" and not all(session.caught_up for session in sessions)
+        drafting = method != "ar"
+        behind = drafting and any(session.behind for session in sessions)
+        first = drafting and not all(session.caught_up for session in sessions)
         drafted, context = self.draft_trees(sessions, method, start)
         outs = queued if took_step else self.target.verify_forest(
             [d.tree for d in drafted], [s.cache for s in sessions], sessions[0].capture_layers, self.config)
@@ -274,10 +276,10 @@ class BatchGenerator:
         self.count(len(rows))
         # A cycle that queued the next step without having taken one queued for it paid for two forwards, one that
         # took its step without queuing the next for none: only the others' times are one cycle's.
-        # A row's first draft catches its drafter up on the whole prompt (SmolLM2's: 60-200 ms at 4 rows): the
-        # generation's cost, paid once, not drafting's (judged with it, auto at 4 rows stopped drafting where
-        # one-node trees paid).
-        self.learn(rows, method, drafted, news, start, context, timed=queues == took_step, catching_up=catching_up)
+        # A drafter behind reads the prompt (a row's first draft; SmolLM2's: 60-200 ms at 4 rows) or the plain
+        # steps' tokens since it last drafted: a cost paid once when drafting starts, not what drafting costs
+        # (judged with it, auto at 4 rows stopped drafting where one-node trees paid, and probed ever more dearly).
+        self.learn(rows, method, drafted, news, start, context, timed=queues == took_step, behind=behind, first=first)
         return [self.respond(row, new) for row, new in zip(rows, news)]
 
     def join(self, sessions: list[Session]) -> None:
@@ -288,11 +290,13 @@ class BatchGenerator:
                 session.cache = cache
 
     def learn(self, rows: list[Row], method: str, drafted: list[Drafted], news: list[list[int]], start: float,
-              context: int, timed: bool, catching_up: bool) -> None:
+              context: int, timed: bool, behind: bool, first: bool) -> None:
         """Tell the sizer what a `timed` cycle cost and committed."""
         if self.sizer is not None and timed:
+            depth = max((len(d.candidates.tokens) for d in drafted if d.candidates is not None), default=0)
             self.sizer.record(method != "ar", len(rows), sum(len(d.tree) for d in drafted), sum(map(len, news)),
-                              time.perf_counter() - start, drafted[-1].built - start, context, catching_up)
+                              time.perf_counter() - start, drafted[-1].built - start, context, depth=depth,
+                              behind=behind, first=first)
 
     def draft_trees(self, sessions: list[Session], method: str, start: float) -> tuple[list[Drafted], int]:
         """The rows' trees (drafted together, each built whole, then sized together with auto sizes), and the

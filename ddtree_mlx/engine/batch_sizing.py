@@ -4,22 +4,33 @@ on the forest's total rows.
 A batch verifies every row's tree in one forward, so what a node costs is what one more row of that forward costs:
 the measured verify curve c(n, L) (calibration.VerifyCosts) at n = all rows' nodes, roots included. Each row's
 tree is built best first to the cap on its own calibrated candidates (TreeSizer.follow, which also keeps learning
-what its drafts are worth), so its nodes' path probabilities p fall as they are popped. Taking the N most probable
-nodes over all rows gives each row a prefix of its own tree, and the batch commits on average
+what its drafts are worth), so its nodes' path probabilities p fall as they are popped (a child's never above its
+parent's). Taking the N most probable nodes no deeper than D over all rows gives each row a tree, and the batch
+commits on average
 
-    E(N) = rows + p_(1) + ... + p_(N)
+    E(N, D) = rows + p_(1) + ... + p_(N)
 
 tokens. What the N nodes add to the cycle is the curve's rise from `rows` to rows + N, scaled as drafted cycles
 measured it (the per-row work of a batch, which a plain step pays too, is not priced into nodes); the rows' own
-part is what plain batched steps measured. The sizer picks N maximizing p_(1) + ... + p_(N) - rate * added(N),
+part is what plain batched steps measured. Drafting D levels costs too: each draft position is a row of the
+drafter's forward for every row (here at 4 rows a level was ~3 ms, a depth-6 draft twice a depth-1 one), and the
+next drafts reach as deep as the trees kept, so trees D deep are charged D levels at what a level was measured to
+cost (`DraftCost`, a line through the batch's drafts). The sizer picks N and D maximizing
+
+    p_(1) + ... + p_(N) - rate * (added(N) + level * D),
+
 where rate is what plain batched steps of as many rows decode per second, the alternative a draft must beat: as
-the batch grows that rate grows, every node is priced higher, and trees shrink. Where drafting did not pay at
-this many rows (its measured worth, per number of rows), cycles are plain batched steps, with a probe (a draft)
-every PROBE_EVERY cycles or as far apart as keeps probes to PROBE_SHARE of the time, twice as far apart after
-each probe that did not pay. A cycle whose rows' drafters catch up on what they have not seen (a generation's
-first draft reads the whole prompt) is judged at what the batch's drafts cost otherwise, and only if it paid, as a
-lone generation's first draft is: rows that have only stepped plain catch up at every first probe, and unjudged,
-that probe was wasted. Every choice changes speed only.
+the batch grows that rate grows, every node and level is priced higher, and trees shrink. The next drafts reach a
+level past the trees kept, two where they used every level drafted, so trees can grow a level a cycle.
+
+Where drafting did not pay at this many rows (its measured worth, per number of rows), cycles are plain batched
+steps, with a probe (a draft) every PROBE_EVERY cycles or as far apart as keeps probes to PROBE_SHARE of the time,
+twice as far apart after each probe that did not pay. A cycle whose rows' drafters read more than the last
+cycle's tokens (the prompt, at a generation's first draft; at a probe, the plain steps' since they last drafted)
+is judged at what the batch's drafts cost otherwise: that reading is paid once when drafting starts (at 4 rows
+here, a probe after some 25 plain steps drafted for 50-60 ms where drafts took ~20; judged at that, every probe
+lost, probes came further apart and cost more still). A generation's first draft is judged only if it paid, as a
+lone generation's is: it guesses where the drafters have seen least. Every choice changes speed only.
 """
 
 from __future__ import annotations
@@ -32,7 +43,48 @@ from ..tree.draft_tree import DraftTree
 from .calibration import VerifyCosts
 from .sizing import PROBE_BACKOFF, PROBE_EVERY, PROBE_SHARE, SMOOTHING, average
 
-DEPTH_MARGIN = 2
+PRIOR_SPREAD = 1.0  # how much depth spread (levels squared) the prior slope counts as
+STALL = 2.0  # a draft, or a drafted cycle's time past a plain step, this many times the usual counts at that
+
+
+@dataclass
+class DraftCost:
+    """What a batch's drafts take (drafting and building) against the depth they drafted: a least-squares line
+    through recent drafts, weights decaying as the moving averages' do. Its slope is what a level costs; while the
+    depths drafted barely vary it leans on `prior`, half the first draft's seconds spread over its levels (a level
+    was 30-50% of a depth-6 draft at 2-8 rows here)."""
+
+    prior: float
+    weight: float = 0.0
+    depth: float = 0.0  # the drafts' weighted mean depth and seconds
+    seconds: float = 0.0
+    spread: float = 0.0  # decaying sums of squared depth deviations, and of depth times seconds deviations
+    covariance: float = 0.0
+
+    @classmethod
+    def first(cls, depth: int, seconds: float) -> "DraftCost":
+        cost = cls(prior=seconds / (2 * max(depth, 1)))
+        cost.add(depth, seconds)
+        return cost
+
+    def add(self, depth: int, seconds: float) -> None:
+        if self.weight:  # counted at most at STALL times the line's word: one stalled draft would set the slope
+            seconds = min(seconds, STALL * self.at(depth))
+        keep = 1.0 - SMOOTHING
+        self.weight = keep * self.weight + 1.0
+        off = depth - self.depth
+        self.depth += off / self.weight
+        self.seconds += (seconds - self.seconds) / self.weight
+        self.spread = keep * self.spread + off * (depth - self.depth)
+        self.covariance = keep * self.covariance + off * (seconds - self.seconds)
+
+    @property
+    def level(self) -> float:
+        return max((self.covariance + PRIOR_SPREAD * self.prior) / (self.spread + PRIOR_SPREAD), 0.0)
+
+    def at(self, depth: int) -> float:
+        """A draft's seconds at `depth` levels, on the line."""
+        return max(self.seconds + self.level * (depth - self.depth), 0.0)
 
 
 @dataclass
@@ -42,17 +94,19 @@ class BatchSizer:
     # Per number of rows (whether drafting pays at 2 rows says nothing of 8, whose plain steps are dearer):
     plain: dict[int, float] = field(default_factory=dict)  # a plain batched step's seconds, as measured
     gain: dict[int, float] = field(default_factory=dict)  # what drafting was worth over plain steps, in tokens
-    drafting: dict[int, float] = field(default_factory=dict)  # seconds drafting and building, past catch-ups
+    draft_costs: dict[int, DraftCost] = field(default_factory=dict)  # drafting and building, not behind
     backoff: dict[int, int] = field(default_factory=dict)  # 2 ** (probes that failed in a row), to PROBE_BACKOFF
     skipped: int = 0  # plain cycles since the last draft
     probe_cost: float = 0.0  # seconds a drafted cycle takes past a plain step of as many rows (moving average)
-    kept_depth: int | None = None  # the deepest node the last sizing kept (None: none sized yet)
+    reach: int | None = None  # how deep the next drafts go (None: as deep as the session asks, before any sizing)
 
     def draft_depth(self) -> int | None:
-        """How deep the rows' next drafts go: DEPTH_MARGIN levels past the deepest node the last sizing kept, so
-        trees can grow a level a cycle while no row drafts positions no tree reaches (a batch's trees are shallow:
-        each draft position is a row of the drafter's forward for every row). None: as deep as the session asks."""
-        return None if self.kept_depth is None else self.kept_depth + DEPTH_MARGIN
+        return self.reach
+
+    def level(self, rows: int) -> float:
+        """Seconds a level of drafting costs at `rows` rows (or the nearest measured); 0 before any draft."""
+        cost = self.draft_costs.get(nearest(self.draft_costs, rows))
+        return cost.level if cost is not None else 0.0
 
     def rate(self, rows: int, context: int) -> float:
         """Tokens per second a drafted cycle must beat: plain batched steps' of as many rows (one token a row)."""
@@ -98,47 +152,57 @@ class BatchSizer:
         return "ar"
 
     def size(self, trees: list[DraftTree], context: int) -> list[DraftTree]:
-        """The prefixes of the rows' whole best-first trees (scores: calibrated log-acceptance) worth verifying
-        together after about `context` tokens each."""
+        """The rows' trees worth verifying together after about `context` tokens each: of each row's whole best-first
+        tree (scores: calibrated log-acceptance), its first nodes no deeper than a depth D, the same for all."""
         rows = len(trees)
         probs = np.concatenate([np.exp(np.array(tree.scores[1:])) for tree in trees])
+        depths = np.concatenate([np.array(tree.depths[1:], dtype=int) for tree in trees])
         owner = np.concatenate([np.full(len(tree) - 1, row) for row, tree in enumerate(trees)])
-        order = np.argsort(-probs, kind="stable")  # each row's nodes keep their pop order: prefixes
-        nodes = np.arange(len(order) + 1)
-        rate = self.rate(rows, context)
-        value = np.r_[0.0, np.cumsum(probs[order])] - rate * self.added(rows, nodes, context)
-        best = int(np.argmax(value))
-        counts = np.bincount(owner[order[:best]], minlength=rows)
-        kept = [tree.prefix(int(count) + 1) for tree, count in zip(trees, counts)]
-        self.kept_depth = max(max(tree.depths) for tree in kept)
+        rate, level = self.rate(rows, context), self.level(rows)
+        best, depth_kept, counts = 0.0, 0, np.zeros(rows, dtype=int)
+        deepest = int(depths.max(initial=0))
+        for depth in range(1, deepest + 1):
+            within = np.flatnonzero(depths <= depth)
+            order = within[np.argsort(-probs[within], kind="stable")]  # each row's nodes keep their pop order
+            nodes = np.arange(len(order) + 1)
+            value = np.r_[0.0, np.cumsum(probs[order])] - rate * (self.added(rows, nodes, context) + level * depth)
+            if value.max() > best:
+                best, depth_kept = float(value.max()), depth
+                counts = np.bincount(owner[order[: int(np.argmax(value))]], minlength=rows)
+        kept = [tree.prefix(int(count) + 1, depth_kept) for tree, count in zip(trees, counts)]
+        self.reach = depth_kept + (2 if depth_kept == deepest else 1)
         return kept
 
     def record(self, drafted: bool, rows: int, nodes: int, committed: int, seconds: float, drafting: float,
-               context: int, catching_up: bool = False) -> None:
+               context: int, *, depth: int = 1, behind: bool = False, first: bool = False) -> None:
         """A batch cycle of `rows` rows verifying `nodes` nodes (roots included) committed `committed` tokens in
-        `seconds`, `drafting` of them drafting and building (`catching_up`: some row's drafter on the prompt)."""
+        `seconds`, `drafting` of them drafting `depth` levels deep and building (`behind`: some row's drafter read
+        more than the last cycle's tokens; `first`: some row's first draft, which reads its prompt)."""
         if not drafted:
             self.plain[rows] = average(self.plain.get(rows, 0.0), seconds)
             return
-        if catching_up:  # its verify as measured, its draft at what drafts cost without a catch-up
-            if not self.drafting:
-                return
-            steady = self.drafting[nearest(self.drafting, rows)]
-            seconds, drafting = seconds - drafting + steady, steady
-        else:
-            self.drafting[rows] = average(self.drafting.get(rows, 0.0), drafting)
         plain = self.plain_seconds(rows, context)
+        verify = seconds - drafting
         added = float(self.calibrated(rows, nodes - rows, context))
         if added > 0:  # the nodes' own time, past what a plain step of these rows takes (or is priced at)
             # The first measurement stands alone: a batch's first trees, sized on the calibration's word, measured
             # 1.8x it at 4 rows here, and at 10% a cycle auto stopped drafting before its trees shrank.
-            self.scale = average(self.scale, min(max((seconds - drafting - plain) / added, 0.5), 4.0))
+            self.scale = average(self.scale, min(max((verify - plain) / added, 0.5), 4.0))
+        if not behind:
+            self.learn_draft(rows, depth, drafting)
+        if not self.draft_costs:  # a catch-up before any draft: nothing to price its draft by yet
+            return
+        # Judged at what a draft this deep costs (its verify as measured): a catch-up's reading is paid once when
+        # drafting starts, and one stalled draft (180 ms at 4 rows here, where drafts took 20) is no verdict.
+        seconds = verify + self.draft_costs[nearest(self.draft_costs, rows)].at(depth)
+        if self.probe_cost:  # so is one stalled verify (290 ms at 4 rows here, where drafted cycles took ~130)
+            seconds = min(seconds, plain + STALL * self.probe_cost)
         # What this draft was worth: the tokens past a plain step's one per row, less its time past a plain
         # step's at that step's rate (a plain step as the calibration prices it until one is measured: judged by
         # its own expectation instead, a batch whose drafts never pay would draft on and never measure one).
         worth = committed - rows - rows / plain * (seconds - plain)
         self.probe_cost = average(self.probe_cost, max(seconds - plain, 0.0))
-        if catching_up and worth < 0:  # no verdict: the rows guessed where their drafters had seen least
+        if first and worth < 0:  # no verdict: the rows guessed where their drafters had seen least
             return
         # A batch cycle is every row's draft at once: more evidence than a lone generation's, so it weighs more (a
         # lucky probe at 8 rows otherwise kept losing drafts on for eight cycles here).
@@ -148,6 +212,12 @@ class BatchSizer:
         self.gain[rows] = gain + (1.0 if probing else min(SMOOTHING * rows, 0.5)) * (worth - gain)
         if probing:
             self.backoff[rows] = 1 if self.gain[rows] >= 0 else min(2 * backoff, PROBE_BACKOFF)
+
+    def learn_draft(self, rows: int, depth: int, seconds: float) -> None:
+        if rows in self.draft_costs:
+            self.draft_costs[rows].add(depth, seconds)
+        else:
+            self.draft_costs[rows] = DraftCost.first(depth, seconds)
 
 
 def nearest(known: dict[int, float], rows: int) -> int:

@@ -120,6 +120,8 @@ class Session:
     root: int = 0
     pending_tokens: list[int] = field(default_factory=list)
     pending_hidden: mx.array | None = None
+    behind: bool = True  # the drafter has more than a cycle's tokens to read: the prompt's, or plain steps' since
+    # it last drafted (reading them makes a draft dearer: a batch's sizer prices such drafts apart)
     prompt_cache: PromptCache | None = None
     next_step: VerifyOutput | None = None  # plain decoding: the next step, issued before this one was read
     more_steps: bool = False  # whether another cycle will surely follow this one (set by the loop)
@@ -362,6 +364,7 @@ class Session:
         stats.tree_sizes[len(tree) - 1] = stats.tree_sizes.get(len(tree) - 1, 0) + 1
         stats.cycles += 1
         stats.method_cycles[drafted.method] = stats.method_cycles.get(drafted.method, 0) + 1
+        self.behind = drafted.method == "ar"
         stats.fast_path_cycles += all(tree.ranks[node] == 0 for node in path)
         return new
 

@@ -38,12 +38,15 @@ class DraftTree:
         self.children[parent][token] = node
         return node
 
-    def prefix(self, size: int) -> "DraftTree":
-        """The first `size` nodes: parents precede children, so they form a tree (of best-first pops, the best
-        tree of that size)."""
-        children = [{token: node for token, node in kids.items() if node < size} for kids in self.children[:size]]
-        return DraftTree(self.tokens[:size], self.parents[:size], self.depths[:size], self.ranks[:size], children,
-                         self.scores[:size])
+    def prefix(self, size: int, depth: int | None = None) -> "DraftTree":
+        """The first `size` nodes no deeper than `depth` (any depth: None): parents precede children and are no
+        deeper, so they form a tree (of best-first pops, the best tree of that size and depth)."""
+        kept = [node for node, deep in enumerate(self.depths) if depth is None or deep <= depth][:size]
+        new = {old: node for node, old in enumerate(kept)}
+        children = [{token: new[child] for token, child in self.children[old].items() if child in new} for old in kept]
+        return DraftTree([self.tokens[old] for old in kept], [new.get(self.parents[old], -1) for old in kept],
+                         [self.depths[old] for old in kept], [self.ranks[old] for old in kept], children,
+                         [self.scores[old] for old in kept])
 
     def padded(self, rows: int) -> "DraftTree":
         """The tree and leaves under the root up to `rows` nodes, which verify computes and nothing reads: no
