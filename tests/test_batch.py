@@ -414,10 +414,27 @@ def test_a_stalled_drafted_cycle_is_judged_at_twice_the_usual():
     rate = 4 / 0.012
     sizer = BatchSizer(costs, plain={4: 0.012})
     sizer.record(True, 4, 8, 7, seconds=0.012 + 0.004 + 0.002, drafting=0.002, context=32)
-    gain, usual = sizer.gain[4], sizer.probe_cost
+    gain, usual = sizer.gain[4], sizer.excess
     assert usual == pytest.approx(0.006)
     sizer.record(True, 4, 8, 7, seconds=0.1 + 0.002, drafting=0.002, context=32)
     assert sizer.gain[4] == pytest.approx(gain + 0.4 * (3 - rate * STALL * usual - gain))
+
+
+def test_batch_probes_come_as_far_apart_as_what_they_lose():
+    """While drafting does not pay, a probe comes every PROBE_EVERY plain cycles, or as far apart as keeps what the
+    last probe lost (its worth below zero, in tokens) to PROBE_SHARE of the plain steps' tokens."""
+    from ddtree_mlx.engine.batch_sizing import BatchSizer
+    from ddtree_mlx.engine.calibration import VerifyCosts
+    from ddtree_mlx.engine.sizing import PROBE_EVERY, PROBE_SHARE
+
+    costs = VerifyCosts((1, 2, 4, 8, 16, 32), (0.010, 0.011, 0.012, 0.016, 0.024, 0.040))
+    sizer = BatchSizer(costs, plain={4: 0.012}, gain={4: -2.4})
+    apart = round(2.4 / (PROBE_SHARE * 4))
+    assert apart > PROBE_EVERY and sizer.every(4) == pytest.approx(apart)
+    picks = [sizer.pick("ddtree", 4) for _ in range(2 * apart)]
+    assert [n for n, pick in enumerate(picks) if pick == "ddtree"] == [apart - 1, 2 * apart - 1]
+    sizer.gain[4] = -0.2
+    assert sizer.every(4) == PROBE_EVERY
 
 
 def test_the_batch_sizers_first_node_cost_stands_alone():

@@ -24,8 +24,8 @@ the batch grows that rate grows, every node and level is priced higher, and tree
 level past the trees kept, two where they used every level drafted, so trees can grow a level a cycle.
 
 Where drafting did not pay at this many rows (its measured worth, per number of rows), cycles are plain batched
-steps, with a probe (a draft) every PROBE_EVERY cycles or as far apart as keeps probes to PROBE_SHARE of the time,
-twice as far apart after each probe that did not pay. A cycle whose rows' drafters read more than the last
+steps, with a probe (a draft) every PROBE_EVERY cycles or as far apart as keeps what probes lose to PROBE_SHARE of
+the plain steps' tokens, twice as far apart after each probe that did not pay. A cycle whose rows' drafters read more than the last
 cycle's tokens (the prompt, at a generation's first draft; at a probe, the plain steps' since they last drafted)
 is judged at what the batch's drafts cost otherwise: that reading is paid once when drafting starts (at 4 rows
 here, a probe after some 25 plain steps drafted for 50-60 ms where drafts took ~20; judged at that, every probe
@@ -97,7 +97,7 @@ class BatchSizer:
     draft_costs: dict[int, DraftCost] = field(default_factory=dict)  # drafting and building, not behind
     backoff: dict[int, int] = field(default_factory=dict)  # 2 ** (probes that failed in a row), to PROBE_BACKOFF
     skipped: int = 0  # plain cycles since the last draft
-    probe_cost: float = 0.0  # seconds a drafted cycle takes past a plain step of as many rows (moving average)
+    excess: float = 0.0  # seconds a drafted cycle takes past a plain step of as many rows (moving average)
     reach: int | None = None  # how deep the next drafts go (None: as deep as the session asks, before any sizing)
 
     def draft_depth(self) -> int | None:
@@ -128,11 +128,11 @@ class BatchSizer:
         return self.worth(rows) >= 0 or self.skipped + 1 >= self.backoff.get(self.nearest(rows), 1) * self.every(rows)
 
     def every(self, rows: int) -> float:
-        """Plain cycles between probes: PROBE_EVERY, or further apart where a probe costs more than PROBE_SHARE of
-        that many plain steps (at 8 rows here a drafted cycle costs 2-3 plain steps: probing every 8 cycles took a
-        fifth of the time)."""
-        plain = self.plain.get(rows)
-        return max(PROBE_EVERY, self.probe_cost / (PROBE_SHARE * plain)) if plain else PROBE_EVERY
+        """Plain cycles between probes: PROBE_EVERY, or further apart where a probe loses more than PROBE_SHARE of
+        that many plain steps' tokens (what it lost: its worth below zero, its tokens counted; at 8 rows here a probe
+        lost 1-2 plain steps' tokens). Priced at its whole time past a plain step instead, a probe at 4 rows came
+        every ~25 cycles, a whole wave of plain steps after one stall."""
+        return max(PROBE_EVERY, -self.worth(rows) / (PROBE_SHARE * rows))
 
     def worth(self, rows: int) -> float:
         """What drafting was worth at `rows` rows, or at the nearest number of rows measured (as rows leave, a
@@ -195,13 +195,13 @@ class BatchSizer:
         # Judged at what a draft this deep costs (its verify as measured): a catch-up's reading is paid once when
         # drafting starts, and one stalled draft (180 ms at 4 rows here, where drafts took 20) is no verdict.
         seconds = verify + self.draft_costs[nearest(self.draft_costs, rows)].at(depth)
-        if self.probe_cost:  # so is one stalled verify (290 ms at 4 rows here, where drafted cycles took ~130)
-            seconds = min(seconds, plain + STALL * self.probe_cost)
+        if self.excess:  # so is one stalled verify (290 ms at 4 rows here, where drafted cycles took ~130)
+            seconds = min(seconds, plain + STALL * self.excess)
         # What this draft was worth: the tokens past a plain step's one per row, less its time past a plain
         # step's at that step's rate (a plain step as the calibration prices it until one is measured: judged by
         # its own expectation instead, a batch whose drafts never pay would draft on and never measure one).
         worth = committed - rows - rows / plain * (seconds - plain)
-        self.probe_cost = average(self.probe_cost, max(seconds - plain, 0.0))
+        self.excess = average(self.excess, max(seconds - plain, 0.0))
         if first and worth < 0:  # no verdict: the rows guessed where their drafters had seen least
             return
         # A batch cycle is every row's draft at once: more evidence than a lone generation's, so it weighs more (a
