@@ -382,9 +382,8 @@ def test_a_catch_up_draft_is_judged_at_what_drafts_cost_and_only_if_it_paid():
     (its verify as measured); on the prompts, only if it paid; before any other draft, not at all (but what its
     nodes cost is measured: that does not depend on drafting)."""
     from ddtree_mlx.engine.batch_sizing import BatchSizer
-    from ddtree_mlx.engine.calibration import VerifyCosts
 
-    costs = VerifyCosts((1, 2, 4, 8, 16, 32), (0.010, 0.011, 0.012, 0.016, 0.024, 0.040))
+    costs = small_costs()
     rate = 4 / 0.012
     sizer = BatchSizer(costs, plain={4: 0.012})
     catch_up, verify = 0.2, 0.012 + 0.004
@@ -408,9 +407,8 @@ def test_a_stalled_drafted_cycle_is_judged_at_twice_the_usual():
     """A drafted cycle whose time past a plain step is more than STALL times the usual (one stalled verify) is
     judged at STALL times it: one stall at 4 rows otherwise sent a batch to plain steps for a whole wave."""
     from ddtree_mlx.engine.batch_sizing import STALL, BatchSizer
-    from ddtree_mlx.engine.calibration import VerifyCosts
 
-    costs = VerifyCosts((1, 2, 4, 8, 16, 32), (0.010, 0.011, 0.012, 0.016, 0.024, 0.040))
+    costs = small_costs()
     rate = 4 / 0.012
     sizer = BatchSizer(costs, plain={4: 0.012})
     sizer.record(True, 4, 8, 7, seconds=0.012 + 0.004 + 0.002, drafting=0.002, context=32)
@@ -424,10 +422,9 @@ def test_batch_probes_come_as_far_apart_as_what_they_lose():
     """While drafting does not pay, a probe comes every PROBE_EVERY plain cycles, or as far apart as keeps what the
     last probe lost (its worth below zero, in tokens) to PROBE_SHARE of the plain steps' tokens."""
     from ddtree_mlx.engine.batch_sizing import BatchSizer
-    from ddtree_mlx.engine.calibration import VerifyCosts
     from ddtree_mlx.engine.sizing import PROBE_EVERY, PROBE_SHARE
 
-    costs = VerifyCosts((1, 2, 4, 8, 16, 32), (0.010, 0.011, 0.012, 0.016, 0.024, 0.040))
+    costs = small_costs()
     sizer = BatchSizer(costs, plain={4: 0.012}, gain={4: -2.4})
     apart = round(2.4 / (PROBE_SHARE * 4))
     assert apart > PROBE_EVERY and sizer.every(4) == pytest.approx(apart)
@@ -441,9 +438,8 @@ def test_the_batch_sizers_first_node_cost_stands_alone():
     """The first drafted cycle sets what nodes cost over the calibration's word at once (later ones average in):
     trees sized on the calibration's word alone at a batch's start measured nearly twice it."""
     from ddtree_mlx.engine.batch_sizing import BatchSizer
-    from ddtree_mlx.engine.calibration import VerifyCosts
 
-    costs = VerifyCosts((1, 2, 4, 8, 16, 32), (0.010, 0.011, 0.012, 0.016, 0.024, 0.040))
+    costs = small_costs()
     sizer = BatchSizer(costs, plain={4: 0.012})
     assert sizer.added(4, 4, 32) == pytest.approx(0.004)  # the calibration's word before any cycle
     sizer.record(True, 4, 8, 6, seconds=0.012 + 0.002 + 2 * 0.004, drafting=0.002, context=32)
@@ -553,10 +549,9 @@ def test_batch_sizer_picks_the_best_trees_of_every_row():
     subsets of each row's best-first tree), for the value it maximizes: expected tokens less the nodes' time and
     the drafting of the levels they reach, at the going rate. A level's price matters: it cuts some deep trees."""
     from ddtree_mlx.engine.batch_sizing import BatchSizer, DraftCost
-    from ddtree_mlx.engine.calibration import VerifyCosts
 
     rng = np.random.default_rng(3)
-    costs = VerifyCosts((1, 2, 4, 8, 16, 32), (0.010, 0.011, 0.012, 0.016, 0.024, 0.040))
+    costs = small_costs()
     cut = 0
     for trial in range(30):
         trees = [random_best_first_tree(rng, int(rng.integers(0, 6))) for _ in range(3)]
@@ -579,7 +574,7 @@ def test_batch_sizer_picks_the_best_trees_of_every_row():
         cut += max(max(k.depths) for k in kept) < max(max(k.depths) for k in unpriced.size(trees, 32))
         # The next drafts reach a level past the deepest node kept, two where the trees used every level drafted.
         deepest, whole = max(max(k.depths) for k in kept), max(max(tree.depths) for tree in trees)
-        assert sizer.draft_depth() == deepest + (2 if deepest == whole else 1)
+        assert sizer.reach == deepest + (2 if deepest == whole else 1)
     assert cut > 0
 
 
@@ -602,3 +597,10 @@ def kept_nodes(tree: DraftTree, kept: DraftTree) -> tuple[int, ...]:
     """The nodes of `tree` that `kept` holds, found by their root paths' tokens."""
     spelled = {tuple(tree.tokens[m] for m in tree.path_to(n)): n for n in range(1, len(tree))}
     return tuple(sorted(spelled[tuple(kept.tokens[m] for m in kept.path_to(n))] for n in range(1, len(kept))))
+
+
+def small_costs():
+    """A verify curve for the sizers' unit tests: 10 ms for one row, each row dearer past 4."""
+    from ddtree_mlx.engine.calibration import VerifyCosts
+
+    return VerifyCosts((1, 2, 4, 8, 16, 32), (0.010, 0.011, 0.012, 0.016, 0.024, 0.040))

@@ -25,12 +25,12 @@ level past the trees kept, two where they used every level drafted, so trees can
 
 Where drafting did not pay at this many rows (its measured worth, per number of rows), cycles are plain batched
 steps, with a probe (a draft) every PROBE_EVERY cycles or as far apart as keeps what probes lose to PROBE_SHARE of
-the plain steps' tokens, twice as far apart after each probe that did not pay. A cycle whose rows' drafters read more than the last
-cycle's tokens (the prompt, at a generation's first draft; at a probe, the plain steps' since they last drafted)
-is judged at what the batch's drafts cost otherwise: that reading is paid once when drafting starts (at 4 rows
-here, a probe after some 25 plain steps drafted for 50-60 ms where drafts took ~20; judged at that, every probe
-lost, probes came further apart and cost more still). A generation's first draft is judged only if it paid, as a
-lone generation's is: it guesses where the drafters have seen least. Every choice changes speed only.
+the plain steps' tokens, twice as far apart after each probe that did not pay. A cycle whose rows' drafters read
+more than the last cycle's tokens (the prompt, at a generation's first draft; at a probe, the plain steps' since
+they last drafted) is judged at what the batch's drafts cost otherwise: that reading is paid once when drafting
+starts (at 4 rows here, a probe after some 25 plain steps drafted for 114-204 ms where drafts took ~20; judged at
+that, every probe lost, probes came further apart and cost more still). A generation's first draft is judged only
+if it paid, as a lone generation's is: it guesses where the drafters have seen least. Every choice changes speed only.
 """
 
 from __future__ import annotations
@@ -99,9 +99,6 @@ class BatchSizer:
     skipped: int = 0  # plain cycles since the last draft
     excess: float = 0.0  # seconds a drafted cycle takes past a plain step of as many rows (moving average)
     reach: int | None = None  # how deep the next drafts go (None: as deep as the session asks, before any sizing)
-
-    def draft_depth(self) -> int | None:
-        return self.reach
 
     def level(self, rows: int) -> float:
         """Seconds a level of drafting costs at `rows` rows (or the nearest measured); 0 before any draft."""
@@ -188,8 +185,10 @@ class BatchSizer:
             # The first measurement stands alone: a batch's first trees, sized on the calibration's word, measured
             # 1.8x it at 4 rows here, and at 10% a cycle auto stopped drafting before its trees shrank.
             self.scale = average(self.scale, min(max((verify - plain) / added, 0.5), 4.0))
-        if not behind:
-            self.learn_draft(rows, depth, drafting)
+        if not behind and rows in self.draft_costs:
+            self.draft_costs[rows].add(depth, drafting)
+        elif not behind:
+            self.draft_costs[rows] = DraftCost.first(depth, drafting)
         if not self.draft_costs:  # a catch-up before any draft: nothing to price its draft by yet
             return
         # Judged at what a draft this deep costs (its verify as measured): a catch-up's reading is paid once when
@@ -212,12 +211,6 @@ class BatchSizer:
         self.gain[rows] = gain + (1.0 if probing else min(SMOOTHING * rows, 0.5)) * (worth - gain)
         if probing:
             self.backoff[rows] = 1 if self.gain[rows] >= 0 else min(2 * backoff, PROBE_BACKOFF)
-
-    def learn_draft(self, rows: int, depth: int, seconds: float) -> None:
-        if rows in self.draft_costs:
-            self.draft_costs[rows].add(depth, seconds)
-        else:
-            self.draft_costs[rows] = DraftCost.first(depth, seconds)
 
 
 def nearest(known: dict[int, float], rows: int) -> int:
