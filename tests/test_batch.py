@@ -400,7 +400,7 @@ def test_a_catch_up_draft_is_judged_at_what_drafts_cost_and_only_if_it_paid():
     # A draft after plain steps reads their tokens: priced the same, but its loss is a verdict.
     sizer.record(True, 4, 8, 4, seconds=catch_up + verify, drafting=catch_up, context=32, behind=True)
     assert sizer.gain[4] == pytest.approx(before[4] + 0.4 * (0 - rate * 0.006 - before[4]))
-    assert list(sizer.draft_costs) == [4] and sizer.draft_costs[4].seconds == 0.002  # catch-ups are not drafts' cost
+    assert list(sizer.draft_costs) == [4] and list(sizer.draft_costs[4].drafts) == [(1, 0.002)]  # not catch-ups
 
 
 def test_a_stalled_drafted_cycle_is_judged_at_twice_the_usual():
@@ -516,32 +516,33 @@ def test_a_failed_prefill_fails_its_row_alone(monkeypatch):
 
 
 def test_a_draft_level_is_priced_by_a_line_through_recent_drafts():
-    """DraftCost's running fit equals the decaying-weight least-squares line computed directly (its slope pulled
-    towards the prior by PRIOR_SPREAD); with one depth drafted, a level costs the prior; the slope of drafts that
-    do grow with depth is found; a stalled draft counts at STALL times the line's word."""
-    from ddtree_mlx.engine.batch_sizing import PRIOR_SPREAD, STALL, DraftCost
-    from ddtree_mlx.engine.sizing import SMOOTHING
+    """DraftCost's line equals the Theil-Sen line computed directly over its last WINDOW drafts (median of the
+    pairwise slopes, median height); the slope of drafts that grow with depth is found though a quarter of them
+    stalled; until PAIRS pairs differ in depth, a level costs the prior."""
+    from ddtree_mlx.engine.batch_sizing import PAIRS, WINDOW, DraftCost
 
     rng = np.random.default_rng(5)
-    depths = rng.integers(1, 9, size=40)
-    seconds = 0.008 + 0.003 * depths + rng.normal(0, 0.001, size=40)
+    depths = rng.integers(1, 9, size=WINDOW + 8)
+    seconds = 0.008 + 0.003 * depths + rng.normal(0, 0.0005, size=len(depths))
+    stalled = rng.random(len(depths)) < 0.25
+    seconds[stalled] += rng.uniform(0.05, 0.12, size=int(stalled.sum()))
     cost = DraftCost.first(int(depths[0]), float(seconds[0]))
     for depth, took in zip(depths[1:], seconds[1:]):
         cost.add(int(depth), float(took))
-    weights = (1 - SMOOTHING) ** np.arange(len(depths))[::-1]
-    mean_depth, mean_seconds = np.average(depths, weights=weights), np.average(seconds, weights=weights)
-    covariance = np.sum(weights * (depths - mean_depth) * (seconds - mean_seconds))
-    spread = np.sum(weights * (depths - mean_depth) ** 2)
+    recent_depths, recent = depths[-WINDOW:], seconds[-WINDOW:]
+    slopes = [(recent[j] - recent[i]) / (recent_depths[j] - recent_depths[i])
+              for i, j in itertools.combinations(range(WINDOW), 2) if recent_depths[i] != recent_depths[j]]
     assert cost.prior == pytest.approx(seconds[0] / (2 * depths[0]))
-    assert cost.level == pytest.approx((covariance + PRIOR_SPREAD * cost.prior) / (spread + PRIOR_SPREAD))
+    assert cost.level == pytest.approx(np.median(slopes))
     assert cost.level == pytest.approx(0.003, rel=0.2)
-    assert cost.at(6) == pytest.approx(mean_seconds + cost.level * (6 - mean_depth))
-    flat = DraftCost.first(6, 0.024)
-    flat.add(6, 0.020)
-    assert flat.level == pytest.approx(0.002) and flat.at(3) == pytest.approx(flat.seconds - 0.006)
-    stalled = DraftCost.first(6, 0.020)
-    stalled.add(6, 0.180)  # counted at STALL times the line's word
-    assert stalled.seconds == pytest.approx(0.020 + (STALL * 0.020 - 0.020) / (2 - SMOOTHING))
+    assert cost.at(6) == pytest.approx(np.median(recent - cost.level * recent_depths) + 6 * cost.level)
+    assert cost.at(6) == pytest.approx(0.008 + 0.018, rel=0.1)
+    few = DraftCost.first(6, 0.024)  # prior: 2 ms a level
+    few.add(3, 0.021)
+    few.add(6, 0.024)
+    assert PAIRS > 2 and few.level == pytest.approx(0.002) and few.at(3) == pytest.approx(0.018)  # 2 pairs
+    few.add(3, 0.021)
+    assert few.level == pytest.approx(0.001)  # 4 pairs, 1 ms a level apart
 
 
 def test_batch_sizer_picks_the_best_trees_of_every_row():

@@ -35,6 +35,7 @@ if it paid, as a lone generation's is: it guesses where the drafters have seen l
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -43,23 +44,23 @@ from ..tree.draft_tree import DraftTree
 from .calibration import VerifyCosts
 from .sizing import PROBE_BACKOFF, PROBE_EVERY, PROBE_SHARE, SMOOTHING, average
 
-PRIOR_SPREAD = 1.0  # how much depth spread (levels squared) the prior slope counts as
-STALL = 2.0  # a draft, or a drafted cycle's time past a plain step, this many times the usual counts at that
+WINDOW = 32  # the recent drafts a draft cost's line goes through
+PAIRS = 3  # pairs of drafts of different depths its slope needs (before, a level costs the prior)
+STALL = 2.0  # a drafted cycle's time past a plain step this many times the usual counts at that
 
 
 @dataclass
 class DraftCost:
-    """What a batch's drafts take (drafting and building) against the depth they drafted: a least-squares line
-    through recent drafts, weights decaying as the moving averages' do. Its slope is what a level costs; while the
-    depths drafted barely vary it leans on `prior`, half the first draft's seconds spread over its levels (a level
-    was 30-50% of a depth-6 draft at 2-8 rows here)."""
+    """What a batch's drafts take (drafting and building) against the depth they drafted: a Theil-Sen line through
+    the last WINDOW drafts (its slope the median of the slopes between drafts of different depths, its height the
+    median of what is left). The slope is what a level costs; until PAIRS pairs of drafts differ in depth it is
+    `prior`, half the first draft's seconds spread over its levels (a level was 30-50% of a depth-6 draft at 2-8
+    rows here). Medians, because drafts stall now and then: at 4 rows here two drafts of 63 and 123 ms, where drafts
+    took 12-27, set a least-squares slope to 30 ms a level, every tree was cut to its root, and the batch stepped
+    plain for the rest of its wave."""
 
     prior: float
-    weight: float = 0.0
-    depth: float = 0.0  # the drafts' weighted mean depth and seconds
-    seconds: float = 0.0
-    spread: float = 0.0  # decaying sums of squared depth deviations, and of depth times seconds deviations
-    covariance: float = 0.0
+    drafts: deque[tuple[int, float]] = field(default_factory=lambda: deque(maxlen=WINDOW))
 
     @classmethod
     def first(cls, depth: int, seconds: float) -> "DraftCost":
@@ -68,23 +69,27 @@ class DraftCost:
         return cost
 
     def add(self, depth: int, seconds: float) -> None:
-        if self.weight:  # counted at most at STALL times the line's word: one stalled draft would set the slope
-            seconds = min(seconds, STALL * self.at(depth))
-        keep = 1.0 - SMOOTHING
-        self.weight = keep * self.weight + 1.0
-        off = depth - self.depth
-        self.depth += off / self.weight
-        self.seconds += (seconds - self.seconds) / self.weight
-        self.spread = keep * self.spread + off * (depth - self.depth)
-        self.covariance = keep * self.covariance + off * (seconds - self.seconds)
+        self.drafts.append((depth, seconds))
 
     @property
     def level(self) -> float:
-        return max((self.covariance + PRIOR_SPREAD * self.prior) / (self.spread + PRIOR_SPREAD), 0.0)
+        depths, seconds = self.points()
+        first, second = np.triu_indices(len(depths), 1)
+        apart = depths[first] != depths[second]
+        if apart.sum() < PAIRS:
+            return self.prior
+        slopes = (seconds[second] - seconds[first])[apart] / (depths[second] - depths[first])[apart]
+        return max(float(np.median(slopes)), 0.0)
 
     def at(self, depth: int) -> float:
         """A draft's seconds at `depth` levels, on the line."""
-        return max(self.seconds + self.level * (depth - self.depth), 0.0)
+        depths, seconds = self.points()
+        level = self.level
+        height = float(np.median(seconds - level * depths)) if len(depths) else 0.0
+        return max(height + level * depth, 0.0)
+
+    def points(self) -> tuple[np.ndarray, np.ndarray]:
+        return np.array(self.drafts, dtype=float).reshape(-1, 2).T
 
 
 @dataclass
