@@ -13,7 +13,7 @@ commits on average
 tokens. What the N nodes add to the cycle is the curve's rise from `rows` to rows + N, scaled as drafted cycles
 measured it (the per-row work of a batch, which a plain step pays too, is not priced into nodes); the rows' own
 part is what plain batched steps measured. Drafting D levels costs too: each draft position is a row of the
-drafter's forward for every row (here at 4 rows a level was ~3 ms, a depth-6 draft twice a depth-1 one), and the
+drafter's forward for every row (here at 4 rows a level was ~2 ms, 12.5 ms at depth 1 to 27 at depth 7), and the
 next drafts reach as deep as the trees kept, so trees D deep are charged D levels at what a level was measured to
 cost (`DraftCost`, a line through the batch's drafts). The sizer picks N and D maximizing
 
@@ -73,23 +73,23 @@ class DraftCost:
 
     @property
     def level(self) -> float:
-        depths, seconds = self.points()
-        first, second = np.triu_indices(len(depths), 1)
-        apart = depths[first] != depths[second]
-        if apart.sum() < PAIRS:
-            return self.prior
-        slopes = (seconds[second] - seconds[first])[apart] / (depths[second] - depths[first])[apart]
-        return max(float(np.median(slopes)), 0.0)
+        return self.line()[1]
 
     def at(self, depth: int) -> float:
         """A draft's seconds at `depth` levels, on the line."""
-        depths, seconds = self.points()
-        level = self.level
-        height = float(np.median(seconds - level * depths)) if len(depths) else 0.0
+        height, level = self.line()
         return max(height + level * depth, 0.0)
 
-    def points(self) -> tuple[np.ndarray, np.ndarray]:
-        return np.array(self.drafts, dtype=float).reshape(-1, 2).T
+    def line(self) -> tuple[float, float]:
+        """The line's height (seconds at depth 0) and slope."""
+        depths, seconds = np.array(self.drafts, dtype=float).reshape(-1, 2).T
+        first, second = np.triu_indices(len(depths), 1)
+        apart = depths[first] != depths[second]
+        level = self.prior
+        if apart.sum() >= PAIRS:
+            slopes = (seconds[second] - seconds[first])[apart] / (depths[second] - depths[first])[apart]
+            level = max(float(np.median(slopes)), 0.0)
+        return (float(np.median(seconds - level * depths)) if len(depths) else 0.0), level
 
 
 @dataclass
