@@ -98,6 +98,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "(each of our --methods, ddtree per --tree-budgets) beside mlx-lm's BatchGenerator and "
                              "its generate_step one at a time; plus a request joining a running batch and memory "
                              "per row (benchmarks/concurrency.py)")
+    parser.add_argument("--queue", type=lambda s: positive_int(s, 0), default=4,
+                        help="--concurrency under sustained load: per c > 1, this many times c requests given at "
+                             "once to each batched server, c decoding at a time (0: waves only)")
     args = parser.parse_args(argv)
     if args.draft_model == "default":  # --drafter default: the preset's own drafter
         args.draft_model = None

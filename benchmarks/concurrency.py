@@ -6,8 +6,12 @@ The prompts (every --sets set's --limit, taken in turn from each set) are served
 at once: a wave's requests all count from its arrival, so a request served after others waits for them in its time
 to first token, as a client of a one-at-a-time server does. Every c serves the same prompts, repeated to a
 multiple of every c asked for. Per wave the variants run back to back (mlx-lm's one-at-a-time first: its tokens are
-each prompt's truth; the others in turn forwards and backwards), so the machine's drift hits them alike. joining.py
-adds a request arriving mid-batch and the memory a row holds.
+each prompt's truth; the others in turn forwards and backwards), so the machine's drift hits them alike.
+
+A wave ends with its slowest request, so its last cycles run with fewer rows. Sustained load has no such tails: per
+c > 1, the batched servers also take --queue x c requests at once and decode c at a time, a finished request's
+place taken by the next, as mlx-lm's batch_generate serves a list of prompts. joining.py adds a request arriving
+mid-batch and the memory a row holds.
 """
 
 from __future__ import annotations
@@ -127,11 +131,27 @@ def measure_concurrency(setup: Setup, args: argparse.Namespace) -> list[dict]:
                 show(done, total, f"c={c} {served.kind}")
     rows = [summarize(c, served, waves[c, served], truths, setup, args)
             for c in args.concurrency for served in plans[c]]
+    rows += queued(args, pool, plans, server, truths, setup)
     print_concurrency(rows, args)
     decoding = next((v for v in ours if v.method == "ddtree"), ours[0] if ours else None)
     if decoding is not None:
         rows += late_joins(setup, args, drafter, decoding, pool)
         rows += row_memory(setup, args, drafter, decoding, pool)
+    return rows
+
+
+def queued(args: argparse.Namespace, pool: list[list[int]], plans: dict[int, list[Served]],
+           server: Callable[[int, Served], Callable[[list[list[int]], int], Wave]], truths: dict,
+           setup: Setup) -> list[dict]:
+    """Sustained load: per c > 1, --queue x c requests (the pool, repeated as needed) given at once to each batched
+    server, mlx-lm's first, then ours (reversed at every other c)."""
+    rows = []
+    for turn, c in enumerate(c for c in args.concurrency if c > 1 and args.queue):
+        requests = (pool * math.ceil(args.queue * c / len(pool)))[: args.queue * c]
+        mlx, *ours = [served for served in plans[c] if served.kind in ("mlx-batch", "ours-batched")]
+        for served in [mlx, *(ours[::-1] if turn % 2 else ours)]:
+            wave = server(c, served)(requests, args.max_tokens)
+            rows.append(summarize(c, served, [wave], truths, setup, args) | {"arrival": "queue"})
     return rows
 
 
@@ -269,11 +289,35 @@ def summarize(c: int, served: Served, waves: list[Wave], truths: dict, setup: Se
         "tokens_per_cycle": sum(w.committed for w in waves) / max(sum(w.row_cycles for w in waves), 1),
         # Ours claim mlx-lm's greedy tokens; mlx-lm's batch is only compared with them (`matches_mlx_lm`).
         **({"lossless": matches} if variant else {"matches_mlx_lm": matches}),
+        "arrival": "waves",
         "blas": blas_name(),
     }
 
 
 def print_concurrency(rows: list[dict], args: argparse.Namespace) -> None:
+    waves = [r for r in rows if r["arrival"] == "waves"]
+    print_rows(waves)
+    for c in args.concurrency:
+        by = {(r["kind"], r["tree_budget"], r["method"]): r for r in waves if r["concurrency"] == c}
+        mlx = by[("mlx-batch", None, "mlx-lm")]["aggregate_tps"]
+        for (kind, budget, method), r in by.items():
+            if kind != "ours-batched":
+                continue
+            alone = by[("ours-one" if c > 1 else "ours-stream", budget, method)]["aggregate_tps"]
+            print(f"# c={c} {r['label']}: {r['aggregate_tps'] / alone:.2f}x "
+                  f"{'one at a time' if c > 1 else 'stream_generate'}, {r['aggregate_tps'] / mlx:.2f}x mlx-lm batch")
+    queue = [r for r in rows if r["arrival"] == "queue"]
+    if queue:
+        print(f"Sustained load: {args.queue} x c requests given at once, c decoding at a time")
+        print_rows(queue)
+        for r in queue:
+            mlx = next(m for m in queue if m["concurrency"] == r["concurrency"] and m["kind"] == "mlx-batch")
+            if r["kind"] == "ours-batched":
+                print(f"# c={r['concurrency']} queued {r['label']}: "
+                      f"{r['aggregate_tps'] / mlx['aggregate_tps']:.2f}x mlx-lm batch")
+
+
+def print_rows(rows: list[dict]) -> None:
     width = max(len(r["label"]) for r in rows)
     print(f"{'c':>2} {'variant':<{width}} {'agg tok/s':>9} {'e2e':>6} {'stream':>6} {'TTFT mean/p50/p90 s':>20} "
           f"{'ITL ms':>6} {'gap p50/p90 ms':>14} {'rows/fwd':>8} {'tok/cyc':>7} lossless")
@@ -286,12 +330,3 @@ def print_concurrency(rows: list[dict], args: argparse.Namespace) -> None:
         print(f"{r['concurrency']:>2} {r['label']:<{width}} {r['aggregate_tps']:9.1f} {r['end_to_end_tps']:6.1f} "
               f"{r['per_stream_tps']:6.1f} {t['mean']:6.2f} {t['p50']:6.2f} {t['p90']:6.2f} {r['itl_ms']:6.1f} "
               f"{g['p50']:6.0f} {g['p90']:7.0f} {batched} {per_cycle} {tag}")
-    for c in args.concurrency:
-        by = {(r["kind"], r["tree_budget"], r["method"]): r for r in rows if r["concurrency"] == c}
-        mlx = by[("mlx-batch", None, "mlx-lm")]["aggregate_tps"]
-        for (kind, budget, method), r in by.items():
-            if kind != "ours-batched":
-                continue
-            alone = by[("ours-one" if c > 1 else "ours-stream", budget, method)]["aggregate_tps"]
-            print(f"# c={c} {r['label']}: {r['aggregate_tps'] / alone:.2f}x "
-                  f"{'one at a time' if c > 1 else 'stream_generate'}, {r['aggregate_tps'] / mlx:.2f}x mlx-lm batch")

@@ -320,7 +320,8 @@ def test_concurrency_serves_each_wave_four_ways_and_stays_lossless(tmp_path):
                            "--max-tokens", "16", "--tree-budgets", "4", "--methods", "ddtree", "--json", str(out)])
     rows = json.loads(out.read_text())
     assert code == 0
-    served = {(r["concurrency"], r["kind"]): r for r in rows if r["measure"] == "concurrency"}
+    served = {(r["concurrency"], r["kind"]): r for r in rows
+              if r["measure"] == "concurrency" and r["arrival"] == "waves"}
     assert set(served) == {(c, kind) for c in (1, 2) for kind in ("mlx-stream", "mlx-batch", "ours-batched")} | {
         (1, "ours-stream"), (2, "ours-one")}
     for (c, kind), row in served.items():
@@ -328,6 +329,10 @@ def test_concurrency_serves_each_wave_four_ways_and_stays_lossless(tmp_path):
         assert row["lossless"] is True if kind.startswith("ours") else "lossless" not in row
         assert row["draft"] == (None if kind.startswith("mlx") else "oracle (accuracy 0.8)")
     assert served[2, "ours-batched"]["rows_per_forward"] > 1  # two rows' trees verified in one forward
+    queued = {r["kind"]: r for r in rows if r["measure"] == "concurrency" and r["arrival"] == "queue"}
+    assert set(queued) == {"mlx-batch", "ours-batched"}  # sustained load: 4 x c requests, c at a time (c > 1)
+    assert all(r["concurrency"] == 2 and r["requests"] == 8 for r in queued.values())
+    assert queued["ours-batched"]["lossless"] is True and queued["ours-batched"]["rows_per_forward"] > 1
     joins = [r for r in rows if r["measure"] == "late-join"]
     assert [r["concurrency"] for r in joins] == [1, 2] and all(r["next_calls"] >= 1 for r in joins)
     memory, = [r for r in rows if r["measure"] == "row-memory"]
