@@ -48,7 +48,7 @@ class PromptOracle(ScriptedDrafter):
         self.truths = truths
 
     def reset(self, target, prompt_tokens):
-        self.truth = list(self.truths[tuple(prompt_tokens)])
+        self.truth = list(prompt_tokens) + list(self.truths[tuple(prompt_tokens)])  # the root sits at truth[position]
         super().reset(target, prompt_tokens)
 
 
@@ -57,7 +57,9 @@ def oracle_for(family, prompts, form="f32"):
 
 
 def branched(results) -> bool:
-    return any(r["stats"].fast_path_cycles < r["stats"].cycles for r in results)
+    """Some row took a branch off the drafter's first choice, and some row's drafts paid (over 1.5 tokens a cycle)."""
+    return (any(r["stats"].fast_path_cycles < r["stats"].cycles for r in results)
+            and any(r["stats"].committed > 1.5 * r["stats"].cycles for r in results))
 
 
 def run(batch: BatchGenerator, prompts, **request):
@@ -331,6 +333,30 @@ def test_automatic_sizes_in_a_batch(monkeypatch):
     assert batch.stats.batched_cycles > 0
 
 
+def test_lean_cycles_in_a_batch_are_lossless(monkeypatch):
+    """Where the trees do not pay, the batch's lean cycles (each row's first node) commit drafted tokens and every
+    row stays mlx-lm's greedy output."""
+    from ddtree_mlx.engine.batch_sizing import BatchSizer
+
+    FakeClock().install(monkeypatch)
+    family = "qwen3_5"
+    batch = BatchGenerator(target(family), oracle_for(family, PROMPTS), max_batch=4,
+                           config=DDTreeConfig(tree_budget="auto"))
+    batch.sizer.gain.update({rows: -100.0 for rows in range(2, 5)})  # the trees never pay (a probe in ~200 cycles)
+    lean, record = [], BatchSizer.record
+
+    def recording(self, drafted, rows, nodes, committed, *args, **kwargs):
+        if drafted and self.leaning:
+            lean.append((rows, nodes, committed))
+        return record(self, drafted, rows, nodes, committed, *args, **kwargs)
+
+    monkeypatch.setattr(BatchSizer, "record", recording)
+    for prompt, result in zip(PROMPTS, run(batch, PROMPTS)):
+        assert result["tokens"] == reference(family, prompt).tokens
+    assert lean and all(nodes <= 2 * rows for rows, nodes, _ in lean)
+    assert any(committed > rows for rows, _, committed in lean)  # drafted tokens accepted
+
+
 def test_a_batch_tells_its_sizer_which_drafts_catch_up(monkeypatch):
     """A drafter catches up on what it has not read: its prompt at a row's first draft, the plain steps' tokens at
     a draft after them. The batch tells the sizer so for exactly the drafted cycles where some row had not drafted
@@ -419,19 +445,42 @@ def test_a_stalled_drafted_cycle_is_judged_at_twice_the_usual():
 
 
 def test_batch_probes_come_as_far_apart_as_what_they_lose():
-    """While drafting does not pay, a probe comes every PROBE_EVERY plain cycles, or as far apart as keeps what the
-    last probe lost (its worth below zero, in tokens) to PROBE_SHARE of the plain steps' tokens."""
+    """While no drafting pays (the trees nor lean cycles), a probe comes every PROBE_EVERY plain cycles, or as far
+    apart as keeps what the last probe lost (its worth below zero, in tokens) to PROBE_SHARE of the plain steps'
+    tokens."""
     from ddtree_mlx.engine.batch_sizing import BatchSizer
     from ddtree_mlx.engine.sizing import PROBE_EVERY, PROBE_SHARE
 
     costs = small_costs()
-    sizer = BatchSizer(costs, plain={4: 0.012}, gain={4: -2.4})
+    sizer = BatchSizer(costs, plain={4: 0.012}, gain={4: -2.4}, lean={4: -0.5})
     apart = round(2.4 / (PROBE_SHARE * 4))
     assert apart > PROBE_EVERY and sizer.every(4) == pytest.approx(apart)
     picks = [sizer.pick("ddtree", 4) for _ in range(2 * apart)]
     assert [n for n, pick in enumerate(picks) if pick == "ddtree"] == [apart - 1, 2 * apart - 1]
     sizer.gain[4] = -0.2
     assert sizer.every(4) == PROBE_EVERY
+
+
+def test_where_trees_do_not_pay_a_batch_drafts_lean_before_plain_steps():
+    """Where the sizer's trees did not pay, cycles are lean (each row's first node, drafted one level deep) and
+    judged on their own; where those did not pay either, plain steps; a tree probe that pays clears lean's verdict."""
+    from ddtree_mlx.engine.batch_sizing import BatchSizer
+
+    costs = small_costs()
+    sizer = BatchSizer(costs, plain={4: 0.012}, gain={4: -2.4}, reach=5)
+    assert sizer.pick("ddtree", 4) == "ddtree" and sizer.leaning and sizer.depth == 1
+    rng = np.random.default_rng(0)
+    trees = [random_best_first_tree(rng, size) for size in (0, 1, 4, 6)]
+    kept = sizer.size(trees, 32)
+    assert [len(k) for k in kept] == [1, 2, 2, 2] and all(depth == 1 for k in kept for depth in k.depths[1:])
+    assert [k.tokens for k in kept] == [tree.tokens[:len(k)] for tree, k in zip(trees, kept)]  # the first-choice node
+    sizer.record(True, 4, 7, 4, seconds=0.012 + 0.002 + 0.006, drafting=0.002, context=32)  # committed no node
+    assert sizer.gain == {4: -2.4} and sizer.lean[4] < 0 and sizer.reach == 5  # lean's verdict, not the trees'
+    picks = [sizer.pick("ddtree", 4) for _ in range(round(sizer.every(4)) - 2)]
+    assert set(picks) == {"ar"} and not sizer.leaning  # neither pays: plain steps until the trees' probe
+    assert sizer.pick("ddtree", 4) == "ddtree" and not sizer.leaning and sizer.depth == 5
+    sizer.record(True, 4, 12, 12, seconds=0.012 + 0.002 + 0.006, drafting=0.002, context=32)  # the probe paid
+    assert sizer.gain[4] > 0 and 4 not in sizer.lean
 
 
 def test_the_batch_sizers_first_node_cost_stands_alone():
@@ -573,9 +622,7 @@ def test_batch_sizer_picks_the_best_trees_of_every_row():
         assert value(chosen) == pytest.approx(value(best)), (trial, chosen, best)
         unpriced = BatchSizer(costs, plain=sizer.plain)
         cut += max(max(k.depths) for k in kept) < max(max(k.depths) for k in unpriced.size(trees, 32))
-        # The next drafts reach a level past the deepest node kept, two where the trees used every level drafted.
-        deepest, whole = max(max(k.depths) for k in kept), max(max(tree.depths) for tree in trees)
-        assert sizer.reach == deepest + (2 if deepest == whole else 1)
+        assert sizer.reach == max(max(k.depths) for k in kept) + 1  # the next drafts: a level past the deepest kept
     assert cut > 0
 
 

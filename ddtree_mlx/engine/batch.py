@@ -354,7 +354,7 @@ class BatchGenerator:
     def draft(self, sessions: list[Session], method: str) -> list[Candidates | None]:
         """Every row's candidates, drafted together where their drafters can share a forward (propose_rows), as
         deep as the batch's sizer lets trees reach."""
-        depth = self.sizer.reach if self.sizer is not None else None
+        depth = self.sizer.depth if self.sizer is not None else None
         requests = [session.draft_request(method, depth) for session in sessions]
         if requests[0] is None:
             return [None] * len(sessions)
