@@ -22,8 +22,8 @@ cost (`DraftCost`, a line through the batch's drafts). The sizer picks N and D m
 where rate is what plain batched steps of as many rows decode per second, the alternative a draft must beat: as
 the batch grows that rate grows, every node and level is priced higher, and trees shrink. The next drafts reach a
 level past the trees kept, so trees can grow a level a cycle (reaching two past trees that used every level drafted
-paid for levels the next trees mostly cut: at 4 rows here its 4-node forests drafted for 22 ms, median, one level
-takes 11).
+paid for levels the next trees mostly cut: at 4 rows here its 4-node forests drafted for 22 ms, median, where
+one-level drafts took 11).
 
 Where the sizer's trees did not pay at this many rows (their measured worth, per number of rows), cycles are "lean":
 each row's first-choice token, one level deep, the cheapest draft there is, judged on its own; where those did not
