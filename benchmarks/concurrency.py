@@ -151,7 +151,7 @@ def queued(args: argparse.Namespace, pool: list[list[int]], plans: dict[int, lis
         mlx, *ours = [served for served in plans[c] if served.kind in ("mlx-batch", "ours-batched")]
         for served in [mlx, *(ours[::-1] if turn % 2 else ours)]:
             wave = server(c, served)(requests, args.max_tokens)
-            rows.append(summarize(c, served, [wave], truths, setup, args) | {"arrival": "queue"})
+            rows.append(summarize(c, served, [wave], truths, setup, args, arrival="queue"))
     return rows
 
 
@@ -259,7 +259,7 @@ def mlx_one_at_a_time(setup: Setup, prompts: list[list[int]], max_tokens: int) -
 
 
 def summarize(c: int, served: Served, waves: list[Wave], truths: dict, setup: Setup,
-              args: argparse.Namespace) -> dict:
+              args: argparse.Namespace, arrival: str = "waves") -> dict:
     """Aggregate decode tokens/s: every request's tokens after its first over the waves' time not spent
     prefilling. Per stream: a request's own rate from its first token to its last (the median request's). Time
     per output token (ITL): all requests' such spans over their tokens; the gaps between deliveries are what a
@@ -289,7 +289,7 @@ def summarize(c: int, served: Served, waves: list[Wave], truths: dict, setup: Se
         "tokens_per_cycle": sum(w.committed for w in waves) / max(sum(w.row_cycles for w in waves), 1),
         # Ours claim mlx-lm's greedy tokens; mlx-lm's batch is only compared with them (`matches_mlx_lm`).
         **({"lossless": matches} if variant else {"matches_mlx_lm": matches}),
-        "arrival": "waves",
+        "arrival": arrival,
         "blas": blas_name(),
     }
 

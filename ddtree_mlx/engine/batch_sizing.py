@@ -229,18 +229,22 @@ class BatchSizer:
             return
         if self.leaning:
             lean = self.lean.get(nearest(self.lean, rows), 0.0)
-            self.lean[rows] = lean + min(SMOOTHING * rows, 0.5) * (worth - lean)
+            self.lean[rows] = lean + weight(rows) * (worth - lean)
             return
-        # A batch cycle is every row's draft at once: more evidence than a lone generation's, so it weighs more (a
-        # lucky probe at 8 rows otherwise kept losing drafts on for eight cycles here).
         known = self.nearest(rows)
         gain, backoff = self.gain.get(known, 0.0), self.backoff.get(known, 1)
         probing = gain < 0
-        self.gain[rows] = gain + (1.0 if probing else min(SMOOTHING * rows, 0.5)) * (worth - gain)
+        self.gain[rows] = gain + (1.0 if probing else weight(rows)) * (worth - gain)
         if probing:
             self.backoff[rows] = 1 if self.gain[rows] >= 0 else min(2 * backoff, PROBE_BACKOFF)
             if self.gain[rows] >= 0:  # the rows changed: when trees stop paying again, lean gets a fresh trial
                 self.lean.pop(nearest(self.lean, rows), None)
+
+
+def weight(rows: int) -> float:
+    """How much a cycle of `rows` rows moves a verdict: a batch cycle is every row's draft at once, more evidence
+    than a lone generation's (a lucky probe at 8 rows otherwise kept losing drafts on for eight cycles here)."""
+    return min(SMOOTHING * rows, 0.5)
 
 
 def nearest(known: dict[int, float], rows: int) -> int:
