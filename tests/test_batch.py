@@ -5,6 +5,8 @@ rows beside deep off-first-rank trees, sampling with a seed, a prompt-cache hit.
 
 import copy
 import itertools
+import math
+from collections import deque
 
 import mlx.core as mx
 import numpy as np
@@ -342,7 +344,7 @@ def test_lean_cycles_in_a_batch_are_lossless(monkeypatch):
     family = "qwen3_5"
     batch = BatchGenerator(target(family), oracle_for(family, PROMPTS), max_batch=4,
                            config=DDTreeConfig(tree_budget="auto"))
-    batch.sizer.gain.update({rows: -100.0 for rows in range(2, 5)})  # the trees never pay (a probe in ~200 cycles)
+    batch.sizer.gain.update({rows: deque([-100.0]) for rows in range(2, 5)})  # the trees never pay (a probe in ~200 cycles)
     lean, record = [], BatchSizer.record
 
     def recording(self, drafted, rows, nodes, committed, *args, **kwargs):
@@ -411,21 +413,19 @@ def test_a_catch_up_draft_is_judged_at_what_drafts_cost_and_only_if_it_paid():
 
     costs = small_costs()
     rate = 4 / 0.012
-    sizer = BatchSizer(costs, plain={4: 0.012})
+    sizer = BatchSizer(costs, plain=stepped(4, 0.012))
     catch_up, verify = 0.2, 0.012 + 0.004
     sizer.record(True, 4, 8, 7, seconds=catch_up + verify, drafting=catch_up, context=32, behind=True, first=True)
     assert sizer.gain == {} and sizer.scale == pytest.approx(1.0)  # its nodes' cost measured, its draft not
     sizer.record(True, 4, 8, 7, seconds=0.002 + verify, drafting=0.002, context=32)
-    gain = sizer.gain[4]
-    assert gain == pytest.approx(0.4 * (3 - rate * 0.006))
+    assert list(sizer.gain[4]) == pytest.approx([3 - rate * 0.006])
     sizer.record(True, 4, 8, 8, seconds=catch_up + verify, drafting=catch_up, context=32, behind=True, first=True)
-    assert sizer.gain[4] == pytest.approx(gain + 0.4 * (4 - rate * 0.006 - gain))
-    before = dict(sizer.gain)
+    assert list(sizer.gain[4]) == pytest.approx([3 - rate * 0.006, 4 - rate * 0.006])
     sizer.record(True, 4, 8, 4, seconds=catch_up + verify, drafting=catch_up, context=32, behind=True, first=True)
-    assert sizer.gain == before  # it lost: no verdict
+    assert len(sizer.gain[4]) == 2  # it lost: no verdict
     # A draft after plain steps reads their tokens: priced the same, but its loss is a verdict.
     sizer.record(True, 4, 8, 4, seconds=catch_up + verify, drafting=catch_up, context=32, behind=True)
-    assert sizer.gain[4] == pytest.approx(before[4] + 0.4 * (0 - rate * 0.006 - before[4]))
+    assert list(sizer.gain[4])[-1] == pytest.approx(0 - rate * 0.006)
     assert list(sizer.draft_costs) == [4] and list(sizer.draft_costs[4].drafts) == [(1, 0.002)]  # not catch-ups
 
 
@@ -436,38 +436,48 @@ def test_a_stalled_drafted_cycle_is_judged_at_twice_the_usual():
 
     costs = small_costs()
     rate = 4 / 0.012
-    sizer = BatchSizer(costs, plain={4: 0.012})
+    sizer = BatchSizer(costs, plain=stepped(4, 0.012))
     sizer.record(True, 4, 8, 7, seconds=0.012 + 0.004 + 0.002, drafting=0.002, context=32)
-    gain, usual = sizer.gain[4], sizer.excess
+    usual = sizer.excess
     assert usual == pytest.approx(0.006)
     sizer.record(True, 4, 8, 7, seconds=0.1 + 0.002, drafting=0.002, context=32)
-    assert sizer.gain[4] == pytest.approx(gain + 0.4 * (3 - rate * STALL * usual - gain))
+    assert list(sizer.gain[4])[-1] == pytest.approx(3 - rate * STALL * usual)
 
 
 def test_batch_probes_come_as_far_apart_as_what_they_lose():
-    """While no drafting pays (the trees nor lean cycles), a probe comes every PROBE_EVERY plain cycles, or as far
-    apart as keeps what the last probe lost (its worth below zero, in tokens) to PROBE_SHARE of the plain steps'
-    tokens."""
+    """While neither the trees nor lean cycles pay, a lean probe comes every PROBE_EVERY plain cycles, or as far
+    apart as keeps what lean lost (its worth below zero, in tokens) to PROBE_SHARE of the plain steps' tokens; while
+    lean cycles pay, a tree probe, as far apart as the trees lost."""
     from ddtree_mlx.engine.batch_sizing import BatchSizer
     from ddtree_mlx.engine.sizing import PROBE_EVERY, PROBE_SHARE
 
     costs = small_costs()
-    sizer = BatchSizer(costs, plain={4: 0.012}, gain={4: -2.4}, lean={4: -0.5})
+    sizer = BatchSizer(costs, plain=stepped(4, 0.012), gain={4: deque([-4.8])}, lean={4: deque([-2.4])})
     apart = round(2.4 / (PROBE_SHARE * 4))
     assert apart > PROBE_EVERY and sizer.every(4) == pytest.approx(apart)
-    picks = [sizer.pick("ddtree", 4) for _ in range(2 * apart)]
-    assert [n for n, pick in enumerate(picks) if pick == "ddtree"] == [apart - 1, 2 * apart - 1]
-    sizer.gain[4] = -0.2
+    picks = [(sizer.pick("ddtree", 4), sizer.leaning) for _ in range(2 * apart)]
+    assert [n for n, (pick, _) in enumerate(picks) if pick == "ddtree"] == [apart - 1, 2 * apart - 1]
+    assert all(leaning == (pick == "ddtree") for pick, leaning in picks)  # the probes are lean cycles
+    sizer.lean[4] = deque([0.5])
+    apart = round(4.8 / (PROBE_SHARE * 4))
+    assert sizer.every(4) == pytest.approx(apart)
+    picks = [(sizer.pick("ddtree", 4), sizer.leaning) for _ in range(apart)]
+    assert set(pick for pick, _ in picks) == {"ddtree"}
+    assert [n for n, (_, leaning) in enumerate(picks) if not leaning] == [apart - 1]  # the trees' probe
+    sizer.gain[4] = deque([-0.2])
     assert sizer.every(4) == PROBE_EVERY
 
 
 def test_where_trees_do_not_pay_a_batch_drafts_lean_before_plain_steps():
     """Where the sizer's trees did not pay, cycles are lean (each row's first node, drafted one level deep) and
-    judged on their own; where those did not pay either, plain steps; a tree probe that pays clears lean's verdict."""
+    judged on their own; where those did not pay either, plain steps, with lean probes; from lean cycles that pay,
+    tree probes; a tree probe that pays clears lean's verdict. Before any plain step, plain steps: every verdict
+    weighs a cycle against them."""
     from ddtree_mlx.engine.batch_sizing import BatchSizer
 
     costs = small_costs()
-    sizer = BatchSizer(costs, plain={4: 0.012}, gain={4: -2.4}, reach=5)
+    assert BatchSizer(costs).pick("ddtree", 4) == "ar"
+    sizer = BatchSizer(costs, plain=stepped(4, 0.012), gain={4: deque([-2.4])}, reach=5)
     assert sizer.pick("ddtree", 4) == "ddtree" and sizer.leaning and sizer.depth == 1
     rng = np.random.default_rng(0)
     trees = [random_best_first_tree(rng, size) for size in (0, 1, 4, 6)]
@@ -475,12 +485,85 @@ def test_where_trees_do_not_pay_a_batch_drafts_lean_before_plain_steps():
     assert [len(k) for k in kept] == [1, 2, 2, 2] and all(depth == 1 for k in kept for depth in k.depths[1:])
     assert [k.tokens for k in kept] == [tree.tokens[:len(k)] for tree, k in zip(trees, kept)]  # the first-choice node
     sizer.record(True, 4, 7, 4, seconds=0.012 + 0.002 + 0.006, drafting=0.002, context=32)  # committed no node
-    assert sizer.gain == {4: -2.4} and sizer.lean[4] < 0 and sizer.reach == 5  # lean's verdict, not the trees'
-    picks = [sizer.pick("ddtree", 4) for _ in range(round(sizer.every(4)) - 2)]
-    assert set(picks) == {"ar"} and not sizer.leaning  # neither pays: plain steps until the trees' probe
-    assert sizer.pick("ddtree", 4) == "ddtree" and not sizer.leaning and sizer.depth == 5
-    sizer.record(True, 4, 12, 12, seconds=0.012 + 0.002 + 0.006, drafting=0.002, context=32)  # the probe paid
-    assert sizer.gain[4] > 0 and 4 not in sizer.lean
+    assert sizer.worth(4) == -2.4 and sizer.lean_worth(4) < 0 and sizer.reach == 5  # lean's verdict, not the trees'
+    picks = [sizer.pick("ddtree", 4) for _ in range(math.ceil(sizer.every(4)) - 2)]
+    assert set(picks) == {"ar"} and not sizer.leaning  # neither pays: plain steps until lean's probe
+    assert sizer.pick("ddtree", 4) == "ddtree" and sizer.leaning and sizer.depth == 1
+    sizer.record(True, 4, 8, 7, seconds=0.012 + 0.002 + 0.002, drafting=0.002, context=32)  # the lean probe paid
+    assert sizer.lean_worth(4) > 0 and sizer.backoff[4] == 1
+    picks = [(sizer.pick("ddtree", 4), sizer.leaning) for _ in range(round(sizer.every(4)))]
+    assert set(picks[:-1]) == {("ddtree", True)} and picks[-1] == ("ddtree", False) and sizer.depth == 5
+    sizer.record(True, 4, 12, 12, seconds=0.012 + 0.002 + 0.006, drafting=0.002, context=32)  # the trees' probe paid
+    assert sizer.worth(4) > 0 and 4 not in sizer.lean
+
+
+def test_a_verdict_is_the_median_of_recent_cycles():
+    """What the trees (or lean cycles) were worth is the median of the last VERDICT cycles' worths: one noisy cycle
+    does not turn a paying verdict, three do; a probe's verdict stands alone; the trees at a number of rows not judged
+    yet carry on from the nearest one's, lean cycles start afresh."""
+    from ddtree_mlx.engine.batch_sizing import BatchSizer
+
+    sizer = BatchSizer(small_costs(), plain=stepped(4, 0.012))
+    timing = dict(seconds=0.012 + 0.002 + 0.004, drafting=0.002, context=32)
+    paying, losing = 7, 4  # tokens committed: three drafted tokens accepted, or none
+    for committed in (paying, paying, losing):
+        sizer.record(True, 4, 8, committed, **timing)
+    assert sizer.worth(4) > 0 and sizer.pick("ddtree", 4) == "ddtree" and not sizer.leaning
+    for committed in (losing, losing):
+        sizer.record(True, 4, 8, committed, **timing)
+    assert sizer.worth(4) < 0 and sizer.pick("ddtree", 4) == "ddtree" and sizer.leaning
+    sizer.leaning = False
+    sizer.gain[4] = deque([-1.0] * 5)
+    sizer.record(True, 4, 8, paying, **timing)  # a probe
+    assert len(sizer.gain[4]) == 1 and sizer.worth(4) > 0
+    sizer.record(True, 3, 6, 5, **timing)
+    assert len(sizer.gain[3]) == 2
+    sizer.lean[2] = deque([-1.0])  # lean cycles are judged at their own number of rows: untried at 4, worth a try
+    assert sizer.lean_worth(4) == 0 and sizer.lean_worth(2) == -1.0
+
+
+def test_plain_steps_are_priced_at_their_median_moved_along_the_curve():
+    """A plain step's price is the median of the recent ones measured (one stall does not move it), at the nearest
+    number of rows measured, moved to the rows asked along the calibration's curve."""
+    from ddtree_mlx.engine.batch_sizing import BatchSizer
+
+    costs = small_costs()
+    sizer = BatchSizer(costs)
+    assert sizer.plain_seconds(4, 32) == pytest.approx(0.012)  # the calibration's price before any
+    for seconds in (0.024, 0.025, 0.5, 0.023):
+        sizer.record(False, 4, 4, 4, seconds=seconds, drafting=0.0, context=32)
+    assert sizer.plain_seconds(4, 32) == pytest.approx(0.0245)
+    assert sizer.plain_seconds(8, 32) == pytest.approx(0.0245 * 0.016 / 0.012)
+
+
+def test_rows_joining_are_not_timed_with_their_first_cycle(monkeypatch):
+    """Rows joining copy their caches into the batch's buffers: the sizer times the cycle after that copy (timed
+    with it, the first cycle priced nodes at 4x here)."""
+    from ddtree_mlx.engine.batch_sizing import BatchSizer
+    from ddtree_mlx.models.batch_cache import BatchCaches
+
+    from ddtree_mlx.engine import batch as batch_module
+
+    clock = FakeClock().install(monkeypatch)
+    monkeypatch.setattr(batch_module, "time", clock)
+    family = "llama"
+    batch = BatchGenerator(target(family), oracle_for(family, PROMPTS), max_batch=4,
+                           config=DDTreeConfig(tree_budget="auto"))
+    batch.sizer.plain.update(stepped(4, 0.01))  # measured already: the first cycle drafts, and is timed
+    join, record, timed = BatchCaches.join, BatchSizer.record, []
+
+    def joining(self, caches):
+        clock.advance(100.0)
+        return join(self, caches)
+
+    def recording(self, drafted, rows, nodes, committed, seconds, *args, **kwargs):
+        timed.append(seconds)
+        return record(self, drafted, rows, nodes, committed, seconds, *args, **kwargs)
+
+    monkeypatch.setattr(BatchCaches, "join", joining)
+    monkeypatch.setattr(BatchSizer, "record", recording)
+    run(batch, PROMPTS)
+    assert timed and max(timed) < 100.0
 
 
 def test_the_batch_sizers_first_node_cost_stands_alone():
@@ -489,7 +572,7 @@ def test_the_batch_sizers_first_node_cost_stands_alone():
     from ddtree_mlx.engine.batch_sizing import BatchSizer
 
     costs = small_costs()
-    sizer = BatchSizer(costs, plain={4: 0.012})
+    sizer = BatchSizer(costs, plain=stepped(4, 0.012))
     assert sizer.added(4, 4, 32) == pytest.approx(0.004)  # the calibration's word before any cycle
     sizer.record(True, 4, 8, 6, seconds=0.012 + 0.002 + 2 * 0.004, drafting=0.002, context=32)
     assert sizer.scale == pytest.approx(2.0) and sizer.added(4, 4, 32) == pytest.approx(0.008)
@@ -605,7 +688,7 @@ def test_batch_sizer_picks_the_best_trees_of_every_row():
     cut = 0
     for trial in range(30):
         trees = [random_best_first_tree(rng, int(rng.integers(0, 6))) for _ in range(3)]
-        sizer = BatchSizer(costs, plain={3: float(rng.uniform(0.01, 0.1))})
+        sizer = BatchSizer(costs, plain=stepped(3, float(rng.uniform(0.01, 0.1))))
         level = float(rng.choice([0.0, 0.002, 0.01]))
         sizer.draft_costs[3] = DraftCost(prior=level)
         kept = sizer.size(trees, 32)
@@ -645,6 +728,11 @@ def kept_nodes(tree: DraftTree, kept: DraftTree) -> tuple[int, ...]:
     """The nodes of `tree` that `kept` holds, found by their root paths' tokens."""
     spelled = {tuple(tree.tokens[m] for m in tree.path_to(n)): n for n in range(1, len(tree))}
     return tuple(sorted(spelled[tuple(kept.tokens[m] for m in kept.path_to(n))] for n in range(1, len(kept))))
+
+
+def stepped(rows: int, seconds: float) -> dict:
+    """A batch sizer's plain steps: one of `seconds` at `rows` rows."""
+    return {rows: deque([seconds])}
 
 
 def small_costs():

@@ -27,9 +27,11 @@ one-level drafts took 11).
 
 Where the sizer's trees did not pay at this many rows (their measured worth, per number of rows), cycles are "lean":
 each row's first-choice token, one level deep, the cheapest draft there is, judged on its own; where those did not
-pay either, plain batched steps. The trees come back on a probe every PROBE_EVERY cycles or as far apart as keeps
-what probes lose to PROBE_SHARE of the plain steps' tokens, twice as far apart after each probe that did not pay; a
-probe that pays clears lean's verdict too. (At 4 rows here auto's gate had stepped plain in 82 of 198 cycles, judging
+pay either, plain batched steps. A probe tries the rung above, from plain steps lean cycles, from lean cycles the
+trees, every PROBE_EVERY cycles or as far apart as keeps what it lost to PROBE_SHARE of the plain steps' tokens,
+twice as far apart after each probe that did not pay; a tree probe that pays clears lean's verdict. Every verdict
+weighs a cycle against plain steps, so the batch steps plain until one is measured (the calibration priced one at
+0.7x the measured at 8 rows here). (At 4 rows here auto's gate had stepped plain in 82 of 198 cycles, judging
 drafting by its own dearer trees, where lean cycles paid: with lean cycles and the shorter reach, 1.031x our `ar`
 where auto did 0.975, one A/B of 4 waves x 3 rounds, ahead in every round.) A cycle whose rows' drafters read
 more than the last cycle's tokens (the prompt, at a generation's first draft; at a probe, the plain steps' since
@@ -43,16 +45,22 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from ..tree.draft_tree import DraftTree
 from .calibration import VerifyCosts
-from .sizing import PROBE_BACKOFF, PROBE_EVERY, PROBE_SHARE, SMOOTHING, average
+from .sizing import PROBE_BACKOFF, PROBE_EVERY, PROBE_SHARE, average
 
-WINDOW = 32  # the recent drafts a draft cost's line goes through
+WINDOW = 32  # the recent drafts a draft cost's line goes through, and plain steps a step's time is the median of
 PAIRS = 3  # pairs of drafts of different depths its slope needs (before, a level costs the prior)
 STALL = 2.0  # a drafted cycle's time past a plain step this many times the usual counts at that
+# A verdict (what the trees, or lean cycles, were worth) is the median of this many recent cycles' worths: a batch
+# cycle is every row's draft at once, more evidence than a lone generation's, but one noisy cycle is no verdict (at
+# 3 rows here one lean cycle judged at a moving average's weight sent the batch to plain steps for 40 cycles where
+# lean and trees paid; weighed at 0.1, a lucky probe at 8 rows kept losing drafts on for eight cycles).
+VERDICT = 5
 
 
 @dataclass
@@ -103,13 +111,13 @@ class BatchSizer:
     costs: VerifyCosts
     scale: float = 0.0  # what draft nodes add to a forest cycle over what the calibration says (0: none measured)
     # Per number of rows (whether drafting pays at 2 rows says nothing of 8, whose plain steps are dearer):
-    plain: dict[int, float] = field(default_factory=dict)  # a plain batched step's seconds, as measured
-    gain: dict[int, float] = field(default_factory=dict)  # what drafting was worth over plain steps, in tokens
+    plain: dict[int, deque[float]] = field(default_factory=dict)  # recent plain batched steps' seconds
+    gain: dict[int, deque[float]] = field(default_factory=dict)  # what the trees' recent cycles were worth (tokens)
     draft_costs: dict[int, DraftCost] = field(default_factory=dict)  # drafting and building, not behind
     backoff: dict[int, int] = field(default_factory=dict)  # 2 ** (probes that failed in a row), to PROBE_BACKOFF
-    lean: dict[int, float] = field(default_factory=dict)  # what lean cycles were worth, where trees did not pay
+    lean: dict[int, deque[float]] = field(default_factory=dict)  # what lean cycles were worth (trees did not pay)
     leaning: bool = False  # the cycle picked is lean: one node a row, one level deep
-    skipped: int = 0  # cycles since the trees last drafted
+    skipped: int = 0  # cycles since the last probe, or since the trees last paid
     excess: float = 0.0  # seconds a drafted cycle takes past a plain step of as many rows (moving average)
     reach: int | None = None  # how deep the trees' next drafts go (None: as the session asks, before any sizing)
 
@@ -123,8 +131,16 @@ class BatchSizer:
         return rows / self.plain_seconds(rows, context)
 
     def plain_seconds(self, rows: int, context: int) -> float:
-        """A plain batched step of `rows` rows: as measured, or the calibration's one-forward price."""
-        return self.plain.get(rows) or float(self.costs.at(rows, context))
+        """A plain batched step of `rows` rows: the median of the last WINDOW measured at the nearest number of rows
+        measured, moved to `rows` along the calibration's curve; the calibration's own price before any (at 8 rows
+        here 149 ms where steps took 200-210: judged against it, lean cycles that paid were judged to lose). The
+        median, because steps stall now and then: steps of 566 and 1678 ms among ones of 215-250 lifted a moving
+        average so far that trees cut to their roots (drafting for nothing) were judged to pay."""
+        known = nearest(self.plain, rows)
+        price = float(self.costs.at(rows, context))
+        if known not in self.plain:
+            return price
+        return float(np.median(self.plain[known])) * price / float(self.costs.at(known, context))
 
     def added(self, rows: int, nodes: np.ndarray | int, context: int) -> np.ndarray:
         """What `nodes` draft nodes add to a forest of `rows` roots: the calibration's curve from `rows` rows on,
@@ -134,34 +150,46 @@ class BatchSizer:
     def calibrated(self, rows: int, nodes: np.ndarray | int, context: int) -> np.ndarray:
         return self.costs.at(rows + np.asarray(nodes), context) - self.costs.at(rows, context)
 
-    def will_draft(self, rows: int) -> bool:
-        return self.worth(rows) >= 0 or self.skipped + 1 >= self.backoff.get(self.nearest(rows), 1) * self.every(rows)
-
     def every(self, rows: int) -> float:
-        """Plain cycles between probes: PROBE_EVERY, or further apart where a probe loses more than PROBE_SHARE of
-        that many plain steps' tokens (what it lost: its worth below zero, its tokens counted; at 8 rows here a probe
+        """Cycles between probes: PROBE_EVERY, or further apart where what the probe tries lost more than
+        PROBE_SHARE of that many plain steps' tokens (its worth below zero, in tokens; at 8 rows here a tree probe
         lost 1-2 plain steps' tokens). Priced at its whole time past a plain step instead, a probe at 4 rows came
         every ~25 cycles, a whole wave of plain steps after one stall."""
-        return max(PROBE_EVERY, -self.worth(rows) / (PROBE_SHARE * rows))
+        loss = -(self.worth(rows) if self.lean_worth(rows) >= 0 else self.lean_worth(rows))
+        return max(PROBE_EVERY, loss / (PROBE_SHARE * rows))
 
     def worth(self, rows: int) -> float:
-        """What drafting was worth at `rows` rows, or at the nearest number of rows measured (as rows leave, a
+        """What the trees were worth at `rows` rows, or at the nearest number of rows measured (as rows leave, a
         batch that just found drafting does not pay at 8 would otherwise try again at 7, 6, ...); 0 before any."""
-        return self.gain.get(self.nearest(rows), 0.0)
+        return verdict(self.gain, rows)
+
+    def lean_worth(self, rows: int) -> float:
+        """What lean cycles were worth where the trees did not pay at `rows` rows; 0 (worth a try) where they were
+        not tried at as many: they cost little, and taken from the nearest number of rows, two rows' verdict from
+        the end of a wave kept 4 rows on plain steps for 55 cycles here where lean cycles paid."""
+        return verdict(self.lean, rows, near=False)
 
     def nearest(self, rows: int) -> int:
         return nearest(self.gain, rows)
 
     def pick(self, method: str, rows: int) -> str:
-        """The method of the batch's next cycle: `method` (with the sizer's trees, or lean where they did not pay and
-        lean cycles did), or "ar" where neither pays (probing the trees now and then)."""
+        """The method of the batch's next cycle: `method` with the sizer's trees where they pay, else lean where lean
+        cycles pay, else "ar". Every `every` cycles a probe tries the rung above: the trees from lean cycles, lean
+        cycles from plain steps (probing the trees from plain steps, one lean verdict lost on a noisy cycle kept
+        a batch on plain steps for good here: its trees, priced after a dear first cycle, never paid)."""
         self.leaning = False
-        if self.will_draft(rows):
+        if not self.plain:  # every verdict weighs a cycle against plain steps: measure them first
+            return "ar"
+        if self.worth(rows) >= 0:
             self.skipped = 0
             return method
         self.skipped += 1
-        self.leaning = self.lean.get(nearest(self.lean, rows), 0.0) >= 0
-        return method if self.leaning else "ar"
+        probe = self.skipped >= self.backoff.get(self.nearest(rows), 1) * self.every(rows)
+        if probe:
+            self.skipped = 0
+        lean = self.lean_worth(rows) >= 0
+        self.leaning = lean != probe
+        return method if lean or probe else "ar"
 
     @property
     def depth(self) -> int | None:
@@ -200,7 +228,7 @@ class BatchSizer:
         `seconds`, `drafting` of them drafting `depth` levels deep and building (`behind`: some row's drafter read
         more than the last cycle's tokens; `first`: some row's first draft, which reads its prompt)."""
         if not drafted:
-            self.plain[rows] = average(self.plain.get(rows, 0.0), seconds)
+            self.plain.setdefault(rows, deque(maxlen=WINDOW)).append(seconds)
             return
         plain = self.plain_seconds(rows, context)
         verify = seconds - drafting
@@ -227,26 +255,27 @@ class BatchSizer:
         self.excess = average(self.excess, max(seconds - plain, 0.0))
         if first and worth < 0:  # no verdict: the rows guessed where their drafters had seen least
             return
-        if self.leaning:
-            lean = self.lean.get(nearest(self.lean, rows), 0.0)
-            self.lean[rows] = lean + weight(rows) * (worth - lean)
-            return
-        known = self.nearest(rows)
-        gain, backoff = self.gain.get(known, 0.0), self.backoff.get(known, 1)
-        probing = gain < 0
-        self.gain[rows] = gain + (1.0 if probing else weight(rows)) * (worth - gain)
+        verdicts = self.lean if self.leaning else self.gain
+        probing = (self.lean_worth(rows) if self.leaning else self.worth(rows)) < 0
+        if probing:  # a probe's verdict stands alone
+            verdicts[rows] = deque([worth], maxlen=VERDICT)
+        else:  # the trees, at a number of rows not judged yet, carry on from the nearest one's recent worths
+            carried = () if self.leaning else verdicts.get(nearest(verdicts, rows), ())
+            verdicts.setdefault(rows, deque(carried, maxlen=VERDICT)).append(worth)
         if probing:
-            self.backoff[rows] = 1 if self.gain[rows] >= 0 else min(2 * backoff, PROBE_BACKOFF)
-            if self.gain[rows] >= 0:  # the rows changed: when trees stop paying again, lean gets a fresh trial
-                self.lean.pop(nearest(self.lean, rows), None)
+            paid = worth >= 0
+            self.backoff[rows] = 1 if paid else min(2 * self.backoff.get(self.nearest(rows), 1), PROBE_BACKOFF)
+            if paid and not self.leaning:  # the rows changed: when trees stop paying again, lean gets a fresh trial
+                self.lean.pop(rows, None)
 
 
-def weight(rows: int) -> float:
-    """How much a cycle of `rows` rows moves a verdict: a batch cycle is every row's draft at once, more evidence
-    than a lone generation's (a lucky probe at 8 rows otherwise kept losing drafts on for eight cycles here)."""
-    return min(SMOOTHING * rows, 0.5)
+def verdict(verdicts: dict[int, deque[float]], rows: int, near: bool = True) -> float:
+    """The median of the recent worths judged at `rows` rows, or (`near`) at the nearest number of rows judged; 0
+    before any."""
+    recent = verdicts.get(nearest(verdicts, rows) if near else rows)
+    return float(np.median(recent)) if recent else 0.0
 
 
-def nearest(known: dict[int, float], rows: int) -> int:
+def nearest(known: dict[int, Any], rows: int) -> int:
     """The number of rows in `known` closest to `rows` (the larger on a tie), or `rows` itself."""
     return min(known, key=lambda measured: (abs(measured - rows), -measured), default=rows)
