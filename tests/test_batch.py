@@ -466,6 +466,13 @@ def test_batch_probes_come_as_far_apart_as_what_they_lose():
     assert [n for n, (_, leaning) in enumerate(picks) if not leaning] == [apart - 1]  # the trees' probe
     sizer.gain[4] = deque([-0.2])
     assert sizer.every(4) == PROBE_EVERY
+    # A lean probe that fails at 3 rows, where only 4 rows' trees were judged, sends 3 rows' next probe further.
+    sizer.lean[3] = deque([-0.1])
+    sizer.leaning = True
+    sizer.record(True, 3, 6, 3, seconds=0.02, drafting=0.002, context=32)
+    apart = 2 * sizer.every(3)
+    picks = [sizer.pick("ddtree", 3) for _ in range(math.ceil(apart))]
+    assert sizer.backoff[3] == 2 and picks.index("ddtree") == math.ceil(apart) - 1
 
 
 def test_where_trees_do_not_pay_a_batch_drafts_lean_before_plain_steps():

@@ -172,6 +172,12 @@ class BatchSizer:
     def nearest(self, rows: int) -> int:
         return nearest(self.gain, rows)
 
+    def spacing(self, rows: int) -> int:
+        """How many times further apart than `every` probes come: 2 ** (probes that failed in a row) at the nearest
+        number of rows probed (read where the trees were judged instead, lean probes' failures at other numbers of
+        rows were written and never read)."""
+        return self.backoff.get(nearest(self.backoff, rows), 1)
+
     def pick(self, method: str, rows: int) -> str:
         """The method of the batch's next cycle: `method` with the sizer's trees where they pay, else lean where lean
         cycles pay, else "ar". Every `every` cycles a probe tries the rung above: the trees from lean cycles, lean
@@ -184,7 +190,7 @@ class BatchSizer:
             self.skipped = 0
             return method
         self.skipped += 1
-        probe = self.skipped >= self.backoff.get(self.nearest(rows), 1) * self.every(rows)
+        probe = self.skipped >= self.spacing(rows) * self.every(rows)
         if probe:
             self.skipped = 0
         lean = self.lean_worth(rows) >= 0
@@ -264,7 +270,7 @@ class BatchSizer:
             verdicts.setdefault(rows, deque(carried, maxlen=VERDICT)).append(worth)
         if probing:
             paid = worth >= 0
-            self.backoff[rows] = 1 if paid else min(2 * self.backoff.get(self.nearest(rows), 1), PROBE_BACKOFF)
+            self.backoff[rows] = 1 if paid else min(2 * self.spacing(rows), PROBE_BACKOFF)
             if paid and not self.leaning:  # the rows changed: when trees stop paying again, lean gets a fresh trial
                 self.lean.pop(rows, None)
 
