@@ -155,7 +155,8 @@ class BatchSizer:
         PROBE_SHARE of that many plain steps' tokens (its worth below zero, in tokens; at 8 rows here a tree probe
         lost 1-2 plain steps' tokens). Priced at its whole time past a plain step instead, a probe at 4 rows came
         every ~25 cycles, a whole wave of plain steps after one stall."""
-        loss = -(self.worth(rows) if self.lean_worth(rows) >= 0 else self.lean_worth(rows))
+        lean = self.lean_worth(rows)
+        loss = -(self.worth(rows) if lean >= 0 else lean)
         return max(PROBE_EVERY, loss / (PROBE_SHARE * rows))
 
     def worth(self, rows: int) -> float:
@@ -168,9 +169,6 @@ class BatchSizer:
         not tried at as many: they cost little, and taken from the nearest number of rows, two rows' verdict from
         the end of a wave kept 4 rows on plain steps for 55 cycles here where lean cycles paid."""
         return verdict(self.lean, rows, near=False)
-
-    def nearest(self, rows: int) -> int:
-        return nearest(self.gain, rows)
 
     def spacing(self, rows: int) -> int:
         """How many times further apart than `every` probes come: 2 ** (probes that failed in a row) at the nearest
@@ -261,18 +259,16 @@ class BatchSizer:
         self.excess = average(self.excess, max(seconds - plain, 0.0))
         if first and worth < 0:  # no verdict: the rows guessed where their drafters had seen least
             return
-        verdicts = self.lean if self.leaning else self.gain
-        probing = (self.lean_worth(rows) if self.leaning else self.worth(rows)) < 0
-        if probing:  # a probe's verdict stands alone
+        # Lean cycles are judged at their own number of rows only (lean_worth), the trees at the nearest.
+        verdicts, near = (self.lean, False) if self.leaning else (self.gain, True)
+        if verdict(verdicts, rows, near) < 0:  # a probe: its verdict stands alone
             verdicts[rows] = deque([worth], maxlen=VERDICT)
-        else:  # the trees, at a number of rows not judged yet, carry on from the nearest one's recent worths
-            carried = () if self.leaning else verdicts.get(nearest(verdicts, rows), ())
-            verdicts.setdefault(rows, deque(carried, maxlen=VERDICT)).append(worth)
-        if probing:
-            paid = worth >= 0
-            self.backoff[rows] = 1 if paid else min(2 * self.spacing(rows), PROBE_BACKOFF)
-            if paid and not self.leaning:  # the rows changed: when trees stop paying again, lean gets a fresh trial
+            self.backoff[rows] = 1 if worth >= 0 else min(2 * self.spacing(rows), PROBE_BACKOFF)
+            if worth >= 0 and not self.leaning:  # the rows changed: when trees stop paying again, lean gets a trial
                 self.lean.pop(rows, None)
+        else:  # the trees, at a number of rows not judged yet, carry on from the nearest one's recent worths
+            carried = verdicts.get(nearest(verdicts, rows), ()) if near else ()
+            verdicts.setdefault(rows, deque(carried, maxlen=VERDICT)).append(worth)
 
 
 def verdict(verdicts: dict[int, deque[float]], rows: int, near: bool = True) -> float:
